@@ -1,0 +1,418 @@
+"""Resolution of a spec at a target shape: every (type, layer, weight|bias) group's
+lr, min lr, weight decay, AdamW eps and betas and init std, plus per-layer residual
+multipliers (paper eq. 3, method.md sections 3-5).
+
+    log theta_{g,l} = log theta_0(T, B)   SDE factor      (rules.sde_factors)
+                    + log s_g(N, L)       Complete(d)P    (rules.width_depth_factor)
+                    + log a_g             type multiplier (spec.multipliers.type)
+                    + log d_l             depth multiplier (spec.multipliers.depth,
+                                          times the uncoupled spec.multipliers.layer)
+
+For betas the product acts on (1 - beta). The per-depth multipliers are interpolated to the
+target depth (rules.interpolate_depth). Pure standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from . import rules
+from .spec import (
+    BLOCKS,
+    SCHEMA_VERSION,
+    Multipliers,
+    Shape,
+    Spec,
+    SpecError,
+    is_random_init,
+    param_class,
+)
+
+__all__ = ["Group", "Target", "resolve", "scaled_shape", "load_target", "TARGET_KIND"]
+
+TARGET_KIND = "cdp-megatron target"
+_HPS = ("lr", "weight_decay", "eps", "beta1", "beta2", "init_std")
+
+
+@dataclass(frozen=True)
+class Group:
+    """Resolved hyperparameters of one (type, layer, param) group."""
+
+    type: str
+    layer: int | None
+    param: str
+    lr: float
+    min_lr: float
+    weight_decay: float
+    eps: float
+    beta1: float
+    beta2: float
+    init_std: float | None
+    factors: dict[str, dict[str, float]] | None = field(default=None, compare=False)
+    """Per hyperparameter: base, sde, cdp, type, depth (eq. 3 decomposition; --explain)."""
+
+    @property
+    def key(self) -> tuple[str, int | None, str]:
+        return (self.type, self.layer, self.param)
+
+    def hyperparameters(self) -> dict[str, float | None]:
+        return {k: getattr(self, k) for k in ("lr", "min_lr", "weight_decay", "eps", "beta1", "beta2", "init_std")}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A spec resolved at a target shape (docs/target-format.md)."""
+
+    spec: Spec
+    shape: Shape
+    groups: tuple[Group, ...]
+    residual_mult: dict[str, list[float]]
+    output_mult: float
+    ratios: dict[str, float]
+    warnings: tuple[str, ...] = ()
+
+    schema_version = SCHEMA_VERSION
+
+    @property
+    def parameterisation(self) -> str:
+        return self.spec.base.parameterisation
+
+    @property
+    def alpha(self) -> float:
+        return self.spec.base.alpha
+
+    @property
+    def train_iters(self) -> int:
+        return self.shape.train_iters
+
+    @property
+    def lr_warmup_iters(self) -> int:
+        return round(self.spec.globals.lr_warmup_fraction * self.train_iters)
+
+    @property
+    def lr_decay_style(self) -> str:
+        return self.spec.globals.lr_decay_style
+
+    @property
+    def decay_norms_and_biases(self) -> bool:
+        return self.spec.globals.decay_norms_and_biases
+
+    def group(self, type_: str, layer: int | None, param: str = "weight") -> Group:
+        try:
+            return self._index[(type_, layer, param)]
+        except KeyError:
+            raise KeyError(f"the target has no group (type={type_!r}, layer={layer}, param={param!r})") from None
+
+    @property
+    def _index(self) -> dict:
+        idx = self.__dict__.get("_idx")
+        if idx is None:
+            idx = {g.key: g for g in self.groups}
+            object.__setattr__(self, "_idx", idx)
+        return idx
+
+    @property
+    def global_hyperparameters(self) -> dict[str, float]:
+        """The values a class with factor 1 and multipliers 1 gets (Megatron's global flags)."""
+        g = self.spec.globals
+        sde = _sde(self.spec, self.ratios)
+        lr = g.lr * sde.lr
+        return {
+            "lr": lr,
+            "min_lr": lr * g.min_lr_ratio,
+            "weight_decay": g.weight_decay * sde.weight_decay,
+            "adam_eps": g.adam_eps * sde.eps,
+            "adam_beta1": 1 - (1 - g.adam_beta1) * sde.one_minus_beta,
+            "adam_beta2": 1 - (1 - g.adam_beta2) * sde.one_minus_beta,
+            "init_method_std": g.init_std,
+        }
+
+    def megatron_args(self, cdp_config: str = "target.json") -> list[str]:
+        """Megatron-LM flags for the target (global values) plus --cdp-config."""
+        s = self.shape
+        glob = self.global_hyperparameters
+        args = [
+            "--num-layers", str(s.num_layers),
+            "--hidden-size", str(s.hidden_size),
+            "--num-attention-heads", str(s.num_attention_heads),
+        ]
+        if s.num_query_groups != s.num_attention_heads:
+            args += ["--group-query-attention", "--num-query-groups", str(s.num_query_groups)]
+        args += [
+            "--ffn-hidden-size", str(s.ffn_hidden_size),
+            "--seq-length", str(s.seq_length),
+            "--max-position-embeddings", str(s.seq_length),
+            "--global-batch-size", str(s.global_batch_size),
+            "--train-iters", str(s.train_iters),
+            "--lr", f"{glob['lr']:.6g}",
+            "--min-lr", f"{glob['min_lr']:.6g}",
+            "--lr-decay-style", self.lr_decay_style,
+            "--lr-warmup-iters", str(self.lr_warmup_iters),
+            "--weight-decay", f"{glob['weight_decay']:.6g}",
+            "--adam-beta1", f"{glob['adam_beta1']:.6g}",
+            "--adam-beta2", f"{glob['adam_beta2']:.6g}",
+            "--adam-eps", f"{glob['adam_eps']:.6g}",
+            "--init-method-std", f"{glob['init_method_std']:.6g}",
+            "--normalization", s.normalization,
+        ]
+        if s.swiglu:
+            args.append("--swiglu")
+        if s.qk_layernorm:
+            args.append("--qk-layernorm")
+        args += ["--position-embedding-type", s.position_embedding_type]
+        if s.untie_embeddings_and_output_weights:
+            args.append("--untie-embeddings-and-output-weights")
+        if not s.add_bias_linear:
+            args.append("--disable-bias-linear")
+        args += ["--cdp-config", cdp_config]
+        return args
+
+    def to_dict(self, explain: bool = False) -> dict:
+        shape = asdict(self.shape)
+        shape["train_iters"] = self.train_iters
+        groups = []
+        for g in self.groups:
+            d = asdict(g)
+            if not explain:
+                d.pop("factors")
+            groups.append(d)
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": TARGET_KIND,
+            "parameterisation": self.parameterisation,
+            "alpha": self.alpha,
+            "shape": shape,
+            "ratios": dict(self.ratios),
+            "train_iters": self.train_iters,
+            "lr_warmup_iters": self.lr_warmup_iters,
+            "lr_decay_style": self.lr_decay_style,
+            "decay_norms_and_biases": self.decay_norms_and_biases,
+            "output_mult": self.output_mult,
+            "residual_mult": {k: list(v) for k, v in self.residual_mult.items()},
+            "global": self.global_hyperparameters,
+            "groups": groups,
+            "warnings": list(self.warnings),
+            "source_spec": self.spec.to_dict(),
+        }
+
+
+def _sde(spec: Spec, ratios: dict[str, float]) -> rules.SdeFactors:
+    # SP is "nothing scales": no width/depth rule and no batch/duration rule.
+    if spec.base.parameterisation == "sp":
+        return rules.SdeFactors(lr=1.0, weight_decay=1.0, eps=1.0, one_minus_beta=1.0, iterations=ratios["tokens"] / ratios["batch"])
+    return rules.sde_factors(ratios["batch"], ratios["tokens"], spec.base.weight_decay_rule)
+
+
+def _depth_multipliers(m: Multipliers, num_layers: int) -> Multipliers:
+    """Per-depth and per-layer multipliers interpolated to num_layers (method.md s. 5)."""
+    return Multipliers(
+        type=m.type,
+        depth={hp: rules.interpolate_depth(v, num_layers) for hp, v in m.depth.items()},
+        layer={k: {hp: rules.interpolate_depth(v, num_layers) for hp, v in hps.items()} for k, hps in m.layer.items()},
+    )
+
+
+def resolve(spec: Spec, shape: Shape | None = None) -> Target:
+    """Resolve ``spec`` at ``shape`` (default: the base shape itself)."""
+    base = spec.base.shape
+    shape = base if shape is None else shape
+    shape.validate("target")
+    for name in ("normalization", "swiglu", "qk_layernorm", "add_bias_linear", "position_embedding_type",
+                 "untie_embeddings_and_output_weights"):
+        if getattr(shape, name) != getattr(base, name):
+            raise SpecError(f"target.{name}: differs from the base ({getattr(base, name)!r}); transfer keeps the architecture")
+    ratios = {
+        "width": shape.hidden_size / base.hidden_size,
+        "depth": shape.num_layers / base.num_layers,
+        "batch": shape.batch_tokens / base.batch_tokens,
+        "tokens": shape.train_tokens / base.train_tokens,
+    }
+    p, alpha = spec.base.parameterisation, spec.base.alpha
+    m_n, m_l = ratios["width"], ratios["depth"]
+    sde = _sde(spec, ratios)
+    g = spec.globals
+    mult = _depth_multipliers(spec.multipliers, shape.num_layers)
+    warnings = []
+    if shape.head_dim != base.head_dim:
+        warnings.append(
+            f"head dimension changes from {base.head_dim:g} to {shape.head_dim:g}: the QK-norm rules assume width "
+            "grows by adding heads at a fixed head dimension"
+        )
+    if not shape.untie_embeddings_and_output_weights and p != "sp":
+        warnings.append("tied embeddings: the embedding also serves as the output layer, so Table 1's unembedding rules are not applied")
+
+    groups = []
+    for type_, layer, param in shape.groups():
+        cls = param_class(type_, param)
+        key = type_ if param == "weight" else f"{type_}.bias"
+
+        def searched(hp: str) -> tuple[float, float]:
+            return mult.type_mult(key, hp), mult.depth_mult(hp, layer) * mult.layer_mult(key, hp, layer)
+
+        factors: dict[str, dict[str, float]] = {}
+
+        def combine(hp: str, base_value: float, sde_f: float, cdp_f: float) -> float:
+            a, d = searched(hp)
+            factors[hp] = {"base": base_value, "sde": sde_f, "cdp": cdp_f, "type": a, "depth": d}
+            return base_value * sde_f * cdp_f * a * d
+
+        lr = combine("lr", g.lr, sde.lr, rules.width_depth_factor(p, "lr", cls, m_n, m_l, alpha))
+        decays = param == "weight" and cls not in ("hidden_norm", "qk_norm", "unembedding_ln") or g.decay_norms_and_biases
+        wd_base = g.weight_decay if decays else 0.0
+        wd = combine("weight_decay", wd_base, sde.weight_decay, rules.width_depth_factor(p, "weight_decay", cls, m_n, m_l, alpha))
+        eps = combine("eps", g.adam_eps, sde.eps, rules.width_depth_factor(p, "eps", cls, m_n, m_l, alpha))
+        betas = []
+        for i, b in ((1, g.adam_beta1), (2, g.adam_beta2)):
+            one_minus = combine(f"beta{i}", 1 - b, sde.one_minus_beta, 1.0)
+            if not 0 < one_minus <= 1:
+                raise SpecError(
+                    f"{key} layer {layer}: beta{i} = 1 - {one_minus:g} is outside [0, 1) after scaling; "
+                    f"lower the beta{i} multiplier or the batch/token ratio"
+                )
+            betas.append(1 - one_minus)
+        init_std = None
+        if is_random_init(type_, param):
+            init_std = combine("init_std", g.init_std, 1.0, rules.init_std_factor(p, cls, m_n, m_l, alpha))
+        groups.append(Group(type_, layer, param, lr, lr * g.min_lr_ratio, wd, eps, betas[0], betas[1], init_std, factors))
+
+    res = rules.residual_factor(p, m_l, alpha)
+    residual_mult = {
+        block: [
+            res * mult.type_mult(block, "residual") * mult.depth_mult("residual", l) * mult.layer_mult(block, "residual", l)
+            for l in range(1, shape.num_layers + 1)
+        ]
+        for block in BLOCKS
+    }
+    return Target(
+        spec=spec,
+        shape=shape,
+        groups=tuple(groups),
+        residual_mult=residual_mult,
+        output_mult=rules.output_forward_factor(p, m_n),
+        ratios=ratios,
+        warnings=tuple(warnings),
+    )
+
+
+def _scale_int(value: int, ratio: float, name: str, flag: str) -> int:
+    scaled = value * ratio
+    if abs(scaled - round(scaled)) > 1e-9 * max(1.0, abs(scaled)) or round(scaled) < 1:
+        raise SpecError(f"{name}: {value} x {ratio:g} = {scaled:g} is not a whole number; choose a ratio that gives an integer or give {flag} directly")
+    return round(scaled)
+
+
+def scaled_shape(
+    shape: Shape,
+    *,
+    width: float = 1.0,
+    depth: float = 1.0,
+    batch: float = 1.0,
+    tokens: float = 1.0,
+    **absolute: Any,
+) -> Shape:
+    """A target shape from ratios and/or absolute values (Megatron names).
+
+    Width scales hidden size, heads, query groups and the FFN width together (fixed head
+    dim); depth scales layers; batch scales the global batch (sequences); tokens scales the
+    training tokens. Absolute values (hidden_size, num_layers, num_attention_heads,
+    num_query_groups, ffn_hidden_size, global_batch_size, seq_length, train_tokens,
+    train_iters, vocab_size) override what the ratios give.
+    """
+    for name, r in (("width", width), ("depth", depth), ("batch", batch), ("tokens", tokens)):
+        if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+            raise SpecError(f"--{name}: ratio {r!r} must be a positive number, e.g. 4x or 0.5x")
+    known = {f.name for f in fields(Shape)} | {"train_iters"}
+    for k in absolute:
+        if k not in known:
+            raise SpecError(f"unknown target field {k!r}")
+    absolute = {k: v for k, v in absolute.items() if v is not None}
+    hidden = absolute.get("hidden_size")
+    if hidden is not None:
+        width = hidden / shape.hidden_size
+    new = {
+        "hidden_size": hidden if hidden is not None else _scale_int(shape.hidden_size, width, "hidden_size", "--hidden-size"),
+        "num_layers": absolute.get("num_layers") or _scale_int(shape.num_layers, depth, "num_layers", "--num-layers"),
+        "global_batch_size": absolute.get("global_batch_size")
+        or _scale_int(shape.global_batch_size, batch, "global_batch_size", "--global-batch-size"),
+        "seq_length": absolute.get("seq_length", shape.seq_length),
+        "vocab_size": absolute.get("vocab_size", shape.vocab_size),
+    }
+    if "num_attention_heads" in absolute:
+        new["num_attention_heads"] = absolute["num_attention_heads"]
+    else:
+        new["num_attention_heads"] = _scale_int(shape.num_attention_heads, width, "num_attention_heads", "--num-attention-heads")
+    if "num_query_groups" in absolute:
+        new["num_query_groups"] = absolute["num_query_groups"]
+    else:
+        per_group = shape.num_attention_heads // shape.num_query_groups
+        if new["num_attention_heads"] % per_group:
+            raise SpecError(
+                f"num_query_groups: {new['num_attention_heads']} heads cannot keep the base's {per_group} heads per group; give --num-query-groups"
+            )
+        new["num_query_groups"] = new["num_attention_heads"] // per_group
+    new["ffn_hidden_size"] = absolute.get("ffn_hidden_size") or _scale_int(
+        shape.ffn_hidden_size, width, "ffn_hidden_size", "--ffn-hidden-size"
+    )
+    batch_tokens = new["global_batch_size"] * new["seq_length"]
+    if "train_iters" in absolute and "train_tokens" in absolute:
+        raise SpecError("give only one of --train-iters and --train-tokens")
+    if "train_iters" in absolute:
+        new["train_tokens"] = float(absolute["train_iters"] * batch_tokens)
+    elif "train_tokens" in absolute:
+        new["train_tokens"] = float(absolute["train_tokens"])
+    else:
+        new["train_tokens"] = shape.train_tokens * tokens
+    for k, v in new.items():
+        if k != "train_tokens" and (not isinstance(v, int) or v < 1):
+            raise SpecError(f"--{k.replace('_', '-')}: {v!r} must be a positive integer")
+    out = replace(shape, **new)
+    out.validate("target")
+    return out
+
+
+def load_target(path: str | Path) -> Target:
+    """Read a target file written by ``cdp-convert -o`` and re-resolve it from its
+    embedded source spec, checking that the stored numbers agree (a hand-edited or
+    stale target is an error)."""
+    path = Path(path)
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file; check the path") from None
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg}); fix the syntax") from None
+    return target_from_dict(raw, str(path))
+
+
+def target_from_dict(raw: Any, where: str = "target") -> Target:
+    if not isinstance(raw, dict) or raw.get("kind") != TARGET_KIND:
+        raise SpecError(f"{where}: not a cdp-megatron target (no \"kind\": \"{TARGET_KIND}\"); write one with cdp-convert -o")
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise SpecError(f"{where}: schema_version {raw.get('schema_version')!r} is not one this release reads ({SCHEMA_VERSION})")
+    spec = Spec.from_dict(raw["source_spec"])
+    shape_raw = dict(raw["shape"])
+    shape_raw.pop("train_iters", None)
+    shape = Shape(**shape_raw)
+    target = resolve(spec, shape)
+    stored = {(g["type"], g["layer"], g["param"]): g for g in raw["groups"]}
+    if set(stored) != {g.key for g in target.groups}:
+        raise SpecError(f"{where}: its groups do not match its source spec and shape; regenerate it with cdp-convert")
+    for g in target.groups:
+        s = stored[g.key]
+        for hp, v in g.hyperparameters().items():
+            if not _close(s.get(hp), v):
+                raise SpecError(
+                    f"{where}: group {g.key} has {hp}={s.get(hp)!r} but its source spec gives {v!r}; "
+                    "regenerate it with cdp-convert (targets are not edited by hand)"
+                )
+    return target
+
+
+def _close(a: Any, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0) or a == b
