@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -39,8 +40,8 @@ def _positive_number(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive finite number")
     return v
 
 
@@ -49,13 +50,18 @@ def _positive_int(text: str) -> int:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if v != int(v) or v < 1:
+    if not math.isfinite(v) or v != int(v) or v < 1:  # int(inf) raises OverflowError, which argparse does not catch
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
     return int(v)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line on stderr, not argparse's multi-line usage block
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cdp-convert",
         description="Scale searched Complete(d)P base hyperparameters (base.json) to a target shape, batch and "
         "duration. Prints a table; -o writes the resolved target JSON that cdp-pretrain --cdp-config reads.",
@@ -110,6 +116,8 @@ def _load_input(path: str) -> tuple[Spec, dict]:
         raise SpecError(f"{path}: no such file; check the path") from None
     except IsADirectoryError:
         raise SpecError(f"{path}: is a directory; give a spec file") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from None
     except json.JSONDecodeError as e:
         raise SpecError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg}); fix the syntax") from None
     if isinstance(raw, dict) and raw.get("kind") == TARGET_KIND:
@@ -146,14 +154,21 @@ def write_atomic(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise SpecError(f"{path}: folder {folder} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=".cdp-convert-", suffix=".tmp", dir=folder)
+    if os.path.isdir(path):
+        raise SpecError(f"{path}: is a directory; give a file name for the target")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".cdp-convert-", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise SpecError(f"{path}: cannot write in {folder} ({e.strerror}); check the permissions") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise SpecError(f"{path}: cannot write ({e.strerror}); check the path and permissions") from None
         raise
 
 
@@ -248,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"cdp-convert: error: {e}", file=sys.stderr)
         return 2
+    if args.format != "table":  # the table prints them; json / megatron-args output must not hide them
+        for w in target.warnings:
+            print(f"cdp-convert: warning: {w}", file=sys.stderr)
     if args.format == "json":
         sys.stdout.write(text)
     elif args.format == "megatron-args":

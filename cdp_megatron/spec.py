@@ -121,7 +121,13 @@ def _obj(value: Any, path: str) -> dict:
 
 
 def _pos_int(value: Any, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)  # int(nan) / int(inf) would raise a bare ValueError / OverflowError
+        or value != int(value)
+        or value < 1
+    ):
         raise _fail(path, f"expected a positive integer, got {value!r}", "give a whole number >= 1")
     return int(value)
 

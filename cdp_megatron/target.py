@@ -393,12 +393,18 @@ def target_from_dict(raw: Any, where: str = "target") -> Target:
         raise SpecError(f"{where}: not a cdp-megatron target (no \"kind\": \"{TARGET_KIND}\"); write one with cdp-convert -o")
     if raw.get("schema_version") != SCHEMA_VERSION:
         raise SpecError(f"{where}: schema_version {raw.get('schema_version')!r} is not one this release reads ({SCHEMA_VERSION})")
-    spec = Spec.from_dict(raw["source_spec"])
-    shape_raw = dict(raw["shape"])
-    shape_raw.pop("train_iters", None)
-    shape = Shape(**shape_raw)
+    try:
+        spec = Spec.from_dict(raw["source_spec"])
+        shape_raw = dict(raw["shape"])
+        shape_raw.pop("train_iters", None)
+        shape = Shape(**shape_raw)
+        stored = {(g["type"], g["layer"], g["param"]): g for g in raw["groups"]}
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, SpecError):
+            raise
+        # a truncated or hand-edited file: a missing section, an unknown shape field
+        raise SpecError(f"{where}: incomplete or malformed target ({type(e).__name__}: {e}); regenerate it with cdp-convert") from None
     target = resolve(spec, shape)
-    stored = {(g["type"], g["layer"], g["param"]): g for g in raw["groups"]}
     if set(stored) != {g.key for g in target.groups}:
         raise SpecError(f"{where}: its groups do not match its source spec and shape; regenerate it with cdp-convert")
     for g in target.groups:
