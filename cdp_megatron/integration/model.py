@@ -1,0 +1,477 @@
+"""Build a Megatron-Core GPTModel with the Complete(d)P model changes (method.md s. 3).
+
+Model changes, all through Megatron's own extension points (no monkeypatch):
+
+(a) residual-branch multipliers, Table 1 "residual": ``x + m(l) * Block(x)`` with
+    ``m(l) = target.residual_mult[block][l-1]`` (m_L^-alpha times searched multipliers), for
+    the attention and the MLP block of every GLOBAL layer l. The multiplier scales the
+    branch output and its bias before the bias-dropout-add; it is carried by the layer spec
+    (``ModuleSpec.params``) into ``ResidualScaledTransformerLayer``, for the local and the
+    Transformer Engine spec alike.
+(b) per-(type, layer, segment) init std (``Group.init_std``), applied after the build by
+    redrawing each weight: the FULL tensor is drawn from a generator seeded by
+    (seed, type, layer, param), scaled per segment, and this TP rank's shard is copied in,
+    so the weights do not depend on the TP, PP or VPP layout. This replaces Megatron's
+    std/sqrt(2L) init of attn_out and mlp_down. Norm gains (1) and biases (0) are kept.
+(c) the logit forward multiplier ``target.output_mult`` (m_N^-1 for completep, 1 otherwise),
+    a forward hook on ``output_layer``.
+(d) megatron-core >= 0.17's own width-only muP (``config.use_mup``) is refused.
+
+With parameterisation ``sp`` and every multiplier 1 nothing is changed: the model is
+bit-identical to an unpatched one (``init="auto"`` keeps Megatron's own init then).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from .classify import ParamInfo, classify_model, classify_name, unwrap_model
+
+__all__ = [
+    "ResidualScaledTransformerLayer",
+    "initialize_model_parallel",
+    "gpt_config",
+    "gpt_layer_spec",
+    "build_gpt_model",
+    "apply_target_init",
+    "apply_output_mult",
+    "check_config",
+    "wrap_ddp",
+    "causal_attention_mask",
+    "lm_loss",
+    "gpt_forward_step",
+]
+
+
+# --- parallel state -------------------------------------------------------------------------
+def initialize_model_parallel(
+    tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234
+) -> None:
+    """Megatron's model-parallel groups and RNG (torch.distributed must be initialised).
+
+    Seeds the model-parallel RNG tracker and the CPU generator, which
+    ``use_cpu_initialization`` draws Megatron's own init from.
+    """
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- config and spec ------------------------------------------------------------------------
+def gpt_config(shape: Any, *, init_method_std: float = 0.02, **overrides: Any) -> TransformerConfig:
+    """A TransformerConfig for a TargetShape-like ``shape`` and the current parallel state.
+
+    shape: hidden_size, num_layers, num_attention_heads, num_query_groups, ffn_hidden_size,
+    normalization, swiglu, qk_layernorm, add_bias_linear (spec.Shape / target.shape).
+    Dropout is off; fusions that need CUDA kernels and batched p2p are off on a CPU (gloo);
+    ``use_cpu_initialization`` is on (Megatron then draws the full tensor and splits it: TP-invariant init).
+    ``overrides`` are TransformerConfig fields and win.
+    """
+    on_cpu = not torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        kv_channels=shape.hidden_size // shape.num_attention_heads,
+        normalization=shape.normalization,
+        gated_linear_unit=shape.swiglu,
+        activation_func=torch.nn.functional.silu if shape.swiglu else torch.nn.functional.gelu,
+        qk_layernorm=shape.qk_layernorm,
+        add_bias_linear=shape.add_bias_linear,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=init_method_std,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=(
+            parallel_state.get_virtual_pipeline_model_parallel_world_size()
+        ),
+        pipeline_dtype=torch.float32,
+    )
+    if on_cpu:
+        kwargs.update(
+            bias_activation_fusion=False,
+            masked_softmax_fusion=False,
+            bias_dropout_fusion=False,
+            persist_layer_norm=False,
+            # gloo matches a batch of isend/irecv between the same two ranks in issue order,
+            # so PP=2 with VPP (send_prev and send_next both go to the other rank) swaps the
+            # two messages: silently wrong activations. Unbatched p2p orders ops by rank
+            # parity and is exact.
+            batch_p2p_comm=False,
+        )
+    kwargs.update(overrides)
+    config = TransformerConfig(**kwargs)
+    check_config(config)
+    return config
+
+
+def check_config(config: Any, target: Any = None, vocab_size: int | None = None) -> None:
+    """Refuse configs Complete(d)P cannot run with; with a target, check the shapes agree.
+
+    Raises ValueError naming the field (before any training starts).
+    """
+    if getattr(config, "use_mup", False):
+        raise ValueError(
+            "config.use_mup=True enables megatron-core's own width-only muP; cdp_megatron "
+            "applies Complete(d)P itself and two parameterisations at once would compound. "
+            "Set use_mup=False (drop --use-mup)."
+        )
+    if target is None:
+        return
+    shape = target.shape
+    expected = {
+        "hidden_size": shape.hidden_size,
+        "num_layers": shape.num_layers,
+        "num_attention_heads": shape.num_attention_heads,
+        "num_query_groups": shape.num_query_groups,
+        "ffn_hidden_size": shape.ffn_hidden_size,
+        "normalization": shape.normalization,
+        "gated_linear_unit": shape.swiglu,
+        "qk_layernorm": shape.qk_layernorm,
+        "add_bias_linear": shape.add_bias_linear,
+    }
+    actual = {key: getattr(config, key) for key in expected}
+    if actual["num_query_groups"] is None:
+        actual["num_query_groups"] = config.num_attention_heads
+    if vocab_size is not None:
+        expected["vocab_size"], actual["vocab_size"] = shape.vocab_size, vocab_size
+    wrong = [f"{k}: model {actual[k]!r}, target {expected[k]!r}" for k in expected if actual[k] != expected[k]]
+    if wrong:
+        raise ValueError("the target does not match the model (" + "; ".join(wrong) + ")")
+    for block in ("attention", "mlp"):
+        if len(target.residual_mult[block]) != config.num_layers:
+            raise ValueError(
+                f"target.residual_mult[{block!r}] has {len(target.residual_mult[block])} "
+                f"values for {config.num_layers} layers"
+            )
+
+
+class _ScaledBiasDropoutAdd:
+    """bda(training, fused)(x_with_bias, residual, p) with the branch scaled by ``mult``:
+    residual + dropout(mult * x + mult * bias)."""
+
+    def __init__(self, bda: Callable, mult: float):
+        self.bda, self.mult = bda, mult
+
+    def __call__(self, training: bool, fused: bool) -> Callable:
+        inner = self.bda(training, fused)
+        if self.mult == 1.0:  # exactly Megatron's path: bit-identical
+            return inner
+        mult = self.mult
+
+        def scaled(x_with_bias, residual, prob):
+            out, bias = x_with_bias
+            return inner((out * mult, None if bias is None else bias * mult), residual, prob)
+
+        return scaled
+
+
+class ResidualScaledTransformerLayer(TransformerLayer):
+    """TransformerLayer with x + m_attn(l) * Attention(x) and x + m_mlp(l) * MLP(x).
+
+    residual_mult: {"attention": [L floats], "mlp": [L floats]} (target.residual_mult),
+    indexed by the GLOBAL 1-based ``self.layer_number`` (pipeline offsets included).
+    """
+
+    def __init__(self, *args: Any, residual_mult: Mapping[str, Sequence[float]] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        index = self.layer_number - 1
+        self.attn_residual_mult = float(residual_mult["attention"][index]) if residual_mult else 1.0
+        self.mlp_residual_mult = float(residual_mult["mlp"][index]) if residual_mult else 1.0
+        self.self_attn_bda = _ScaledBiasDropoutAdd(self.self_attn_bda, self.attn_residual_mult)
+        self.mlp_bda = _ScaledBiasDropoutAdd(self.mlp_bda, self.mlp_residual_mult)
+
+
+def gpt_layer_spec(
+    shape: Any,
+    *,
+    use_te: bool = False,
+    residual_mult: Mapping[str, Sequence[float]] | None = None,
+) -> ModuleSpec:
+    """The local (or Transformer Engine) GPT layer spec, with residual multipliers when given.
+
+    The layer class becomes ResidualScaledTransformerLayer; submodules are Megatron's.
+    """
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=shape.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(
+            qk_layernorm=shape.qk_layernorm, normalization=shape.normalization
+        )
+    if residual_mult is None:
+        return spec
+    if spec.module is not TransformerLayer:
+        raise TypeError(f"expected a TransformerLayer spec, got {spec.module}")
+    params = dict(spec.params or {})
+    params["residual_mult"] = {k: [float(v) for v in residual_mult[k]] for k in ("attention", "mlp")}
+    return dataclasses.replace(spec, module=ResidualScaledTransformerLayer, params=params)
+
+
+# --- build ----------------------------------------------------------------------------------
+def _keeps_megatron_init(target: Any, init_method_std: float) -> bool:
+    """sp with no init multiplier: every random-init group has the global init std."""
+    return target.parameterisation == "sp" and all(
+        g.init_std is None or g.init_std == init_method_std for g in target.groups
+    )
+
+
+def build_gpt_model(
+    shape: Any = None,
+    *,
+    target: Any = None,
+    config: TransformerConfig | None = None,
+    use_te: bool = False,
+    init: str = "auto",
+    init_seed: int = 1234,
+) -> list[GPTModel]:
+    """Build this rank's GPTModel chunks (one per virtual pipeline stage).
+
+    shape: TargetShape-like (default ``target.shape``); also gives vocab_size, seq_length,
+        position_embedding_type and untie_embeddings_and_output_weights.
+    target: a resolved Target (``cdp_megatron.target.resolve``); None builds plain Megatron.
+    config: default ``gpt_config(shape, init_method_std=<target's global init std>)``.
+    init: "target" (redraw every weight with the target's init std, TP/PP-invariant),
+        "megatron" (keep Megatron's init), or "auto": "megatron" for an sp target without
+        init multipliers (bit-identical to unpatched Megatron), else "target".
+    Requires torch.distributed and ``initialize_model_parallel``. The chunks are on the
+    current CUDA device when there is one, else on the CPU.
+    """
+    if shape is None:
+        if target is None:
+            raise ValueError("build_gpt_model needs a shape or a target")
+        shape = target.shape
+    if config is None:
+        std = target.global_hyperparameters["init_method_std"] if target is not None else 0.02
+        config = gpt_config(shape, init_method_std=std)
+    check_config(config, target, shape.vocab_size)
+    if init not in ("auto", "target", "megatron"):
+        raise ValueError(f"init={init!r}: use 'auto', 'target' or 'megatron'")
+    if init == "auto":
+        init = "megatron" if target is None or _keeps_megatron_init(target, config.init_method_std) else "target"
+    if init == "target" and target is None:
+        raise ValueError("init='target' needs a target")
+
+    spec = gpt_layer_spec(
+        shape, use_te=use_te, residual_mult=None if target is None else target.residual_mult
+    )
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        chunks.append(
+            GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=shape.vocab_size,
+                max_sequence_length=shape.seq_length,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
+                position_embedding_type=shape.position_embedding_type,
+                vp_stage=stage,
+            )
+        )
+    if torch.cuda.is_available():  # use_cpu_initialization builds on the CPU
+        for chunk in chunks:
+            chunk.cuda(torch.cuda.current_device())
+    if target is not None:
+        if init == "target":
+            apply_target_init(chunks, target, seed=init_seed)
+        apply_output_mult(chunks, target.output_mult)
+    return chunks
+
+
+# --- (b) init ---------------------------------------------------------------------------------
+def _seed_of(seed: int, info: ParamInfo) -> int:
+    # Keyed on (type, layer, param), never on the name: the tied output copy on the last
+    # stage ("embedding", None, "weight") draws exactly the word embeddings.
+    key = f"{seed}/{info.type}/{info.layer}/{info.param}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
+
+
+def _segment_stds(info: ParamInfo, target: Any) -> dict[str, float | None]:
+    return {t: target.group(t, info.layer, info.param).init_std for t in info.types}
+
+
+@torch.no_grad()
+def apply_target_init(model_chunks: Sequence[torch.nn.Module], target: Any, seed: int = 1234) -> None:
+    """Redraw every random-init weight with its group's init std, TP/PP-invariantly.
+
+    For each weight: draw the FULL (unsplit) tensor from N(0, 1) with a generator seeded by
+    (seed, type, layer, param), multiply each segment by target.group(segment type, layer,
+    param).init_std, split it as Megatron does (``partition_dim``, stride 2 for SwiGLU's
+    fc1) and copy this TP rank's shard in. Norm gains and biases (init_std None) are left
+    as built (1 and 0). Call before building the optimizer (which copies main params).
+    """
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    config = _config_of(model_chunks)
+    for param, info in classify_model(list(model_chunks)).items():
+        stds = _segment_stds(info, target)
+        if all(std is None for std in stds.values()):
+            continue
+        if any(std is None for std in stds.values()):
+            raise ValueError(f"{info.name}: init_std is None for some of its segments {stds}")
+        full_shape = list(param.shape)
+        dim = _partition_dim(param, info, tp_size)
+        if dim is not None:
+            full_shape[dim] *= tp_size
+        full = classify_name(
+            info.name, full_shape, config, tied_output=info.type == "embedding", tp_size=1
+        )
+        generator = torch.Generator(device="cpu").manual_seed(_seed_of(seed, info))
+        master = torch.empty(full_shape, dtype=torch.float32).normal_(0.0, 1.0, generator=generator)
+        flat = master.view(-1)
+        for segment in full.segments:
+            flat[segment.start:segment.end].mul_(stds[segment.type])
+        if dim is not None:
+            # Megatron's _initialize_affine_weight_cpu: split into tp*stride pieces along
+            # partition_dim; rank r takes pieces r, r+tp, ... (SwiGLU fc1: [gate_r; up_r]).
+            stride = 2 if info.type == "mlp_gate_up" else 1
+            pieces = torch.split(master, full_shape[dim] // (tp_size * stride), dim=dim)
+            master = torch.cat(pieces[tp_rank::tp_size], dim=dim)
+        param.data.copy_(master.to(device=param.device, dtype=param.dtype))
+
+
+# TP split dimension of each random-init weight (ColumnParallelLinear / VocabParallelEmbedding
+# split rows, RowParallelLinear splits columns; learned positions are replicated).
+_PARTITION_DIM = {
+    "embedding": 0,
+    "position_embedding": None,
+    "qkv": 0,
+    "attn_out": 1,
+    "mlp_gate_up": 0,
+    "mlp_up": 0,
+    "mlp_down": 1,
+    "output": 0,
+}
+
+
+def _partition_dim(param: torch.nn.Parameter, info: ParamInfo, tp_size: int) -> int | None:
+    """The dimension this weight is split along under TP (None: replicated), checked
+    against the attributes Megatron (and TE) set on the parameter."""
+    if tp_size == 1:
+        return None
+    if info.type not in _PARTITION_DIM:
+        raise ValueError(f"{info.name}: no TP layout known for type {info.type!r}")
+    dim = _PARTITION_DIM[info.type]
+    actual = getattr(param, "partition_dim", None) if getattr(param, "tensor_model_parallel", False) else None
+    if actual != dim:
+        raise ValueError(f"{info.name}: expected TP partition dim {dim}, the parameter says {actual}")
+    return dim
+
+
+def _config_of(model_chunks: Sequence[torch.nn.Module]) -> Any:
+    return unwrap_model(model_chunks[0]).config
+
+
+# --- (c) logit multiplier -----------------------------------------------------------------
+class _OutputMult:
+    """Forward hook: output_layer's (logits, bias) -> (mult * logits, mult * bias)."""
+
+    def __init__(self, mult: float):
+        self.mult = mult
+
+    def __call__(self, module, inputs, output):
+        logits, bias = output
+        return logits * self.mult, None if bias is None else bias * self.mult
+
+
+def apply_output_mult(model_chunks: Sequence[torch.nn.Module], mult: float) -> None:
+    """Multiply the logits by ``mult`` (target.output_mult; completep: m_N^-1). No-op at 1.
+
+    Raises when applied twice (the multipliers would compound).
+    """
+    if mult == 1.0:
+        return
+    for chunk in model_chunks:
+        model = unwrap_model(chunk)
+        layer = getattr(model, "output_layer", None)
+        if layer is None or not model.post_process:
+            continue
+        if getattr(layer, "cdp_output_mult", None) is not None:
+            raise RuntimeError("apply_output_mult was already applied to this model")
+        layer.cdp_output_mult = float(mult)
+        layer.register_forward_hook(_OutputMult(float(mult)))
+
+
+# --- wrapping and a simple forward/loss -----------------------------------------------------
+def wrap_ddp(
+    model_chunks: Sequence[torch.nn.Module], config: TransformerConfig, **ddp_kwargs: Any
+) -> list[torch.nn.Module]:
+    """Float16Module (bf16/fp16 configs) then DistributedDataParallel, as Megatron-LM does.
+
+    ddp_kwargs: DistributedDataParallelConfig fields (e.g. use_distributed_optimizer=True).
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    ddp_config = DistributedDataParallelConfig(**ddp_kwargs)
+    wrapped = []
+    for index, chunk in enumerate(model_chunks):
+        if config.bf16 or config.fp16:
+            chunk = Float16Module(config, chunk)
+        # Only the first chunk's buckets overlap with the backward (Megatron-LM's get_model).
+        wrapped.append(DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0))
+    return wrapped
+
+
+def causal_attention_mask(seq_length: int, device: Any = None) -> torch.Tensor:
+    """[1, 1, s, s] bool, True = masked (Megatron's default mask is built on 'cuda')."""
+    return torch.triu(torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool, device=device), 1)
+
+
+def _inputs(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    seq = inputs.shape[1]
+    positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand_as(inputs)
+    return inputs, labels, positions, causal_attention_mask(seq, tokens.device)
+
+
+def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean causal-LM cross-entropy of a single-stage model on tokens [b, s+1]."""
+    inputs, labels, positions, mask = _inputs(tokens)
+    return model(inputs, positions, mask, labels=labels).float().mean()
+
+
+def gpt_forward_step(data_iterator: Iterator[torch.Tensor], model: torch.nn.Module):
+    """A ``forward_step_func`` for ``get_forward_backward_func``: batches are tokens [b, s+1].
+
+    The loss is the mean token cross-entropy of the micro-batch, reported as {"loss": ...}.
+    """
+    inputs, labels, positions, mask = _inputs(next(data_iterator))
+    output = model(inputs, positions, mask, labels=labels)
+
+    def loss_func(per_token_loss: torch.Tensor):
+        loss = per_token_loss.float().mean()
+        # clone: the schedule divides the returned loss by num_microbatches in place.
+        return loss, {"loss": loss.detach().clone()}
+
+    return output, loss_func

@@ -1,0 +1,292 @@
+"""Model changes: residual multipliers (exact), per-(type, layer, segment) init std,
+TP/PP-invariant init, the completep logit multiplier, sp + ones bit-identical to unpatched
+Megatron, refusal of use_mup and of a target that does not match the model."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+import torch  # noqa: E402
+
+from ._dist import run_distributed  # noqa: E402
+from ._tiny import TINY_SHAPE, tiny_target  # noqa: E402
+
+pytestmark = pytest.mark.megatron
+
+
+def _tokens(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, TINY_SHAPE["seq_length"] + 1), generator=torch.Generator().manual_seed(seed))
+
+
+def _reseed(seed: int = 1234) -> None:
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- refusals ---------------------------------------------------------------------------------
+def test_refuses_use_mup():
+    from cdp_megatron.integration import check_config
+
+    with pytest.raises(ValueError, match="use_mup"):
+        check_config(SimpleNamespace(use_mup=True))
+    check_config(SimpleNamespace(use_mup=False))
+
+
+def test_refuses_use_mup_in_build(megatron_1proc):
+    from cdp_megatron.integration import build_gpt_model, gpt_config
+
+    target = tiny_target()
+    config = gpt_config(target.shape)
+    config.use_mup = True  # the field exists in megatron-core >= 0.17
+    with pytest.raises(ValueError, match="use_mup"):
+        build_gpt_model(target=target, config=config)
+
+
+def test_refuses_mismatched_target(megatron_1proc):
+    from cdp_megatron.integration import build_gpt_model
+
+    target = tiny_target()
+    wrong = SimpleNamespace(**{**TINY_SHAPE, "hidden_size": 128, "vocab_size": 512})
+    with pytest.raises(ValueError, match=r"hidden_size: model 128, target 64.*vocab_size: model 512"):
+        build_gpt_model(wrong, target=target)
+
+
+# --- (a)-(c) off: sp with every multiplier 1 ----------------------------------------------------
+def test_sp_ones_bit_identical_to_unpatched(megatron_1proc):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from cdp_megatron.integration import build_gpt_model, gpt_config, lm_loss
+
+    target = tiny_target("sp")
+    shape = target.shape
+    config = gpt_config(shape, init_method_std=target.global_hyperparameters["init_method_std"])
+    _reseed()
+    plain = GPTModel(
+        config,
+        get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"),
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.seq_length,
+        position_embedding_type="rope",
+    )
+    _reseed()
+    (patched,) = build_gpt_model(target=target)
+    plain_state, patched_state = plain.state_dict(), patched.state_dict()
+    assert plain_state.keys() == patched_state.keys()
+    for key, value in plain_state.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, patched_state[key]), key
+    tokens = _tokens()
+    plain_loss, patched_loss = lm_loss(plain, tokens), lm_loss(patched, tokens)
+    assert torch.equal(plain_loss, patched_loss)
+    plain_loss.backward()
+    patched_loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), patched.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_sp_with_init_multiplier_redraws(megatron_1proc):
+    from cdp_megatron.integration import build_gpt_model, classify_model
+
+    target = tiny_target("sp", multipliers={"type": {"q": {"init_std": 3.0}}})
+    (model,) = build_gpt_model(target=target)
+    for param, info in classify_model([model]).items():
+        if info.type == "mlp_down":
+            # Megatron's std/sqrt(2L) for mlp_down is replaced by the target's 0.02.
+            assert param.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+# --- (a) residual multipliers ---------------------------------------------------------------
+def test_residual_multiplier_scales_branch_and_bias(megatron_1proc):
+    from cdp_megatron.integration import ResidualScaledTransformerLayer, build_gpt_model, lm_loss
+
+    target = tiny_target(
+        add_bias_linear=True,
+        multipliers={
+            "type": {"attention": {"residual": 0.5}, "mlp": {"residual": 3.0}},
+            "depth": {"residual": [1.0, 2.0]},
+        },
+    )
+    assert target.residual_mult == {"attention": [0.5, 1.0], "mlp": [3.0, 6.0]}
+    (model,) = build_gpt_model(target=target)
+    with torch.no_grad():  # non-zero biases, so that their scaling is visible
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.1)
+    captured: dict = {}
+    for layer in model.decoder.layers:
+        assert isinstance(layer, ResidualScaledTransformerLayer)
+        n = layer.layer_number
+        layer.register_forward_pre_hook(lambda m, a, kw, n=n: captured.update({(n, "in"): kw["hidden_states"]}), with_kwargs=True)
+        layer.register_forward_hook(lambda m, a, out, n=n: captured.update({(n, "out"): out[0]}))
+        layer.self_attention.register_forward_hook(lambda m, a, out, n=n: captured.update({(n, "attn"): out}))
+        layer.mlp.register_forward_hook(lambda m, a, out, n=n: captured.update({(n, "mlp"): out}))
+    with torch.no_grad():
+        lm_loss(model, _tokens())
+    for n in (1, 2):
+        m_attn, m_mlp = target.residual_mult["attention"][n - 1], target.residual_mult["mlp"][n - 1]
+        (attn, attn_bias), (mlp, mlp_bias) = captured[(n, "attn")], captured[(n, "mlp")]
+        expected = captured[(n, "in")] + m_attn * (attn + attn_bias) + m_mlp * (mlp + mlp_bias)
+        torch.testing.assert_close(captured[(n, "out")], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_multiplier_follows_global_layer(megatron_1proc):
+    from cdp_megatron.integration import build_gpt_model
+
+    # completedp, depth 2 -> 4: m_L^-alpha times the interpolated depth multipliers.
+    target = tiny_target(multipliers={"depth": {"residual": [1.0, 4.0]}}, target_shape={"num_layers": 4})
+    (model,) = build_gpt_model(target=target)
+    got = [(layer.attn_residual_mult, layer.mlp_residual_mult) for layer in model.decoder.layers]
+    assert got == list(zip(target.residual_mult["attention"], target.residual_mult["mlp"]))
+    assert len(set(got)) > 1 and got[0][0] < 1  # per-layer values, with the m_L^-alpha factor
+
+
+# --- (b) init std -------------------------------------------------------------------------------
+INIT_MULTIPLIERS = {
+    "type": {
+        "q": {"init_std": 3.0},
+        "k": {"init_std": 0.5},
+        "v": {"init_std": 1.5},
+        "attn_out": {"init_std": 2.0},
+        "mlp_gate": {"init_std": 0.25},
+        "mlp_up": {"init_std": 4.0},
+        "output": {"init_std": 0.5},
+    }
+}
+
+
+def test_init_std_per_type_and_segment(megatron_1proc):
+    """Measured std of every (type, layer) segment equals the target's init_std."""
+    from cdp_megatron.integration import build_gpt_model, classify_model
+
+    # Width x2 (hidden 128) so that Table 1's m_N factors are in play; LayerNorm + biases.
+    target = tiny_target(
+        multipliers=INIT_MULTIPLIERS,
+        normalization="LayerNorm",
+        add_bias_linear=True,
+        target_shape={"hidden_size": 128},
+    )
+    (model,) = build_gpt_model(target=target)
+    samples: dict[tuple, list[torch.Tensor]] = {}
+    for param, info in classify_model([model]).items():
+        flat = param.detach().view(-1)
+        for s in info.segments:
+            if info.param == "bias":
+                assert torch.all(flat[s.start:s.end] == 0), info.name
+            elif s.type.endswith("norm"):
+                assert torch.all(flat[s.start:s.end] == 1), info.name
+            else:
+                samples.setdefault((s.type, info.layer), []).append(flat[s.start:s.end])
+    assert {t for t, _ in samples} == {"embedding", "q", "k", "v", "attn_out", "mlp_gate", "mlp_up", "mlp_down", "output"}
+    for (ptype, layer), parts in samples.items():
+        values = torch.cat(parts)
+        expected = target.group(ptype, layer, "weight").init_std
+        # >= 4096 samples: the std estimate is within ~1.1% (1 sigma); allow 5 sigma.
+        assert values.numel() >= 4096
+        assert values.std().item() == pytest.approx(expected, rel=5.5 / math.sqrt(2 * values.numel()) + 1e-3), (ptype, layer)
+        assert abs(values.mean().item()) < 5 * expected / math.sqrt(values.numel())
+
+
+def _full_weights_worker(tp: int, pp: int, tied: bool = False) -> dict:
+    """This rank's weights, TP shards gathered, keyed by (type, layer, param, suffix)."""
+    from megatron.core import parallel_state
+
+    from cdp_megatron.integration import build_gpt_model, classify_model, initialize_model_parallel
+
+    if (tp, pp) != (1, 1):
+        initialize_model_parallel(tp, pp)
+    target = tiny_target(multipliers=INIT_MULTIPLIERS, num_layers=4, untie_embeddings_and_output_weights=not tied)
+    chunks = build_gpt_model(target=target)
+    out = {}
+    for param, info in classify_model(chunks).items():
+        tensor = param.detach()
+        if getattr(param, "tensor_model_parallel", False) and tp > 1:
+            shards = [torch.empty_like(tensor) for _ in range(tp)]
+            torch.distributed.all_gather(shards, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+            if info.type == "mlp_gate_up":  # each shard is [gate_r; up_r]
+                half = tensor.shape[0] // 2
+                tensor = torch.cat([s[:half] for s in shards] + [s[half:] for s in shards])
+            else:
+                tensor = torch.cat(shards, dim=param.partition_dim)
+        suffix = info.name.split(".", 3)[-1] if info.layer is not None else info.name
+        out[(info.type, info.layer, info.param, suffix)] = tensor.clone()
+    return out
+
+
+def test_init_is_tp_and_pp_invariant(megatron_1proc):
+    reference = _full_weights_worker(1, 1)
+    for tp, pp in ((2, 1), (1, 2)):
+        per_rank = run_distributed(_full_weights_worker, tp * pp, tp, pp)
+        merged = {}
+        for weights in per_rank:
+            merged.update(weights)
+        assert merged.keys() == reference.keys(), (tp, pp)
+        for key, value in reference.items():
+            assert torch.equal(merged[key], value), (tp, pp, key)
+
+
+def test_tied_output_copy_equals_embedding_on_pp2():
+    """PP=2, tied: the last stage's output_layer.weight is redrawn as the same embedding."""
+    first, last = run_distributed(_full_weights_worker, 2, 1, 2, True)
+    embedding = first[("embedding", None, "weight", "embedding.word_embeddings.weight")]
+    assert torch.equal(last[("embedding", None, "weight", "output_layer.weight")], embedding)
+    assert embedding.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+# --- (c) logit multiplier -------------------------------------------------------------------
+def test_completep_output_multiplier(megatron_1proc):
+    from cdp_megatron.integration import apply_output_mult, build_gpt_model, causal_attention_mask
+
+    target = tiny_target("completep", target_shape={"hidden_size": 128})
+    assert target.output_mult == 0.5
+    (model,) = build_gpt_model(target=target)
+    tokens = _tokens()[:, :-1]
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    mask = causal_attention_mask(tokens.shape[1])
+    with torch.no_grad():
+        scaled = model(tokens, positions, mask)
+        model.output_layer._forward_hooks.clear()
+        plain = model(tokens, positions, mask)
+    assert torch.equal(scaled, 0.5 * plain)
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_output_mult([model], 0.5)
+
+
+def test_completedp_has_no_output_multiplier(megatron_1proc):
+    from cdp_megatron.integration import build_gpt_model
+
+    target = tiny_target("completedp", target_shape={"hidden_size": 128})
+    assert target.output_mult == 1.0
+    (model,) = build_gpt_model(target=target)
+    assert not model.output_layer._forward_hooks
+
+
+# --- loss helper, summary, TE spec ----------------------------------------------------------
+def test_lm_loss_at_init_and_summary(megatron_1proc, capsys):
+    from cdp_megatron.integration import build_gpt_model, classify_model, lm_loss, print_summary
+
+    target = tiny_target()
+    (model,) = build_gpt_model(target=target)
+    assert lm_loss(model, _tokens()).item() == pytest.approx(math.log(256), abs=0.3)
+    print_summary(classify_model([model]), target)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["type", "param", "layers", "tensors", "elements", "lr", "wd", "eps", "beta1", "beta2", "init_std"]
+    assert len(lines) == 1 + len({(g.type, g.param) for g in target.groups})
+
+
+def test_transformer_engine_spec(megatron_1proc):
+    pytest.importorskip("transformer_engine")
+    from cdp_megatron.integration import ResidualScaledTransformerLayer, build_gpt_model, classify_model
+
+    target = tiny_target(multipliers={"type": {"attention": {"residual": 0.5}}})
+    chunks = build_gpt_model(target=target, use_te=True)
+    infos = classify_model(chunks)
+    assert {(s.type, i.layer, i.param) for i in infos.values() for s in i.segments} == {g.key for g in target.groups}
+    assert all(isinstance(layer, ResidualScaledTransformerLayer) for layer in chunks[0].decoder.layers)
