@@ -1,0 +1,148 @@
+"""Tokenizers: GPT-2 ids, byte round trips, local Hugging Face files, factory errors."""
+
+import json
+
+import pytest
+
+from cdp_megatron.data.tokenizers import (
+    SUPPORTED_TOKENIZER_TYPES,
+    ByteTokenizer,
+    GPT2BPETokenizer,
+    HuggingFaceTokenizer,
+    TokenizerError,
+    build_tokenizer,
+    default_gpt2_files,
+    padded_vocab_size,
+)
+
+# Ids from GPT-2's published encoder (openai/gpt-2, tiktoken "gpt2").
+GPT2_KNOWN = {
+    "Hello world": [15496, 995],
+    " Hello world": [18435, 995],
+    "Hello  world\n\n  x": [15496, 220, 995, 628, 220, 2124],
+    "<|endoftext|>": [27, 91, 437, 1659, 5239, 91, 29],  # plain text, not the special id
+    "I'm 123456 tokens's": [40, 1101, 17031, 29228, 16326, 338],
+}
+ROUND_TRIP = [
+    "",
+    "Hello world",
+    "naïve café 日本語 🤗\n\n\ttabs  ",
+    "To be, or not to be:\nthat is",
+]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return GPT2BPETokenizer()
+
+
+@pytest.mark.parametrize("text,ids", GPT2_KNOWN.items())
+def test_gpt2_known_ids(gpt2, text, ids):
+    assert gpt2.tokenize(text) == ids
+
+
+def test_gpt2_sizes_and_eod(gpt2):
+    assert gpt2.vocab_size == 50257
+    assert gpt2.eod == 50256
+    assert gpt2.unique_identifiers["class"] == "GPT2BPETokenizer"
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_gpt2_round_trip(gpt2, text):
+    assert gpt2.detokenize(gpt2.tokenize(text)) == text
+
+
+def test_gpt2_python_backend_matches_tokenizers(gpt2):
+    pure = GPT2BPETokenizer(backend="python")
+    for text in [*GPT2_KNOWN, *ROUND_TRIP]:
+        assert pure.tokenize(text) == gpt2.tokenize(text)
+        assert pure.detokenize(pure.tokenize(text)) == text
+
+
+def test_gpt2_explicit_files(gpt2):
+    vocab, merges = default_gpt2_files()
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=str(vocab), merge_file=str(merges))
+    assert tok.tokenize("Hello world") == [15496, 995]
+
+
+def test_gpt2_file_errors(tmp_path):
+    vocab, _ = default_gpt2_files()
+    with pytest.raises(TokenizerError, match="both --vocab-file and --merge-file"):
+        GPT2BPETokenizer(vocab_file=vocab)
+    with pytest.raises(TokenizerError, match="--merge-file .*does not exist"):
+        GPT2BPETokenizer(vocab_file=vocab, merge_file=tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_byte_round_trip(text):
+    tok = ByteTokenizer()
+    ids = tok.tokenize(text)
+    assert ids == list(text.encode("utf-8"))
+    assert all(0 <= i < 256 for i in ids)
+    assert tok.detokenize(ids + [tok.eod]) == text
+
+
+def test_byte_sizes():
+    tok = ByteTokenizer()
+    assert (tok.vocab_size, tok.eod) == (257, 256)
+
+
+def _save_gpt2_as_tokenizer_json(directory, eos=None):
+    """A local tokenizer.json (GPT-2's BPE saved by the tokenizers library)."""
+    from cdp_megatron.data.tokenizers import _rust_gpt2
+
+    directory.mkdir()
+    _rust_gpt2(*default_gpt2_files()).save(str(directory / "tokenizer.json"))
+    if eos is not None:
+        (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
+    return directory
+
+
+def test_huggingface_local_directory_and_file(tmp_path, gpt2):
+    directory = _save_gpt2_as_tokenizer_json(tmp_path / "tok", eos={"content": "<|endoftext|>"})
+    for path in (directory, directory / "tokenizer.json"):
+        tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(path))
+        assert isinstance(tok, HuggingFaceTokenizer)
+        assert tok.tokenize("Hello world") == [15496, 995]
+        assert tok.detokenize(tok.tokenize(ROUND_TRIP[2])) == ROUND_TRIP[2]
+        assert (tok.vocab_size, tok.eod) == (50257, 50256)
+
+
+def test_huggingface_missing_path_is_clear(tmp_path):
+    with pytest.raises(TokenizerError, match="does not exist.*hub names are not downloaded"):
+        HuggingFaceTokenizer(tmp_path / "gpt2")
+    with pytest.raises(TokenizerError, match="needs --tokenizer-model"):
+        build_tokenizer("HuggingFaceTokenizer")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerError, match="has no tokenizer.json"):
+        HuggingFaceTokenizer(tmp_path / "empty")
+
+
+def test_factory_unknown_type_lists_supported():
+    with pytest.raises(TokenizerError) as info:
+        build_tokenizer("GPT3Tokenizer")
+    for name in SUPPORTED_TOKENIZER_TYPES:
+        assert name in str(info.value)
+    with pytest.raises(
+        TokenizerError, match="Megatron-LM tokenizer that cdp-megatron does not support"
+    ):
+        build_tokenizer("SentencePieceTokenizer")
+
+
+def test_factory_refuses_unused_files():
+    with pytest.raises(TokenizerError, match="ByteTokenizer does not use --vocab-file"):
+        build_tokenizer("ByteTokenizer", vocab_file="vocab.json")
+
+
+@pytest.mark.parametrize(
+    "vocab,divisible_by,tp,padded",
+    [
+        (50257, 128, 1, 50304),
+        (50257, 128, 8, 51200),
+        (257, 128, 1, 384),
+        (257, 128, 2, 512),
+        (256, 128, 2, 256),
+    ],
+)
+def test_padded_vocab_size(vocab, divisible_by, tp, padded):
+    assert padded_vocab_size(vocab, divisible_by, tp) == padded
