@@ -1,0 +1,164 @@
+"""Optimizer-step overhead of per-type and per-depth hyperparameters (every group distinct).
+
+Builds two copies of the same GPT in one process (CPU with gloo, or one GPU): one whose
+target gives every (type, layer) group its own lr / weight decay / eps / betas (q, k, v and
+gate, up included: the fused linear_qkv and linear_fc1 are stepped per segment), one with
+global hyperparameters only (parameterisation sp, no multipliers: Megatron's usual two groups).
+Times the inner Adam step (the torch/apex/TE optimizer's ``step()``, where the per-segment
+stepping happens; Megatron's grad copy and norm are the same for both models) and a whole
+training step (forward, backward, Megatron's ``optimizer.step()``), alternating the two
+models, and prints the medians and the ratios.
+
+    python benchmarks/optimizer_overhead.py [--layers 16] [--hidden 128] [--steps 40]
+        [--dist-opt] [--bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+
+def _spec(args, distinct: bool) -> dict:
+    layers = args.layers
+    depth = [1.0 + 0.05 * ((7 * i) % 11 - 5) for i in range(layers)]  # distinct per layer
+    multipliers = {
+        "type": {
+            "q": {"lr": 1.5, "eps": 0.5}, "k": {"lr": 0.75, "beta2": 0.5},
+            "v": {"lr": 1.25, "weight_decay": 2.0}, "attn_out": {"lr": 0.6},
+            "mlp_gate": {"lr": 2.0}, "mlp_up": {"lr": 0.5, "beta2": 1.5},
+            "mlp_down": {"lr": 0.9}, "q_norm": {"lr": 1.3}, "k_norm": {"lr": 0.8},
+            "output": {"lr": 0.7}, "embedding": {"lr": 1.1},
+        },
+        "depth": {"lr": depth, "eps": depth[::-1]},
+    }
+    return {
+        "schema_version": 1,
+        "base": {
+            "hidden_size": args.hidden, "num_layers": layers,
+            "num_attention_heads": args.hidden // 32, "num_query_groups": max(1, args.hidden // 64),
+            "ffn_hidden_size": 4 * args.hidden, "seq_length": args.seq, "global_batch_size": args.batch,
+            "train_iters": 1000, "vocab_size": 256,
+            "parameterisation": "completedp" if distinct else "sp",
+        },
+        "global": {"lr": 1e-3},
+        "multipliers": multipliers if distinct else {},
+    }
+
+
+def _build(args, distinct: bool, first: bool):
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from cdp_megatron.integration.model import build_gpt_model, gpt_config, initialize_model_parallel, wrap_ddp
+    from cdp_megatron.integration.optimizer import build_optimizer
+    from cdp_megatron.spec import Spec
+    from cdp_megatron.target import resolve
+
+    target = resolve(Spec.from_dict(_spec(args, distinct)))
+    if first:
+        initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(1234)
+    torch.manual_seed(1234)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    config = gpt_config(target.shape, bf16=args.bf16, params_dtype=dtype, pipeline_dtype=dtype)
+    chunks = wrap_ddp(build_gpt_model(target=target, config=config), config,
+                      use_distributed_optimizer=args.dist_opt, grad_reduce_in_fp32=True)
+    opt_config = OptimizerConfig(optimizer="adam", bf16=args.bf16, params_dtype=dtype,
+                                 use_distributed_optimizer=args.dist_opt, clip_grad=1.0)
+    optimizer, scheduler = build_optimizer(chunks, target, opt_config, lr_warmup_iters=0)
+    groups = sum(len(m.optimizer.param_groups) for m in optimizer.chained_optimizers)
+    return target, chunks, optimizer, scheduler, groups
+
+
+def _train_step(target, chunks, optimizer, scheduler, tokens) -> None:
+    from cdp_megatron.integration.model import lm_loss
+
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    lm_loss(chunks[0], tokens).backward()
+    for chunk in chunks:
+        chunk.finish_grad_sync()
+    optimizer.step()
+    scheduler.step(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--dist-opt", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--keep-device-mode", action="store_true",
+                        help="keep the CPU shim's device-keyword rewrite on while timing")
+    args = parser.parse_args()
+
+    from cdp_megatron.integration import cpu_runner
+
+    torch.set_num_threads(args.threads)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
+    cpu_runner.activate()
+    cpu_runner.init_distributed(0, 1)
+    try:
+        runs = {name: _build(args, name == "distinct", first=name == "global") for name in ("global", "distinct")}
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 256, (args.batch, args.seq + 1), generator=gen)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        tokens = tokens.to(device)
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        opt_times = {name: [] for name in runs}
+        step_times = {name: [] for name in runs}
+        for i in range(args.warmup + args.steps):
+            for name, (target, chunks, optimizer, scheduler, _) in runs.items():
+                sync()
+                t0 = time.perf_counter()
+                _train_step(target, chunks, optimizer, scheduler, tokens)
+                sync()
+                if not args.keep_device_mode:
+                    # The shim's device='cuda' rewrite (a TorchFunctionMode) adds microseconds
+                    # to every torch call, far more than a GPU launch: time without it.
+                    cpu_runner.activate(device_kwargs=False)
+                t1 = time.perf_counter()
+                # The inner Adam step (with the segment hooks) on the same gradients: the
+                # part that differs; Megatron's grad copy and norm are the same for both.
+                for sub in optimizer.chained_optimizers:
+                    sub.optimizer.step()
+                sync()
+                t2 = time.perf_counter()
+                cpu_runner.activate(device_kwargs=True)
+                if i >= args.warmup:
+                    step_times[name].append(t1 - t0)
+                    opt_times[name].append(t2 - t1)
+        med = {k: statistics.median(v) * 1e3 for k, v in opt_times.items()}
+        step = {k: statistics.median(v) * 1e3 for k, v in step_times.items()}
+        print(f"device={device.type} layers={args.layers} hidden={args.hidden} "
+              f"dist_opt={args.dist_opt} bf16={args.bf16} steps={args.steps} "
+              f"shim_device_mode_in_step={args.keep_device_mode}")
+        for name, (*_, groups) in runs.items():
+            print(f"  {name:8s}: {groups:4d} param groups | inner Adam step {med[name]:8.2f} ms | "
+                  f"train step {step[name]:8.2f} ms")
+        print(f"inner Adam step ratio (distinct / global): {med['distinct'] / med['global']:.3f}")
+        print(f"train step ratio      (distinct / global): {step['distinct'] / step['global']:.3f}")
+    finally:
+        cpu_runner.destroy_distributed()
+        cpu_runner.deactivate()
+
+
+if __name__ == "__main__":
+    main()

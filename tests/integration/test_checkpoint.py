@@ -1,0 +1,148 @@
+"""Checkpoints (dist_checkpointing) with many optimizer groups that differ only in lr, eps and
+betas: the upstream load mixes their hyperparameters up (or fails) without the
+param_group_identity patch; with it every group is restored exactly and training continued
+from the checkpoint equals uninterrupted training (same layout, bit for bit) or matches it
+within 1e-5 (another layout)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+from . import _optim_common as oc  # noqa: E402
+from ._dist import run_distributed  # noqa: E402
+from ._tiny import tiny_target  # noqa: E402
+
+pytestmark = [pytest.mark.megatron, pytest.mark.timeout(600)]
+
+# Per-type and per-depth multipliers on lr, eps and betas only: weight decay and the Megatron
+# flags (wd_mult, lr_mult) are the same in every group, so 0.16.1 cannot tell them apart; v and
+# attn_out, mlp_up and mlp_down, output and embedding differ ONLY in eps or betas, which
+# 0.19.2's wider identity (max_lr, min_lr, start_wd, end_wd, ...) does not include either.
+LR_EPS_BETAS = {
+    "type": {
+        "q": {"lr": 1.5, "eps": 0.5},
+        "k": {"lr": 0.75, "beta2": 0.5},
+        "v": {"beta1": 0.5},
+        "mlp_gate": {"lr": 2.0, "eps": 2.0},
+        "mlp_up": {"beta2": 1.5},
+        "output": {"eps": 3.0},
+    },
+    "depth": {"lr": [1.0, 1.3], "eps": [1.0, 2.0]},
+}
+
+
+def _target():
+    target = tiny_target(multipliers=LR_EPS_BETAS, global_={"lr": 1e-3, "weight_decay": 0.1})
+    assert len({(g.lr, g.min_lr, g.eps, g.beta1, g.beta2) for g in target.groups}) >= 12
+    return target
+
+
+def _save_then_continue(path, tp, pp, dist_opt, bf16):
+    """Train 3 steps, save, train 2 more: (losses after the save, final params)."""
+    from cdp_megatron.integration.checkpoint import save_checkpoint
+
+    oc.allow_child_processes()
+    setup = oc.setup_model(_target(), tp, pp, dist_opt=dist_opt, bf16=bf16, lr_warmup_iters=2)
+    oc.train_steps(setup, 3)
+    save_checkpoint(path, setup.chunks, setup.optimizer, setup.scheduler, iteration=3)
+    return setup, oc.train_steps(setup, 2, first_step=3)
+
+
+def _load_and_continue(path, tp, pp, dist_opt, bf16, init_model_parallel, apply_patches=True):
+    """Fresh model and optimizer, load, check the groups, train 2 steps."""
+    from cdp_megatron.integration.checkpoint import load_checkpoint
+
+    oc.allow_child_processes()
+    setup = oc.setup_model(
+        _target(), tp, pp, dist_opt=dist_opt, bf16=bf16, lr_warmup_iters=2,
+        init_model_parallel=init_model_parallel,
+    )
+    if not apply_patches:  # build_optimizer applied every patch: take the fix out again
+        from cdp_megatron.patches import param_group_identity
+
+        param_group_identity.remove()
+    common = load_checkpoint(path, setup.chunks, setup.optimizer, setup.scheduler, apply_patches=apply_patches)
+    assert common["iteration"] == 3
+    oc.check_assignments(setup)  # every group's hyperparameters restored exactly
+    assert setup.scheduler.num_steps == 3
+    return setup, oc.train_steps(setup, 2, first_step=3)
+
+
+# --- the bug, without the patch --------------------------------------------------------------------
+def _unpatched_worker(path, dist_opt):
+    from cdp_megatron import patches
+
+    _save_then_continue(path, 1, 1, dist_opt, False)
+    try:
+        _load_and_continue(path, 1, 1, dist_opt, False, init_model_parallel=False, apply_patches=False)
+    except (AssertionError, ValueError, KeyError) as exc:  # mixed-up values or a failed load
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        patches.apply_all()
+    return None
+
+
+@pytest.mark.parametrize("dp,dist_opt", [(1, False), (2, True)], ids=["plain", "distopt-dp2"])
+def test_unpatched_load_mixes_up_groups(tmp_path, dp, dist_opt):
+    """Demonstrates the upstream bug the patch fixes (this must keep failing to load right)."""
+    results = run_distributed(_unpatched_worker, dp, str(tmp_path / "ckpt"), dist_opt)
+    assert all(r is not None for r in results), "the unpatched load restored every group"
+
+
+# --- the fix: resume on the same layout -------------------------------------------------------------
+def _resume_worker(path, tp, pp, dist_opt, bf16):
+    setup, expected = _save_then_continue(path, tp, pp, dist_opt, bf16)
+    reference = oc.snapshot(setup.chunks)
+    resumed, losses = _load_and_continue(path, tp, pp, dist_opt, bf16, init_model_parallel=False)
+    got = oc.snapshot(resumed.chunks)
+    different = [n for n in reference if not (reference[n] == got[n]).all()]
+    assert not different, f"resumed training differs in {different}"
+    assert losses == expected or all(math.isnan(x) for x in losses + expected)
+    return losses
+
+
+RESUME_LAYOUTS = [  # (tp, pp, dp, dist_opt, bf16)
+    pytest.param(1, 1, 1, False, False, id="plain-fp32"),
+    pytest.param(1, 1, 1, False, True, id="plain-bf16"),
+    pytest.param(1, 1, 2, True, False, id="distopt-fp32-dp2"),
+    pytest.param(1, 1, 2, True, True, id="distopt-bf16-dp2"),
+    pytest.param(2, 1, 1, False, False, id="plain-tp2"),
+    pytest.param(1, 2, 1, True, False, id="distopt-pp2"),
+]
+
+
+@pytest.mark.parametrize("tp,pp,dp,dist_opt,bf16", RESUME_LAYOUTS)
+def test_resume_restores_groups_and_equals_uninterrupted(tmp_path, tp, pp, dp, dist_opt, bf16):
+    run_distributed(_resume_worker, tp * pp * dp, str(tmp_path / "ckpt"), tp, pp, dist_opt, bf16)
+
+
+# --- resume on another layout ----------------------------------------------------------------------
+def _save_worker(path, tp, pp, dist_opt):
+    return _save_then_continue(path, tp, pp, dist_opt, False)[1]
+
+
+def _load_worker(path, tp, pp, dist_opt):
+    return _load_and_continue(path, tp, pp, dist_opt, False, init_model_parallel=True)[1]
+
+
+CHANGES = [  # saved (tp, pp, dp), loaded (tp, pp, dp), dist_opt
+    pytest.param((1, 1, 1), (2, 1, 1), False, id="plain-tp1-to-tp2"),
+    pytest.param((1, 1, 1), (1, 2, 1), False, id="plain-pp1-to-pp2"),
+    pytest.param((1, 1, 2), (1, 1, 1), True, id="distopt-dp2-to-dp1"),
+]
+
+
+@pytest.mark.parametrize("saved,loaded,dist_opt", CHANGES)
+def test_resume_on_another_layout(tmp_path, saved, loaded, dist_opt):
+    path = str(tmp_path / "ckpt")
+    expected = run_distributed(_save_worker, math.prod(saved), path, saved[0], saved[1], dist_opt)
+    got = run_distributed(_load_worker, math.prod(loaded), path, loaded[0], loaded[1], dist_opt)
+    expected = [x for x in expected[-1]]
+    got = [x for x in got[-1]]  # the last rank is on the last pipeline stage
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(expected, got)), (expected, got)
+    assert os.path.isdir(path)

@@ -1,0 +1,219 @@
+"""The cdp optimizer: every parameter and every fused segment is stepped with its target
+group's lr / min lr / weight decay / eps / betas, on every layout, plain and distributed
+optimizer, fp32 and bf16; segments are exact (only the gate rows see the gate's lr); forced
+splitting is bit-identical to no splitting; sp with no multipliers equals plain Megatron."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+import torch  # noqa: E402
+
+from . import _optim_common as oc  # noqa: E402
+from ._dist import run_distributed  # noqa: E402
+from ._tiny import tiny_target  # noqa: E402
+
+pytestmark = [pytest.mark.megatron, pytest.mark.timeout(600)]
+
+
+# --- hyperparameters reach the optimizer -------------------------------------------------------
+def _hparams_worker(tp: int, pp: int, vpp: int | None, num_layers: int, variants: list) -> list:
+    target = tiny_target(num_layers=num_layers, multipliers=oc.multipliers_for(num_layers))
+    out = []
+    for index, (dist_opt, bf16) in enumerate(variants):
+        setup = oc.setup_model(
+            target, tp, pp, vpp, dist_opt=dist_opt, bf16=bf16, init_model_parallel=index == 0
+        )
+        coverage = oc.check_assignments(setup)
+        losses = oc.train_steps(setup, 2)
+        assert oc.check_assignments(setup) == coverage  # unchanged by steps and the scheduler
+        from cdp_megatron.integration.optimizer import optimizer_hyperparameters
+
+        for a in optimizer_hyperparameters(setup.optimizer):  # one schedule for all groups
+            assert a.current_lr == setup.scheduler.get_lr({"max_lr": a.lr, "min_lr": a.min_lr})
+        out.append((oc.coords(), coverage, losses))
+    return out
+
+
+LAYOUTS = [  # (tp, pp, dp, vpp, num_layers, variants (dist_opt, bf16))
+    pytest.param(1, 1, 1, None, 2, [(False, False), (True, False), (False, True), (True, True)], id="tp1pp1dp1"),
+    pytest.param(2, 1, 1, None, 2, [(False, False), (True, False)], id="tp2"),
+    pytest.param(1, 2, 1, None, 2, [(False, False), (True, False)], id="pp2"),
+    pytest.param(1, 1, 2, None, 2, [(False, False), (True, False), (True, True)], id="dp2"),
+    pytest.param(2, 2, 1, 2, 4, [(False, False), (True, False)], id="tp2pp2vpp2"),
+]
+
+
+@pytest.mark.parametrize("tp,pp,dp,vpp,num_layers,variants", LAYOUTS)
+def test_hyperparameters_reach_every_param_and_segment(tp, pp, dp, vpp, num_layers, variants):
+    results = run_distributed(_hparams_worker, tp * pp * dp, tp, pp, vpp, num_layers, variants)
+    for v, (dist_opt, bf16) in enumerate(variants):
+        by_model_rank: dict[tuple, list] = {}
+        for rank_result in results:
+            (tp_rank, pp_rank, _), coverage, losses = rank_result[v]
+            by_model_rank.setdefault((tp_rank, pp_rank), []).append(coverage)
+            assert all(loss == loss for loss in losses) or pp > 1
+        # Every element of every parameter is stepped exactly once: on each rank with the
+        # plain optimizer, over the DP ranks (its shards) with the distributed one.
+        for coverages in by_model_rank.values():
+            if dist_opt:
+                oc.assert_full_coverage(coverages)
+            else:
+                for coverage in coverages:
+                    oc.assert_full_coverage([coverage])
+
+
+# --- exactness of segments -----------------------------------------------------------------------
+def _gate_worker(tp: int, dist_opt: bool) -> dict:
+    base = tiny_target()
+    gate = tiny_target(multipliers={"type": {"mlp_gate": {"lr": 3.0}}})
+    results = {}
+    for index, target in enumerate((base, gate)):
+        setup = oc.setup_model(target, tp, 1, dist_opt=dist_opt, lr_warmup_iters=0, init_model_parallel=index == 0)
+        before = oc.snapshot(setup.chunks)
+        oc.train_steps(setup, 1)
+        results[index] = (before, oc.snapshot(setup.chunks))
+        infos = {n: p.cdp_info for c in setup.chunks for n, p in c.named_parameters()}
+    (b0, a0), (b1, a1) = results[0], results[1]
+    checked = 0
+    for name in b0:
+        assert torch.equal(b0[name], b1[name]), f"{name}: different init"
+        info = infos[name]
+        if info.type != "mlp_gate_up":
+            assert torch.equal(a0[name], a1[name]), f"{name}: update changed by the gate lr"
+            continue
+        d0, d1 = (a0[name] - b0[name]).view(-1), (a1[name] - b1[name]).view(-1)
+        for seg in info.segments:
+            u0, u1 = d0[seg.start:seg.end], d1[seg.start:seg.end]
+            if seg.type == "mlp_up":
+                assert torch.equal(u0, u1), f"{name}: up rows changed"
+            else:
+                assert (u0 != 0).any() and not torch.equal(u0, u1)
+                torch.testing.assert_close(u1, 3.0 * u0, rtol=1e-4, atol=1e-9)
+            checked += 1
+    return {"checked": checked}
+
+
+@pytest.mark.parametrize("tp,dp,dist_opt", [(1, 1, False), (2, 1, False), (1, 2, True)], ids=["tp1", "tp2", "dp2-distopt"])
+def test_gate_lr_changes_only_gate_rows(tp, dp, dist_opt):
+    results = run_distributed(_gate_worker, tp * dp, tp, dist_opt)
+    assert all(r["checked"] >= 4 for r in results)  # 2 layers x (gate, up)
+
+
+def _forced_split_worker(dist_opt: bool, bf16: bool) -> dict:
+    from cdp_megatron.integration import optimizer as cdp_opt
+
+    target = tiny_target(parameterisation="sp")
+    snapshots, losses = [], []
+    for index, merge in enumerate((True, False)):
+        cdp_opt._MERGE_EQUAL_SEGMENTS = merge
+        try:
+            setup = oc.setup_model(target, 1, 1, dist_opt=dist_opt, bf16=bf16, lr_warmup_iters=1, init_model_parallel=index == 0)
+        finally:
+            cdp_opt._MERGE_EQUAL_SEGMENTS = True
+        steppers = [getattr(m, "cdp_segment_step", None) for m in setup.optimizer.chained_optimizers]
+        assert (not any(steppers)) if merge else any(steppers)
+        losses.append(oc.train_steps(setup, 4))
+        snapshots.append(oc.snapshot(setup.chunks))
+    for name in snapshots[0]:
+        assert torch.equal(snapshots[0][name], snapshots[1][name]), name
+    assert losses[0] == losses[1]
+    return {}
+
+
+@pytest.mark.parametrize("dp,dist_opt,bf16", [(1, False, False), (2, True, True)], ids=["plain-fp32", "distopt-bf16-dp2"])
+def test_split_step_is_bit_identical_to_unsplit(dp, dist_opt, bf16):
+    """Stepping q/k/v and gate/up as separate views (same values) changes nothing."""
+    run_distributed(_forced_split_worker, dp, dist_opt, bf16)
+
+
+def _strided_worker(tp: int) -> dict:
+    """q (k, v) views of all query groups merged into one strided view == one view each."""
+    from cdp_megatron.integration import optimizer as cdp_opt
+
+    target = tiny_target(multipliers=oc.multipliers_for(2))
+    snapshots, counts = [], []
+    for index, strided in enumerate((True, False)):
+        cdp_opt._STRIDED_VIEWS = strided
+        try:
+            setup = oc.setup_model(target, tp, 1, lr_warmup_iters=1, init_model_parallel=index == 0)
+        finally:
+            cdp_opt._STRIDED_VIEWS = True
+        stepper = setup.optimizer.chained_optimizers[0].cdp_segment_step
+        counts.append(sum(len(sp.views) for sp in stepper.splits))
+        oc.train_steps(setup, 3)
+        snapshots.append(oc.snapshot(setup.chunks))
+    assert counts[0] < counts[1], counts
+    for name in snapshots[0]:
+        assert torch.equal(snapshots[0][name], snapshots[1][name]), name
+    return {"views": counts}
+
+
+def test_strided_views_equal_contiguous_views():
+    run_distributed(_strided_worker, 1, 1)
+
+
+# --- identity with plain Megatron --------------------------------------------------------------
+def _identity_worker() -> dict:
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    target = tiny_target(parameterisation="sp")
+    cdp = oc.setup_model(target, 1, 1, lr_warmup_iters=2)
+    plain = oc.setup_model(target, 1, 1, lr_warmup_iters=2, init_model_parallel=False)
+    g = target.global_hyperparameters
+    config = OptimizerConfig(
+        optimizer="adam", lr=g["lr"], min_lr=g["min_lr"], weight_decay=g["weight_decay"],
+        adam_beta1=g["adam_beta1"], adam_beta2=g["adam_beta2"], adam_eps=g["adam_eps"], clip_grad=0.0,
+    )
+    plain.optimizer = get_megatron_optimizer(config, plain.chunks)  # standard overrides
+    plain.scheduler = OptimizerParamScheduler(
+        plain.optimizer, init_lr=0.0, max_lr=g["lr"], min_lr=g["min_lr"], lr_warmup_steps=2,
+        lr_decay_steps=target.train_iters, lr_decay_style="cosine", start_wd=g["weight_decay"],
+        end_wd=g["weight_decay"], wd_incr_steps=target.train_iters, wd_incr_style="constant",
+    )
+    assert not any(getattr(m, "cdp_segment_step", None) for m in cdp.optimizer.chained_optimizers)
+    a, b = oc.train_steps(cdp, 3), oc.train_steps(plain, 3)
+    assert a == b, (a, b)
+    sa, sb = oc.snapshot(cdp.chunks), oc.snapshot(plain.chunks)
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+    return {}
+
+
+def test_sp_without_multipliers_equals_plain_megatron():
+    run_distributed(_identity_worker, 1)
+
+
+# --- refusals ----------------------------------------------------------------------------------
+def _refusal_worker() -> list[str]:
+    from megatron.core.optimizer import OptimizerConfig
+
+    from cdp_megatron.integration.model import build_gpt_model, gpt_config, initialize_model_parallel, wrap_ddp
+    from cdp_megatron.integration.optimizer import build_optimizer
+
+    initialize_model_parallel(1, 1)
+    target = tiny_target()
+    config = gpt_config(target.shape)
+    chunks = wrap_ddp(build_gpt_model(target=target, config=config), config)
+    messages = []
+    for bad in (OptimizerConfig(optimizer="sgd"), OptimizerConfig(optimizer="adam", decoupled_lr=1e-3)):
+        try:
+            build_optimizer(chunks, target, bad)
+        except ValueError as exc:
+            messages.append(str(exc))
+    try:  # a target for fewer layers than the model has
+        build_optimizer(chunks, tiny_target(num_layers=1), OptimizerConfig(optimizer="adam"))
+    except KeyError as exc:
+        messages.append(str(exc))
+    return messages
+
+
+def test_refuses_unsupported_configs_and_mismatched_target():
+    messages = run_distributed(_refusal_worker, 1)[0]
+    assert len(messages) == 3, messages
+    assert "optimizer='sgd'" in messages[0]
+    assert "decoupled_lr" in messages[1]
+    assert "layer=2" in messages[2]
