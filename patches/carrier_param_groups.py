@@ -5,8 +5,8 @@ Upstream symbol: ``megatron.core.optimizer._get_param_groups`` (megatron-core 0.
 ``_get_param_groups_and_buffers``, so replacing the module attribute reaches every caller).
 
 Checked on: megatron-core 0.16.1 (tests/integration/test_optimizer.py,
-tests/integration/test_patches.py). 0.19.2: same symbol, signature and group fields (read
-from the 0.19.2 wheel, ``optimizer/__init__.py:299``; the suite has not run on it yet).
+tests/integration/test_patches.py) and 0.19.2 (``optimizer/__init__.py:299``, same
+signature and group fields; the same tests pass on it, CI job py312-mcore0.19).
 
 Why: Megatron builds one param group per distinct ``config_overrides`` match of WHOLE
 parameters. Complete(d)P gives q, k, v (fused in ``linear_qkv``) and mlp_gate, mlp_up (fused

@@ -13,8 +13,8 @@ Upstream symbols (megatron-core 0.16.1, ``megatron/core/optimizer/``):
 
 Checked on: megatron-core 0.16.1 (tests/integration/test_checkpoint.py demonstrates the bug
 without this patch and its fix with it; tests/integration/test_patches.py runs Megatron's own
-matching function). 0.19.2: the same symbols exist (read from the 0.19.2 wheel; the suite
-has not run on it yet). 0.19.2 widened the tuple to ParamGroupOverride's keys (max_lr,
+matching function). 0.19.2: the same symbols exist and the same tests pass on it (CI job
+py312-mcore0.19). 0.19.2 widened the tuple to ParamGroupOverride's keys (max_lr,
 min_lr, start_wd, end_wd, wd_mult, optimizer) plus lr_mult/is_expert_parallel/
 is_decoupled_lr, but not eps/betas: groups that differ only in eps or betas still collide
 there, so the patch adds ``eps``/``betas`` (the keys it already has are not repeated).
