@@ -1,0 +1,282 @@
+"""Training metrics of ``cdp-pretrain``: log lines, a progress bar, TensorBoard, JSONL.
+
+One :class:`Metrics` per run, active on global rank 0 only (other ranks get an inactive one
+whose methods do nothing). Per iteration the loop calls :meth:`Metrics.iteration`; every
+``log_interval`` iterations (and at the last one) it emits
+
+- a human log line (iteration, lm loss, z loss, lr, grad norm, tokens/s, elapsed),
+- TensorBoard scalars under ``--tensorboard-dir`` (``train/lm_loss``, ``train/z_loss``,
+  ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``; x axis: iteration),
+- one JSON object in ``--metrics-file`` (schema below),
+
+and a tqdm progress bar advances every iteration when stdout is a terminal (log lines are
+then written above it).
+
+``--metrics-file`` JSONL, one object per line, flushed as written:
+
+===========================  ===============================================================
+record                       keys
+===========================  ===============================================================
+logged iteration             ``iteration``, ``consumed_samples``, ``consumed_tokens``,
+                             ``lm_loss`` and ``z_loss`` (means over the iterations since
+                             the last record, z_loss = z * mean(logsumexp^2), the term added
+                             to the loss), ``lr`` (peak-normalised: the lr a group with
+                             multiplier 1 has now), ``grad_norm`` (this iteration, before
+                             clipping), ``iteration_time_s`` (mean; ``optimizer_step_s``
+                             the optimizer's share of it), ``tokens_per_s``,
+                             ``elapsed_s`` (since the process started)
+evaluation                   ``eval: true``, ``iteration``, ``val_loss`` (cross-entropy, the
+                             token mean over ``--eval-iters`` batches), ``val_z_loss``,
+                             ``elapsed_s``
+divergence (last line)       ``diverged: true``, ``iteration`` (the first non-finite one),
+                             ``last_finite_loss`` (lm_loss of the last finite iteration, null
+                             if none), ``last_finite_iteration``
+===========================  ===============================================================
+
+Pure Python plus optional tqdm / tensorboard; no torch import unless TensorBoard is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["Metrics", "format_log_line", "PROCESS_START"]
+
+# Wall-clock origin for ``elapsed_s``: when this module was first imported (the entry point
+# imports it first thing), close enough to the process start for start-up timings.
+PROCESS_START = time.time()
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _json_float(value: float | None) -> Any:
+    # JSON has no NaN/inf: write them as strings so that every line stays valid JSON.
+    if value is None:
+        return None
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def format_log_line(record: dict, train_iters: int) -> str:
+    """Megatron-style one-line summary of an iteration record."""
+    width = len(str(train_iters))
+    return (
+        f" iteration {record['iteration']:>{width}}/{train_iters} |"
+        f" consumed tokens: {record['consumed_tokens']} |"
+        f" elapsed: {record['elapsed_s']:.1f} s |"
+        f" lm loss: {record['lm_loss']:.6E} |"
+        f" z loss: {record['z_loss']:.4E} |"
+        f" lr: {record['lr']:.4E} |"
+        f" grad norm: {record['grad_norm']:.4f} |"
+        f" tokens/s: {record['tokens_per_s']:.0f} |"
+        f" iter time: {1000 * record['iteration_time_s']:.1f} ms"
+    )
+
+
+def _records_up_to(path: Path, iteration: int) -> list[str]:
+    """The lines of an existing metrics file whose iteration is <= ``iteration``."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if isinstance(record, dict) and not record.get("diverged") and record.get("iteration", 0) <= iteration:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
+
+
+class Metrics:
+    """Metrics sinks of one run (see the module docstring).
+
+    enabled: False on every rank but global rank 0 (all methods then do nothing).
+    resume_from: the iteration a resumed run continues after: the metrics file keeps its
+        records up to that iteration (those of a lost continuation are dropped) and grows
+        from there; 0 starts a new file.
+    progress: show a tqdm bar; default: when ``stream`` is a terminal and tqdm is installed.
+    """
+
+    def __init__(
+        self,
+        *,
+        train_iters: int,
+        log_interval: int = 1,
+        metrics_file: str | os.PathLike | None = None,
+        tensorboard_dir: str | os.PathLike | None = None,
+        resume_from: int = 0,
+        enabled: bool = True,
+        progress: bool | None = None,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.train_iters = train_iters
+        self.log_interval = log_interval
+        self.stream = stream if stream is not None else sys.stdout
+        self._window: list[dict] = []
+        self.last_finite_loss: float | None = None
+        self.last_finite_iteration: int | None = None
+        self._file = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        if metrics_file:
+            path = Path(metrics_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kept = _records_up_to(path, resume_from) if resume_from > 0 else []
+            self._file = open(path, "w", encoding="utf-8")
+            self._file.writelines(kept)
+            self._file.flush()
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=resume_from + 1 if resume_from else None)
+        if progress is None:
+            progress = bool(getattr(self.stream, "isatty", lambda: False)())
+        if progress:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(total=train_iters, initial=resume_from, unit="it", dynamic_ncols=True,
+                                 file=self.stream, desc="training")
+
+    # ------------------------------------------------------------------------- output helpers
+    def print(self, line: str) -> None:
+        """A log line (above the progress bar when there is one)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def _write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    @staticmethod
+    def elapsed() -> float:
+        return time.time() - PROCESS_START
+
+    # ------------------------------------------------------------------------------ records
+    def iteration(
+        self,
+        iteration: int,
+        *,
+        lm_loss: float,
+        z_loss: float,
+        lr: float,
+        grad_norm: float | None,
+        iteration_time_s: float,
+        optimizer_step_s: float | None = None,
+        consumed_samples: int,
+        consumed_tokens: int,
+        tokens: int,
+    ) -> dict | None:
+        """Record one finished iteration; returns the emitted record at log points, else None.
+
+        tokens: tokens of this iteration (global batch x sequence length).
+        """
+        if math.isfinite(lm_loss):
+            self.last_finite_loss, self.last_finite_iteration = float(lm_loss), iteration
+        if not self.enabled:
+            return None
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{lm_loss:.4f}", refresh=False)
+        self._window.append(
+            {"lm_loss": lm_loss, "z_loss": z_loss, "time": iteration_time_s, "tokens": tokens,
+             "optimizer": optimizer_step_s}
+        )
+        if iteration % self.log_interval and iteration != self.train_iters:
+            return None
+        window, self._window = self._window, []
+        seconds = sum(w["time"] for w in window)
+        record = {
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "consumed_tokens": consumed_tokens,
+            "lm_loss": sum(w["lm_loss"] for w in window) / len(window),
+            "z_loss": sum(w["z_loss"] for w in window) / len(window),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "iteration_time_s": seconds / len(window),
+            "optimizer_step_s": (
+                None if any(w["optimizer"] is None for w in window)
+                else sum(w["optimizer"] for w in window) / len(window)
+            ),
+            "tokens_per_s": sum(w["tokens"] for w in window) / seconds if seconds > 0 else 0.0,
+            "elapsed_s": self.elapsed(),
+        }
+        self.print(format_log_line({**record, "grad_norm": grad_norm if grad_norm is not None else float("nan")},
+                                   self.train_iters))
+        self._write({k: _json_float(v) if isinstance(v, float) else v for k, v in record.items()})
+        if self._tb is not None:
+            for key in ("lm_loss", "z_loss", "lr", "grad_norm", "tokens_per_s"):
+                value = _finite_or_none(record[key])
+                if value is not None:
+                    self._tb.add_scalar(f"train/{key}", value, iteration)
+            self._tb.flush()
+        return record
+
+    def evaluation(self, iteration: int, val_loss: float, val_z_loss: float) -> dict | None:
+        """Record a validation result."""
+        if not self.enabled:
+            return None
+        record = {"eval": True, "iteration": iteration, "val_loss": val_loss, "val_z_loss": val_z_loss,
+                  "elapsed_s": self.elapsed()}
+        ppl = math.exp(min(val_loss, 700.0)) if math.isfinite(val_loss) else float("nan")
+        self.print(f" validation at iteration {iteration} | lm loss: {val_loss:.6E} | lm loss PPL: {ppl:.4E}")
+        self._write({k: _json_float(v) if isinstance(v, float) else v for k, v in record.items()})
+        if self._tb is not None and math.isfinite(val_loss):
+            self._tb.add_scalar("valid/lm_loss", val_loss, iteration)
+            self._tb.flush()
+        return record
+
+    def diverged(self, iteration: int, lm_loss: float) -> dict | None:
+        """The final record of a run whose loss became NaN/inf at ``iteration``."""
+        if not self.enabled:
+            return None
+        record = {
+            "diverged": True,
+            "iteration": iteration,
+            "lm_loss": _json_float(lm_loss),
+            "last_finite_loss": self.last_finite_loss,
+            "last_finite_iteration": self.last_finite_iteration,
+            "elapsed_s": self.elapsed(),
+        }
+        self.print(
+            f" diverged at iteration {iteration}: lm loss {lm_loss} (last finite loss "
+            f"{self.last_finite_loss} at iteration {self.last_finite_iteration}); stopping"
+        )
+        self._write(record)
+        return record
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None

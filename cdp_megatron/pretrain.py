@@ -1,0 +1,791 @@
+"""``cdp-pretrain`` (``python -m cdp_megatron.pretrain``): GPT pretraining on megatron.core.
+
+The loop is Megatron-Core's own (``examples/run_simple_mcore_train_loop.py`` upstream):
+``initialize_model_parallel`` -> GPTModel -> DistributedDataParallel -> Megatron optimizer
+and ``OptimizerParamScheduler`` -> ``get_forward_backward_func`` over micro batches with
+``finalize_model_grads`` -> ``optimizer.step()``. With ``--cdp-config``/``--cdp-base`` the
+model and optimizer come from the Complete(d)P integration (residual multipliers, per-group
+init, lr, weight decay, eps and betas); without them it is plain Megatron.
+
+The loss is the cross-entropy plus the paper's z-loss (PaLM), averaged over the tokens of
+the global batch::
+
+    loss = mean_tokens( CE + z * logsumexp(logits)^2 ),  z = --cdp-z-loss (default 1e-4)
+
+computed on the vocabulary-parallel logits (exact on every TP size).
+
+Runs on CPU (gloo and the CUDA-on-CPU shim) when no GPU is present and on GPUs (NCCL)
+otherwise; under ``torchrun`` (``launch/pretrain.sh``) or as one process without any
+launcher. Exit codes: 0 done, 2 bad command line or input (one line on stderr, nothing
+written), 3 the loss became NaN/inf (the last metrics line says so).
+
+Samples are read in Megatron's order: iteration i takes samples ``[i*G, (i+1)*G)`` of the
+split (G = global batch); micro batch k of data-parallel rank r holds samples
+``i*G + k*m*dp + r*m + [0, m)`` (m = micro batch), as Megatron-LM's pretraining sampler
+does, so any DP/TP/PP layout sees the same global batches and a resumed run continues at
+``consumed_samples``. Validation restarts at the first validation sample every time, so
+successive ``val_loss`` values are measured on the same ``--eval-iters`` batches.
+"""
+
+from __future__ import annotations
+
+from cdp_megatron.metrics import Metrics  # imported first: its PROCESS_START times the start-up
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from functools import partial
+from types import SimpleNamespace
+from typing import Any, Iterator, Sequence
+
+from cdp_megatron.pretrain_args import PROG, ArgsError, owned_flags_table, parse_args
+
+__all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_DIVERGED"]
+
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED = 0, 2, 3
+
+
+class RunError(ArgsError):
+    """Bad input found after start-up (data, checkpoint): one line, exit code 2."""
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit code."""
+    try:
+        args = parse_args(argv)
+    except ArgsError as e:
+        if _is_rank0():
+            print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    import warnings
+
+    # Known start-up noise of megatron-core 0.16/0.19 that says nothing about this run.
+    warnings.filterwarnings("ignore", message="Apex is not installed")
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
+    try:
+        return _Run(args).run()
+    except RunError as e:
+        if _is_rank0():
+            print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+
+
+# ============================================================================= distributed
+def _init_distributed(args: argparse.Namespace) -> str:
+    """torch.distributed (env:// from torchrun, or a local one-process group) and megatron's
+    model-parallel state; returns the device kind, "cuda" or "cpu"."""
+    import torch
+
+    from cdp_megatron.integration import cpu_runner
+    from cdp_megatron.integration.model import initialize_model_parallel
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        # One process without a launcher: our own rendezvous on a free local port.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        cpu_runner.activate(device_kwargs=True)
+        # The shim keeps the "CUDA" RNG streams in the one CPU generator, so megatron's
+        # tracker sees the CPU state change under every dropout fork: expected, not news.
+        logging.getLogger("megatron.core.tensor_parallel.random").addFilter(
+            lambda record: "CPU RNG state changed" not in record.getMessage()
+        )
+    cpu_runner.init_distributed(timeout_s=60.0 * args.distributed_timeout_minutes)
+    initialize_model_parallel(
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.virtual_pipeline_model_parallel_size,
+        seed=args.seed,
+    )
+    return device
+
+
+# ==================================================================================== data
+class MockDataset:
+    """``--mock-data``: random tokens, drawn i.i.d. from a Zipf(1) distribution over the
+    unpadded vocabulary (so a model can learn something: the loss falls from about
+    log(vocab) towards the distribution's entropy). Sample ``i`` of split ``split`` depends
+    only on (seed, split, i): identical on every rank and layout, and after a resume."""
+
+    def __init__(self, vocab_size: int, seq_length: int, seed: int, split: int) -> None:
+        import numpy
+
+        self.seq_length, self.seed, self.split = seq_length, seed, split
+        weights = 1.0 / numpy.arange(1, vocab_size + 1)
+        self.cdf = numpy.cumsum(weights / weights.sum())
+        self.cdf[-1] = 1.0
+
+    def __getitem__(self, index: int) -> dict:
+        import numpy
+        import torch
+
+        rng = numpy.random.default_rng([self.seed, self.split, index])
+        text = torch.from_numpy(numpy.searchsorted(self.cdf, rng.random(self.seq_length + 1), side="right"))
+        return {
+            "tokens": text[:-1].long(),
+            "labels": text[1:].long(),
+            "loss_mask": torch.ones(self.seq_length, dtype=torch.float),
+            "position_ids": torch.arange(self.seq_length, dtype=torch.long),
+        }
+
+
+def _build_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(train, valid) datasets; valid is None when --eval-iters is 0."""
+    want_valid = args.eval_iters > 0
+    if args.mock_data:
+        return (
+            MockDataset(args.unpadded_vocab_size, args.seq_length, args.seed, 0),
+            MockDataset(args.unpadded_vocab_size, args.seq_length, args.seed, 1) if want_valid else None,
+        )
+    from cdp_megatron.integration.datasets import build_gpt_datasets
+
+    gbs = args.global_batch_size
+    try:
+        train, valid, _ = build_gpt_datasets(
+            args.tokenizer,
+            seq_length=args.seq_length,
+            seed=args.seed,
+            num_samples=(args.train_iters * gbs, args.eval_iters * gbs if want_valid else 0, 0),
+            data_path=args.data_path,
+            split=args.split,
+            data_cache_path=args.data_cache_path,
+            eod_mask_loss=args.eod_mask_loss,
+            create_attention_mask=False,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise RunError(f"--data-path: {e}") from None
+    if train is None:
+        raise RunError(f"--data-path / --split {args.split!r}: the training split has no documents")
+    if want_valid and valid is None:
+        raise RunError(f"--split {args.split!r}: the validation split has no documents; change --split or give --eval-iters 0")
+    return train, (valid if want_valid else None)
+
+
+def _micro_batches(dataset: Any, start: int, args: argparse.Namespace, dp_rank: int, device: str) -> Iterator[dict]:
+    """This rank's micro batches of the global batch starting at sample ``start``."""
+    import torch
+
+    m, dp = args.micro_batch_size, args.data_parallel_size
+    for k in range(args.num_microbatches):
+        first = start + k * m * dp + dp_rank * m
+        samples = [dataset[first + j] for j in range(m)]
+        batch = {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        if device == "cuda":
+            batch = {key: value.cuda(non_blocking=True) for key, value in batch.items()}
+        yield batch
+
+
+# ==================================================================================== loss
+def _lse_and_target_logit(logits, labels):
+    """logsumexp over the (vocabulary-parallel) logits and the label's logit, per token.
+
+    logits: [b, s, V/tp] float32, this TP rank's vocabulary shard. The sums across TP go
+    through megatron's reduce_from_tensor_model_parallel_region (forward all-reduce,
+    backward identity): every TP rank then holds the same full values, and the gradient of
+    each shard flows only into that shard (as in megatron's vocab_parallel_cross_entropy).
+    """
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    with torch.no_grad():
+        shift = logits.max(dim=-1, keepdim=True).values
+        if tp > 1:
+            torch.distributed.all_reduce(
+                shift, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
+            )
+    sum_exp = torch.exp(logits - shift).sum(dim=-1)
+    local_vocab = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * local_vocab
+    local_labels = labels - start
+    inside = (local_labels >= 0) & (local_labels < local_vocab)
+    target = logits.gather(-1, local_labels.clamp(0, local_vocab - 1).unsqueeze(-1)).squeeze(-1) * inside
+    if tp > 1:
+        sum_exp = reduce_from_tensor_model_parallel_region(sum_exp)
+        target = reduce_from_tensor_model_parallel_region(target)
+    return torch.log(sum_exp) + shift.squeeze(-1), target
+
+
+def _loss_func(labels, loss_mask, z_loss: float, logits):
+    """Megatron's 3-tuple loss contract with per-token normalisation (the schedule and
+    finalize_model_grads divide by the tokens of the global batch)."""
+    import torch
+
+    lse, target = _lse_and_target_logit(logits.float(), labels)
+    mask = loss_mask.float()
+    ce_sum = ((lse - target) * mask).sum()
+    z_sum = (lse.square() * mask).sum()
+    tokens = mask.sum()
+    report = torch.stack([ce_sum.detach(), (z_loss * z_sum).detach(), tokens.detach()])
+    return ce_sum + z_loss * z_sum, tokens.int(), {"cdp": report}
+
+
+def _forward_step(args: argparse.Namespace, attention_mask, model_context, data_iterator, model):
+    batch = next(data_iterator)
+    with model_context():
+        output = model(batch["tokens"], batch["position_ids"], attention_mask)
+    return output, partial(_loss_func, batch["labels"], batch["loss_mask"], args.cdp_z_loss)
+
+
+def _global_loss(losses: list, device: str) -> tuple[float, float]:
+    """(lm loss, z loss) token means over the global batch, the same on every rank."""
+    import torch
+
+    total = torch.zeros(3, dtype=torch.float64, device=device)
+    for item in losses:
+        total += item["cdp"].to(device=device, dtype=torch.float64)
+    # Ranks off the last pipeline stage contribute zeros; TP ranks count the same batch tp
+    # times in both the sums and the token count, which cancels.
+    torch.distributed.all_reduce(total)
+    ce, z, tokens = total.tolist()
+    if tokens <= 0:
+        return float("nan"), float("nan")
+    return ce / tokens, z / tokens
+
+
+# ============================================================================ checkpoints
+TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron-LM's name for the "latest" pointer
+_CRASH_DURING_SAVE_ENV = "CDP_PRETRAIN_TEST_CRASH_DURING_SAVE"
+
+
+def checkpoint_dirname(iteration: int) -> str:
+    """Megatron-LM's directory name for the checkpoint of an iteration."""
+    return f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(directory: str) -> str | None:
+    """The checkpoint the tracker file of ``directory`` points at (None: no tracker)."""
+    tracker = os.path.join(directory, TRACKER_FILE)
+    if not os.path.isfile(tracker):
+        return None
+    text = open(tracker).read().strip()
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise RunError(f"--load {directory}: {TRACKER_FILE} holds {text!r}, not an iteration") from None
+    path = os.path.join(directory, checkpoint_dirname(iteration))
+    if not os.path.isdir(path):
+        raise RunError(f"--load {directory}: {TRACKER_FILE} points at {path}, which does not exist")
+    return path
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _die_like_a_killed_process() -> None:
+    """Exit at once as a SIGKILL would (no cleanup, exit code 137), taking along the helper
+    processes that dist_checkpointing started (its spawn-context Manager would otherwise
+    outlive us and hold our stdout open)."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(137)
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy
+    import torch
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {
+        "random": random.getstate(),
+        "numpy": numpy.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _save_rng_state(directory: str, rank: int, layout: dict) -> None:
+    """Each rank's RNG state (dropout masks) as ``rng/rank_<r>.pt``: dist_checkpointing's
+    common state is written by rank 0 only, and the states differ between ranks."""
+    import torch
+
+    os.makedirs(os.path.join(directory, "rng"), exist_ok=True)
+    torch.save({"layout": layout, "state": _rng_state()}, os.path.join(directory, "rng", f"rank_{rank}.pt"))
+
+
+def _load_rng_state(directory: str, layout: dict, report) -> None:
+    import random
+
+    import numpy
+    import torch
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    path = os.path.join(directory, "rng", f"rank_{torch.distributed.get_rank()}.pt")
+    saved = torch.load(path, weights_only=False) if os.path.isfile(path) else None
+    if saved is None or saved["layout"] != layout:
+        # Megatron-LM does the same: RNG streams belong to a layout.
+        report(" note: the checkpoint's RNG state is for another layout; dropout masks restart from --seed")
+        return
+    state = saved["state"]
+    random.setstate(state["random"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ============================================================================= the run
+class _Run:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.phases: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------- start-up
+    def run(self) -> int:
+        args = self.args
+        import torch
+
+        started = time.perf_counter()
+        self.phases["arguments"] = Metrics.elapsed()
+        self.device = _init_distributed(args)
+        self.phases["torch+distributed"] = time.perf_counter() - started
+        try:
+            return self._run()
+        finally:
+            from cdp_megatron.integration import cpu_runner
+
+            if torch.distributed.is_initialized():
+                cpu_runner.destroy_distributed()
+            cpu_runner.deactivate()
+
+    def _print(self, text: str) -> None:
+        import torch
+
+        if torch.distributed.get_rank() == 0:
+            print(text, flush=True)
+
+    def _run(self) -> int:
+        import torch
+        from megatron.core import parallel_state
+
+        args = self.args
+        self.rank = torch.distributed.get_rank()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        if args.quickstart:
+            with self._phase("corpus"):
+                self._prepare_quickstart_data()
+        self._print_header()
+        with self._phase("model"):
+            self.model, self.config = self._build_model()
+        with self._phase("optimizer"):
+            self.optimizer, self.scheduler = self._build_optimizer()
+        with self._phase("data"):
+            self.train_data, self.valid_data = _build_datasets(args)
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.forward_backward = get_forward_backward_func()
+        mask = None
+        if self.use_te is False:
+            from cdp_megatron.integration.model import causal_attention_mask
+
+            mask = causal_attention_mask(args.seq_length, device=torch.device(self.device) if self.device == "cuda" else None)
+        model_context = contextlib.nullcontext
+        if self.device == "cpu":
+            # The CPU shim's device-keyword mode costs time on every torch call; the model's
+            # forward does not need it (the schedule, DDP and the optimizer do): 3-4% of a
+            # quick-start step.
+            from cdp_megatron.integration import cpu_runner
+
+            model_context = partial(cpu_runner.active, device_kwargs=False)
+        self.forward_step = partial(_forward_step, args, mask, model_context)
+        with self._phase("checkpoint"):
+            start_iteration = self._load_checkpoint()
+        return self._train(start_iteration)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """Time a start-up phase (reported with the start-up time)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = time.perf_counter() - started
+
+    def _prepare_quickstart_data(self) -> None:
+        import torch
+
+        from cdp_megatron.pretrain_args import QUICKSTART_DATA_DIR, QUICKSTART_DATA_PREFIX
+
+        if self.rank == 0 and not all(os.path.isfile(QUICKSTART_DATA_PREFIX + ext) for ext in (".bin", ".idx")):
+            from cdp_megatron.data.corpus import prepare_corpus
+
+            print(f"quickstart: preparing the Shakespeare byte corpus under ./{QUICKSTART_DATA_DIR}", flush=True)
+            result = prepare_corpus(QUICKSTART_DATA_DIR, tokenizer_type="ByteTokenizer", progress=False)
+            print(f"quickstart: {result.documents} documents, {result.tokens} tokens -> {result.dataset_prefix}", flush=True)
+        torch.distributed.barrier()
+
+    def _print_header(self) -> None:
+        args = self.args
+        if self.rank:
+            return
+        layout = (
+            f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size}"
+            + (f" VPP={args.virtual_pipeline_model_parallel_size}" if args.virtual_pipeline_model_parallel_size else "")
+            + f" DP={args.data_parallel_size}"
+        )
+        lines = [
+            f"{PROG}: {args.world_size} process(es) on {self.device} "
+            f"({'nccl' if self.device == 'cuda' else 'gloo'}), {layout}",
+            f"  model: {args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} heads "
+            f"({args.num_query_groups} query groups), ffn {args.ffn_hidden_size}, vocab {args.padded_vocab_size} "
+            f"(padded from {args.unpadded_vocab_size}), seq {args.seq_length}",
+            f"  batch: {args.global_batch_size} samples = {args.num_microbatches} micro batches x "
+            f"{args.micro_batch_size} x DP {args.data_parallel_size}; {args.train_iters} iterations "
+            f"({args.train_iters * args.global_batch_size * args.seq_length} tokens)",
+            f"  data: {'mock (random tokens)' if args.mock_data else ' '.join(args.data_path)}; "
+            f"z-loss {args.cdp_z_loss:g}",
+        ]
+        if getattr(args, "sequence_parallel_dropped", False):
+            lines.append("  note: --sequence-parallel has no effect with --tensor-model-parallel-size 1 (turned off)")
+        if args.target is not None:
+            t = args.target
+            source = f"--cdp-config {args.cdp_config}" if args.cdp_config else f"--cdp-base {args.cdp_base}"
+            ratios = ", ".join(f"{k} {v:.4g}" for k, v in t.ratios.items())
+            lines += [
+                f"Complete(d)P: {source}, parameterisation {t.parameterisation}, alpha {t.alpha:g}; ratios {ratios}",
+                "  flags owned by Complete(d)P (global values; per-group values below):",
+                owned_flags_table(args),
+            ]
+            lines += [f"  warning: {w}" for w in t.warnings]
+        else:
+            lines.append(
+                f"  hyperparameters (plain Megatron): lr {args.lr:g}, min lr {args.min_lr:g}, {args.lr_decay_style} "
+                f"decay, warmup {args.lr_warmup_iters}, weight decay {args.weight_decay:g}, betas "
+                f"({args.adam_beta1:g}, {args.adam_beta2:g}), eps {args.adam_eps:g}, init std {args.init_method_std:g}"
+            )
+        print("\n".join(lines), flush=True)
+
+    # ----------------------------------------------------------------------- model, optimizer
+    def _build_model(self):
+        import torch
+
+        from cdp_megatron.integration.classify import classify_model, print_summary
+        from cdp_megatron.integration.model import build_gpt_model, gpt_config, wrap_ddp
+
+        args = self.args
+        use_te = args.transformer_impl == "transformer_engine"
+        if args.transformer_impl is None:
+            import importlib.util
+
+            use_te = self.device == "cuda" and importlib.util.find_spec("transformer_engine") is not None
+        self.use_te = use_te
+        shape = SimpleNamespace(
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+            num_attention_heads=args.num_attention_heads,
+            num_query_groups=args.num_query_groups,
+            ffn_hidden_size=args.ffn_hidden_size,
+            seq_length=args.max_position_embeddings,
+            vocab_size=args.padded_vocab_size,
+            normalization=args.normalization,
+            swiglu=args.swiglu,
+            qk_layernorm=args.qk_layernorm,
+            add_bias_linear=args.add_bias_linear,
+            position_embedding_type=args.position_embedding_type,
+            untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        )
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        overrides: dict[str, Any] = dict(
+            hidden_dropout=args.hidden_dropout,
+            attention_dropout=args.attention_dropout,
+            layernorm_epsilon=args.norm_epsilon,
+            sequence_parallel=args.sequence_parallel,
+            calculate_per_token_loss=True,
+            bf16=args.bf16,
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+        )
+        if args.fp8_format:
+            overrides["fp8"] = args.fp8_format
+        config = gpt_config(shape, init_method_std=args.init_method_std, **overrides)
+        chunks = build_gpt_model(shape, target=args.target, config=config, use_te=use_te, init_seed=args.seed)
+        self.param_infos = classify_model(chunks)
+        print_summary(self.param_infos, args.target)
+        model = wrap_ddp(chunks, config, use_distributed_optimizer=args.use_distributed_optimizer,
+                         grad_reduce_in_fp32=True)
+        from megatron.core.distributed import finalize_model_grads
+
+        config.finalize_model_grads_func = finalize_model_grads
+        return model, config
+
+    def _optimizer_config(self):
+        import torch
+        from megatron.core.optimizer import OptimizerConfig
+
+        args = self.args
+        return OptimizerConfig(
+            optimizer="adam",
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad,
+            bf16=args.bf16,
+            params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        )
+
+    def _build_optimizer(self):
+        """Complete(d)P: per-group hyperparameters from the target (integration/optimizer.py).
+        Plain: Megatron's optimizer and scheduler from the global flags, as Megatron-LM."""
+        from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        args = self.args
+        if args.target is not None:
+            from cdp_megatron.integration.optimizer import build_optimizer
+
+            return build_optimizer(
+                self.model,
+                args.target,
+                self._optimizer_config(),
+                param_infos=self.param_infos,
+                lr_decay_iters=args.lr_decay_iters,
+                lr_warmup_iters=args.lr_warmup_iters,
+            )
+        optimizer = get_megatron_optimizer(self._optimizer_config(), self.model)
+        scheduler = OptimizerParamScheduler(
+            optimizer,
+            init_lr=args.lr_warmup_init,
+            max_lr=args.lr,
+            min_lr=args.min_lr,
+            lr_warmup_steps=args.lr_warmup_iters,
+            lr_decay_steps=args.lr_decay_iters,
+            lr_decay_style=args.lr_decay_style,
+            start_wd=args.weight_decay,
+            end_wd=args.weight_decay,
+            wd_incr_steps=args.train_iters,
+            wd_incr_style="constant",
+        )
+        return optimizer, scheduler
+
+    # ------------------------------------------------------------------------- checkpoints
+    def _load_checkpoint(self) -> int:
+        """Resume from --load; returns the iteration to continue after (0: fresh start)."""
+        args = self.args
+        self.consumed_samples = 0
+        if not args.load:
+            return 0
+        path = latest_checkpoint(args.load)
+        if path is None:
+            self._print(f"--load {args.load}: no checkpoint there ({TRACKER_FILE} missing); starting from scratch")
+            return 0
+        from cdp_megatron.integration.checkpoint import load_checkpoint
+
+        self._print(f"loading checkpoint {path}")
+        try:
+            common = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        except AssertionError as e:  # OptimizerParamScheduler's check of the schedule flags
+            raise RunError(f"--load {path}: the checkpoint does not match the flags ({e})") from None
+        iteration = int(common["iteration"])
+        self.consumed_samples = int(common.get("consumed_samples", iteration * args.global_batch_size))
+        _load_rng_state(path, self._layout(), self._print)
+        return iteration
+
+    def _layout(self) -> dict:
+        a = self.args
+        return {"tp": a.tensor_model_parallel_size, "pp": a.pipeline_model_parallel_size,
+                "vpp": a.virtual_pipeline_model_parallel_size, "world": a.world_size}
+
+    def _save_checkpoint(self, iteration: int) -> None:
+        """Save atomically: write ``iter_N.tmp``, rename it to ``iter_N``, then replace the
+        tracker file. A crash at any point leaves the previous checkpoint and tracker intact."""
+        import torch
+
+        from cdp_megatron.integration.checkpoint import save_checkpoint
+
+        args = self.args
+        final = os.path.join(args.save, checkpoint_dirname(iteration))
+        tmp = final + ".tmp"
+        started = time.perf_counter()
+        if self.rank == 0:
+            os.makedirs(args.save, exist_ok=True)
+            for stale in (tmp,):  # left by a crashed save
+                if os.path.exists(stale):
+                    shutil.rmtree(stale)
+        torch.distributed.barrier()
+        save_checkpoint(
+            tmp, self.model, self.optimizer, self.scheduler, iteration=iteration,
+            extra={"consumed_samples": self.consumed_samples, "layout": self._layout()},
+        )
+        _save_rng_state(tmp, self.rank, self._layout())
+        torch.distributed.barrier()
+        if os.environ.get(_CRASH_DURING_SAVE_ENV) == str(iteration):
+            _die_like_a_killed_process()  # fault injection (tests): written, not yet published
+        if self.rank == 0:
+            if os.path.exists(final):  # saving the same iteration again: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomically(os.path.join(args.save, TRACKER_FILE), f"{iteration}\n")
+        torch.distributed.barrier()
+        self._print(f" saved checkpoint {final} in {time.perf_counter() - started:.2f} s")
+
+    # ---------------------------------------------------------------------------- training
+    def _iterators(self, dataset: Any, start: int):
+        iterators = [_micro_batches(dataset, start, self.args, self.dp_rank, self.device) for _ in self.model]
+        return iterators if len(iterators) > 1 else iterators[0]
+
+    def _step(self, iteration: int) -> tuple[float, float, float | None]:
+        args = self.args
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self.forward_backward(
+            forward_step_func=self.forward_step,
+            data_iterator=self._iterators(self.train_data, self.consumed_samples),
+            model=self.model,
+            num_microbatches=args.num_microbatches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            decoder_seq_length=args.seq_length,
+            forward_only=False,
+        )
+        self._synchronize()
+        started = time.perf_counter()
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if update_successful:
+            self.scheduler.step(increment=1)
+        self._synchronize()
+        self.optimizer_step_s = time.perf_counter() - started
+        lm_loss, z_loss = _global_loss(losses, self.device)
+        return lm_loss, z_loss, None if grad_norm is None else float(grad_norm)
+
+    def _synchronize(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def _evaluate(self) -> tuple[float, float]:
+        import torch
+
+        args = self.args
+        for chunk in self.model:
+            chunk.eval()
+        losses: list = []
+        with torch.no_grad():
+            for i in range(args.eval_iters):
+                losses += self.forward_backward(
+                    forward_step_func=self.forward_step,
+                    data_iterator=self._iterators(self.valid_data, i * args.global_batch_size),
+                    model=self.model,
+                    num_microbatches=args.num_microbatches,
+                    seq_length=args.seq_length,
+                    micro_batch_size=args.micro_batch_size,
+                    decoder_seq_length=args.seq_length,
+                    forward_only=True,
+                )
+        for chunk in self.model:
+            chunk.train()
+        return _global_loss(losses, self.device)
+
+    def _current_lr(self) -> float:
+        """The lr a group with the global (multiplier 1) peak lr gets at this step."""
+        args = self.args
+        return float(self.scheduler.get_lr({"max_lr": args.lr, "min_lr": args.min_lr}))
+
+    def _train(self, start_iteration: int) -> int:
+        args = self.args
+        metrics = Metrics(
+            train_iters=args.train_iters,
+            log_interval=args.log_interval,
+            metrics_file=args.metrics_file,
+            tensorboard_dir=args.tensorboard_dir,
+            resume_from=start_iteration,
+            enabled=self.rank == 0,
+        )
+        tokens_per_iteration = args.global_batch_size * args.seq_length
+        first_loss = last_loss = None
+        iteration = start_iteration
+        exit_code = EXIT_OK
+        try:
+            for model_chunk in self.model:
+                model_chunk.train()
+            phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
+            metrics.print(f"starting at iteration {start_iteration} after {Metrics.elapsed():.1f} s of start-up ({phases})")
+            while iteration < args.train_iters:
+                started = time.perf_counter()
+                lr = self._current_lr()
+                lm_loss, z_loss, grad_norm = self._step(iteration)
+                self._synchronize()
+                seconds = time.perf_counter() - started
+                iteration += 1
+                self.consumed_samples += args.global_batch_size
+                if iteration == start_iteration + 1:
+                    metrics.print(
+                        f"first iteration done {Metrics.elapsed():.1f} s after start-up began "
+                        f"(the iteration itself: {seconds:.2f} s)"
+                    )
+                if not (math.isfinite(lm_loss) and math.isfinite(z_loss)):
+                    metrics.diverged(iteration, lm_loss if not math.isfinite(lm_loss) else z_loss)
+                    exit_code = EXIT_DIVERGED
+                    break
+                first_loss = lm_loss if first_loss is None else first_loss
+                last_loss = lm_loss
+                metrics.iteration(
+                    iteration,
+                    lm_loss=lm_loss,
+                    z_loss=z_loss,
+                    lr=lr,
+                    grad_norm=grad_norm,
+                    iteration_time_s=seconds,
+                    optimizer_step_s=self.optimizer_step_s,
+                    consumed_samples=self.consumed_samples,
+                    consumed_tokens=self.consumed_samples * args.seq_length,
+                    tokens=tokens_per_iteration,
+                )
+                done = iteration == args.train_iters
+                stop = args.exit_interval is not None and iteration % args.exit_interval == 0 and not done
+                if self.valid_data is not None and (iteration % args.eval_interval == 0 or done):
+                    val_loss, val_z = self._evaluate()
+                    metrics.evaluation(iteration, val_loss, val_z)
+                if args.save and ((args.save_interval and iteration % args.save_interval == 0) or done or stop):
+                    self._save_checkpoint(iteration)
+                if stop:
+                    metrics.print(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+                    break
+        finally:
+            metrics.close()
+        if exit_code == EXIT_OK and args.quickstart and first_loss is not None:
+            went_down = last_loss < first_loss
+            if self.rank == 0:
+                print(f"quickstart: training loss {'went down' if went_down else 'did NOT go down'}: "
+                      f"{first_loss:.4f} at iteration {start_iteration + 1} -> {last_loss:.4f} at iteration "
+                      f"{iteration}", flush=True)
+            exit_code = EXIT_OK if went_down else 1  # the quick start checks itself
+        return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,746 @@
+"""Command line of ``cdp-pretrain``: Megatron-LM's flags (names, defaults and meanings) for
+what we support, the ``--cdp-*`` flags, and every check that can fail before a run starts.
+
+``parse_args(argv)`` returns an ``argparse.Namespace`` with the flags plus derived fields
+(``data_parallel_size``, ``num_microbatches``, ``padded_vocab_size``, ``target``, ...), or
+raises :class:`ArgsError` whose message is the one line shown to the user (``main`` prints
+it and exits with 2). Nothing is written and neither torch nor megatron is imported here, so
+a bad command line fails in well under a second and leaves no trace.
+
+Megatron-LM flags we do not implement fail with "--foo is a Megatron-LM flag cdp-pretrain
+does not support", never silently ignored (:data:`UNSUPPORTED_MEGATRON_FLAGS`).
+
+With ``--cdp-config`` or ``--cdp-base`` the hyperparameters that Complete(d)P owns
+(:data:`CDP_OWNED_FLAGS`) come from the target; giving one of them with a different value is
+an error, giving the same value (as ``cdp-convert`` prints them) is accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+__all__ = [
+    "PROG",
+    "ArgsError",
+    "CDP_OWNED_FLAGS",
+    "UNSUPPORTED_MEGATRON_FLAGS",
+    "build_parser",
+    "parse_args",
+    "quickstart_argv",
+    "DEFAULT_Z_LOSS",
+]
+
+PROG = "cdp-pretrain"
+
+DEFAULT_Z_LOSS = 1e-4
+"""The paper's z-loss coefficient: loss = CE + z * mean(logsumexp(logits)^2) (PaLM's 1e-4)."""
+
+
+class ArgsError(ValueError):
+    """A command line that cannot run; the message is one line naming the flag and the fix."""
+
+
+# Megatron-LM flags that cdp-pretrain does not implement (exact names), and flag families
+# (prefixes). Named so that a user porting a Megatron-LM script sees a deliberate gap.
+UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
+    "--fp16": "use --bf16 (no fp16 loss scaling)",
+    "--loss-scale": "fp16 loss scaling is not supported; use --bf16",
+    "--initial-loss-scale": "fp16 loss scaling is not supported; use --bf16",
+    "--num-experts": "mixture-of-experts models are not supported",
+    "--expert-model-parallel-size": "mixture-of-experts models are not supported",
+    "--expert-tensor-parallel-size": "mixture-of-experts models are not supported",
+    "--context-parallel-size": "context parallelism is not supported",
+    "--recompute-granularity": "activation recomputation is not supported",
+    "--recompute-method": "activation recomputation is not supported",
+    "--recompute-num-layers": "activation recomputation is not supported",
+    "--recompute-activations": "activation recomputation is not supported",
+    "--use-flash-attn": "attention backends are chosen by --transformer-impl",
+    "--attention-backend": "attention backends are chosen by --transformer-impl",
+    "--use-legacy-models": "only megatron.core models exist here",
+    "--spec": "the layer spec comes from --transformer-impl",
+    "--rampup-batch-size": "the batch size is fixed (the SDE rules assume it)",
+    "--decoupled-lr": "per-group learning rates come from --cdp-config/--cdp-base",
+    "--decoupled-min-lr": "per-group learning rates come from --cdp-config/--cdp-base",
+    "--lr-decay-samples": "give --lr-decay-iters",
+    "--lr-warmup-samples": "give --lr-warmup-iters or --lr-warmup-fraction",
+    "--lr-wsd-decay-style": "WSD schedules are not supported",
+    "--lr-wsd-decay-iters": "WSD schedules are not supported",
+    "--lr-wsd-decay-samples": "WSD schedules are not supported",
+    "--start-weight-decay": "weight-decay schedules are not supported; give --weight-decay",
+    "--end-weight-decay": "weight-decay schedules are not supported; give --weight-decay",
+    "--weight-decay-incr-style": "weight-decay schedules are not supported",
+    "--override-opt_param-scheduler": "the schedule is always taken from the flags on --load",
+    "--use-checkpoint-opt_param-scheduler": "the schedule is always taken from the flags on --load",
+    "--overlap-grad-reduce": "gradient-reduce overlap is not wired in",
+    "--overlap-param-gather": "parameter-gather overlap is not wired in",
+    "--num-virtual-stages-per-pipeline-rank": "give --num-layers-per-virtual-pipeline-stage",
+    "--decoder-first-pipeline-num-layers": "uneven pipeline stages are not supported",
+    "--decoder-last-pipeline-num-layers": "uneven pipeline stages are not supported",
+    "--account-for-embedding-in-pipeline-split": "uneven pipeline stages are not supported",
+    "--account-for-loss-in-pipeline-split": "uneven pipeline stages are not supported",
+    "--num-workers": "samples are read in the training process",
+    "--dataloader-type": "samples are read in order (Megatron's 'single')",
+    "--reset-position-ids": "not supported",
+    "--reset-attention-mask": "not supported",
+    "--distributed-backend": "the backend is detected (nccl on GPU, gloo on CPU)",
+    "--kv-channels": "the head dimension is --hidden-size / --num-attention-heads",
+    "--rotary-percent": "not supported",
+    "--rotary-base": "not supported (10000)",
+    "--rotary-seq-len-interpolation-factor": "not supported",
+    "--use-rotary-position-embeddings": "give --position-embedding-type rope",
+    "--no-position-embedding": "give --position-embedding-type rope or learned_absolute",
+    "--apply-layernorm-1p": "not supported",
+    "--squared-relu": "not supported",
+    "--openai-gelu": "not supported",
+    "--apply-query-key-layer-scaling": "not supported",
+    "--attention-softmax-in-fp32": "not supported",
+    "--qk-l2-norm": "give --qk-layernorm",
+    "--multi-latent-attention": "not supported",
+    "--ckpt-format": "checkpoints are always torch_dist (dist_checkpointing)",
+    "--use-dist-ckpt": "checkpoints are always torch_dist (dist_checkpointing)",
+    "--auto-detect-ckpt-format": "checkpoints are always torch_dist (dist_checkpointing)",
+    "--async-save": "checkpoints are saved synchronously",
+    "--non-persistent-save-interval": "not supported",
+    "--no-load-optim": "not supported",
+    "--no-load-rng": "not supported",
+    "--no-save-optim": "not supported",
+    "--no-save-rng": "not supported",
+    "--finetune": "not supported",
+    "--pretrained-checkpoint": "not supported",
+    "--exit-duration-in-mins": "give --exit-interval",
+    "--exit-signal-handler": "not supported",
+    "--skip-train": "not supported",
+    "--use-torch-fsdp2": "FSDP is not supported; use --use-distributed-optimizer",
+    "--use-custom-fsdp": "FSDP is not supported; use --use-distributed-optimizer",
+    "--use-megatron-fsdp": "FSDP is not supported; use --use-distributed-optimizer",
+    "--data-parallel-sharding-strategy": "FSDP is not supported",
+    "--num-distributed-optimizer-instances": "not supported",
+    "--use-precision-aware-optimizer": "not supported",
+    "--optimizer-cpu-offload": "not supported",
+    "--grad-reduce-in-bf16": "gradients are reduced in fp32",
+    "--accumulate-allreduce-grads-in-fp32": "gradients are always accumulated in fp32",
+    "--no-gradient-accumulation-fusion": "fusions are chosen per device",
+    "--no-masked-softmax-fusion": "fusions are chosen per device",
+    "--no-bias-gelu-fusion": "fusions are chosen per device",
+    "--no-bias-swiglu-fusion": "fusions are chosen per device",
+    "--no-bias-dropout-fusion": "fusions are chosen per device",
+    "--no-rope-fusion": "fusions are chosen per device",
+    "--no-persist-layer-norm": "fusions are chosen per device",
+    "--cross-entropy-loss-fusion": "the loss (with z-loss) is computed by cdp-pretrain",
+    "--cross-entropy-fusion-impl": "the loss (with z-loss) is computed by cdp-pretrain",
+    "--enable-cuda-graph": "CUDA graphs are not supported",
+    "--tp-comm-overlap": "not supported",
+    "--defer-embedding-wgrad-compute": "not supported",
+    "--manual-gc": "not supported",
+    "--timing-log-level": "not supported",
+    "--tensorboard-log-interval": "TensorBoard scalars are written every --log-interval",
+    "--log-params-norm": "not supported",
+    "--log-num-zeros-in-grad": "not supported",
+    "--log-validation-ppl-to-tensorboard": "not supported",
+    "--wandb-project": "use --tensorboard-dir or --metrics-file",
+    "--wandb-exp-name": "use --tensorboard-dir or --metrics-file",
+    "--wandb-save-dir": "use --tensorboard-dir or --metrics-file",
+    "--yaml-cfg": "give the flags",
+    "--use-mup": "Complete(d)P is applied by --cdp-config/--cdp-base; megatron's muP would compound",
+    "--train-data-path": "give --data-path with --split",
+    "--valid-data-path": "give --data-path with --split",
+    "--test-data-path": "give --data-path with --split",
+    "--decoder-seq-length": "give --seq-length",
+    "--encoder-seq-length": "give --seq-length",
+    "--sft": "not supported",
+    "--fp8-recipe": "only --fp8-format is supported",
+    "--fp8-margin": "only --fp8-format is supported",
+    "--fp8-amax-history-len": "only --fp8-format is supported",
+    "--fp8-amax-compute-algo": "only --fp8-format is supported",
+    "--fp8-param-gather": "only --fp8-format is supported",
+    "--fp4-format": "not supported",
+}
+UNSUPPORTED_MEGATRON_PREFIXES: tuple[str, ...] = (
+    "--moe-", "--mtp-", "--mamba-", "--hybrid-", "--cuda-graph-", "--recompute-", "--tp-comm-",
+    "--wandb-", "--rerun-", "--inference-", "--straggler-", "--one-logger", "--ft-", "--profile",
+    "--nsys-", "--kv-lora-", "--q-lora-", "--qk-head-dim", "--v-head-dim", "--rope-scaling",
+    "--vision-", "--retro-", "--bert-", "--t5-", "--ict-", "--biencoder-", "--fp8-", "--fp4-",
+    "--dist-ckpt-", "--ckpt-", "--heterogeneous-", "--num-experts",
+)
+
+# Megatron-LM flags whose meaning is already cdp-pretrain's behaviour: accepted, no effect.
+ACCEPTED_NO_OP_FLAGS: dict[str, str] = {
+    "--use-mcore-models": "cdp-pretrain always builds megatron.core models",
+    "--use-cpu-initialization": "weights are always initialised on the CPU (TP-invariant)",
+    "--calculate-per-token-loss": "the loss is always averaged over the tokens of the global batch",
+    "--log-throughput": "tokens/s is always logged",
+}
+
+# The flags whose values Complete(d)P owns (with --cdp-config/--cdp-base): namespace attribute
+# -> flag. Their per-group values are in the target; the global values printed here are the
+# ones Megatron would use for a group whose multipliers are all 1.
+CDP_OWNED_FLAGS: dict[str, str] = {
+    "lr": "--lr",
+    "min_lr": "--min-lr",
+    "weight_decay": "--weight-decay",
+    "adam_beta1": "--adam-beta1",
+    "adam_beta2": "--adam-beta2",
+    "adam_eps": "--adam-eps",
+    "init_method_std": "--init-method-std",
+    "lr_decay_style": "--lr-decay-style",
+    "lr_warmup_iters": "--lr-warmup-iters",
+    "lr_warmup_fraction": "--lr-warmup-fraction",
+    "lr_decay_iters": "--lr-decay-iters",
+    "lr_warmup_init": "--lr-warmup-init",
+}
+
+# Megatron-LM defaults of flags that the target owns (used without --cdp-*).
+_MEGATRON_DEFAULTS: dict[str, Any] = {
+    "min_lr": 0.0,
+    "weight_decay": 0.01,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_eps": 1e-8,
+    "init_method_std": 0.02,
+    "lr_decay_style": "linear",
+    "lr_warmup_init": 0.0,
+    # architecture (store_true flags are None when absent, see _ARCH_FLAGS)
+    "normalization": "LayerNorm",
+    "position_embedding_type": "learned_absolute",
+}
+
+# (shape field, namespace attribute, flag) for the target/flags comparison.
+_SHAPE_FLAGS = (
+    ("hidden_size", "hidden_size", "--hidden-size"),
+    ("num_layers", "num_layers", "--num-layers"),
+    ("num_attention_heads", "num_attention_heads", "--num-attention-heads"),
+    ("num_query_groups", "num_query_groups", "--num-query-groups"),
+    ("ffn_hidden_size", "ffn_hidden_size", "--ffn-hidden-size"),
+    ("seq_length", "seq_length", "--seq-length"),
+    ("global_batch_size", "global_batch_size", "--global-batch-size"),
+    ("train_iters", "train_iters", "--train-iters"),
+    ("vocab_size", "padded_vocab_size", "the padded vocabulary (--tokenizer-type/--make-vocab-size-divisible-by)"),
+)
+_ARCH_FLAGS = (
+    ("normalization", "normalization", "--normalization"),
+    ("swiglu", "swiglu", "--swiglu"),
+    ("qk_layernorm", "qk_layernorm", "--qk-layernorm"),
+    ("add_bias_linear", "add_bias_linear", "--disable-bias-linear"),
+    ("position_embedding_type", "position_embedding_type", "--position-embedding-type"),
+    ("untie_embeddings_and_output_weights", "untie_embeddings_and_output_weights",
+     "--untie-embeddings-and-output-weights"),
+)
+
+
+# ---------------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (ArgsError instead of usage + exit)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgsError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        allow_abbrev=False,
+        description="Pretrain a GPT model on megatron.core with Megatron-LM's flags, "
+        "optionally with Complete(d)P hyperparameter transfer (--cdp-config / --cdp-base).",
+        epilog="Megatron-LM flags not listed here fail with a message naming them. "
+        "Run with --quickstart for a built-in tiny CPU example.",
+    )
+    g = p.add_argument_group("model (Megatron-LM)")
+    g.add_argument("--num-layers", type=int, help="transformer layers (required)")
+    g.add_argument("--hidden-size", type=int, help="model width (required)")
+    g.add_argument("--num-attention-heads", type=int, help="query heads (required)")
+    g.add_argument("--group-query-attention", action="store_true", help="grouped-query attention")
+    g.add_argument("--num-query-groups", type=int, help="key/value heads (default: heads, or 1 with "
+                   "--group-query-attention as in Megatron-LM)")
+    g.add_argument("--ffn-hidden-size", type=int, help="MLP width (default 4*hidden, with --swiglu "
+                   "int(4*hidden*2/3/64)*64 as in Megatron-LM)")
+    g.add_argument("--seq-length", type=int, help="tokens per sample (required)")
+    g.add_argument("--max-position-embeddings", type=int, help="positions of the model (default --seq-length)")
+    g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), help="default LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5, help="default 1e-5")
+    g.add_argument("--swiglu", action="store_true", default=None, help="SwiGLU MLP")
+    g.add_argument("--qk-layernorm", action="store_true", default=None, help="norms on queries and keys")
+    g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"),
+                   help="default learned_absolute")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None,
+                   help="separate output layer")
+    g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false", default=None,
+                   help="no biases in the linear layers")
+    g.add_argument("--init-method-std", type=float, help="std of the normal init (default 0.02)")
+    g.add_argument("--hidden-dropout", type=float, default=0.1, help="default 0.1 (as Megatron-LM)")
+    g.add_argument("--attention-dropout", type=float, default=0.1, help="default 0.1 (as Megatron-LM)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this times the TP size (default 128)")
+    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"),
+                   help="default: transformer_engine when it is installed and a GPU is present, else local")
+    g.add_argument("--fp8-format", choices=("e4m3", "hybrid"), help="FP8 (needs transformer_engine)")
+    g.add_argument("--bf16", action="store_true", help="bf16 model with fp32 main parameters")
+
+    g = p.add_argument_group("parallelism (Megatron-LM)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, help="interleaved pipeline (VPP)")
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state over DP")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+    g = p.add_argument_group("training (Megatron-LM)")
+    g.add_argument("--micro-batch-size", type=int, help="samples per micro batch and rank (required)")
+    g.add_argument("--global-batch-size", type=int, help="samples per step (default micro batch x DP)")
+    g.add_argument("--train-iters", type=int, help="optimizer steps")
+    g.add_argument("--train-samples", type=int, help="samples; steps = samples // global batch")
+    g.add_argument("--exit-interval", type=int, help="stop (and save with --save) when the iteration "
+                   "is a multiple of this")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--optimizer", choices=("adam",), default="adam", help="AdamW (the only choice)")
+    g.add_argument("--lr", type=float, help="peak learning rate (required without --cdp-*)")
+    g.add_argument("--min-lr", type=float, help="default 0")
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root"),
+                   help="default linear (Megatron-LM); Complete(d)P specs use cosine")
+    g.add_argument("--lr-decay-iters", type=int, help="default --train-iters")
+    g.add_argument("--lr-warmup-iters", type=int, help="default 0")
+    g.add_argument("--lr-warmup-fraction", type=float, help="warmup as a fraction of --lr-decay-iters")
+    g.add_argument("--lr-warmup-init", type=float, help="lr at the start of warmup (default 0)")
+    g.add_argument("--weight-decay", type=float, help="AdamW decay (lr-coupled), default 0.01")
+    g.add_argument("--adam-beta1", type=float, help="default 0.9")
+    g.add_argument("--adam-beta2", type=float, help="default 0.999")
+    g.add_argument("--adam-eps", type=float, help="default 1e-8")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip (default 1.0, 0 = off)")
+
+    g = p.add_argument_group("data (Megatron-LM)")
+    g.add_argument("--data-path", nargs="*", help="prefix, 'p1 p2' or 'w1 p1 w2 p2' (Megatron blend)")
+    g.add_argument("--split", default="969, 30, 1", help="train, valid, test document split (default 969,30,1)")
+    g.add_argument("--data-cache-path", help="where the dataset index caches go")
+    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document labels")
+    g.add_argument("--tokenizer-type", help="GPT2BPETokenizer, ByteTokenizer or HuggingFaceTokenizer")
+    g.add_argument("--vocab-file")
+    g.add_argument("--merge-file")
+    g.add_argument("--tokenizer-model", help="HuggingFaceTokenizer directory or tokenizer.json")
+    g.add_argument("--vocab-size", type=int, help="with --mock-data and no tokenizer: ids 0..N-1 plus "
+                   "an end-of-document id N (Megatron-LM's NullTokenizer)")
+    g.add_argument("--mock-data", action="store_true", help="random tokens (tests, benchmarks)")
+
+    g = p.add_argument_group("checkpoints, evaluation, logging (Megatron-LM)")
+    g.add_argument("--save", help="checkpoint directory")
+    g.add_argument("--load", help="resume from the latest checkpoint here (none: start fresh)")
+    g.add_argument("--save-interval", type=int, help="iterations between saves (and at the end)")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100, help="validation batches per evaluation (0: none)")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--tensorboard-dir", help="write TensorBoard scalars here")
+
+    g = p.add_argument_group("cdp-megatron")
+    cdp = g.add_mutually_exclusive_group()
+    cdp.add_argument("--cdp-config", metavar="TARGET_JSON",
+                     help="a resolved target from cdp-convert; its shape must match the flags")
+    cdp.add_argument("--cdp-base", metavar="BASE_JSON",
+                     help="a base spec, resolved at the shape, batch and duration of the flags")
+    g.add_argument("--cdp-z-loss", type=float, default=DEFAULT_Z_LOSS,
+                   help=f"z-loss coefficient z: loss = CE + z * mean(logsumexp(logits)^2) (default "
+                   f"{DEFAULT_Z_LOSS:g}, the paper's; 0 = plain cross-entropy)")
+    g.add_argument("--metrics-file", help="append one JSON object per logged iteration / evaluation")
+    g.add_argument("--quickstart", action="store_true",
+                   help="built-in tiny CPU run on the Shakespeare byte corpus (prepared under ./data); "
+                   "other flags override its settings")
+    for flag in ACCEPTED_NO_OP_FLAGS:
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+# -------------------------------------------------------------------------------- quickstart
+QUICKSTART_DATA_DIR = "data"
+QUICKSTART_DATA_PREFIX = "data/shakespeare_text_document"
+
+
+def quickstart_base_spec() -> str:
+    """examples/base.json of the checkout (or of the installed package)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "examples" / "base.json", here / "examples" / "base.json"):
+        if candidate.is_file():
+            return str(candidate)
+    return "examples/base.json"
+
+
+def quickstart_argv() -> list[str]:
+    """The flags of ``--quickstart``: a 4-layer width-128 model, trained for 100 steps of 16x128
+    bytes of Shakespeare with the hyperparameters of examples/base.json transferred to it.
+
+    ``--make-vocab-size-divisible-by 192`` pads the 257 byte ids to 384 on TP 1 and TP 2
+    alike (the base's vocabulary), so the run gives the same losses on either layout.
+    """
+    return shlex.split(
+        "--num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 352 "
+        "--seq-length 128 --max-position-embeddings 128 --micro-batch-size 8 --global-batch-size 16 "
+        "--train-iters 100 --normalization RMSNorm --swiglu --qk-layernorm "
+        "--position-embedding-type rope --untie-embeddings-and-output-weights --disable-bias-linear "
+        "--hidden-dropout 0 --attention-dropout 0 --make-vocab-size-divisible-by 192 "
+        "--tokenizer-type ByteTokenizer --split 949,50,1 "
+        "--eval-interval 50 --eval-iters 4 --log-interval 10"
+    ) + ["--data-path", QUICKSTART_DATA_PREFIX, "--cdp-base", quickstart_base_spec()]
+
+
+# ---------------------------------------------------------------------------------- parsing
+def _flag_name(token: str) -> str:
+    return token.split("=", 1)[0]
+
+
+def _check_extras(extras: Sequence[str]) -> None:
+    for token in extras:
+        if not token.startswith("-"):
+            raise ArgsError(f"unexpected argument {token!r} (flags take the form --name value)")
+        flag = _flag_name(token)
+        if flag in UNSUPPORTED_MEGATRON_FLAGS or flag.startswith(UNSUPPORTED_MEGATRON_PREFIXES):
+            why = UNSUPPORTED_MEGATRON_FLAGS.get(flag) or "not supported"
+            raise ArgsError(f"{flag} is a Megatron-LM flag cdp-pretrain does not support ({why})")
+        raise ArgsError(f"unknown flag {flag} (see cdp-pretrain --help)")
+
+
+def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None) -> argparse.Namespace:
+    """Parse and validate a command line; derived fields are added to the namespace.
+
+    world_size: processes of the run (default: $WORLD_SIZE as torchrun sets it, else 1).
+    Raises ArgsError (one line) for anything that would stop the run.
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--quickstart" in argv:
+        # The user's flags come after the quick start's, so they win (argparse: last wins).
+        argv = quickstart_argv() + argv
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    _check_extras(extras)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.world_size = world_size
+    _validate(args)
+    return args
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) is None:
+            raise ArgsError(f"--{name.replace('_', '-')} is required")
+
+
+def _positive(args: argparse.Namespace, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            raise ArgsError(f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size")
+    _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+              "global_batch_size", "train_iters", "train_samples", "num_query_groups", "ffn_hidden_size",
+              "max_position_embeddings", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+              "num_layers_per_virtual_pipeline_stage", "log_interval", "eval_interval", "save_interval",
+              "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size")
+    _positive(args, "eval_iters", "lr_warmup_iters", "clip_grad", "cdp_z_loss", "min_lr", "weight_decay",
+              "lr_warmup_init", allow_zero=True)
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ArgsError(f"--{name.replace('_', '-')} must be in [0, 1)")
+    if args.lr is not None and not args.lr > 0:
+        raise ArgsError(f"--lr must be > 0, got {args.lr}")
+    if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction <= 1:
+        raise ArgsError(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+    if not math.isfinite(args.cdp_z_loss):
+        raise ArgsError("--cdp-z-loss must be a finite number")
+    _validate_model(args)
+    _validate_parallel_and_batch(args)
+    _validate_data(args)
+    _validate_checkpoints(args)
+    args.target = None
+    if args.cdp_config or args.cdp_base:
+        _apply_target(args)
+    else:
+        if args.lr is None:
+            raise ArgsError("--lr is required (or give --cdp-config / --cdp-base, which set it per group)")
+        for name, value in _MEGATRON_DEFAULTS.items():
+            if getattr(args, name, None) is None and name in CDP_OWNED_FLAGS:
+                setattr(args, name, value)
+    _finish_schedule(args)
+
+
+def _validate_model(args: argparse.Namespace) -> None:
+    for name in ("normalization", "position_embedding_type"):
+        if getattr(args, name) is None:
+            setattr(args, name, _MEGATRON_DEFAULTS[name])
+    args.swiglu = bool(args.swiglu)
+    args.qk_layernorm = bool(args.qk_layernorm)
+    args.untie_embeddings_and_output_weights = bool(args.untie_embeddings_and_output_weights)
+    args.add_bias_linear = args.add_bias_linear is not False
+    heads = args.num_attention_heads
+    if args.hidden_size % heads:
+        raise ArgsError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {heads}")
+    if args.num_query_groups is None:
+        args.num_query_groups = 1 if args.group_query_attention else heads
+    if heads % args.num_query_groups:
+        raise ArgsError(f"--num-query-groups {args.num_query_groups} does not divide --num-attention-heads {heads}")
+    if args.ffn_hidden_size is None:
+        # Megatron-LM's defaults (megatron/training/arguments.py).
+        args.ffn_hidden_size = int(4 * args.hidden_size * 2 / 3 / 64) * 64 if args.swiglu else 4 * args.hidden_size
+        if args.ffn_hidden_size < 1:
+            raise ArgsError(f"the default --ffn-hidden-size for --hidden-size {args.hidden_size} is 0; give --ffn-hidden-size")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.max_position_embeddings < args.seq_length:
+        raise ArgsError(f"--max-position-embeddings {args.max_position_embeddings} is less than --seq-length {args.seq_length}")
+    if args.fp8_format and args.transformer_impl != "transformer_engine":
+        raise ArgsError("--fp8-format needs --transformer-impl transformer_engine")
+    if args.transformer_impl == "transformer_engine":
+        import importlib.util
+
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ArgsError("--transformer-impl transformer_engine: Transformer Engine is not installed; use --transformer-impl local")
+
+
+def _validate_parallel_and_batch(args: argparse.Namespace) -> None:
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if args.world_size % (tp * pp):
+        raise ArgsError(
+            f"{args.world_size} processes are not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp}"
+        )
+    dp = args.data_parallel_size = args.world_size // (tp * pp)
+    if args.num_attention_heads % tp:
+        raise ArgsError(f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads {args.num_attention_heads}")
+    if args.num_query_groups % tp:
+        raise ArgsError(f"--tensor-model-parallel-size {tp} does not divide --num-query-groups {args.num_query_groups}")
+    if args.ffn_hidden_size % tp:
+        raise ArgsError(f"--tensor-model-parallel-size {tp} does not divide --ffn-hidden-size {args.ffn_hidden_size}")
+    if args.num_layers % pp:
+        raise ArgsError(f"--pipeline-model-parallel-size {pp} does not divide --num-layers {args.num_layers}")
+    args.virtual_pipeline_model_parallel_size = None
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage = args.num_layers // pp
+        if pp < 2:
+            raise ArgsError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        if per_stage % args.num_layers_per_virtual_pipeline_stage:
+            raise ArgsError(
+                f"--num-layers-per-virtual-pipeline-stage {args.num_layers_per_virtual_pipeline_stage} does not "
+                f"divide the {per_stage} layers of each pipeline stage"
+            )
+        vpp = per_stage // args.num_layers_per_virtual_pipeline_stage
+        args.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False  # Megatron-LM does the same (with a warning, printed at start-up)
+        args.sequence_parallel_dropped = True
+    if args.sequence_parallel and args.transformer_impl != "transformer_engine":
+        import importlib.util
+
+        te = importlib.util.find_spec("transformer_engine") is not None
+        if (args.transformer_impl == "local" or not te) and importlib.util.find_spec("apex") is None:
+            raise ArgsError(
+                "--sequence-parallel needs Transformer Engine (--transformer-impl transformer_engine) or NVIDIA "
+                "Apex's fused norms: megatron's torch norms of the local spec refuse sequence parallelism"
+            )
+    micro_times_dp = args.micro_batch_size * dp
+    if args.global_batch_size is None:
+        args.global_batch_size = micro_times_dp
+    if args.global_batch_size % micro_times_dp:
+        raise ArgsError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {dp}"
+        )
+    args.num_microbatches = args.global_batch_size // micro_times_dp
+    if args.virtual_pipeline_model_parallel_size and args.num_microbatches % pp:
+        raise ArgsError(
+            f"the interleaved pipeline needs the {args.num_microbatches} micro batches per step to be a "
+            f"multiple of --pipeline-model-parallel-size {pp}"
+        )
+    if (args.train_iters is None) == (args.train_samples is None):
+        raise ArgsError("give exactly one of --train-iters and --train-samples")
+    if args.train_iters is None:
+        args.train_iters = args.train_samples // args.global_batch_size
+        if args.train_iters < 1:
+            raise ArgsError(f"--train-samples {args.train_samples} is less than one global batch ({args.global_batch_size})")
+
+
+def _validate_data(args: argparse.Namespace) -> None:
+    from cdp_megatron.data.tokenizers import TokenizerError, build_tokenizer, padded_vocab_size
+
+    if args.mock_data and args.data_path:
+        raise ArgsError("give --data-path or --mock-data, not both")
+    if not args.mock_data and not args.data_path:
+        raise ArgsError("--data-path is required (a cdp-preprocess prefix), or --mock-data / --quickstart")
+    if args.vocab_size is not None and (not args.mock_data or args.tokenizer_type):
+        raise ArgsError("--vocab-size is only used with --mock-data and no --tokenizer-type")
+    if args.data_path and not args.tokenizer_type:
+        raise ArgsError("--tokenizer-type is required with --data-path (ByteTokenizer, GPT2BPETokenizer or HuggingFaceTokenizer)")
+    args.tokenizer = None
+    if args.tokenizer_type:
+        try:
+            args.tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
+        except (TokenizerError, OSError) as e:
+            raise ArgsError(str(e)) from None
+        vocab = args.tokenizer.vocab_size
+    elif any((args.vocab_file, args.merge_file, args.tokenizer_model)):
+        raise ArgsError("--vocab-file / --merge-file / --tokenizer-model need --tokenizer-type")
+    else:
+        vocab = (args.vocab_size if args.vocab_size is not None else 256) + 1  # ids + end-of-document
+    args.unpadded_vocab_size = vocab
+    args.padded_vocab_size = padded_vocab_size(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    if args.data_path and not args.quickstart:
+        _check_data_path(args.data_path)
+    try:
+        split = [float(x) for x in args.split.replace(",", " ").split()]
+    except ValueError:
+        raise ArgsError(f"--split {args.split!r}: give comma-separated weights, e.g. 969,30,1") from None
+    if not 1 <= len(split) <= 3 or any(x < 0 for x in split) or sum(split) <= 0:
+        raise ArgsError(f"--split {args.split!r}: give up to three non-negative weights, e.g. 969,30,1")
+    if args.eval_iters > 0 and args.data_path and (len(split) < 2 or split[1] == 0):
+        raise ArgsError(f"--split {args.split!r} leaves no validation documents; give a non-zero second weight or --eval-iters 0")
+
+
+def _check_data_path(data_path: Sequence[str]) -> None:
+    tokens = [t for item in data_path for t in item.split()]
+    def is_number(t: str) -> bool:
+        try:
+            float(t)
+        except ValueError:
+            return False
+        return True
+    prefixes = tokens[1::2] if len(tokens) % 2 == 0 and all(map(is_number, tokens[0::2])) else tokens
+    for prefix in prefixes:
+        missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+        if missing:
+            hint = f" (give the prefix without the extension: {prefix[:-4]})" if prefix.endswith((".bin", ".idx")) else ""
+            raise ArgsError(f"--data-path {prefix}: {', '.join(missing)} not found{hint}; build it with cdp-preprocess")
+
+
+def _validate_checkpoints(args: argparse.Namespace) -> None:
+    if args.save_interval is not None and not args.save:
+        raise ArgsError("--save-interval needs --save")
+    if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise ArgsError(f"--save {args.save}: exists and is not a directory")
+    if args.load and os.path.exists(args.load) and not os.path.isdir(args.load):
+        raise ArgsError(f"--load {args.load}: exists and is not a directory")
+
+
+# ------------------------------------------------------------------------------ Complete(d)P
+def _flag_shape(args: argparse.Namespace, base_shape: Any) -> Any:
+    """The target shape the flags describe (architecture checked against the spec's)."""
+    from cdp_megatron.spec import SpecError
+    from cdp_megatron.target import scaled_shape
+
+    _check_architecture(args, base_shape, "--cdp-base " + args.cdp_base)
+    try:
+        return scaled_shape(
+            base_shape,
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+            num_attention_heads=args.num_attention_heads,
+            num_query_groups=args.num_query_groups,
+            ffn_hidden_size=args.ffn_hidden_size,
+            seq_length=args.seq_length,
+            global_batch_size=args.global_batch_size,
+            train_iters=args.train_iters,
+            vocab_size=args.padded_vocab_size,
+        )
+    except SpecError as e:
+        raise ArgsError(f"--cdp-base {args.cdp_base}: {e}") from None
+
+
+def _check_architecture(args: argparse.Namespace, shape: Any, where: str) -> None:
+    for field, attr, flag in _ARCH_FLAGS:
+        want, have = getattr(shape, field), getattr(args, attr)
+        if want != have:
+            if isinstance(want, bool):
+                if field == "add_bias_linear":
+                    fix = "drop --disable-bias-linear" if want else "add --disable-bias-linear"
+                else:
+                    fix = f"add {flag}" if want else f"drop {flag}"
+            else:
+                fix = f"give {flag} {want}"
+            raise ArgsError(f"{where}: {field} is {want!r} there but the flags give {have!r}; {fix}")
+
+
+def _apply_target(args: argparse.Namespace) -> None:
+    from cdp_megatron.spec import SpecError, load_spec
+    from cdp_megatron.target import load_target, resolve
+
+    try:
+        if args.cdp_config:
+            target = load_target(args.cdp_config)
+            where = f"--cdp-config {args.cdp_config}"
+            _check_architecture(args, target.shape, where)
+            for field, attr, flag in _SHAPE_FLAGS:
+                want = getattr(target, field) if field == "train_iters" else getattr(target.shape, field)
+                have = getattr(args, attr)
+                if want != have:
+                    raise ArgsError(
+                        f"{where}: {field} is {want} in the target but {flag} gives {have}; "
+                        "fix the flag or regenerate the target with cdp-convert"
+                    )
+        else:
+            spec = load_spec(args.cdp_base)
+            target = resolve(spec, _flag_shape(args, spec.base.shape))
+    except SpecError as e:
+        raise ArgsError(str(e)) from None
+    args.target = target
+    glob = target.global_hyperparameters
+    owned = {
+        "lr": glob["lr"],
+        "min_lr": glob["min_lr"],
+        "weight_decay": glob["weight_decay"],
+        "adam_beta1": glob["adam_beta1"],
+        "adam_beta2": glob["adam_beta2"],
+        "adam_eps": glob["adam_eps"],
+        "init_method_std": glob["init_method_std"],
+        "lr_decay_style": target.lr_decay_style,
+        "lr_warmup_iters": target.lr_warmup_iters,
+        "lr_decay_iters": target.train_iters,
+        "lr_warmup_init": 0.0,
+    }
+    source = "--cdp-config" if args.cdp_config else "--cdp-base"
+    if args.lr_warmup_fraction is not None:
+        raise ArgsError(f"--lr-warmup-fraction: {source} sets the warmup ({owned['lr_warmup_iters']} iterations); drop the flag")
+    for name, value in owned.items():
+        given = getattr(args, name)
+        if given is None:
+            setattr(args, name, value)
+            continue
+        same = given == value if isinstance(value, (str, int)) and not isinstance(value, float) else math.isclose(
+            given, value, rel_tol=1e-5, abs_tol=1e-12)
+        if not same:
+            raise ArgsError(
+                f"{CDP_OWNED_FLAGS[name]} {given} conflicts with {source}: Complete(d)P owns it "
+                f"(the target gives {value:.6g}); drop the flag" if isinstance(value, float) else
+                f"{CDP_OWNED_FLAGS[name]} {given} conflicts with {source}: Complete(d)P owns it "
+                f"(the target gives {value}); drop the flag"
+            )
+    args.cdp_owned = owned
+
+
+def _finish_schedule(args: argparse.Namespace) -> None:
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters is not None and args.lr_warmup_fraction is not None:
+        raise ArgsError("give only one of --lr-warmup-iters and --lr-warmup-fraction")
+    if args.lr_warmup_fraction is not None:
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
+    if args.lr_warmup_iters is None:
+        args.lr_warmup_iters = 0
+    if args.lr_warmup_iters > args.lr_decay_iters:
+        raise ArgsError(f"--lr-warmup-iters {args.lr_warmup_iters} is longer than the decay ({args.lr_decay_iters} iterations)")
+    if args.min_lr > args.lr:
+        raise ArgsError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+
+
+def owned_flags_table(args: argparse.Namespace) -> str:
+    """The flags Complete(d)P owns, with the target's global values (start-up print)."""
+    rows = []
+    for name, flag in CDP_OWNED_FLAGS.items():
+        if name not in args.cdp_owned:
+            continue
+        value = args.cdp_owned[name]
+        text = f"{value:.6g}" if isinstance(value, float) else str(value)
+        rows.append(f"  {flag:<22} {text}")
+    return "\n".join(rows)

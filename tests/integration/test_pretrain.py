@@ -1,0 +1,244 @@
+"""cdp-pretrain end to end on CPU (gloo): tiny models on --mock-data, as a user runs it.
+
+Every run is a subprocess (``python -m cdp_megatron.pretrain``, or ``torch.distributed.run``
+for 2 processes), checked through its exit code, output and ``--metrics-file``. Shapes are
+tiny (hidden 64, 2 layers, seq 32, vocab 256) so that a 1-process run takes seconds; the
+2-process layouts and the quick start are marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.megatron
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = REPO / "examples" / "base.json"
+
+ARCH = (
+    "--normalization RMSNorm --swiglu --qk-layernorm --position-embedding-type rope "
+    "--untie-embeddings-and-output-weights --disable-bias-linear"
+)
+# vocab: 255 ids + end-of-document = 256, padded to 256 on TP 1 and TP 2 alike.
+TINY = (
+    "--mock-data --vocab-size 255 --num-layers 2 --hidden-size 64 --num-attention-heads 4 "
+    "--ffn-hidden-size 176 --seq-length 32 --micro-batch-size 4 --global-batch-size 8 "
+    "--log-interval 1 " + ARCH
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(args: str | list, tmp_path: Path, *, nproc: int = 1, env: dict | None = None, timeout: int = 300):
+    """Run cdp-pretrain; returns the CompletedProcess (stdout and stderr merged)."""
+    argv = shlex.split(args) if isinstance(args, str) else list(args)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "cdp_megatron.pretrain", *argv]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               "-m", "cdp_megatron.pretrain", *argv]
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")])
+    full_env.setdefault("OMP_NUM_THREADS", "1" if nproc > 1 else "2")
+    full_env.update(env or {})
+    return subprocess.run(cmd, cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+
+
+def ok(result) -> str:
+    assert result.returncode == 0, result.stdout[-6000:]
+    return result.stdout
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def train_losses(path: Path) -> dict[int, float]:
+    return {r["iteration"]: r["lm_loss"] for r in records(path) if "lm_loss" in r and not r.get("eval")}
+
+
+@pytest.fixture(scope="module")
+def spec20(tmp_path_factory) -> Path:
+    """examples/base.json with its base batch and duration set to the tiny runs' (8 x 32
+    tokens, 20 iterations): width 1/4 and depth 1/2 still transfer, the SDE factors are 1."""
+    raw = json.loads(BASE.read_text())
+    raw.pop("$schema", None)
+    raw["base"].update(global_batch_size=8, seq_length=32, train_iters=20)
+    path = tmp_path_factory.mktemp("spec") / "base20.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def cdp20(spec: Path) -> str:
+    return f"{TINY} --train-iters 20 --eval-interval 10 --eval-iters 2 --cdp-base {spec}"
+
+
+@pytest.fixture(scope="module")
+def reference(spec20, tmp_path_factory) -> dict[int, float]:
+    """The uninterrupted 1-process run (dropout on, Megatron's default 0.1)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    ok(run(cdp20(spec20) + " --metrics-file ref.jsonl", tmp))
+    return train_losses(tmp / "ref.jsonl")
+
+
+# ------------------------------------------------------------------------ one process
+def test_plain_mock_run_metrics_and_loss_decrease(tmp_path):
+    out = ok(run(TINY + " --train-iters 12 --lr 3e-3 --lr-warmup-iters 2 --lr-decay-style cosine "
+                 "--eval-interval 6 --eval-iters 2 --metrics-file m.jsonl --tensorboard-dir tb", tmp_path))
+    assert "hyperparameters (plain Megatron): lr 0.003" in out
+    assert " iteration 12/12 |" in out and "tokens/s:" in out and "grad norm:" in out
+    assert "first iteration done" in out
+    rows = records(tmp_path / "m.jsonl")
+    train = [r for r in rows if not r.get("eval")]
+    evals = [r for r in rows if r.get("eval")]
+    assert [r["iteration"] for r in train] == list(range(1, 13))
+    for r in train:
+        for key in ("iteration", "consumed_tokens", "lm_loss", "z_loss", "lr", "grad_norm", "iteration_time_s"):
+            assert isinstance(r[key], (int, float)), key
+        assert r["consumed_tokens"] == r["iteration"] * 8 * 32
+        assert r["z_loss"] > 0 and r["iteration_time_s"] > 0
+    # Warmup from 0 over 2 iterations (the lr applied at each update), then cosine.
+    assert train[0]["lr"] == 0.0 and math.isclose(train[1]["lr"], 1.5e-3) and math.isclose(train[2]["lr"], 3e-3)
+    assert [(r["iteration"], sorted(r)) for r in evals] == [
+        (6, ["elapsed_s", "eval", "iteration", "val_loss", "val_z_loss"]),
+        (12, ["elapsed_s", "eval", "iteration", "val_loss", "val_z_loss"]),
+    ]
+    losses = [r["lm_loss"] for r in train]
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3
+    assert evals[1]["val_loss"] < losses[0]
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_cdp_base_example_spec(tmp_path):
+    """examples/base.json as shipped, resolved at the shape, batch and duration of the flags."""
+    out = ok(run(f"{TINY} --train-iters 20 --eval-interval 20 --eval-iters 1 --cdp-base {BASE} "
+                 "--metrics-file m.jsonl --cdp-z-loss 1e-3", tmp_path))
+    assert "Complete(d)P: --cdp-base" in out and "parameterisation completedp" in out
+    assert "flags owned by Complete(d)P" in out and "--lr " in out and "--init-method-std" in out
+    # The classification table with the per-group values, printed once.
+    assert out.count("type        param   layers") == 1 and "mlp_gate" in out and "init_std" in out
+    losses = train_losses(tmp_path / "m.jsonl")
+    assert sum(losses[i] for i in (18, 19, 20)) / 3 < losses[1] - 0.3
+
+
+def test_divergence_stops_with_exit_3(tmp_path):
+    result = run(TINY + " --train-iters 30 --lr 1e30 --clip-grad 0 --eval-iters 0 --metrics-file m.jsonl", tmp_path)
+    assert result.returncode == 3, result.stdout[-4000:]
+    assert "diverged at iteration" in result.stdout
+    rows = records(tmp_path / "m.jsonl")
+    last = rows[-1]
+    assert last["diverged"] is True and last["iteration"] >= 2
+    assert math.isfinite(last["last_finite_loss"]) and last["last_finite_iteration"] == last["iteration"] - 1
+    assert train_losses(tmp_path / "m.jsonl")[last["last_finite_iteration"]] == last["last_finite_loss"]
+
+
+def test_save_resume_equals_uninterrupted(spec20, reference, tmp_path):
+    ok(run(cdp20(spec20) + " --save ckpt --save-interval 10 --exit-interval 10 --metrics-file m.jsonl", tmp_path))
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000010", "latest_checkpointed_iteration.txt"]
+    assert max(train_losses(tmp_path / "m.jsonl")) == 10
+    out = ok(run(cdp20(spec20) + " --load ckpt --save ckpt --metrics-file m.jsonl", tmp_path))
+    assert "loading checkpoint" in out and "starting at iteration 10" in out
+    resumed = train_losses(tmp_path / "m.jsonl")
+    assert sorted(resumed) == list(range(1, 21))
+    assert [resumed[i] for i in range(11, 21)] == [reference[i] for i in range(11, 21)]  # exact
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "20"
+
+
+def test_crash_during_save_leaves_previous_checkpoint(spec20, reference, tmp_path):
+    # Killed after writing iteration 10's files but before publishing them.
+    result = run(cdp20(spec20) + " --save ckpt --save-interval 5 --metrics-file m.jsonl", tmp_path,
+                 env={"CDP_PRETRAIN_TEST_CRASH_DURING_SAVE": "10"})
+    assert result.returncode == 137, result.stdout[-4000:]
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+    assert (ckpt / "iter_0000010.tmp").is_dir() and not (ckpt / "iter_0000010").exists()
+    out = ok(run(cdp20(spec20) + " --load ckpt --save ckpt --save-interval 5 --metrics-file m.jsonl", tmp_path))
+    assert "starting at iteration 5" in out
+    resumed = train_losses(tmp_path / "m.jsonl")
+    assert [resumed[i] for i in range(6, 21)] == [reference[i] for i in range(6, 21)]
+    assert not any(p.name.endswith(".tmp") for p in ckpt.iterdir())
+
+
+def test_load_without_checkpoint_starts_fresh(tmp_path):
+    out = ok(run(TINY + " --train-iters 2 --lr 1e-3 --eval-iters 0 --load nothing-here", tmp_path))
+    assert "no checkpoint there" in out and "starting at iteration 0" in out
+
+
+# ---------------------------------------------------------------------- two processes
+LAYOUTS = {
+    "DP2": "",
+    "DP2-distopt": "--use-distributed-optimizer",
+    "TP2": "--tensor-model-parallel-size 2",
+    "PP2": "--pipeline-model-parallel-size 2",
+}
+
+
+@pytest.fixture(scope="module")
+def reference_no_dropout(spec20, tmp_path_factory) -> dict[int, float]:
+    tmp = tmp_path_factory.mktemp("reference_no_dropout")
+    ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file ref.jsonl", tmp))
+    return train_losses(tmp / "ref.jsonl")
+
+
+def _assert_close(losses: dict[int, float], reference: dict[int, float], iterations) -> None:
+    for i in iterations:
+        assert math.isclose(losses[i], reference[i], rel_tol=1e-5), (i, losses[i], reference[i])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_two_process_layouts_match_one_process(layout, spec20, reference_no_dropout, tmp_path):
+    ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file m.jsonl " + LAYOUTS[layout],
+           tmp_path, nproc=2))
+    _assert_close(train_losses(tmp_path / "m.jsonl"), reference_no_dropout, range(1, 21))
+
+
+@pytest.mark.slow
+def test_virtual_pipeline_matches_one_process(spec20, tmp_path):
+    four = cdp20(spec20).replace("--num-layers 2", "--num-layers 4").replace("--micro-batch-size 4", "--micro-batch-size 2")
+    four += " --hidden-dropout 0 --attention-dropout 0 --train-iters 20 --metrics-file m.jsonl"
+    (tmp_path / "one").mkdir()
+    (tmp_path / "vpp").mkdir()
+    ok(run(four, tmp_path / "one"))  # the 1-process reference for 4 layers
+    reference = train_losses(tmp_path / "one" / "m.jsonl")
+    ok(run(four + " --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1", tmp_path / "vpp",
+           nproc=2))
+    _assert_close(train_losses(tmp_path / "vpp" / "m.jsonl"), reference, range(1, 21))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["TP2", "PP2"])
+def test_resume_on_another_layout(layout, spec20, reference_no_dropout, tmp_path):
+    flags = cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --save ckpt --metrics-file m.jsonl"
+    ok(run(flags + " --save-interval 10 --exit-interval 10", tmp_path))
+    out = ok(run(flags + " --load ckpt " + LAYOUTS[layout], tmp_path, nproc=2))
+    assert "starting at iteration 10" in out
+    _assert_close(train_losses(tmp_path / "m.jsonl"), reference_no_dropout, range(11, 21))
+
+
+@pytest.mark.slow
+def test_quickstart(tmp_path):
+    """The README's quick start: prepare the corpus under ./data, preprocess, train with
+    --cdp-base examples/base.json; the loss goes down (fewer iterations than the default)."""
+    out = ok(run("--quickstart --train-iters 40 --eval-interval 40", tmp_path, timeout=600))
+    assert "quickstart: preparing the Shakespeare byte corpus" in out
+    assert (tmp_path / "data" / "shakespeare_text_document.bin").is_file()
+    assert "quickstart: training loss went down" in out

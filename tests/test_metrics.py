@@ -1,0 +1,82 @@
+"""cdp_megatron.metrics: log lines, JSONL records, progress bar on a terminal, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from cdp_megatron.metrics import Metrics
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _step(m: Metrics, i: int, loss: float = 2.0) -> dict | None:
+    return m.iteration(i, lm_loss=loss, z_loss=0.01, lr=1e-3, grad_norm=0.5, iteration_time_s=0.5,
+                       optimizer_step_s=0.1, consumed_samples=8 * i, consumed_tokens=256 * i, tokens=256)
+
+
+def test_records_every_log_interval_and_at_the_end(tmp_path):
+    out = io.StringIO()
+    m = Metrics(train_iters=5, log_interval=2, metrics_file=tmp_path / "m.jsonl", stream=out)
+    emitted = [_step(m, i, loss=float(i)) for i in range(1, 6)]
+    m.evaluation(5, 1.5, 0.02)
+    m.close()
+    assert [r and r["iteration"] for r in emitted] == [None, 2, None, 4, 5]
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert rows[0]["lm_loss"] == 1.5  # mean over the window (iterations 1 and 2)
+    assert rows[0]["tokens_per_s"] == 512.0 and rows[0]["consumed_tokens"] == 512
+    assert rows[-1] == {"eval": True, "iteration": 5, "val_loss": 1.5, "val_z_loss": 0.02,
+                        "elapsed_s": rows[-1]["elapsed_s"]}
+    text = out.getvalue()
+    assert " iteration 2/5 |" in text and "lm loss: 1.500000E+00" in text and "tokens/s: 512" in text
+    assert "validation at iteration 5" in text
+
+
+def test_progress_bar_only_on_a_terminal():
+    tty, pipe = _Terminal(), io.StringIO()
+    for stream in (tty, pipe):
+        m = Metrics(train_iters=3, log_interval=10, stream=stream)
+        for i in range(1, 4):
+            _step(m, i)
+        m.close()
+    assert "3/3" in tty.getvalue() and "training" in tty.getvalue()  # tqdm's bar
+    assert "training" not in pipe.getvalue()
+
+
+def test_divergence_record_keeps_the_last_finite_loss(tmp_path):
+    m = Metrics(train_iters=10, log_interval=1, metrics_file=tmp_path / "m.jsonl", stream=io.StringIO())
+    _step(m, 1, 3.0)
+    _step(m, 2, 2.5)
+    m.diverged(3, float("nan"))
+    m.close()
+    last = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
+    assert last == {"diverged": True, "iteration": 3, "lm_loss": "nan", "last_finite_loss": 2.5,
+                    "last_finite_iteration": 2, "elapsed_s": last["elapsed_s"]}
+
+
+def test_resume_keeps_records_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / "m.jsonl"
+    m = Metrics(train_iters=10, log_interval=1, metrics_file=path, stream=io.StringIO())
+    for i in range(1, 8):
+        _step(m, i)
+    m.evaluation(5, 1.0, 0.0)
+    m.close()
+    with open(path, "a") as fh:
+        fh.write('{"iteration": 8, "lm_lo')  # cut short by a crash
+    m = Metrics(train_iters=10, log_interval=1, metrics_file=path, resume_from=5, stream=io.StringIO())
+    _step(m, 6)
+    m.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["iteration"], bool(r.get("eval"))) for r in rows] == [
+        (1, False), (2, False), (3, False), (4, False), (5, False), (5, True), (6, False)]
+
+
+def test_inactive_on_other_ranks(tmp_path):
+    out = io.StringIO()
+    m = Metrics(train_iters=2, log_interval=1, metrics_file=tmp_path / "m.jsonl", enabled=False, stream=out)
+    assert _step(m, 1) is None
+    m.close()
+    assert out.getvalue() == "" and not (tmp_path / "m.jsonl").exists()

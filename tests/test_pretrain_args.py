@@ -1,0 +1,269 @@
+"""cdp-pretrain's command line: Megatron-LM flags, refusals, validation, --cdp-* targets.
+
+Fast: no torch, no megatron, no process group (parse_args imports neither).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cdp_megatron.pretrain_args import (
+    CDP_OWNED_FLAGS,
+    DEFAULT_Z_LOSS,
+    UNSUPPORTED_MEGATRON_FLAGS,
+    ArgsError,
+    build_parser,
+    parse_args,
+    quickstart_argv,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = str(REPO / "examples" / "base.json")
+
+# The architecture of examples/base.json, in Megatron-LM flags.
+ARCH = (
+    "--normalization RMSNorm --swiglu --qk-layernorm --position-embedding-type rope "
+    "--untie-embeddings-and-output-weights --disable-bias-linear"
+)
+TINY = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 176 --seq-length 32 "
+    "--micro-batch-size 4 --global-batch-size 8 --train-iters 20 --mock-data " + ARCH
+)
+
+
+def parse(cmd: str, world_size: int = 1):
+    return parse_args(shlex.split(cmd), world_size=world_size)
+
+
+def error(cmd: str, world_size: int = 1) -> str:
+    with pytest.raises(ArgsError) as info:
+        parse(cmd, world_size)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ----------------------------------------------------------------------------- plain flags
+def test_megatron_defaults_and_derived_values():
+    args = parse(TINY + " --lr 1e-3")
+    assert args.target is None
+    assert (args.lr, args.min_lr, args.weight_decay) == (1e-3, 0.0, 0.01)
+    assert (args.adam_beta1, args.adam_beta2, args.adam_eps) == (0.9, 0.999, 1e-8)
+    assert args.init_method_std == 0.02
+    assert args.lr_decay_style == "linear" and args.lr_decay_iters == 20 and args.lr_warmup_iters == 0
+    assert args.num_query_groups == 4 and args.max_position_embeddings == 32
+    assert args.data_parallel_size == 1 and args.num_microbatches == 2
+    # --mock-data without a tokenizer: 256 ids + end-of-document, padded to 384.
+    assert args.unpadded_vocab_size == 257 and args.padded_vocab_size == 384
+    assert args.cdp_z_loss == DEFAULT_Z_LOSS == 1e-4
+    assert args.hidden_dropout == 0.1 and args.attention_dropout == 0.1  # Megatron-LM's
+
+
+def test_megatron_default_architecture_and_ffn():
+    args = parse("--num-layers 2 --hidden-size 96 --num-attention-heads 4 --seq-length 16 "
+                 "--micro-batch-size 2 --train-iters 3 --lr 1e-3 --mock-data")
+    assert args.normalization == "LayerNorm" and args.position_embedding_type == "learned_absolute"
+    assert args.add_bias_linear and not args.swiglu and not args.untie_embeddings_and_output_weights
+    assert args.ffn_hidden_size == 4 * 96
+    assert args.global_batch_size == 2  # micro batch x DP
+    swiglu = parse("--num-layers 2 --hidden-size 96 --num-attention-heads 4 --seq-length 16 "
+                   "--micro-batch-size 2 --train-iters 3 --lr 1e-3 --mock-data --swiglu")
+    assert swiglu.ffn_hidden_size == int(4 * 96 * 2 / 3 / 64) * 64
+
+
+def test_layout_batch_and_schedule():
+    args = parse(TINY + " --lr 1e-3 --tensor-model-parallel-size 2 --lr-warmup-fraction 0.1 "
+                 "--lr-decay-style cosine --global-batch-size 16", world_size=4)
+    assert args.data_parallel_size == 2 and args.num_microbatches == 2
+    assert args.lr_warmup_iters == 2
+    samples = parse(TINY.replace("--train-iters 20", "--train-samples 100") + " --lr 1e-3")
+    assert samples.train_iters == 12
+    vpp = parse(TINY.replace("--num-layers 2", "--num-layers 4") + " --lr 1e-3 "
+                "--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1", world_size=2)
+    assert vpp.virtual_pipeline_model_parallel_size == 2
+
+
+def test_group_query_attention_and_sequence_parallel_note():
+    args = parse(TINY + " --lr 1e-3 --group-query-attention --num-query-groups 2 --sequence-parallel")
+    assert args.num_query_groups == 2
+    assert args.sequence_parallel is False and args.sequence_parallel_dropped
+
+
+def test_sequence_parallel_needs_fused_norms():
+    message = error(TINY + " --lr 1e-3 --tensor-model-parallel-size 2 --sequence-parallel --transformer-impl local",
+                    world_size=2)
+    assert message.startswith("--sequence-parallel needs Transformer Engine")
+
+
+def test_accepted_no_op_flags():
+    parse(TINY + " --lr 1e-3 --use-mcore-models --calculate-per-token-loss")
+
+
+# ------------------------------------------------------------------------------ refusals
+@pytest.mark.parametrize("flag", ["--num-experts 8", "--recompute-granularity full", "--context-parallel-size 2",
+                                  "--fp16", "--use-flash-attn", "--moe-router-topk 2", "--overlap-grad-reduce"])
+def test_unsupported_megatron_flags_are_named(flag):
+    name = flag.split()[0]
+    message = error(TINY + " --lr 1e-3 " + flag)
+    assert message.startswith(f"{name} is a Megatron-LM flag cdp-pretrain does not support")
+
+
+def test_unsupported_list_has_the_common_ones():
+    for name in ("--num-experts", "--recompute-granularity", "--context-parallel-size", "--fp16", "--use-flash-attn"):
+        assert name in UNSUPPORTED_MEGATRON_FLAGS
+
+
+def test_unknown_flags_and_abbreviations_fail():
+    assert "unknown flag --foo" in error(TINY + " --lr 1e-3 --foo 3")
+    # allow_abbrev=False: a prefix of a real flag is not accepted.
+    assert "unknown flag --hidden" in error(TINY + " --lr 1e-3 --hidden 64")
+    assert "unexpected argument" in error(TINY + " --lr 1e-3 stray")
+
+
+@pytest.mark.parametrize(
+    "extra, world, needle",
+    [
+        ("--tensor-model-parallel-size 3 --lr 1e-3", 3, "--tensor-model-parallel-size 3 does not divide --num-attention-heads 4"),
+        ("--lr 1e-3 --global-batch-size 6", 1, "--global-batch-size 6 is not divisible by --micro-batch-size 4"),
+        ("--lr 1e-3 --global-batch-size 12", 2, "--global-batch-size 12 is not divisible by --micro-batch-size 4 x data-parallel size 2"),
+        ("--lr 1e-3 --pipeline-model-parallel-size 4", 4, "does not divide --num-layers 2"),
+        ("--lr 1e-3", 3, "--global-batch-size 8 is not divisible"),
+        ("", 1, "--lr is required"),
+        ("--lr 1e-3 --train-samples 10", 1, "exactly one of --train-iters and --train-samples"),
+        ("--lr 1e-3 --save-interval 5", 1, "--save-interval needs --save"),
+        ("--lr 1e-3 --lr-warmup-iters 2 --lr-warmup-fraction 0.1", 1, "only one of --lr-warmup-iters"),
+        ("--lr 1e-3 --fp8-format hybrid", 1, "--fp8-format needs --transformer-impl transformer_engine"),
+        ("--lr 1e-3 --min-lr 1", 1, "--min-lr 1.0 is larger than --lr"),
+    ],
+)
+def test_validation_errors(extra, world, needle):
+    message = error(TINY + " " + extra, world)
+    if needle:
+        assert needle in message
+
+
+def test_missing_data_path_and_bad_data():
+    no_data = TINY.replace("--mock-data", "")
+    assert "--data-path is required" in error(no_data + " --lr 1e-3")
+    assert "--tokenizer-type is required" in error(no_data + " --lr 1e-3 --data-path /nonexistent/x")
+    message = error(no_data + " --lr 1e-3 --data-path /nonexistent/x --tokenizer-type ByteTokenizer")
+    assert "/nonexistent/x.bin" in message and "cdp-preprocess" in message
+    assert "not both" in error(TINY + " --lr 1e-3 --data-path x")
+    assert "SentencePieceTokenizer" in error(TINY + " --lr 1e-3 --tokenizer-type SentencePieceTokenizer")
+
+
+def test_required_model_flags():
+    assert "--num-layers is required" in error("--mock-data --lr 1e-3")
+
+
+# ------------------------------------------------------------------------- Complete(d)P
+def test_cdp_base_resolves_at_the_flags_shape():
+    args = parse(TINY + " --cdp-base " + BASE)
+    t = args.target
+    assert (t.shape.hidden_size, t.shape.num_layers, t.shape.seq_length, t.shape.global_batch_size) == (64, 2, 32, 8)
+    assert t.train_iters == 20 and t.shape.vocab_size == args.padded_vocab_size == 384
+    glob = t.global_hyperparameters
+    # Owned flags come from the target.
+    assert args.lr == glob["lr"] and args.min_lr == glob["min_lr"] and args.weight_decay == glob["weight_decay"]
+    assert args.adam_eps == glob["adam_eps"] and args.init_method_std == glob["init_method_std"]
+    assert args.lr_decay_style == "cosine" and args.lr_warmup_iters == t.lr_warmup_iters
+    assert set(args.cdp_owned) <= set(CDP_OWNED_FLAGS)
+
+
+def test_cdp_owned_flag_conflicts():
+    args = parse(TINY + " --cdp-base " + BASE)
+    # Giving the target's own value (as cdp-convert prints it, 6 digits) is fine.
+    parse(TINY + f" --cdp-base {BASE} --lr {args.lr:.6g} --lr-decay-style cosine")
+    message = error(TINY + f" --cdp-base {BASE} --lr 0.5")
+    assert message.startswith("--lr 0.5 conflicts with --cdp-base: Complete(d)P owns it")
+    assert "--lr-decay-style" in error(TINY + f" --cdp-base {BASE} --lr-decay-style linear")
+    assert "--lr-warmup-fraction" in error(TINY + f" --cdp-base {BASE} --lr-warmup-fraction 0.1")
+
+
+def test_cdp_base_architecture_must_match():
+    message = error(TINY.replace("--swiglu ", "") + " --cdp-base " + BASE)
+    assert "swiglu" in message and "add --swiglu" in message
+    message = error(TINY.replace("--disable-bias-linear", "") + " --cdp-base " + BASE)
+    assert "add_bias_linear" in message and "add --disable-bias-linear" in message
+    message = error(TINY.replace("rope", "learned_absolute") + " --cdp-base " + BASE)
+    assert "--position-embedding-type rope" in message
+
+
+def test_cdp_base_bad_file():
+    assert "no such file" in error(TINY + " --cdp-base /nonexistent.json")
+    assert "not allowed with argument" in error(TINY + f" --cdp-base {BASE} --cdp-config {BASE}")
+
+
+def _write_target(tmp_path, cmd: str) -> str:
+    target = parse(cmd + " --cdp-base " + BASE).target
+    path = tmp_path / "target.json"
+    path.write_text(json.dumps(target.to_dict()))
+    return str(path)
+
+
+def test_cdp_config_matches_flags(tmp_path):
+    path = _write_target(tmp_path, TINY)
+    args = parse(TINY + " --cdp-config " + path)
+    assert args.target.shape.hidden_size == 64
+    # The flags cdp-convert prints for the target are accepted with it.
+    assert parse(" ".join(args.target.megatron_args(path)) + " --micro-batch-size 4 --mock-data").target
+
+
+@pytest.mark.parametrize(
+    "old, new, field",
+    [
+        ("--hidden-size 64", "--hidden-size 128", "hidden_size"),
+        ("--num-layers 2", "--num-layers 4", "num_layers"),
+        ("--ffn-hidden-size 176", "--ffn-hidden-size 192", "ffn_hidden_size"),
+        ("--seq-length 32", "--seq-length 64", "seq_length"),
+        ("--global-batch-size 8", "--global-batch-size 16", "global_batch_size"),
+        ("--train-iters 20", "--train-iters 30", "train_iters"),
+        ("--mock-data", "--mock-data --vocab-size 511", "vocab_size"),
+        ("--qk-layernorm", "", "qk_layernorm"),
+    ],
+)
+def test_cdp_config_mismatch_names_the_field(tmp_path, old, new, field):
+    path = _write_target(tmp_path, TINY)
+    message = error(TINY.replace(old, new) + " --cdp-config " + path)
+    assert message.startswith(f"--cdp-config {path}: {field} is ")
+
+
+# ------------------------------------------------------------------------- quickstart
+def test_quickstart_flags_and_overrides():
+    args = parse("--quickstart")  # the data is prepared at run time: no file check here
+    assert args.quickstart and args.target is not None
+    assert args.padded_vocab_size == 384 == args.target.shape.vocab_size
+    # The same vocabulary on TP 2, so 1- and 2-process runs match.
+    tp2 = parse("--quickstart --tensor-model-parallel-size 2", world_size=2)
+    assert tp2.padded_vocab_size == 384
+    assert parse("--quickstart --train-iters 50").train_iters == 50
+    assert "--cdp-base" in quickstart_argv()
+
+
+# ------------------------------------------------------------------------------- the CLI
+def test_cli_error_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    save = tmp_path / "ckpt"
+    result = subprocess.run(
+        [sys.executable, "-m", "cdp_megatron.pretrain", *shlex.split(TINY), "--lr", "1e-3",
+         "--tensor-model-parallel-size", "3", "--metrics-file", str(metrics), "--save", str(save)],
+        capture_output=True, text=True, cwd=tmp_path, env={"WORLD_SIZE": "3", "PATH": "/usr/bin:/bin",
+                                                           "PYTHONPATH": str(REPO)},
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("cdp-pretrain: error: --tensor-model-parallel-size 3 does not divide")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_the_cdp_flags():
+    text = build_parser().format_help()
+    for flag in ("--cdp-config", "--cdp-base", "--cdp-z-loss", "--metrics-file", "--mock-data", "--quickstart"):
+        assert flag in text
