@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
 import tempfile
 from pathlib import Path
 
-from .spec import Spec, SpecError, load_spec
+from .argtypes import positive_float, positive_int
+from .spec import Spec, SpecError
 from .target import TARGET_KIND, Target, resolve, scaled_shape
 
 __all__ = ["main", "parse_ratio", "write_atomic"]
@@ -33,26 +33,6 @@ def parse_ratio(text: str) -> float:
     if not m or float(m.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"invalid ratio {text!r}: write it as 4x, 4, 0.5x or x4")
     return float(m.group(1))
-
-
-def _positive_number(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive finite number")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if not math.isfinite(v) or v != int(v) or v < 1:  # int(inf) raises OverflowError, which argparse does not catch
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return int(v)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,16 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch", type=parse_ratio, help="global batch ratio (sequences per step)")
     r.add_argument("--tokens", type=parse_ratio, help="training tokens ratio m_D")
     a = p.add_argument_group("absolute targets (Megatron names; override the ratios)")
-    a.add_argument("--hidden-size", type=_positive_int)
-    a.add_argument("--num-layers", type=_positive_int)
-    a.add_argument("--num-attention-heads", type=_positive_int)
-    a.add_argument("--num-query-groups", type=_positive_int)
-    a.add_argument("--ffn-hidden-size", type=_positive_int)
-    a.add_argument("--global-batch-size", type=_positive_int)
-    a.add_argument("--seq-length", type=_positive_int)
-    a.add_argument("--train-tokens", type=_positive_number)
-    a.add_argument("--train-iters", type=_positive_int)
-    a.add_argument("--vocab-size", type=_positive_int)
+    a.add_argument("--hidden-size", type=positive_int)
+    a.add_argument("--num-layers", type=positive_int)
+    a.add_argument("--num-attention-heads", type=positive_int)
+    a.add_argument("--num-query-groups", type=positive_int)
+    a.add_argument("--ffn-hidden-size", type=positive_int)
+    a.add_argument("--global-batch-size", type=positive_int)
+    a.add_argument("--seq-length", type=positive_int)
+    a.add_argument("--train-tokens", type=positive_float)
+    a.add_argument("--train-iters", type=positive_int)
+    a.add_argument("--vocab-size", type=positive_int)
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", help="write the resolved target JSON here (atomically)")
     o.add_argument(

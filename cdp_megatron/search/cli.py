@@ -47,6 +47,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from cdp_megatron.argtypes import nonneg_int, positive_float, positive_int
 from cdp_megatron.spec import HYPERPARAMETERS, Spec, SpecError, load_spec
 from cdp_megatron.search.spaces import (
     DEFAULT_BOUNDS,
@@ -114,33 +115,6 @@ def _bounds(text: str) -> tuple[float, float]:
     return _bound(parts[0]), _bound(parts[1])
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
-
-
-def _pos_int(text: str) -> int:
-    v = _nonneg_int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return v
-
-
-def _pos_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
@@ -159,27 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=SAMPLERS,
                    help="trust-region (default), random / cmaes / tpe over the same box, or grid-global: the "
                    "paper's random search of the global hyperparameters over a discrete grid")
-    s.add_argument("--patience", type=_pos_int, help="trust-region: trials without improvement before the radius "
+    s.add_argument("--patience", type=positive_int, help="trust-region: trials without improvement before the radius "
                    "shrinks by 0.7 (default 100)")
     r = p.add_argument_group("running")
-    r.add_argument("--trials", type=_nonneg_int, help=f"total finished trials the study should reach (default: the "
+    r.add_argument("--trials", type=nonneg_int, help=f"total finished trials the study should reach (default: the "
                    f"study's, or {DEFAULT_TRIALS} for a new study; 0: run nothing)")
-    r.add_argument("--workers", type=_pos_int, default=1, help="worker processes on this machine (default 1)")
+    r.add_argument("--workers", type=positive_int, default=1, help="worker processes on this machine (default 1)")
     r.add_argument("--storage", metavar="URL", help="Optuna RDB URL (default sqlite:///<output-dir>/search.db)")
     r.add_argument("--study", metavar="NAME", help="study name (default: derived from space, search and sampler; "
                    "without --base: the storage's only study)")
-    r.add_argument("--seed", type=_nonneg_int, help="sampler seed (default: drawn once and stored in the study)")
-    r.add_argument("--trial-timeout", type=_pos_float, metavar="S", help="seconds a proxy run may take; then it is "
+    r.add_argument("--seed", type=nonneg_int, help="sampler seed (default: drawn once and stored in the study)")
+    r.add_argument("--trial-timeout", type=positive_float, metavar="S", help="seconds a proxy run may take; then it is "
                    "killed and recorded as diverged (timeout) with its last loss")
     r.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR",
                    help=f"per-trial folders go to DIR/<study>/trial_<n> (default {DEFAULT_OUTPUT_DIR})")
     r.add_argument("--trainer", metavar="CMD", help="trainer command prefix (default: python -m cdp_megatron.pretrain)")
     r.add_argument("--init-from", metavar="STUDY", help="a new study starts from the best trial of STUDY (same "
                    "storage and base), projected onto this space")
-    r.add_argument("--heartbeat", type=_nonneg_int, default=60, metavar="S",
+    r.add_argument("--heartbeat", type=nonneg_int, default=60, metavar="S",
                    help="heartbeat of running trials in seconds; a trial silent for 3x this is failed and "
                    "re-enqueued (default 60; 0: off)")
-    r.add_argument("--max-failures", type=_pos_int, default=5, metavar="N",
+    r.add_argument("--max-failures", type=positive_int, default=5, metavar="N",
                    help="stop a worker after N crashed trials in a row (default 5)")
     r.add_argument("--export", metavar="BEST_JSON", help="write the best non-diverged trial as a base.json")
     r.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
