@@ -67,6 +67,7 @@ import socket
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -83,6 +84,9 @@ __all__ = [
     "base_spec",
     "fit_slope",
     "run_coordcheck",
+    "cpu_session",
+    "build_shape",
+    "train_step",
     "format_report",
     "plot",
     "main",
@@ -333,34 +337,67 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_shape(cfg: CoordCheckConfig, spec: Spec, width: int, depth: int, seed: int, batches) -> dict:
-    """Train one shape for cfg.steps; returns {"series": {name: [T+1]}, "train_loss": [T],
-    "eval_loss": [T+1]}."""
+def build_shape(cfg: CoordCheckConfig, spec: Spec, width: int, depth: int, seed: int,
+                lr_warmup_iters: int | None = None) -> tuple[Any, list, Any, Any]:
+    """Build one shape of ``spec`` (resolve, model, DDP wrap, Complete(d)P optimizer and LR
+    scheduler over cfg.steps); returns (model, chunks, optimizer, scheduler). Call inside
+    ``cpu_session``. lr_warmup_iters None takes the spec's warmup."""
     import torch
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from .integration import cpu_runner
     from .integration.classify import unwrap_model
-    from .integration.model import build_gpt_model, causal_attention_mask, gpt_config, lm_loss, wrap_ddp
+    from .integration.model import build_gpt_model, gpt_config, wrap_ddp
     from .integration.optimizer import build_optimizer
+    from .integration.training import optimizer_config, seed_model_parallel_rng
     from .target import resolve
 
     target = resolve(spec, _shape_at(spec, width, depth))
     torch.manual_seed(seed)  # Megatron's own init (sp) draws from the CPU generator
-    model_parallel_cuda_manual_seed(seed)
+    seed_model_parallel_rng(seed)
     config = gpt_config(target.shape, init_method_std=target.global_hyperparameters["init_method_std"])
     chunks = build_gpt_model(target=target, config=config, init_seed=seed)
     model = unwrap_model(chunks[0])
     chunks = wrap_ddp(chunks, config, grad_reduce_in_fp32=True)
     # No clipping: the classic coordinate check (Adam is nearly invariant to it anyway).
-    opt_config = OptimizerConfig(optimizer="adam", clip_grad=0.0, params_dtype=torch.float32)
+    opt_config = optimizer_config(optimizer="adam", clip_grad=0.0, params_dtype=torch.float32)
     # Megatron's optimizer allocates with device='cuda' (construction, grad norm in step):
     # only those calls run under the shim's slow device-keyword mode.
     with cpu_runner.active(device_kwargs=True):
-        optimizer, scheduler = build_optimizer(chunks, target, opt_config, lr_warmup_iters=0, lr_decay_iters=cfg.steps)
+        optimizer, scheduler = build_optimizer(chunks, target, opt_config, lr_warmup_iters=lr_warmup_iters,
+                                               lr_decay_iters=cfg.steps)
+    return model, chunks, optimizer, scheduler
 
+
+def train_step(chunks: list, optimizer: Any, scheduler: Any, tokens: Any) -> float:
+    """One Adam step on one micro-batch ``tokens`` [b, s + 1]; returns its training loss."""
+    from .integration import cpu_runner
+    from .integration.model import lm_loss
+    from .integration.training import finalize_model_grads
+
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    # One micro-batch, no pipeline: Megatron's forward_backward_no_pipelining reduces to
+    # this (its schedule allocates on 'cuda', which the fast shim mode does not rewrite).
+    loss = lm_loss(chunks[0], tokens)
+    loss.backward()
+    finalize_model_grads(chunks)
+    with cpu_runner.active(device_kwargs=True):
+        ok, _, _ = optimizer.step()
+    if not ok:
+        raise RuntimeError("optimizer step was skipped")
+    scheduler.step(increment=1)
+    return float(loss.detach())
+
+
+def _train_shape(cfg: CoordCheckConfig, spec: Spec, width: int, depth: int, seed: int, batches) -> dict:
+    """Train one shape for cfg.steps; returns {"series": {name: [T+1]}, "train_loss": [T],
+    "eval_loss": [T+1]}."""
+    import torch
+
+    from .integration.model import causal_attention_mask
+
+    model, chunks, optimizer, scheduler = build_shape(cfg, spec, width, depth, seed, lr_warmup_iters=0)
     probe = _Probe(model)
     eval_tokens = batches(seed, -1)
     inputs, labels = eval_tokens[:, :-1].contiguous(), eval_tokens[:, 1:].contiguous()
@@ -383,20 +420,7 @@ def _train_shape(cfg: CoordCheckConfig, spec: Spec, width: int, depth: int, seed
     eval_loss, train_loss = [loss0], []
     try:
         for step in range(cfg.steps):
-            for chunk in chunks:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
-            # One micro-batch, no pipeline: Megatron's forward_backward_no_pipelining reduces to
-            # this (its schedule allocates on 'cuda', which the fast shim mode does not rewrite).
-            loss = lm_loss(chunks[0], batches(seed, step))
-            loss.backward()
-            finalize_model_grads(chunks)
-            with cpu_runner.active(device_kwargs=True):
-                ok, _, _ = optimizer.step()
-            if not ok:
-                raise RuntimeError(f"optimizer step {step + 1} was skipped (width {width}, depth {depth})")
-            scheduler.step(increment=1)
-            train_loss.append(float(loss.detach()))
+            train_loss.append(train_step(chunks, optimizer, scheduler, batches(seed, step)))
             captured, loss = evaluate()
             for name, v in _measure(captured, init).items():
                 series[name].append(v)
@@ -408,6 +432,51 @@ def _train_shape(cfg: CoordCheckConfig, spec: Spec, width: int, depth: int, seed
 
 def _mean(rows: Sequence[Sequence[float]]) -> list[float]:
     return [sum(col) / len(col) for col in zip(*rows)]
+
+
+@contextmanager
+def cpu_session(cfg: CoordCheckConfig):
+    """A single-process Megatron-Core session on CPU for the duration of the block: a 1-rank
+    gloo world and megatron's model-parallel state (TP = PP = 1) with the CUDA-on-CPU shim
+    when they are not set up yet, torch threads = cfg.threads. Tears down what it set up
+    (likewise the cdp patches that ``build_optimizer`` applies, and the thread count)."""
+    import torch
+
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex|TE).*")
+    from . import patches
+    from .integration import cpu_runner, training
+    from .integration.model import initialize_model_parallel
+
+    patched_before = bool(patches.applied())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    set_up_dist = not torch.distributed.is_initialized()
+    was_active = cpu_runner.is_active()
+    cpu_runner.activate(device_kwargs=False)
+    set_up_mp = False
+    try:
+        if set_up_dist:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ["MASTER_PORT"] = str(_free_port())
+            cpu_runner.init_distributed(rank=0, world_size=1)
+        if not training.model_parallel_is_initialized():
+            initialize_model_parallel(1, 1, seed=cfg.seeds[0])
+            set_up_mp = True
+        if torch.distributed.get_world_size() != 1 or training.model_parallel_world_sizes() != (1, 1):
+            raise CoordCheckError("cdp-coordcheck runs in one process (TP = PP = DP = 1); do not launch it with torchrun")
+
+        yield
+    finally:
+        if set_up_mp or set_up_dist:
+            if set_up_dist:
+                cpu_runner.destroy_distributed()
+            else:
+                training.destroy_model_parallel()
+        if not patched_before:  # build_optimizer applies the cdp patches: undo what we caused
+            patches.remove_all()
+        if not was_active:
+            cpu_runner.deactivate()
+        torch.set_num_threads(threads)
 
 
 def run_coordcheck(cfg: CoordCheckConfig, progress: Callable[[str], None] | None = None) -> dict:
@@ -428,36 +497,8 @@ def run_coordcheck(cfg: CoordCheckConfig, progress: Callable[[str], None] | None
     except SpecError as e:
         raise CoordCheckError(str(e)) from None
     progress = progress or (lambda line: None)
-
-    import torch
-
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex|TE).*")
-    from megatron.core import parallel_state
-
-    from . import patches
-    from .integration import cpu_runner
-    from .integration.model import initialize_model_parallel
-
     started = time.perf_counter()
-    patched_before = bool(patches.applied())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    set_up_dist = not torch.distributed.is_initialized()
-    was_active = cpu_runner.is_active()
-    cpu_runner.activate(device_kwargs=False)
-    set_up_mp = False
-    try:
-        if set_up_dist:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ["MASTER_PORT"] = str(_free_port())
-            cpu_runner.init_distributed(rank=0, world_size=1)
-        if not parallel_state.model_parallel_is_initialized():
-            initialize_model_parallel(1, 1, seed=cfg.seeds[0])
-            set_up_mp = True
-        if torch.distributed.get_world_size() != 1 or parallel_state.get_tensor_model_parallel_world_size() != 1 \
-                or parallel_state.get_pipeline_model_parallel_world_size() != 1:
-            raise CoordCheckError("cdp-coordcheck runs in one process (TP = PP = DP = 1); do not launch it with torchrun")
-
+    with cpu_session(cfg):
         batches = _make_batches(cfg, data)
         shapes = [(w, cfg.base_depth) for w in cfg.widths]
         shapes += [(cfg.base_width, d) for d in cfg.depths if (cfg.base_width, d) not in shapes]
@@ -476,17 +517,6 @@ def run_coordcheck(cfg: CoordCheckConfig, progress: Callable[[str], None] | None
                 f"{res['eval_loss'][-1]:.3f}, logits.delta {res['series']['logits.delta'][-1]:.3g} "
                 f"({time.perf_counter() - t0:.1f} s)"
             )
-    finally:
-        if set_up_mp or set_up_dist:
-            if set_up_dist:
-                cpu_runner.destroy_distributed()
-            else:
-                parallel_state.destroy_model_parallel()
-        if not patched_before:  # build_optimizer applies the cdp patches: undo what we caused
-            patches.remove_all()
-        if not was_active:
-            cpu_runner.deactivate()
-        torch.set_num_threads(threads)
 
     def sweep(sizes: Sequence[int], key: Callable[[int], tuple[int, int]]) -> dict:
         rows = [results[key(s)] for s in sizes]

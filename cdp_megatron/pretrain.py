@@ -36,7 +36,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import socket
 import sys
 import time
@@ -190,65 +189,24 @@ def _micro_batches(dataset: Any, start: int, args: argparse.Namespace, dp_rank: 
 
 
 # ==================================================================================== loss
-def _lse_and_target_logit(logits, labels):
-    """logsumexp over the (vocabulary-parallel) logits and the label's logit, per token.
-
-    logits: [b, s, V/tp] float32, this TP rank's vocabulary shard. The sums across TP go
-    through megatron's reduce_from_tensor_model_parallel_region (forward all-reduce,
-    backward identity): every TP rank then holds the same full values, and the gradient of
-    each shard flows only into that shard (as in megatron's vocab_parallel_cross_entropy).
-    """
-    import torch
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    with torch.no_grad():
-        shift = logits.max(dim=-1, keepdim=True).values
-        if tp > 1:
-            torch.distributed.all_reduce(
-                shift, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
-            )
-    sum_exp = torch.exp(logits - shift).sum(dim=-1)
-    local_vocab = logits.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * local_vocab
-    local_labels = labels - start
-    inside = (local_labels >= 0) & (local_labels < local_vocab)
-    target = logits.gather(-1, local_labels.clamp(0, local_vocab - 1).unsqueeze(-1)).squeeze(-1) * inside
-    if tp > 1:
-        sum_exp = reduce_from_tensor_model_parallel_region(sum_exp)
-        target = reduce_from_tensor_model_parallel_region(target)
-    return torch.log(sum_exp) + shift.squeeze(-1), target
-
-
-def _loss_func(labels, loss_mask, z_loss: float, logits):
-    """Megatron's 3-tuple loss contract with per-token normalisation (the schedule and
-    finalize_model_grads divide by the tokens of the global batch)."""
-    import torch
-
-    lse, target = _lse_and_target_logit(logits.float(), labels)
-    mask = loss_mask.float()
-    ce_sum = ((lse - target) * mask).sum()
-    z_sum = (lse.square() * mask).sum()
-    tokens = mask.sum()
-    report = torch.stack([ce_sum.detach(), (z_loss * z_sum).detach(), tokens.detach()])
-    return ce_sum + z_loss * z_sum, tokens.int(), {"cdp": report}
-
-
-def _forward_step(args: argparse.Namespace, attention_mask, model_context, data_iterator, model):
+# The loss itself (CE + z-loss on the vocabulary-parallel logits, Megatron's 3-tuple loss
+# contract) is integration.training.cross_entropy_with_z_loss, passed in as loss_func.
+def _forward_step(args: argparse.Namespace, attention_mask, model_context, loss_func, data_iterator, model):
     batch = next(data_iterator)
     with model_context():
         output = model(batch["tokens"], batch["position_ids"], attention_mask)
-    return output, partial(_loss_func, batch["labels"], batch["loss_mask"], args.cdp_z_loss)
+    return output, partial(loss_func, batch["labels"], batch["loss_mask"], args.cdp_z_loss)
 
 
 def _global_loss(losses: list, device: str) -> tuple[float, float]:
     """(lm loss, z loss) token means over the global batch, the same on every rank."""
     import torch
 
+    from cdp_megatron.integration.training import LOSS_REPORT_KEY as report_key
+
     total = torch.zeros(3, dtype=torch.float64, device=device)
     for item in losses:
-        total += item["cdp"].to(device=device, dtype=torch.float64)
+        total += item[report_key].to(device=device, dtype=torch.float64)
     # Ranks off the last pipeline stage contribute zeros; TP ranks count the same batch tp
     # times in both the sums and the token count, which cancels.
     torch.distributed.all_reduce(total)
@@ -259,38 +217,9 @@ def _global_loss(losses: list, device: str) -> tuple[float, float]:
 
 
 # ============================================================================ checkpoints
-TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron-LM's name for the "latest" pointer
+# The directory layout (iter_NNNNNNN/, the tracker file, per-rank RNG files) and the atomic
+# save are integration.checkpoint's (latest_checkpoint, save_iteration, load_rng_state).
 _CRASH_DURING_SAVE_ENV = "CDP_PRETRAIN_TEST_CRASH_DURING_SAVE"
-
-
-def checkpoint_dirname(iteration: int) -> str:
-    """Megatron-LM's directory name for the checkpoint of an iteration."""
-    return f"iter_{iteration:07d}"
-
-
-def latest_checkpoint(directory: str) -> str | None:
-    """The checkpoint the tracker file of ``directory`` points at (None: no tracker)."""
-    tracker = os.path.join(directory, TRACKER_FILE)
-    if not os.path.isfile(tracker):
-        return None
-    text = open(tracker).read().strip()
-    try:
-        iteration = int(text)
-    except ValueError:
-        raise RunError(f"--load {directory}: {TRACKER_FILE} holds {text!r}, not an iteration") from None
-    path = os.path.join(directory, checkpoint_dirname(iteration))
-    if not os.path.isdir(path):
-        raise RunError(f"--load {directory}: {TRACKER_FILE} points at {path}, which does not exist")
-    return path
-
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _die_like_a_killed_process() -> None:
@@ -302,55 +231,6 @@ def _die_like_a_killed_process() -> None:
     for child in multiprocessing.active_children():
         child.kill()
     os._exit(137)
-
-
-def _rng_state() -> dict:
-    import random
-
-    import numpy
-    import torch
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    state = {
-        "random": random.getstate(),
-        "numpy": numpy.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": get_cuda_rng_tracker().get_states(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _save_rng_state(directory: str, rank: int, layout: dict) -> None:
-    """Each rank's RNG state (dropout masks) as ``rng/rank_<r>.pt``: dist_checkpointing's
-    common state is written by rank 0 only, and the states differ between ranks."""
-    import torch
-
-    os.makedirs(os.path.join(directory, "rng"), exist_ok=True)
-    torch.save({"layout": layout, "state": _rng_state()}, os.path.join(directory, "rng", f"rank_{rank}.pt"))
-
-
-def _load_rng_state(directory: str, layout: dict, report) -> None:
-    import random
-
-    import numpy
-    import torch
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    path = os.path.join(directory, "rng", f"rank_{torch.distributed.get_rank()}.pt")
-    saved = torch.load(path, weights_only=False) if os.path.isfile(path) else None
-    if saved is None or saved["layout"] != layout:
-        # Megatron-LM does the same: RNG streams belong to a layout.
-        report(" note: the checkpoint's RNG state is for another layout; dropout masks restart from --seed")
-        return
-    state = saved["state"]
-    random.setstate(state["random"])
-    numpy.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 # ============================================================================= the run
@@ -385,11 +265,12 @@ class _Run:
 
     def _run(self) -> int:
         import torch
-        from megatron.core import parallel_state
+
+        from cdp_megatron.integration import training
 
         args = self.args
         self.rank = torch.distributed.get_rank()
-        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_rank = training.data_parallel_rank()
         if args.quickstart:
             with self._phase("corpus"):
                 self._prepare_quickstart_data()
@@ -400,9 +281,7 @@ class _Run:
             self.optimizer, self.scheduler = self._build_optimizer()
         with self._phase("data"):
             self.train_data, self.valid_data = _build_datasets(args)
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        self.forward_backward = get_forward_backward_func()
+        self.forward_backward = training.forward_backward_func()
         mask = None
         if self.use_te is False:
             from cdp_megatron.integration.model import causal_attention_mask
@@ -416,7 +295,7 @@ class _Run:
             from cdp_megatron.integration import cpu_runner
 
             model_context = partial(cpu_runner.active, device_kwargs=False)
-        self.forward_step = partial(_forward_step, args, mask, model_context)
+        self.forward_step = partial(_forward_step, args, mask, model_context, training.cross_entropy_with_z_loss)
         with self._phase("checkpoint"):
             start_iteration = self._load_checkpoint()
         return self._train(start_iteration)
@@ -532,17 +411,18 @@ class _Run:
         print_summary(self.param_infos, args.target)
         model = wrap_ddp(chunks, config, use_distributed_optimizer=args.use_distributed_optimizer,
                          grad_reduce_in_fp32=True)
-        from megatron.core.distributed import finalize_model_grads
+        from cdp_megatron.integration.training import use_megatron_grad_finalization
 
-        config.finalize_model_grads_func = finalize_model_grads
+        use_megatron_grad_finalization(config)
         return model, config
 
     def _optimizer_config(self):
         import torch
-        from megatron.core.optimizer import OptimizerConfig
+
+        from cdp_megatron.integration.training import optimizer_config
 
         args = self.args
-        return OptimizerConfig(
+        return optimizer_config(
             optimizer="adam",
             lr=args.lr,
             min_lr=args.min_lr,
@@ -559,8 +439,7 @@ class _Run:
     def _build_optimizer(self):
         """Complete(d)P: per-group hyperparameters from the target (integration/optimizer.py).
         Plain: Megatron's optimizer and scheduler from the global flags, as Megatron-LM."""
-        from megatron.core.optimizer import get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from cdp_megatron.integration.training import plain_optimizer
 
         args = self.args
         if args.target is not None:
@@ -574,21 +453,18 @@ class _Run:
                 lr_decay_iters=args.lr_decay_iters,
                 lr_warmup_iters=args.lr_warmup_iters,
             )
-        optimizer = get_megatron_optimizer(self._optimizer_config(), self.model)
-        scheduler = OptimizerParamScheduler(
-            optimizer,
+        return plain_optimizer(
+            self.model,
+            self._optimizer_config(),
             init_lr=args.lr_warmup_init,
             max_lr=args.lr,
             min_lr=args.min_lr,
-            lr_warmup_steps=args.lr_warmup_iters,
-            lr_decay_steps=args.lr_decay_iters,
+            lr_warmup_iters=args.lr_warmup_iters,
+            lr_decay_iters=args.lr_decay_iters,
             lr_decay_style=args.lr_decay_style,
-            start_wd=args.weight_decay,
-            end_wd=args.weight_decay,
-            wd_incr_steps=args.train_iters,
-            wd_incr_style="constant",
+            weight_decay=args.weight_decay,
+            train_iters=args.train_iters,
         )
-        return optimizer, scheduler
 
     # ------------------------------------------------------------------------- checkpoints
     def _load_checkpoint(self) -> int:
@@ -597,12 +473,21 @@ class _Run:
         self.consumed_samples = 0
         if not args.load:
             return 0
-        path = latest_checkpoint(args.load)
+        from cdp_megatron.integration.checkpoint import (
+            TRACKER_FILE,
+            CheckpointError,
+            latest_checkpoint,
+            load_checkpoint,
+            load_rng_state,
+        )
+
+        try:
+            path = latest_checkpoint(args.load)
+        except CheckpointError as e:
+            raise RunError(f"--load {args.load}: {e}") from None
         if path is None:
             self._print(f"--load {args.load}: no checkpoint there ({TRACKER_FILE} missing); starting from scratch")
             return 0
-        from cdp_megatron.integration.checkpoint import load_checkpoint
-
         self._print(f"loading checkpoint {path}")
         try:
             common = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
@@ -610,7 +495,8 @@ class _Run:
             raise RunError(f"--load {path}: the checkpoint does not match the flags ({e})") from None
         iteration = int(common["iteration"])
         self.consumed_samples = int(common.get("consumed_samples", iteration * args.global_batch_size))
-        _load_rng_state(path, self._layout(), self._print)
+        if not load_rng_state(path, self._layout()):
+            self._print(" note: the checkpoint's RNG state is for another layout; dropout masks restart from --seed")
         return iteration
 
     def _layout(self) -> dict:
@@ -619,36 +505,21 @@ class _Run:
                 "vpp": a.virtual_pipeline_model_parallel_size, "world": a.world_size}
 
     def _save_checkpoint(self, iteration: int) -> None:
-        """Save atomically: write ``iter_N.tmp``, rename it to ``iter_N``, then replace the
-        tracker file. A crash at any point leaves the previous checkpoint and tracker intact."""
-        import torch
+        """Save atomically (integration.checkpoint.save_iteration): write ``iter_N.tmp``, rename
+        it to ``iter_N``, then replace the tracker file. A crash at any point leaves the previous
+        checkpoint and tracker intact."""
+        from cdp_megatron.integration.checkpoint import save_iteration
 
-        from cdp_megatron.integration.checkpoint import save_checkpoint
+        def crash_if_asked() -> None:
+            if os.environ.get(_CRASH_DURING_SAVE_ENV) == str(iteration):
+                _die_like_a_killed_process()  # fault injection (tests): written, not yet published
 
-        args = self.args
-        final = os.path.join(args.save, checkpoint_dirname(iteration))
-        tmp = final + ".tmp"
         started = time.perf_counter()
-        if self.rank == 0:
-            os.makedirs(args.save, exist_ok=True)
-            for stale in (tmp,):  # left by a crashed save
-                if os.path.exists(stale):
-                    shutil.rmtree(stale)
-        torch.distributed.barrier()
-        save_checkpoint(
-            tmp, self.model, self.optimizer, self.scheduler, iteration=iteration,
-            extra={"consumed_samples": self.consumed_samples, "layout": self._layout()},
+        final = save_iteration(
+            self.args.save, iteration, self.model, self.optimizer, self.scheduler,
+            layout=self._layout(), extra={"consumed_samples": self.consumed_samples},
+            before_publish=crash_if_asked,
         )
-        _save_rng_state(tmp, self.rank, self._layout())
-        torch.distributed.barrier()
-        if os.environ.get(_CRASH_DURING_SAVE_ENV) == str(iteration):
-            _die_like_a_killed_process()  # fault injection (tests): written, not yet published
-        if self.rank == 0:
-            if os.path.exists(final):  # saving the same iteration again: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_atomically(os.path.join(args.save, TRACKER_FILE), f"{iteration}\n")
-        torch.distributed.barrier()
         self._print(f" saved checkpoint {final} in {time.perf_counter() - started:.2f} s")
 
     # ---------------------------------------------------------------------------- training

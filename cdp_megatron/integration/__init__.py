@@ -3,6 +3,12 @@
 - ``cpu_runner``: the CUDA-on-CPU shim (gloo) for tests and CPU runs
 - ``classify``: every parameter -> (type, global layer, weight|bias) and fused segments
 - ``model``: GPTModel with residual multipliers, per-group init and the logit multiplier
+- ``optimizer``: Megatron's optimizer with the target's per-group and per-segment hyperparameters
+- ``checkpoint``: dist_checkpointing save/load, and a run's atomic ``iter_N`` directories
+- ``datasets``: megatron.core's GPT datasets and indexed-dataset writer
+- ``training``: what a training loop needs besides these (model-parallel state, the CE +
+  z-loss on vocabulary-parallel logits, RNG state, the pipeline schedule, gradient
+  finalisation, the plain Megatron optimizer); entry points reach megatron.core only here
 
 The names below are re-exported lazily (PEP 562), so that importing one submodule (e.g.
 ``integration.datasets`` from the preprocessing CLI) does not import the whole GPT model
@@ -16,6 +22,7 @@ from typing import Any
 
 _EXPORTS = {
     "cpu_runner": None,
+    "training": None,
     "FUSED_TYPES": "classify",
     "TYPES": "classify",
     "ParamInfo": "classify",

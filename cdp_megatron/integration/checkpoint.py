@@ -11,16 +11,41 @@ The optimizer's per-group hyperparameters are restored exactly only with the
 ``param_group_identity`` patch applied (``cdp_megatron.patches``; ``load_checkpoint`` applies
 the patches): upstream matches saved to current groups on four flags that all Complete(d)P
 groups share.
+
+A training run's checkpoint directory (``save_iteration``, ``latest_checkpoint``) has
+Megatron-LM's layout: ``iter_NNNNNNN/`` per saved iteration and the tracker file
+``latest_checkpointed_iteration.txt`` naming the latest; each ``iter_`` directory also holds
+every rank's RNG state as ``rng/rank_<r>.pt``. ``save_iteration`` publishes atomically.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+import shutil
+from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["sharded_state_dict", "save_checkpoint", "load_checkpoint", "default_dist_opt_format"]
+__all__ = [
+    "sharded_state_dict",
+    "save_checkpoint",
+    "load_checkpoint",
+    "default_dist_opt_format",
+    "TRACKER_FILE",
+    "CheckpointError",
+    "checkpoint_dirname",
+    "latest_checkpoint",
+    "write_atomically",
+    "save_rng_state",
+    "load_rng_state",
+    "save_iteration",
+]
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron-LM's name for the "latest" pointer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be resumed from (bad or dangling tracker file)."""
 
 def default_dist_opt_format() -> str:
     """The distributed optimizer's checkpoint format (``distrib_optim_sharding_type``).
@@ -221,3 +246,108 @@ def _restore_step_tensors(optimizer: Any) -> None:
                 state = inner.state.get(param)
                 if state and isinstance(state.get("step"), torch.Tensor):
                     state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
+
+
+# ========================================================== a training run's checkpoint directory
+def checkpoint_dirname(iteration: int) -> str:
+    """Megatron-LM's directory name for the checkpoint of an iteration."""
+    return f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(directory: str) -> str | None:
+    """The checkpoint the tracker file of ``directory`` points at (None: no tracker file).
+
+    Raises CheckpointError when the tracker does not hold an iteration or names a missing
+    checkpoint (the message names the file, not the directory: callers prefix it)."""
+    tracker = os.path.join(directory, TRACKER_FILE)
+    if not os.path.isfile(tracker):
+        return None
+    text = open(tracker).read().strip()
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise CheckpointError(f"{TRACKER_FILE} holds {text!r}, not an iteration") from None
+    path = os.path.join(directory, checkpoint_dirname(iteration))
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{TRACKER_FILE} points at {path}, which does not exist")
+    return path
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a fsynced temporary file and a rename: a reader sees
+    the old or the new content, never a partial one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_rng_state(directory: str, rank: int, layout: dict) -> None:
+    """Each rank's RNG state (dropout masks) as ``rng/rank_<r>.pt``: dist_checkpointing's
+    common state is written by rank 0 only, and the states differ between ranks. ``layout``
+    (any comparable dict, e.g. TP/PP/VPP/world sizes) is stored with it."""
+    from .training import rng_state
+
+    os.makedirs(os.path.join(directory, "rng"), exist_ok=True)
+    torch.save({"layout": layout, "state": rng_state()}, os.path.join(directory, "rng", f"rank_{rank}.pt"))
+
+
+def load_rng_state(directory: str, layout: dict) -> bool:
+    """Restore this rank's RNG state saved by ``save_rng_state``; returns False (and restores
+    nothing) when there is none or it was saved for another ``layout``: RNG streams belong to
+    a layout (Megatron-LM does the same)."""
+    from .training import set_rng_state
+
+    path = os.path.join(directory, "rng", f"rank_{torch.distributed.get_rank()}.pt")
+    saved = torch.load(path, weights_only=False) if os.path.isfile(path) else None
+    if saved is None or saved["layout"] != layout:
+        return False
+    set_rng_state(saved["state"])
+    return True
+
+
+def save_iteration(
+    save_dir: str,
+    iteration: int,
+    model_chunks: Sequence[Any] | Any,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    *,
+    layout: dict,
+    extra: dict | None = None,
+    before_publish: Callable[[], None] | None = None,
+) -> str:
+    """Save the checkpoint of ``iteration`` under ``save_dir`` atomically; returns its path
+    (``save_dir/iter_NNNNNNN``). Collective on all ranks.
+
+    Writes ``iter_N.tmp`` (``save_checkpoint`` with ``extra`` plus ``layout``, and every
+    rank's RNG state), renames it to ``iter_N`` (replacing an older save of the same
+    iteration), then replaces the tracker file. A crash at any point leaves the previous
+    checkpoint and tracker intact; a stale ``iter_N.tmp`` of a crashed save is removed first.
+    ``before_publish`` runs on every rank once everything is written, before the rename.
+    """
+    rank = torch.distributed.get_rank()
+    final = os.path.join(save_dir, checkpoint_dirname(iteration))
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        if os.path.exists(tmp):  # left by a crashed save
+            shutil.rmtree(tmp)
+    torch.distributed.barrier()
+    save_checkpoint(
+        tmp, model_chunks, optimizer, scheduler, iteration=iteration,
+        extra={**(extra or {}), "layout": layout},
+    )
+    save_rng_state(tmp, rank, layout)
+    torch.distributed.barrier()
+    if before_publish is not None:
+        before_publish()
+    if rank == 0:
+        if os.path.exists(final):  # saving the same iteration again: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_atomically(os.path.join(save_dir, TRACKER_FILE), f"{iteration}\n")
+    torch.distributed.barrier()
+    return final

@@ -1,0 +1,245 @@
+"""The training-loop pieces of megatron.core that the entry points use (``cdp-pretrain``,
+``cdp-coordcheck``): model-parallel state, the loss on vocabulary-parallel logits, RNG state,
+the pipeline schedule, gradient finalisation and the plain (non-Complete(d)P) optimizer.
+
+Entry points import megatron.core only through ``cdp_megatron.integration`` (style guide,
+"Layers"); this module is the thin layer for what they need beyond the model, optimizer,
+checkpoint and dataset modules. megatron.core is imported inside each function, not at module
+import: ``cdp-pretrain`` imports this module lazily and times its start-up phases, and every
+megatron import happens in the phase that first needs it, as before this module existed.
+
+The loss (``cross_entropy_with_z_loss``) is the paper's: cross-entropy plus PaLM's z-loss,
+summed over the tokens of a micro batch (the schedule and ``finalize_model_grads`` divide by
+the tokens of the global batch)::
+
+    loss = sum_tokens( mask * (CE + z * logsumexp(logits)^2) ),   CE = logsumexp - logit[label]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+__all__ = [
+    "data_parallel_rank",
+    "model_parallel_is_initialized",
+    "model_parallel_world_sizes",
+    "destroy_model_parallel",
+    "seed_model_parallel_rng",
+    "lse_and_target_logit",
+    "cross_entropy_with_z_loss",
+    "LOSS_REPORT_KEY",
+    "rng_state",
+    "set_rng_state",
+    "forward_backward_func",
+    "finalize_model_grads",
+    "use_megatron_grad_finalization",
+    "optimizer_config",
+    "plain_optimizer",
+]
+
+LOSS_REPORT_KEY = "cdp"
+"""Key of the loss function's reported [CE sum, z-loss sum, tokens] tensor (Megatron's 3-tuple
+loss contract: the schedule returns one such dict per micro batch on the last stage)."""
+
+
+# ================================================================== model-parallel state
+def data_parallel_rank() -> int:
+    """This rank's index in its data-parallel group (megatron's ``parallel_state``)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank()
+
+
+def model_parallel_is_initialized() -> bool:
+    """Whether megatron's model-parallel groups exist (``initialize_model_parallel`` ran)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.model_parallel_is_initialized()
+
+
+def model_parallel_world_sizes() -> tuple[int, int]:
+    """(tensor-parallel size, pipeline-parallel size) of the current model-parallel state."""
+    from megatron.core import parallel_state
+
+    return (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
+
+
+def destroy_model_parallel() -> None:
+    """Tear down megatron's model-parallel groups (torch.distributed stays initialised)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+
+
+def seed_model_parallel_rng(seed: int) -> None:
+    """Megatron's ``model_parallel_cuda_manual_seed``: re-seed the RNG tracker's streams
+    (default, tensor-parallel and expert-parallel) from ``seed``."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(seed)
+
+
+# ==================================================================================== loss
+def lse_and_target_logit(logits, labels):
+    """logsumexp over the (vocabulary-parallel) logits and the label's logit, per token.
+
+    logits: [b, s, V/tp] float32, this TP rank's vocabulary shard. The sums across TP go
+    through megatron's reduce_from_tensor_model_parallel_region (forward all-reduce,
+    backward identity): every TP rank then holds the same full values, and the gradient of
+    each shard flows only into that shard (as in megatron's vocab_parallel_cross_entropy)::
+
+        lse = log(sum_v exp(logits_v - shift)) + shift,   shift = max_v logits_v (all TP ranks)
+    """
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    with torch.no_grad():
+        shift = logits.max(dim=-1, keepdim=True).values
+        if tp > 1:
+            torch.distributed.all_reduce(
+                shift, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
+            )
+    sum_exp = torch.exp(logits - shift).sum(dim=-1)
+    local_vocab = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * local_vocab
+    local_labels = labels - start
+    inside = (local_labels >= 0) & (local_labels < local_vocab)
+    target = logits.gather(-1, local_labels.clamp(0, local_vocab - 1).unsqueeze(-1)).squeeze(-1) * inside
+    if tp > 1:
+        sum_exp = reduce_from_tensor_model_parallel_region(sum_exp)
+        target = reduce_from_tensor_model_parallel_region(target)
+    return torch.log(sum_exp) + shift.squeeze(-1), target
+
+
+def cross_entropy_with_z_loss(labels, loss_mask, z_loss: float, logits):
+    """Megatron's 3-tuple loss contract with per-token normalisation (the schedule and
+    finalize_model_grads divide by the tokens of the global batch; ``calculate_per_token_loss``).
+
+    Returns ``(CE_sum + z * Z_sum, tokens, {LOSS_REPORT_KEY: [CE_sum, z * Z_sum, tokens]})`` with
+    ``CE_sum = sum mask * (lse - logit[label])`` and ``Z_sum = sum mask * lse^2``; use it as
+    ``functools.partial(cross_entropy_with_z_loss, labels, loss_mask, z)`` from a forward step.
+    """
+    import torch
+
+    lse, target = lse_and_target_logit(logits.float(), labels)
+    mask = loss_mask.float()
+    ce_sum = ((lse - target) * mask).sum()
+    z_sum = (lse.square() * mask).sum()
+    tokens = mask.sum()
+    report = torch.stack([ce_sum.detach(), (z_loss * z_sum).detach(), tokens.detach()])
+    return ce_sum + z_loss * z_sum, tokens.int(), {LOSS_REPORT_KEY: report}
+
+
+# ===================================================================================== RNG
+def rng_state() -> dict:
+    """Every RNG stream a training step draws from: Python's, numpy's, torch's CPU generator,
+    megatron's CUDA RNG tracker (dropout under TP) and, on a GPU, the CUDA generator."""
+    import random
+
+    import numpy
+    import torch
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {
+        "random": random.getstate(),
+        "numpy": numpy.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned (the CUDA generator only when saved and present)."""
+    import random
+
+    import numpy
+    import torch
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ========================================================================= schedule, grads
+def forward_backward_func() -> Callable[..., list]:
+    """Megatron's pipeline schedule for the current model-parallel state
+    (``get_forward_backward_func``: no pipelining, 1F1B, or interleaved 1F1B with virtual
+    stages). Call it with Megatron's keywords (``forward_step_func``, ``data_iterator``,
+    ``model``, ``num_microbatches``, ``seq_length``, ``micro_batch_size``,
+    ``decoder_seq_length``, ``forward_only``); it returns the loss reports of the last stage."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()
+
+
+def finalize_model_grads(model_chunks: Sequence[Any], *args: Any, **kwargs: Any) -> Any:
+    """Megatron's ``finalize_model_grads``: finish the DDP gradient all-reduce and reduce the
+    tied/layer-norm gradients across model-parallel ranks (call after ``backward``)."""
+    from megatron.core.distributed import finalize_model_grads as _finalize
+
+    return _finalize(model_chunks, *args, **kwargs)
+
+
+def use_megatron_grad_finalization(config: Any) -> None:
+    """Set ``config.finalize_model_grads_func`` to Megatron's ``finalize_model_grads`` (the
+    function itself), which the pipeline schedules call after the last backward."""
+    from megatron.core.distributed import finalize_model_grads as _finalize
+
+    config.finalize_model_grads_func = _finalize
+
+
+# ================================================================================ optimizer
+def optimizer_config(**fields: Any) -> Any:
+    """Megatron's ``OptimizerConfig(**fields)`` (its defaults for the fields not given)."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(**fields)
+
+
+def plain_optimizer(
+    model_chunks: Sequence[Any],
+    config: Any,
+    *,
+    init_lr: float,
+    max_lr: float,
+    min_lr: float,
+    lr_warmup_iters: int,
+    lr_decay_iters: int,
+    lr_decay_style: str,
+    weight_decay: float,
+    train_iters: int,
+) -> tuple[Any, Any]:
+    """Plain Megatron (runs without ``--cdp-*``): ``get_megatron_optimizer(config, model)`` and
+    an ``OptimizerParamScheduler`` with Megatron-LM's schedule (linear warmup from
+    ``init_lr`` to ``max_lr`` over ``lr_warmup_iters``, then ``lr_decay_style`` to ``min_lr``
+    at ``lr_decay_iters``) and a constant weight decay. Returns (optimizer, scheduler)."""
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=init_lr,
+        max_lr=max_lr,
+        min_lr=min_lr,
+        lr_warmup_steps=lr_warmup_iters,
+        lr_decay_steps=lr_decay_iters,
+        lr_decay_style=lr_decay_style,
+        start_wd=weight_decay,
+        end_wd=weight_decay,
+        wd_incr_steps=train_iters,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
