@@ -24,6 +24,7 @@ from cdp_megatron.search.cli import CONFIG_ATTR, main, open_storage  # noqa: E40
 from cdp_megatron.search.objective import counts_toward_budget  # noqa: E402
 from cdp_megatron.search.spaces import PAPER_GRID, SearchSpace, project, to_spec  # noqa: E402
 from cdp_megatron.spec import load_spec  # noqa: E402
+from ._procs import processes_mentioning  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -49,19 +50,6 @@ def _snapshot(study):
 
 def _counted(study):
     return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmd and state != "Z":
-            found.append(int(proc.name))
-    return found
 
 
 def _one_error_line(err: str) -> str:
@@ -172,7 +160,7 @@ def test_rerun_after_sigkill_loses_no_completed_trial(tmp_path):
         assert dead.state == TrialState.FAIL and dead.user_attrs["status"] == "interrupted"
         retries = [t for t in after.values() if t.user_attrs.get("retry_of") == number]
         assert len(retries) == 1 and retries[0].params == params and retries[0].state == TrialState.COMPLETE
-        assert not _processes_mentioning(str(tmp_path / "out" / "k" / f"trial_{number:05d}"))  # died with the worker
+        assert not processes_mentioning(str(tmp_path / "out" / "k" / f"trial_{number:05d}"))  # died with the worker
     assert _counted(study) == 8
     assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in after.values())
 

@@ -27,6 +27,7 @@ from cdp_megatron.search.objective import (  # noqa: E402
 )
 from cdp_megatron.search.spaces import SearchSpace  # noqa: E402
 from cdp_megatron.spec import load_spec  # noqa: E402
+from ._procs import processes_mentioning
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -45,20 +46,6 @@ def _spec_text(trial: int = 0, **params) -> str:
 def _run(tmp_path, *flags, trial=0, timeout=None, **params):
     return run_proxy(FAKE, list(flags), _spec_text(trial, **params), tmp_path / f"trial_{trial}", timeout=timeout,
                      untrained_loss=math.log(384))
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line contains ``text`` (Linux /proc; [] elsewhere)."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmd and state != "Z":
-            found.append(int(proc.name))
-    return found
 
 
 # ------------------------------------------------------------------------------ run_proxy
@@ -91,7 +78,7 @@ def test_timeout_kills_the_run_and_reports_the_last_loss(tmp_path):
     assert res.status == "timeout" and res.returncode is not None
     train = [r for r in read_metrics(res.files["metrics"]) if "lm_loss" in r]
     assert res.value == train[-1]["lm_loss"]
-    assert not _processes_mentioning(res.files["spec"])  # the trainer is gone
+    assert not processes_mentioning(res.files["spec"])  # the trainer is gone
 
 
 def test_crash_after_training_started(tmp_path):
@@ -210,4 +197,4 @@ def test_interrupt_kills_the_trainer_and_enqueues_the_point_again(tmp_path):
     assert not counts_toward_budget(first)
     folder = Path(first.user_attrs["trial_dir"])
     assert first.user_attrs["pid"] == os.getpid() and (folder / "log.txt").exists()
-    assert not _processes_mentioning(str(folder / "base.json"))  # the trainer was killed
+    assert not processes_mentioning(str(folder / "base.json"))  # the trainer was killed
