@@ -528,20 +528,10 @@ class _Run:
         return iterators if len(iterators) > 1 else iterators[0]
 
     def _step(self, iteration: int) -> tuple[float, float, float | None]:
-        args = self.args
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = self.forward_backward(
-            forward_step_func=self.forward_step,
-            data_iterator=self._iterators(self.train_data, self.consumed_samples),
-            model=self.model,
-            num_microbatches=args.num_microbatches,
-            seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size,
-            decoder_seq_length=args.seq_length,
-            forward_only=False,
-        )
+        losses = self._schedule(self.train_data, self.consumed_samples, forward_only=False)
         self._synchronize()
         started = time.perf_counter()
         update_successful, grad_norm, _ = self.optimizer.step()
@@ -551,6 +541,20 @@ class _Run:
         self.optimizer_step_s = time.perf_counter() - started
         lm_loss, z_loss = _global_loss(losses, self.device)
         return lm_loss, z_loss, None if grad_norm is None else float(grad_norm)
+
+    def _schedule(self, dataset, start_sample: int, *, forward_only: bool) -> list:
+        """One global batch through Megatron's pipeline schedule (losses per micro batch)."""
+        args = self.args
+        return self.forward_backward(
+            forward_step_func=self.forward_step,
+            data_iterator=self._iterators(dataset, start_sample),
+            model=self.model,
+            num_microbatches=args.num_microbatches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            decoder_seq_length=args.seq_length,
+            forward_only=forward_only,
+        )
 
     def _synchronize(self) -> None:
         import torch
@@ -567,16 +571,7 @@ class _Run:
         losses: list = []
         with torch.no_grad():
             for i in range(args.eval_iters):
-                losses += self.forward_backward(
-                    forward_step_func=self.forward_step,
-                    data_iterator=self._iterators(self.valid_data, i * args.global_batch_size),
-                    model=self.model,
-                    num_microbatches=args.num_microbatches,
-                    seq_length=args.seq_length,
-                    micro_batch_size=args.micro_batch_size,
-                    decoder_seq_length=args.seq_length,
-                    forward_only=True,
-                )
+                losses += self._schedule(self.valid_data, i * args.global_batch_size, forward_only=True)
         for chunk in self.model:
             chunk.train()
         return _global_loss(losses, self.device)
