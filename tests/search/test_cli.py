@@ -159,7 +159,10 @@ def test_rerun_after_sigkill_loses_no_completed_trial(tmp_path):
         dead = after[number]
         assert dead.state == TrialState.FAIL and dead.user_attrs["status"] == "interrupted"
         retries = [t for t in after.values() if t.user_attrs.get("retry_of") == number]
-        assert len(retries) == 1 and retries[0].params == params and retries[0].state == TrialState.COMPLETE
+        # a trial killed while its parameters were still being sampled holds only some of
+        # them (it never reached the trainer): the retry keeps those and samples the rest
+        assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+        assert params.items() <= retries[0].params.items()
         assert not processes_mentioning(str(tmp_path / "out" / "k" / f"trial_{number:05d}"))  # died with the worker
     assert _counted(study) == 8
     assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in after.values())
