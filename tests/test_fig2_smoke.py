@@ -82,7 +82,6 @@ def test_quick_run_writes_a_well_formed_table_json_and_pngs(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    b = _bench()
 
     # progress: one line per run, with its time
     run_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("[")]
