@@ -1,12 +1,14 @@
 """Optimizer-step overhead of per-type and per-depth hyperparameters (every group distinct).
 
-Builds two copies of the same GPT in one process (CPU with gloo, or one GPU): one whose
+Builds three copies of the same GPT in one process (CPU with gloo, or one GPU): one whose
 target gives every (type, layer) group its own lr / weight decay / eps / betas (q, k, v and
 gate, up included: the fused linear_qkv and linear_fc1 are stepped per segment), one with
-global hyperparameters only (parameterisation sp, no multipliers: Megatron's usual two groups).
+global hyperparameters only (parameterisation sp, no multipliers: Megatron's usual two groups),
+and a third with Megatron's own ``get_megatron_optimizer`` (no cdp code at all: torch's
+AdamW step, the reference the issue's 1.02x target is measured against).
 Times the inner Adam step (the torch/apex/TE optimizer's ``step()``, where the per-segment
 stepping happens; Megatron's grad copy and norm are the same for both models) and a whole
-training step (forward, backward, Megatron's ``optimizer.step()``), alternating the two
+training step (forward, backward, Megatron's ``optimizer.step()``), alternating the three
 models, and prints the medians and the ratios.
 
     python benchmarks/optimizer_overhead.py [--layers 16] [--hidden 128] [--steps 40]
@@ -16,6 +18,7 @@ models, and prints the medians and the ratios.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import statistics
@@ -54,7 +57,10 @@ def _spec(args, distinct: bool) -> dict:
     }
 
 
-def _build(args, distinct: bool, first: bool):
+def _build(args, mode: str, first: bool):
+    """mode: 'plain' (Megatron's own get_megatron_optimizer, no cdp code), 'global' (cdp,
+    parameterisation sp, no multipliers) or 'distinct' (every group distinct)."""
+    distinct = mode == "distinct"
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -74,7 +80,16 @@ def _build(args, distinct: bool, first: bool):
                       use_distributed_optimizer=args.dist_opt, grad_reduce_in_fp32=True)
     opt_config = OptimizerConfig(optimizer="adam", bf16=args.bf16, params_dtype=dtype,
                                  use_distributed_optimizer=args.dist_opt, clip_grad=1.0)
-    optimizer, scheduler = build_optimizer(chunks, target, opt_config, lr_warmup_iters=0)
+    if mode == "plain":
+        from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        optimizer = get_megatron_optimizer(dataclasses.replace(opt_config, lr=1e-3, min_lr=1e-4), chunks)
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=0, lr_decay_steps=1000,
+            lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=1000, wd_incr_style="constant")
+    else:
+        optimizer, scheduler = build_optimizer(chunks, target, opt_config, lr_warmup_iters=0)
     groups = sum(len(m.optimizer.param_groups) for m in optimizer.chained_optimizers)
     return target, chunks, optimizer, scheduler, groups
 
@@ -92,6 +107,24 @@ def _train_step(target, chunks, optimizer, scheduler, tokens) -> None:
     scheduler.step(1)
 
 
+def _profile(runs: dict, sync) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for name, (_, _, optimizer, _, _) in runs.items():
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                for sub in optimizer.chained_optimizers:
+                    sub.optimizer.step()
+            sync()
+        events = prof.key_averages()
+        kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None
+                      and str(e.device_type).endswith("CUDA"))
+        print(f"--- profile of 5 inner Adam steps: {name} ({kernels} device events)")
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        print(events.table(sort_by=sort, row_limit=12, max_name_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=16)
@@ -103,6 +136,8 @@ def main() -> None:
     parser.add_argument("--dist-opt", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile 5 inner Adam steps per variant (torch.profiler): top ops and kernel counts")
     parser.add_argument("--keep-device-mode", action="store_true",
                         help="keep the CPU shim's device-keyword rewrite on while timing")
     args = parser.parse_args()
@@ -116,7 +151,7 @@ def main() -> None:
     cpu_runner.activate()
     cpu_runner.init_distributed(0, 1)
     try:
-        runs = {name: _build(args, name == "distinct", first=name == "global") for name in ("global", "distinct")}
+        runs = {name: _build(args, name, first=name == "plain") for name in ("plain", "global", "distinct")}
         gen = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, 256, (args.batch, args.seq + 1), generator=gen)
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -147,14 +182,17 @@ def main() -> None:
                     opt_times[name].append(t2 - t1)
         med = {k: statistics.median(v) * 1e3 for k, v in opt_times.items()}
         step = {k: statistics.median(v) * 1e3 for k, v in step_times.items()}
-        print(f"device={device.type} layers={args.layers} hidden={args.hidden} "
+        print(f"device={device.type} torch={torch.__version__} layers={args.layers} hidden={args.hidden} "
               f"dist_opt={args.dist_opt} bf16={args.bf16} steps={args.steps} "
               f"shim_device_mode_in_step={args.keep_device_mode}")
         for name, (*_, groups) in runs.items():
             print(f"  {name:8s}: {groups:4d} param groups | inner Adam step {med[name]:8.2f} ms | "
                   f"train step {step[name]:8.2f} ms")
-        print(f"inner Adam step ratio (distinct / global): {med['distinct'] / med['global']:.3f}")
-        print(f"train step ratio      (distinct / global): {step['distinct'] / step['global']:.3f}")
+        if args.profile:
+            _profile(runs, sync)
+        for base in ("global", "plain"):
+            print(f"inner Adam step ratio (distinct / {base}): {med['distinct'] / med[base]:.3f}")
+            print(f"train step ratio      (distinct / {base}): {step['distinct'] / step[base]:.3f}")
     finally:
         cpu_runner.destroy_distributed()
         cpu_runner.deactivate()

@@ -409,6 +409,7 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None)
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    micro_batch_given = any(_flag_name(token) == "--micro-batch-size" for token in argv)
     if "--quickstart" in argv:
         # The user's flags come after the quick start's, so they win (argparse: last wins).
         argv = quickstart_argv() + argv
@@ -418,6 +419,7 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None)
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args.world_size = world_size
+    args.quickstart_auto_micro_batch = args.quickstart and not micro_batch_given
     _validate(args)
     return args
 
@@ -542,6 +544,16 @@ def _validate_parallel_and_batch(args: argparse.Namespace) -> None:
                 "--sequence-parallel needs Transformer Engine (--transformer-impl transformer_engine) or NVIDIA "
                 "Apex's fused norms: megatron's torch norms of the local spec refuse sequence parallelism"
             )
+    if getattr(args, "quickstart_auto_micro_batch", False):
+        # The quick start's micro batch 8 assumes DP <= 2; on more GPUs take the largest micro
+        # batch that still gives the global batch (16 = 8 GPUs x 2), same losses.
+        fits = [m for m in range(args.micro_batch_size, 0, -1) if args.global_batch_size % (m * dp) == 0]
+        if not fits:
+            raise ArgsError(
+                f"--quickstart's global batch {args.global_batch_size} cannot be split over data-parallel "
+                f"size {dp}: pass --global-batch-size (a multiple of {dp}) or use fewer processes"
+            )
+        args.micro_batch_size = fits[0]
     micro_times_dp = args.micro_batch_size * dp
     if args.global_batch_size is None:
         args.global_batch_size = micro_times_dp

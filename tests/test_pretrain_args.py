@@ -246,6 +246,21 @@ def test_quickstart_flags_and_overrides():
     assert "--cdp-base" in quickstart_argv()
 
 
+@pytest.mark.parametrize("world,micro", [(1, 8), (2, 8), (4, 4), (8, 2), (16, 1)])
+def test_quickstart_micro_batch_follows_the_gpu_count(world, micro):
+    """The global batch (16) stays; the micro batch shrinks so that DP = 4, 8, 16 fit."""
+    args = parse("--quickstart", world_size=world)
+    assert (args.micro_batch_size, args.global_batch_size, args.num_microbatches) == (micro, 16, 16 // (micro * world))
+
+
+def test_quickstart_keeps_an_explicit_micro_batch_and_refuses_what_cannot_split():
+    with pytest.raises(ArgsError, match="not divisible by --micro-batch-size 8 x data-parallel size 4"):
+        parse("--quickstart --micro-batch-size 8", world_size=4)
+    with pytest.raises(ArgsError, match="cannot be split over data-parallel size 3: pass --global-batch-size"):
+        parse("--quickstart", world_size=3)
+    assert parse("--quickstart --global-batch-size 24", world_size=3).micro_batch_size == 8
+
+
 # ------------------------------------------------------------------------------- the CLI
 def test_cli_error_is_one_line_exit_2_and_writes_nothing(tmp_path):
     metrics = tmp_path / "m.jsonl"

@@ -14,17 +14,20 @@ Three layers, each using Megatron's own mechanism where it reaches:
    overrides (no decay on 1-D parameters and biases) are not added: the target already
    encodes them (``decay_norms_and_biases``; spec.py gives norms and biases wd 0 by default).
 2. Fused tensors (``linear_qkv``: q/k/v per query group; ``linear_fc1``: gate/up): Megatron
-   keeps ONE tensor (checkpoint layout unchanged) in one param group. Their segments with
-   other hyperparameters are stepped exactly by ``_SegmentStep``: a step pre-hook on the inner
-   torch optimizer replaces the fused main param by contiguous views of its segments (param,
-   grad, and every per-element state tensor such as exp_avg/exp_avg_sq are views of the full
-   tensors), each put in a temporary group with the hyperparameters of its "carrier" group
-   (a real Megatron param group, empty when no whole parameter shares those values; created
-   by ``patches.carrier_param_groups``). Adam is elementwise, so this is exact for any Adam
-   implementation that updates the tensors it is given in place. A post-hook restores the
-   standard layout, so state dicts and checkpoints see ordinary full-tensor state. The same
-   holds for the Float16 optimizer (fp32 main params) and the distributed optimizer (shard
-   main params: segments are intersected with this DP rank's range of the parameter).
+   keeps ONE tensor (checkpoint layout unchanged) in one param group. Each segment is stepped
+   exactly with the hyperparameters of its "carrier" group (a real Megatron param group, empty
+   when no whole parameter shares those values; created by ``patches.carrier_param_groups``),
+   as contiguous views of the fused param, its grad and its exp_avg/exp_avg_sq. Adam is
+   elementwise, so this is exact. Two ways, by inner optimizer:
+   - torch Adam/AdamW (what Megatron picks without TE/apex): ``grouped_adam.GroupedAdamStep``
+     replaces its step by ONE multi-tensor pass over all groups and segments with per-tensor
+     scalar lists (the same foreach ops as torch's, bit-identical on CPU), so ~100 distinct
+     groups cost about what Megatron's usual two do;
+   - any other Adam (apex / TE FusedAdam): ``_SegmentStep``, a step pre-hook puts the views in
+     temporary copies of their carrier groups and a post-hook restores the standard layout.
+   Either way the optimizer state stays full-tensor, so state dicts and checkpoints are
+   ordinary. The same holds for the Float16 optimizer (fp32 main params) and the distributed
+   optimizer (shard main params: segments are intersected with this DP rank's range).
 3. Schedule: one ``OptimizerParamScheduler`` for all groups, linear warmup from 0
    (``init_lr = 0`` keeps the ratios between groups during warmup) then cosine to each
    group's min_lr; weight decay constant per group.
@@ -122,49 +125,25 @@ def param_pieces(info: Any, target: Any) -> tuple[Piece, ...]:
 
 
 # --- the segment step ------------------------------------------------------------------------
-# Tests set this to False to force one contiguous view per piece with torch's Adam too.
-_STRIDED_VIEWS = True
+# Tests set this to False to step torch's Adam through _SegmentStep (the path apex's and TE's
+# FusedAdam take) instead of the grouped multi-tensor step.
+_GROUPED_STEP = True
 
 
 @dataclasses.dataclass(frozen=True)
 class _View:
-    """``flat.as_strided(shape, stride, offset)`` of a flattened tensor, in one group."""
+    """Elements ``[offset, offset + length)`` of a flattened tensor, stepped in one group."""
 
     offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
+    length: int
     group: int
 
     def of(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat.as_strided(self.shape, self.stride, flat.storage_offset() + self.offset)
+        return flat[self.offset:self.offset + self.length]
 
 
-def _views_for(pieces: list[tuple[int, int, int]], strided: bool) -> list[_View]:
-    """One view per piece; with ``strided``, equally long and equally spaced pieces of one
-    group (q of every query group, say) become one 2-D strided view."""
-    if not strided:
-        return [_View(lo, (hi - lo,), (1,), gi) for lo, hi, gi in pieces]
-    by_group: dict[int, list[tuple[int, int]]] = {}
-    for lo, hi, gi in pieces:
-        by_group.setdefault(gi, []).append((lo, hi))
-    views = []
-    for gi, ranges in by_group.items():
-        i = 0
-        while i < len(ranges):
-            lo, hi = ranges[i]
-            j = i + 1
-            while (
-                j < len(ranges)
-                and ranges[j][1] - ranges[j][0] == hi - lo
-                and (j == i + 1 or ranges[j][0] - ranges[j - 1][0] == ranges[i + 1][0] - lo)
-            ):
-                j += 1
-            if j - i == 1:
-                views.append(_View(lo, (hi - lo,), (1,), gi))
-            else:
-                views.append(_View(lo, (j - i, hi - lo), (ranges[i + 1][0] - lo, 1), gi))
-            i = j
-    return views
+def _views_for(pieces: list[tuple[int, int, int]]) -> list[_View]:
+    return [_View(lo, hi - lo, gi) for lo, hi, gi in pieces]
 
 
 class _Split:
@@ -285,7 +264,7 @@ class _SegmentStep:
             return  # the optimizer keeps no state (e.g. SGD without momentum)
         outer = {}
         for k, v0 in piece_states[0].items():
-            if isinstance(v0, torch.Tensor) and v0.dim() > 0 and tuple(v0.shape) == sp.views[0].shape:
+            if isinstance(v0, torch.Tensor) and v0.dim() > 0 and v0.numel() == sp.views[0].length:
                 full = torch.empty(sp.param.shape, dtype=v0.dtype, device=v0.device)
                 flat = full.view(-1)
                 for spec, st in zip(sp.views, piece_states):
@@ -307,16 +286,6 @@ class _SegmentStep:
                 self.opt.state.pop(view, None)
             sp.param.grad = grad
         self._pending = None
-
-
-def _strided_ok(opt: torch.optim.Optimizer) -> bool:
-    """Strided (non-contiguous) views only for torch's own Adam/AdamW without fused kernels:
-    apex's and TE's multi-tensor kernels assume contiguous tensors."""
-    return (
-        _STRIDED_VIEWS
-        and type(opt) in (torch.optim.Adam, torch.optim.AdamW)
-        and not any(g.get("fused") for g in opt.param_groups)
-    )
 
 
 # --- mapping inner-optimizer tensors to model parameters --------------------------------------
@@ -445,6 +414,7 @@ def build_optimizer(
     from cdp_megatron import patches
     from cdp_megatron.patches import carrier_param_groups
 
+    from . import grouped_adam
     from .classify import classify_model
 
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
@@ -493,15 +463,16 @@ def build_optimizer(
             continue
         layout = _layout(mopt, pieces, used_infos)
         mopt.cdp_layout = layout
-        strided = _strided_ok(mopt.optimizer)
-        splits = [
-            _Split(e.tensor, _views_for(e.pieces, strided))
-            for e in layout if len(e.pieces) > 1 or (e.pieces and e.pieces[0][2] != e.group)
-        ]
-        if splits:
-            mopt.cdp_segment_step = _SegmentStep(mopt.optimizer, splits)
-        n_split += len(splits)
-        n_views += sum(len(s.views) for s in splits)
+        split = [e for e in layout if len(e.pieces) > 1 or (e.pieces and e.pieces[0][2] != e.group)]
+        if _GROUPED_STEP and grouped_adam.unsupported_reason(mopt.optimizer) is None:
+            # torch's Adam: one multi-tensor step over all groups and segments.
+            grouped_adam.GroupedAdamStep(mopt.optimizer, {id(e.tensor): e.pieces for e in split})
+        elif split:
+            # apex / TE FusedAdam (or a torch Adam with options the grouped step lacks):
+            # segments as views in their carrier groups, stepped by the optimizer itself.
+            mopt.cdp_segment_step = _SegmentStep(mopt.optimizer, [_Split(e.tensor, _views_for(e.pieces)) for e in split])
+        n_split += len(split)
+        n_views += sum(len(e.pieces) for e in split)
 
     n_groups = sum(len(m.optimizer.param_groups) for m in _sub_optimizers(optimizer) if getattr(m, "optimizer", None))
     _log_rank0(

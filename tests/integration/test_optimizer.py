@@ -1,7 +1,9 @@
 """The cdp optimizer: every parameter and every fused segment is stepped with its target
 group's lr / min lr / weight decay / eps / betas, on every layout, plain and distributed
 optimizer, fp32 and bf16; segments are exact (only the gate rows see the gate's lr); forced
-splitting is bit-identical to no splitting; sp with no multipliers equals plain Megatron."""
+splitting is bit-identical to no splitting; the grouped multi-tensor step (torch Adam) and the
+segment-hook path (apex / TE FusedAdam) agree bit for bit; sp with no multipliers equals
+plain Megatron."""
 
 from __future__ import annotations
 
@@ -113,8 +115,8 @@ def _forced_split_worker(dist_opt: bool, bf16: bool) -> dict:
             setup = oc.setup_model(target, 1, 1, dist_opt=dist_opt, bf16=bf16, lr_warmup_iters=1, init_model_parallel=index == 0)
         finally:
             cdp_opt._MERGE_EQUAL_SEGMENTS = True
-        steppers = [getattr(m, "cdp_segment_step", None) for m in setup.optimizer.chained_optimizers]
-        assert (not any(steppers)) if merge else any(steppers)
+        views = [m.optimizer.cdp_grouped_step.n_views for m in setup.optimizer.chained_optimizers]
+        assert (sum(views) == 0) if merge else sum(views) > 0
         losses.append(oc.train_steps(setup, 4))
         snapshots.append(oc.snapshot(setup.chunks))
     for name in snapshots[0]:
@@ -129,30 +131,33 @@ def test_split_step_is_bit_identical_to_unsplit(dp, dist_opt, bf16):
     run_distributed(_forced_split_worker, dp, dist_opt, bf16)
 
 
-def _strided_worker(tp: int) -> dict:
-    """q (k, v) views of all query groups merged into one strided view == one view each."""
+def _hook_path_worker(tp: int, dist_opt: bool) -> dict:
+    """The segment-hook path (apex / TE FusedAdam's) and the grouped multi-tensor step (torch
+    Adam's) give bit-identical training."""
     from cdp_megatron.integration import optimizer as cdp_opt
 
     target = tiny_target(multipliers=oc.multipliers_for(2))
-    snapshots, counts = [], []
-    for index, strided in enumerate((True, False)):
-        cdp_opt._STRIDED_VIEWS = strided
+    snapshots, losses, kinds = [], [], []
+    for index, grouped in enumerate((True, False)):
+        cdp_opt._GROUPED_STEP = grouped
         try:
-            setup = oc.setup_model(target, tp, 1, lr_warmup_iters=1, init_model_parallel=index == 0)
+            setup = oc.setup_model(target, tp, 1, dist_opt=dist_opt, lr_warmup_iters=1, init_model_parallel=index == 0)
         finally:
-            cdp_opt._STRIDED_VIEWS = True
-        stepper = setup.optimizer.chained_optimizers[0].cdp_segment_step
-        counts.append(sum(len(sp.views) for sp in stepper.splits))
-        oc.train_steps(setup, 3)
+            cdp_opt._GROUPED_STEP = True
+        mopt = setup.optimizer.chained_optimizers[0]
+        kinds.append((hasattr(mopt.optimizer, "cdp_grouped_step"), hasattr(mopt, "cdp_segment_step")))
+        losses.append(oc.train_steps(setup, 3))
         snapshots.append(oc.snapshot(setup.chunks))
-    assert counts[0] < counts[1], counts
+    assert kinds == [(True, False), (False, True)], kinds
+    assert losses[0] == losses[1]
     for name in snapshots[0]:
         assert torch.equal(snapshots[0][name], snapshots[1][name]), name
-    return {"views": counts}
+    return {}
 
 
-def test_strided_views_equal_contiguous_views():
-    run_distributed(_strided_worker, 1, 1)
+@pytest.mark.parametrize("tp,dp,dist_opt", [(1, 1, False), (2, 1, False), (1, 2, True)], ids=["tp1", "tp2", "dp2-distopt"])
+def test_segment_hook_path_equals_grouped_step(tp, dp, dist_opt):
+    run_distributed(_hook_path_worker, tp * dp, tp, dist_opt)
 
 
 # --- identity with plain Megatron --------------------------------------------------------------
@@ -174,7 +179,7 @@ def _identity_worker() -> dict:
         lr_decay_steps=target.train_iters, lr_decay_style="cosine", start_wd=g["weight_decay"],
         end_wd=g["weight_decay"], wd_incr_steps=target.train_iters, wd_incr_style="constant",
     )
-    assert not any(getattr(m, "cdp_segment_step", None) for m in cdp.optimizer.chained_optimizers)
+    assert all(m.optimizer.cdp_grouped_step.n_views == 0 for m in cdp.optimizer.chained_optimizers)
     a, b = oc.train_steps(cdp, 3), oc.train_steps(plain, 3)
     assert a == b, (a, b)
     sa, sb = oc.snapshot(cdp.chunks), oc.snapshot(plain.chunks)

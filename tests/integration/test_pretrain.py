@@ -188,6 +188,13 @@ LAYOUTS = {
     "DP2-distopt": "--use-distributed-optimizer",
     "TP2": "--tensor-model-parallel-size 2",
     "PP2": "--pipeline-model-parallel-size 2",
+    "TP2-distopt": "--tensor-model-parallel-size 2 --use-distributed-optimizer",
+    "PP2-distopt": "--pipeline-model-parallel-size 2 --use-distributed-optimizer",
+}
+FOUR_PROCESS_LAYOUTS = {
+    "TP2PP2": "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2",
+    "TP2PP2-distopt": "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --use-distributed-optimizer",
+    "TP2DP2-distopt": "--tensor-model-parallel-size 2 --use-distributed-optimizer",
 }
 
 
@@ -208,6 +215,16 @@ def _assert_close(losses: dict[int, float], reference: dict[int, float], iterati
 def test_two_process_layouts_match_one_process(layout, spec20, reference_no_dropout, tmp_path):
     ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file m.jsonl " + LAYOUTS[layout],
            tmp_path, nproc=2))
+    _assert_close(train_losses(tmp_path / "m.jsonl"), reference_no_dropout, range(1, 21))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(FOUR_PROCESS_LAYOUTS))
+def test_four_process_layouts_match_one_process(layout, spec20, reference_no_dropout, tmp_path):
+    """(TP, PP, DP) = (2, 2, 1) and (2, 1, 2) on 4 gloo processes, examples/base.json's per-type
+    and per-depth multipliers: the 20 losses equal the 1-process run's within 1e-5."""
+    ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file m.jsonl "
+           + FOUR_PROCESS_LAYOUTS[layout], tmp_path, nproc=4, timeout=900))
     _assert_close(train_losses(tmp_path / "m.jsonl"), reference_no_dropout, range(1, 21))
 
 
