@@ -70,10 +70,11 @@ class Fig2Error(ValueError):
 # --------------------------------------------------------------------------- parsing
 
 
-def parse_lrs(text: str) -> list[float]:
+def parse_lrs(text: str, flag: str = "--lrs") -> list[float]:
     """Comma-separated LRs. An entry is a log2 exponent when it is <= 0 or written ``2^E``
     (``-10`` and ``2^-10`` both mean 2^-10), a value otherwise (``1e-3``); ``A:B`` or
-    ``A:B:S`` is the exponent range A, A+S, ..., B (S = 1 by default)."""
+    ``A:B:S`` is the exponent range A, A+S, ..., B (S = 1 by default). Any positive
+    log-spaced grid parses the same way (fig3's weight decays); errors name ``flag``."""
     out: list[float] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -95,11 +96,11 @@ def parse_lrs(text: str) -> list[float]:
                 v = float(part)
                 out.append(2.0**v if v <= 0 else v)
         except ValueError:
-            raise Fig2Error(f"--lrs: {part!r} is not an LR; give log2 exponents (-10,-9 or -10:-4 or 2^-10) or values (1e-3)") from None
+            raise Fig2Error(f"{flag}: {part!r} is not a value; give log2 exponents (-10,-9 or -10:-4 or 2^-10) or values (1e-3)") from None
     if not out:
-        raise Fig2Error("--lrs: empty; give e.g. -10:-4")
+        raise Fig2Error(f"{flag}: empty; give e.g. -10:-4")
     if any(not math.isfinite(v) or v <= 0 for v in out):
-        raise Fig2Error("--lrs: every LR must be a positive finite number")
+        raise Fig2Error(f"{flag}: every value must be a positive finite number")
     out = sorted(set(out))
     return out
 

@@ -78,33 +78,28 @@ def _reference(cls, device: str, steps: int, with_lr_change: bool, foreach: bool
     return out
 
 
+# torch's Adam default on each device: the single-tensor loop on CPU, foreach on CUDA.
+DEVICES = [
+    pytest.param("cpu", False, id="cpu"),
+    pytest.param("cuda", True, id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
+
+
+@pytest.mark.parametrize("device,foreach", DEVICES)
 @pytest.mark.parametrize("one_buffer", [False, True], ids=["per-tensor-sqrt", "one-buffer-sqrt"])
 @pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam], ids=["adamw", "adam-l2"])
-def test_grouped_step_is_bit_identical_to_torch_per_group_cpu(cls, one_buffer, monkeypatch):
+def test_grouped_step_is_bit_identical_to_torch_per_group(cls, one_buffer, device, foreach, monkeypatch):
     from cdp_megatron.integration import grouped_adam
 
     monkeypatch.setattr(grouped_adam, "_one_buffer", lambda rows: one_buffer)
-    got, _ = _grouped(cls, "cpu", 6, with_lr_change=True)
-    want = _reference(cls, "cpu", 6, with_lr_change=True, foreach=False)
+    got, _ = _grouped(cls, device, 6, with_lr_change=True)
+    want = _reference(cls, device, 6, with_lr_change=True, foreach=foreach)
     for i, (a, b) in enumerate(zip(got, want)):
         assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max().item()}"
     # the segments' own hyperparameters matter: stepped whole, the fused tensors end elsewhere
-    whole = _reference(cls, "cpu", 6, with_lr_change=True, foreach=False, pieces=False)
+    whole = _reference(cls, device, 6, with_lr_change=True, foreach=foreach, pieces=False)
     assert not torch.equal(whole[2], want[2]) and not torch.equal(whole[4], want[4])
     assert torch.equal(whole[0], want[0])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("one_buffer", [False, True], ids=["per-tensor-sqrt", "one-buffer-sqrt"])
-@pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam], ids=["adamw", "adam-l2"])
-def test_grouped_step_is_bit_identical_to_torch_foreach_cuda(cls, one_buffer, monkeypatch):
-    from cdp_megatron.integration import grouped_adam
-
-    monkeypatch.setattr(grouped_adam, "_one_buffer", lambda rows: one_buffer)
-    got, _ = _grouped(cls, "cuda", 6, with_lr_change=True)
-    want = _reference(cls, "cuda", 6, with_lr_change=True, foreach=True)
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max().item()}"
 
 
 def test_state_is_torchs_full_tensor_state_and_hooks_run():
