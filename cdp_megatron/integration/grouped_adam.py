@@ -223,6 +223,13 @@ def _one_buffer(rows: _Rows) -> bool:
     return len(rows.sizes) * _ALLOC_S > copy_bytes * _COPY_S_PER_BYTE
 
 
+def _scalars(values: list[float]) -> float | list[float]:
+    """One scalar when every row has the same value (the scalar kernels fit more tensors per
+    launch), else the per-row list; the same numbers either way."""
+    first = values[0]
+    return first if all(v == first for v in values) else values
+
+
 def _update_bucket(rows: _Rows, hp: list[tuple], step_values: list[float], decoupled: bool) -> None:
     params, grads, exp_avgs, exp_avg_sqs = rows.params, rows.grads, rows.exp_avgs, rows.exp_avg_sqs
     lr, wd, eps, beta1, beta2 = (list(col) for col in zip(*(hp[g] for g in rows.groups)))
@@ -230,7 +237,7 @@ def _update_bucket(rows: _Rows, hp: list[tuple], step_values: list[float], decou
     decay = [i for i, w in enumerate(wd) if w != 0]
     if decay:
         if decoupled:
-            torch._foreach_mul_([params[i] for i in decay], [1 - lr[i] * wd[i] for i in decay])
+            torch._foreach_mul_([params[i] for i in decay], _scalars([1 - lr[i] * wd[i] for i in decay]))
         else:  # L2: g = g + wd * p, one call per distinct wd (alpha is a single scalar)
             grads = list(grads)
             for w in dict.fromkeys(wd[i] for i in decay):
@@ -239,9 +246,9 @@ def _update_bucket(rows: _Rows, hp: list[tuple], step_values: list[float], decou
                 for i, g in zip(idx, new):
                     grads[i] = g
 
-    torch._foreach_lerp_(exp_avgs, grads, [1 - b for b in beta1])
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, [1 - b for b in beta2])
+    torch._foreach_lerp_(exp_avgs, grads, _scalars([1 - b for b in beta1]))
+    torch._foreach_mul_(exp_avg_sqs, _scalars(beta2))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, _scalars([1 - b for b in beta2]))
     del grads
 
     steps = [step_values[o] for o in rows.owners]
@@ -253,9 +260,9 @@ def _update_bucket(rows: _Rows, hp: list[tuple], step_values: list[float], decou
         torch._foreach_sqrt_(denom)
     else:
         denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2_sqrt)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+    torch._foreach_div_(denom, _scalars(bias_correction2_sqrt))
+    torch._foreach_add_(denom, _scalars(eps))
+    torch._foreach_addcdiv_(params, exp_avgs, denom, _scalars(step_size))
 
 
 @torch.no_grad()
