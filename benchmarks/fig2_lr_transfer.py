@@ -496,7 +496,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = CoordCheckConfig()
     p = _Parser(prog=PROG, allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--widths", default="64,128,256", help="width sweep, at depth min(--depths) (default %(default)s)")
     p.add_argument("--depths", default="2,4,8", help="depth sweep, at width min(--widths) (default %(default)s)")
@@ -507,19 +506,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width-parameterisations", help="override --parameterisations for the width sweep")
     p.add_argument("--depth-parameterisations", help="override --parameterisations for the depth sweep")
     p.add_argument("--alphas", default="0.5,1", help="depth exponents for completep/completedp (default %(default)s)")
-    p.add_argument("--seeds", default="0", help="seeds, comma-separated; losses are averaged (default %(default)s)")
+    add_common_args(p, "fig2_*.png, fig2.json, fig2_table.txt", seeds="0", eval_batches=4,
+                    batch_size_help="sequences per step")
+    return p
+
+
+def add_common_args(p: argparse.ArgumentParser, outputs: str, *, seeds: str, eval_batches: int,
+                    batch_size_help: str | None) -> None:
+    """The flags every small-scale reproduction shares (training setup, data, output);
+    ``batch_size_help`` None: the script sets batch sizes itself (no --batch-size)."""
+    d = CoordCheckConfig()
+    p.add_argument("--seeds", default=seeds, help="seeds, comma-separated; losses are averaged (default %(default)s)")
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="LR schedule (default %(default)s)")
-    p.add_argument("--warmup", type=float, default=0.1, help="cosine warmup as a fraction of --steps (default %(default)s)")
-    p.add_argument("--eval-batches", type=int, default=4, help="fixed evaluation batches (default %(default)s)")
+    p.add_argument("--warmup", type=float, default=0.1, help="cosine warmup as a fraction of each run's steps (default %(default)s)")
+    p.add_argument("--eval-batches", type=int, default=eval_batches, help="fixed evaluation batches (default %(default)s)")
     p.add_argument("--head-dim", type=int, default=d.head_dim, help="head dimension (default %(default)s)")
     p.add_argument("--seq-length", type=int, default=d.seq_length, help="(default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (default %(default)s)")
+    if batch_size_help is not None:
+        p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"{batch_size_help} (default %(default)s)")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="(default %(default)s)")
     p.add_argument("--data", default=d.data, help="auto, shakespeare or random (default %(default)s)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default %(default)s)")
-    p.add_argument("--output", metavar="DIR", required=True, help="folder for fig2_*.png, fig2.json, fig2_table.txt")
+    p.add_argument("--output", metavar="DIR", required=True, help=f"folder for {outputs}")
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds): overrides the sizes")
-    return p
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -558,7 +567,11 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def cli_main(prog: str, stem: str, argv: Sequence[str] | None, parse_args: Callable, run: Callable,
+             format_report: Callable, plot: Callable) -> int:
+    """A reproduction's command line: parse (errors: one line, exit 2), run with progress on
+    stderr, print the table, write ``{stem}_table.txt``, ``{stem}.json`` (atomically) and the
+    plots into --output."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         args = parse_args(argv)
@@ -567,19 +580,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise Fig2Error(f"--output: {str(out)!r} is a file; give a folder")
         out.mkdir(parents=True, exist_ok=True)
         result = run(args, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except Fig2Error as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+    except Fig2Error as e:  # the scripts' own errors subclass it
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     report = format_report(result)
     print(report, flush=True)
-    (out / "fig2_table.txt").write_text(report + "\n")
-    tmp = out / "fig2.json.tmp"
+    (out / f"{stem}_table.txt").write_text(report + "\n")
+    tmp = out / f"{stem}.json.tmp"
     tmp.write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, out / "fig2.json")
+    os.replace(tmp, out / f"{stem}.json")
     for path in plot(result, out):
         print(f"wrote {path}")
-    print(f"wrote {out / 'fig2.json'}\nwrote {out / 'fig2_table.txt'}")
+    print(f"wrote {out / f'{stem}.json'}\nwrote {out / f'{stem}_table.txt'}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli_main(PROG, "fig2", argv, parse_args, run, format_report, plot)
 
 
 if __name__ == "__main__":

@@ -50,22 +50,19 @@ A line per run on stderr with its time.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from benchmarks.fig2_lr_transfer import (
-    SCHEDULES,
+    add_common_args,
+    cli_main,
     Fig2Error,
     _e,
     _ints,
-    _json_safe,
     _lr_label,
     _Parser,
     argmin_index,
@@ -426,7 +423,6 @@ QUICK = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = CoordCheckConfig()
     p = _Parser(prog=PROG, allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--parameterisation", default="completedp", help="mup, completep or completedp (default %(default)s; "
                    "sp has no batch rule)")
@@ -446,17 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default shape's best LR, where the loss depends on the weight decay; at the best LR it is flat "
                    "below wd 1 at this scale)")
     p.add_argument("--sweeps", default="lr,wd", help="lr, wd or lr,wd (default %(default)s)")
-    p.add_argument("--seeds", default="0,1", help="seeds, comma-separated; losses are averaged (default %(default)s)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="LR schedule (default %(default)s)")
-    p.add_argument("--warmup", type=float, default=0.1, help="cosine warmup as a fraction of each run's steps (default %(default)s)")
-    p.add_argument("--eval-batches", type=int, default=8, help="fixed evaluation batches (default %(default)s)")
-    p.add_argument("--head-dim", type=int, default=d.head_dim, help="(default %(default)s)")
-    p.add_argument("--seq-length", type=int, default=d.seq_length, help="(default %(default)s)")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="(default %(default)s)")
-    p.add_argument("--data", default=d.data, help="auto, shakespeare or random (default %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default %(default)s)")
-    p.add_argument("--output", metavar="DIR", required=True, help="folder for fig3_lr.png, fig4_wd.png, fig3.json, fig3_table.txt")
-    p.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds): overrides the sizes")
+    add_common_args(p, "fig3_lr.png, fig4_wd.png, fig3.json, fig3_table.txt", seeds="0,1", eval_batches=8,
+                    batch_size_help=None)
     return p
 
 
@@ -503,27 +490,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        args = parse_args(argv)
-        out = Path(args.output)
-        if out.exists() and not out.is_dir():
-            raise Fig3Error(f"--output: {str(out)!r} is a file; give a folder")
-        out.mkdir(parents=True, exist_ok=True)
-        result = run(args, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except Fig2Error as e:  # Fig3Error, and fig2's parsers' errors
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    report = format_report(result)
-    print(report, flush=True)
-    (out / "fig3_table.txt").write_text(report + "\n")
-    tmp = out / "fig3.json.tmp"
-    tmp.write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, out / "fig3.json")
-    for path in plot(result, out):
-        print(f"wrote {path}")
-    print(f"wrote {out / 'fig3.json'}\nwrote {out / 'fig3_table.txt'}")
-    return 0
+    return cli_main(PROG, "fig3", argv, parse_args, run, format_report, plot)
 
 
 if __name__ == "__main__":

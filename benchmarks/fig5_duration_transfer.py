@@ -48,19 +48,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
-import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from benchmarks.fig2_lr_transfer import (
-    SCHEDULES,
+    add_common_args,
+    cli_main,
     Fig2Error,
     _ints,
-    _json_safe,
     _lr_label,
     _Parser,
     argmin_index,
@@ -418,7 +416,6 @@ QUICK = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = CoordCheckConfig()
     p = _Parser(prog=PROG, allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--width", type=int, default=64, help="hidden size (default %(default)s)")
     p.add_argument("--depth", type=int, default=2, help="layers (default %(default)s)")
@@ -428,18 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kappas", default="1,2,4", help="horizon multipliers, integers; tokens = kappa x T0 tokens (default %(default)s)")
     p.add_argument("--routes", default=",".join(ROUTES), help=f"any of {', '.join(ROUTES)} (default %(default)s)")
     p.add_argument("--lrs", default="-10:-4:0.5", help="global LRs: log2 exponents (-10,-8, 2^-10, -10:-4[:step]) or values; write --lrs=-10:-4 (a leading minus needs the =) (default %(default)s)")
-    p.add_argument("--seeds", default="0,1,2,3", help="seeds, comma-separated; losses are averaged (default %(default)s)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="LR schedule (default %(default)s)")
-    p.add_argument("--warmup", type=float, default=0.1, help="cosine warmup as a fraction of the steps (default %(default)s)")
-    p.add_argument("--eval-batches", type=int, default=4, help="fixed evaluation batches (default %(default)s)")
-    p.add_argument("--head-dim", type=int, default=d.head_dim, help="head dimension (default %(default)s)")
-    p.add_argument("--seq-length", type=int, default=d.seq_length, help="(default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="base sequences per step (default %(default)s)")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="(default %(default)s)")
-    p.add_argument("--data", default=d.data, help="auto, shakespeare or random (default %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default %(default)s)")
-    p.add_argument("--output", metavar="DIR", required=True, help="folder for fig5_*.png, fig5.json, fig5_table.txt")
-    p.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds): overrides the sizes")
+    add_common_args(p, "fig5_*.png, fig5.json, fig5_table.txt", seeds="0,1,2,3", eval_batches=4,
+                    batch_size_help="base sequences per step")
     return p
 
 
@@ -476,27 +463,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        args = parse_args(argv)
-        out = Path(args.output)
-        if out.exists() and not out.is_dir():
-            raise Fig5Error(f"--output: {str(out)!r} is a file; give a folder")
-        out.mkdir(parents=True, exist_ok=True)
-        result = run(args, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except Fig2Error as e:  # Fig5Error, and parse_lrs's Fig2Error
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    report = format_report(result)
-    print(report, flush=True)
-    (out / "fig5_table.txt").write_text(report + "\n")
-    tmp = out / "fig5.json.tmp"
-    tmp.write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, out / "fig5.json")
-    for path in plot(result, out):
-        print(f"wrote {path}")
-    print(f"wrote {out / 'fig5.json'}\nwrote {out / 'fig5_table.txt'}")
-    return 0
+    return cli_main(PROG, "fig5", argv, parse_args, run, format_report, plot)
 
 
 if __name__ == "__main__":
