@@ -538,11 +538,17 @@ def add_common_args(p: argparse.ArgumentParser, outputs: str, *, seeds: str, eva
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds): overrides the sizes")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+def parse_with_quick(parser: argparse.ArgumentParser, argv: Sequence[str] | None, quick: dict) -> argparse.Namespace:
+    """Parse; with --quick, the smoke configuration ``quick`` overrides the parsed values."""
+    args = parser.parse_args(argv)
     if args.quick:
-        for k, v in QUICK.items():
+        for k, v in quick.items():
             setattr(args, k, v)
+    return args
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = parse_with_quick(build_parser(), argv, QUICK)
     args.widths = _ints("--widths", args.widths)
     args.depths = _ints("--depths", args.depths)
     args.seeds = _ints("--seeds", args.seeds)
@@ -575,21 +581,28 @@ def _json_safe(obj: Any) -> Any:
 
 
 def cli_main(prog: str, stem: str, argv: Sequence[str] | None, parse_args: Callable, run: Callable,
-             format_report: Callable, plot: Callable) -> int:
-    """A reproduction's command line: parse (errors: one line, exit 2), run with progress on
-    stderr, print the table, write ``{stem}_table.txt``, ``{stem}.json`` (atomically) and the
-    plots into --output."""
+             format_report: Callable, plot: Callable, *, errors: tuple[type, ...] = (Fig2Error,),
+             failures: tuple[type, ...] = ()) -> int:
+    """A reproduction's command line: parse (a bad flag or value: one line, exit 2), run with
+    progress on stderr (``failures``: one line, exit 1), print the table, write
+    ``{stem}_table.txt``, ``{stem}.json`` (atomically) and the plots into --output."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
-        args = parse_args(argv)
+        try:
+            args = parse_args(argv)
+        except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its one line printed)
+            return int(e.code or 0)
         out = Path(args.output)
         if out.exists() and not out.is_dir():
             raise Fig2Error(f"--output: {str(out)!r} is a file; give a folder")
         out.mkdir(parents=True, exist_ok=True)
         result = run(args, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except Fig2Error as e:  # the scripts' own errors subclass it
+    except (Fig2Error, *errors) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except failures as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
     report = format_report(result)
     print(report, flush=True)
     (out / f"{stem}_table.txt").write_text(report + "\n")

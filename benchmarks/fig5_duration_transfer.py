@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from benchmarks.fig2_lr_transfer import (
+    parse_with_quick,
     checked_data,
     add_common_args,
     cli_main,
@@ -423,10 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
+    args = parse_with_quick(build_parser(), argv, QUICK)
     args.kappas = _ints("--kappas", args.kappas)
     args.seeds = _ints("--seeds", args.seeds)
     args.lrs = parse_lrs(args.lrs)
