@@ -561,13 +561,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             raise Fig2Error(f"--alphas: {a:g} is outside [0.5, 1]")
     if len(set(args.alphas)) != len(args.alphas):
         raise Fig2Error("--alphas: duplicate values")
+    check_common_args(args)
+    return args
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Checks of the flags ``add_common_args`` adds (``args.seeds`` already parsed)."""
     if len(set(args.seeds)) != len(args.seeds):
         raise Fig2Error("--seeds: duplicate values")
     if not 0 <= args.warmup < 1:
         raise Fig2Error("--warmup: give a fraction in [0, 1)")
     if args.eval_batches < 1:
         raise Fig2Error("--eval-batches: give a positive integer")
-    return args
 
 
 def _json_safe(obj: Any) -> Any:

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from benchmarks.fig2_lr_transfer import (
+    check_common_args,
     parse_with_quick,
     checked_data,
     add_common_args,
@@ -470,12 +471,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if (args.base_steps * args.base_batch) % b:
             raise Fig3Error(f"--batches: {b} does not divide the token budget of {args.base_steps} steps x "
                             f"{args.base_batch} sequences into whole steps; change --base-steps or the batch")
-    if len(set(args.seeds)) != len(args.seeds):
-        raise Fig3Error("--seeds: duplicate values")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise Fig3Error("--weight-decay: give a number >= 0")
-    if not 0 <= args.warmup < 1:
-        raise Fig3Error("--warmup: give a fraction in [0, 1)")
+    check_common_args(args)
     return args
 
 

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from benchmarks.fig2_lr_transfer import (
+    check_common_args,
     parse_with_quick,
     checked_data,
     add_common_args,
@@ -441,14 +442,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if len(args.kappas) < 2 or len(set(args.kappas)) != len(args.kappas):
         raise Fig5Error("--kappas: give at least two distinct values, e.g. 1,2,4")
     args.kappas = tuple(sorted(args.kappas))
-    if len(set(args.seeds)) != len(args.seeds):
-        raise Fig5Error("--seeds: duplicate values")
-    for flag, v in (("--width", args.width), ("--depth", args.depth), ("--steps", args.steps),
-                    ("--eval-batches", args.eval_batches)):
+    for flag, v in (("--width", args.width), ("--depth", args.depth), ("--steps", args.steps)):
         if v < 1:
             raise Fig5Error(f"{flag}: {v} is not positive; give a positive integer")
-    if not 0 <= args.warmup < 1:
-        raise Fig5Error("--warmup: give a fraction in [0, 1)")
+    check_common_args(args)
     return args
 
 

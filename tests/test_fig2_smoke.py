@@ -6,13 +6,12 @@ the physics)."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from ._reproduction import quick_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,21 +76,7 @@ def test_quick_run_writes_a_well_formed_table_json_and_pngs(tmp_path):
     pytest.importorskip("megatron.core")
     pytest.importorskip("matplotlib")
     out = tmp_path / "fig2"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.fig2_lr_transfer", "--quick", "--output", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    # progress: one line per run, with its time
-    run_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("[")]
-    data = json.loads((out / "fig2.json").read_text())  # strict JSON: NaN would not parse back as null
-    assert len(run_lines) == data["trainings"] == len(data["runs"]) > 0
-    assert all(" s, elapsed " in ln for ln in run_lines)
-
-    # table: printed and saved, one row per variant x shape, one column per LR
-    table = (out / "fig2_table.txt").read_text()
-    assert table.strip() in proc.stdout
+    proc, data, table = quick_run("fig2_lr_transfer", "fig2", out)
     for word in ("width sweep", "depth sweep", "argmin", "drift"):
         assert word in table
     lrs = data["lrs"]

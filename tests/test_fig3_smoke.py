@@ -5,10 +5,7 @@ drift fields are recomputed from the JSON losses (no assertion on the physics)."
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,8 @@ import pytest
 from benchmarks import fig3_batch_transfer as b
 from cdp_megatron import rules
 from cdp_megatron.coordcheck import CoordCheckConfig
+
+from ._reproduction import quick_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,18 +86,7 @@ def test_quick_run_writes_a_well_formed_table_json_and_pngs(tmp_path):
     pytest.importorskip("megatron.core")
     pytest.importorskip("matplotlib")
     out = tmp_path / "fig3"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.fig3_batch_transfer", "--quick", "--output", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    run_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("[")]
-    data = json.loads((out / "fig3.json").read_text())  # strict JSON: NaN would not parse back as null
-    assert len(run_lines) == data["trainings"] == len(data["runs"]) > 0
-    assert all(" s, elapsed " in ln for ln in run_lines)
-    assert all(ln.split("]")[0].endswith(f"/{data['trainings']}") for ln in run_lines)
-
-    table = (out / "fig3_table.txt").read_text()
-    assert table.strip() in proc.stdout
+    proc, data, table = quick_run("fig3_batch_transfer", "fig3", out)
     for word in ("lr sweep", "wd sweep", "argmin", "drift", "wd/sqrt(kappa)"):
         assert word in table
     batches, base = data["batches"], data["config"]["base_batch"]

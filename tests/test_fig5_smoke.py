@@ -5,10 +5,7 @@ recomputed from the JSON losses (no assertion on the physics)."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,8 @@ import pytest
 from benchmarks import fig5_duration_transfer as f5
 from cdp_megatron.coordcheck import CoordCheckConfig
 from cdp_megatron.target import resolve, scaled_shape
+
+from ._reproduction import quick_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,19 +101,7 @@ def test_quick_run_writes_a_well_formed_table_json_and_pngs(tmp_path):
     pytest.importorskip("megatron.core")
     pytest.importorskip("matplotlib")
     out = tmp_path / "fig5"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.fig5_duration_transfer", "--quick", "--output", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    run_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("[")]
-    data = json.loads((out / "fig5.json").read_text())  # strict JSON: NaN would not parse back as null
-    assert len(run_lines) == data["trainings"] == len(data["runs"]) > 0
-    assert all(" s, elapsed " in ln for ln in run_lines)
-
-    table = (out / "fig5_table.txt").read_text()
-    assert table.strip() in proc.stdout
+    proc, data, table = quick_run("fig5_duration_transfer", "fig5", out)
     lrs = data["lrs"]
     assert lrs == sorted(lrs) and len(lrs) == 3
     seeds = data["config"]["seeds"]
