@@ -29,6 +29,7 @@ import numpy as np
 import optuna
 
 from cdp_megatron.search import TrustRegionSampler
+from cdp_megatron.search.sampler import baseline_sampler
 from cdp_megatron.search.synthetic import CliffBowl, make_objective
 
 LOW, HIGH = 2.0**-6, 2.0**6
@@ -38,13 +39,7 @@ SAMPLERS = ("trust-region", "random", "cma-es", "tpe")
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "trust-region":
         return TrustRegionSampler(seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "cma-es":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    return baseline_sampler({"cma-es": "cmaes"}.get(name, name), seed)
 
 
 def run_one(task: tuple[str, int, int, int]) -> dict:

@@ -395,21 +395,16 @@ def make_sampler(config: dict[str, Any], *, worker_index: int = 0, n_existing: i
     each worker (and each resumed run) gets its own stream derived from (seed, trials already
     in the study, worker index), else two workers would propose the same points."""
     import numpy as np
-    import optuna
 
-    from cdp_megatron.search.sampler import TrustRegionSampler
+    from cdp_megatron.search.sampler import TrustRegionSampler, baseline_sampler
 
     name, seed = config["sampler"], int(config["seed"])
     if name == "trust-region":
         return TrustRegionSampler(seed=seed, patience=int(config["patience"]))
     stream = int(np.random.SeedSequence([seed, n_existing, worker_index]).generate_state(1)[0])
-    if name in ("random", "grid-global"):
-        return optuna.samplers.RandomSampler(seed=stream)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=stream, warn_independent_sampling=False)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=stream)
-    raise CliError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
+    if name not in SAMPLERS:
+        raise CliError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
+    return baseline_sampler("random" if name == "grid-global" else name, stream)
 
 
 # ---------------------------------------------------------------------------- progress

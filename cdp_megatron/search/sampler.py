@@ -45,6 +45,7 @@ __all__ = [
     "DIVERGED_ATTR",
     "TrustRegionSampler",
     "TrustRegionState",
+    "baseline_sampler",
     "best_trial",
     "is_stable",
     "trust_region_state",
@@ -169,6 +170,20 @@ def _log2_bounds(name: str, dist: FloatDistribution) -> tuple[float, float]:
             f"trial.suggest_float({name!r}, 2**-6, 2**6, log=True)"
         )
     return math.log2(dist.low), math.log2(dist.high)
+
+
+def baseline_sampler(name: str, seed: int):
+    """One of Optuna's own samplers, the baselines we compare with: ``random``, ``cmaes`` or
+    ``tpe``, seeded (ValueError for another name)."""
+    import optuna
+
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    raise ValueError(f"unknown baseline sampler {name!r}; use random, cmaes or tpe")
 
 
 class TrustRegionSampler(BaseSampler):

@@ -308,3 +308,15 @@ def test_two_processes_share_one_sqlite_study(tmp_path):
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 2 * n
     # Every process derives the same state from storage.
     assert study.sampler.state(study).incumbent.number == best_trial(study).number
+
+
+def test_baseline_samplers_are_optunas_own_and_unknown_names_fail():
+    import optuna
+
+    from cdp_megatron.search.sampler import baseline_sampler
+
+    assert isinstance(baseline_sampler("random", 0), optuna.samplers.RandomSampler)
+    assert isinstance(baseline_sampler("cmaes", 0), optuna.samplers.CmaEsSampler)
+    assert isinstance(baseline_sampler("tpe", 0), optuna.samplers.TPESampler)
+    with pytest.raises(ValueError, match="unknown baseline sampler 'grid'"):
+        baseline_sampler("grid", 0)
