@@ -229,15 +229,16 @@ def test_four_process_layouts_match_one_process(layout, spec20, reference_no_dro
 
 
 @pytest.mark.slow
-def test_virtual_pipeline_matches_one_process(spec20, tmp_path):
+@pytest.mark.parametrize("optimizer", ["", "--use-distributed-optimizer"], ids=["plain", "distopt"])
+def test_virtual_pipeline_matches_one_process(optimizer, spec20, tmp_path):
     four = cdp20(spec20).replace("--num-layers 2", "--num-layers 4").replace("--micro-batch-size 4", "--micro-batch-size 2")
     four += " --hidden-dropout 0 --attention-dropout 0 --train-iters 20 --metrics-file m.jsonl"
     (tmp_path / "one").mkdir()
     (tmp_path / "vpp").mkdir()
     ok(run(four, tmp_path / "one"))  # the 1-process reference for 4 layers
     reference = train_losses(tmp_path / "one" / "m.jsonl")
-    ok(run(four + " --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1", tmp_path / "vpp",
-           nproc=2))
+    ok(run(four + " --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 " + optimizer,
+           tmp_path / "vpp", nproc=2))
     _assert_close(train_losses(tmp_path / "vpp" / "m.jsonl"), reference, range(1, 21))
 
 
