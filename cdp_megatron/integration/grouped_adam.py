@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-__all__ = ["GroupedAdamStep", "unsupported_reason"]
+__all__ = ["GroupedAdamStep", "flat_view", "unsupported_reason"]
 
 _OFF_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable", "fused")
 
@@ -115,10 +115,15 @@ def _key(p: torch.Tensor, state: dict) -> tuple:
     return (p.data_ptr(), state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr())
 
 
-def _flat_views(t: torch.Tensor, ranges: list[tuple[int, int]], what: str) -> list[torch.Tensor]:
+def flat_view(t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` as a 1-D view (segments are slices of it); a non-contiguous tensor has none."""
     if not t.is_contiguous():
-        raise RuntimeError(f"cdp grouped Adam: a {what} is not contiguous")
-    flat = t.detach().view(-1)
+        raise RuntimeError(f"cdp optimizer: the {what} of a parameter is not contiguous")
+    return t.detach().view(-1)
+
+
+def _flat_views(t: torch.Tensor, ranges: list[tuple[int, int]], what: str) -> list[torch.Tensor]:
+    flat = flat_view(t, what)
     if len(ranges) == 1 and ranges[0] == (0, flat.numel()):
         return [flat]
     return [flat[lo:hi] for lo, hi in ranges]

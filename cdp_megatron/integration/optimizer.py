@@ -44,6 +44,9 @@ from typing import Any, Sequence
 
 import torch
 
+from . import grouped_adam
+from .grouped_adam import flat_view
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -161,12 +164,6 @@ def _is_per_element(value: Any, numel: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == numel
 
 
-def _flat(tensor: torch.Tensor, what: str) -> torch.Tensor:
-    if not tensor.is_contiguous():
-        raise RuntimeError(f"cdp segment step: the {what} of a fused tensor is not contiguous")
-    return tensor.detach().view(-1)
-
-
 class _SegmentStep:
     """Step pre/post hooks on a torch optimizer that step split tensors view by view."""
 
@@ -192,7 +189,7 @@ class _SegmentStep:
         if sp.bound == key:
             return sp.states
         numel = sp.param.numel()
-        flats = {k: _flat(v, f"state {k!r}") for k, v in outer.items() if _is_per_element(v, numel)}
+        flats = {k: flat_view(v, f"state {k!r}") for k, v in outer.items() if _is_per_element(v, numel)}
         states = []
         for i, view in enumerate(sp.views):
             # View 0 shares the full tensor's scalars (e.g. torch's `step` tensor, updated in
@@ -214,7 +211,7 @@ class _SegmentStep:
             param, grad = sp.param, sp.param.grad
             if grad is None:
                 continue
-            flat, flat_grad = _flat(param, "param"), _flat(grad, "grad")
+            flat, flat_grad = flat_view(param, "param"), flat_view(grad, "grad")
             states = self._piece_states(sp)
             views = []
             for i, spec in enumerate(sp.views):
@@ -414,7 +411,6 @@ def build_optimizer(
     from cdp_megatron import patches
     from cdp_megatron.patches import carrier_param_groups
 
-    from . import grouped_adam
     from .classify import classify_model
 
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
