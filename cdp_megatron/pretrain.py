@@ -493,6 +493,8 @@ class _Run:
             common = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         except AssertionError as e:  # OptimizerParamScheduler's check of the schedule flags
             raise RunError(f"--load {path}: the checkpoint does not match the flags ({e})") from None
+        except CheckpointError as e:  # an optimizer state that cannot be resharded to this layout
+            raise RunError(f"--load {e}") from None
         iteration = int(common["iteration"])
         self.consumed_samples = int(common.get("consumed_samples", iteration * args.global_batch_size))
         if not load_rng_state(path, self._layout()):
@@ -519,6 +521,8 @@ class _Run:
             self.args.save, iteration, self.model, self.optimizer, self.scheduler,
             layout=self._layout(), extra={"consumed_samples": self.consumed_samples},
             before_publish=crash_if_asked,
+            dist_opt_format="fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable else None,
+            mem_efficient=self.args.distrib_optim_fully_reshardable_mem_efficient,
         )
         self._print(f" saved checkpoint {final} in {time.perf_counter() - started:.2f} s")
 

@@ -328,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", help="checkpoint directory")
     g.add_argument("--load", help="resume from the latest checkpoint here (none: start fresh)")
     g.add_argument("--save-interval", type=int, help="iterations between saves (and at the end)")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="with --use-distributed-optimizer: save its state so the checkpoint resumes "
+                   "on any TP/PP/DP layout (gathers the state over DP while saving); default: it "
+                   "resumes on the same TP/PP with any DP")
+    g.add_argument("--distrib-optim-fully-reshardable-mem-efficient", action="store_true",
+                   help="with --dist-ckpt-optim-fully-reshardable: gather on DP rank 0 only (over "
+                   "gloo, less GPU memory, no parallel write)")
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100, help="validation batches per evaluation (0: none)")
     g.add_argument("--log-interval", type=int, default=100)
@@ -635,6 +642,15 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
         raise ArgsError(f"--save {args.save}: exists and is not a directory")
     if args.load and os.path.exists(args.load) and not os.path.isdir(args.load):
         raise ArgsError(f"--load {args.load}: exists and is not a directory")
+    if args.dist_ckpt_optim_fully_reshardable and not args.use_distributed_optimizer:
+        raise ArgsError(
+            "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer (the plain "
+            "optimizer's checkpoints resume on any layout already)"
+        )
+    if args.distrib_optim_fully_reshardable_mem_efficient and not args.dist_ckpt_optim_fully_reshardable:
+        raise ArgsError(
+            "--distrib-optim-fully-reshardable-mem-efficient needs --dist-ckpt-optim-fully-reshardable"
+        )
 
 
 # ------------------------------------------------------------------------------ Complete(d)P

@@ -15,6 +15,10 @@ param_group_identity        ``param_group_identifier_keys`` (optimizer.py and, i
 carrier_param_groups        ``megatron.core.optimizer._get_param_groups``: adds (empty)
                             param groups for hyperparameter sets that only segments of
                             fused tensors use (q/k/v of linear_qkv, gate/up of linear_fc1)
+dist_opt_step_state         ``DistributedOptimizer._set_main_param_and_optimizer_states``:
+                            the distributed optimizer's ``fully_reshardable`` checkpoints
+                            (resume on another TP/PP layout) load into torch's Adam, whose
+                            per-parameter ``step`` upstream expects in the saved state
 ==========================  ===============================================================
 
 Only the megatron-core versions in ``SUPPORTED_MEGATRON_CORE`` are accepted; another version
@@ -44,7 +48,7 @@ __all__ = [
 SUPPORTED_MEGATRON_CORE = ("0.16.1", "0.19.2")
 ALLOW_UNTESTED_ENV = "CDP_ALLOW_UNTESTED_MEGATRON"
 # Order matters only for remove_all (reverse order).
-PATCH_MODULES = ("param_group_identity", "carrier_param_groups")
+PATCH_MODULES = ("param_group_identity", "carrier_param_groups", "dist_opt_step_state")
 
 
 class PatchError(RuntimeError):

@@ -105,6 +105,16 @@ def test_accepted_no_op_flags():
     parse(TINY + " --lr 1e-3 --use-mcore-models --calculate-per-token-loss")
 
 
+def test_fully_reshardable_checkpoint_flags():
+    args = parse(TINY + " --lr 1e-3 --use-distributed-optimizer --dist-ckpt-optim-fully-reshardable "
+                 "--distrib-optim-fully-reshardable-mem-efficient")
+    assert args.dist_ckpt_optim_fully_reshardable and args.distrib_optim_fully_reshardable_mem_efficient
+    assert not parse(TINY + " --lr 1e-3").dist_ckpt_optim_fully_reshardable
+    # The rest of the --dist-ckpt- family stays refused by name.
+    assert error(TINY + " --lr 1e-3 --dist-ckpt-strictness log_all").startswith(
+        "--dist-ckpt-strictness is a Megatron-LM flag cdp-pretrain does not support")
+
+
 # ------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize("flag", ["--num-experts 8", "--recompute-granularity full", "--context-parallel-size 2",
                                   "--fp16", "--use-flash-attn", "--moe-router-topk 2", "--overlap-grad-reduce"])
@@ -137,6 +147,10 @@ def test_unknown_flags_and_abbreviations_fail():
         ("", 1, "--lr is required"),
         ("--lr 1e-3 --train-samples 10", 1, "exactly one of --train-iters and --train-samples"),
         ("--lr 1e-3 --save-interval 5", 1, "--save-interval needs --save"),
+        ("--lr 1e-3 --dist-ckpt-optim-fully-reshardable", 1,
+         "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer"),
+        ("--lr 1e-3 --use-distributed-optimizer --distrib-optim-fully-reshardable-mem-efficient", 1,
+         "--distrib-optim-fully-reshardable-mem-efficient needs --dist-ckpt-optim-fully-reshardable"),
         ("--lr 1e-3 --lr-warmup-iters 2 --lr-warmup-fraction 0.1", 1, "only one of --lr-warmup-iters"),
         ("--lr 1e-3 --fp8-format hybrid", 1, "--fp8-format needs --transformer-impl transformer_engine"),
         ("--lr 1e-3 --min-lr 1", 1, "--min-lr 1.0 is larger than --lr"),

@@ -4,8 +4,19 @@ The layout follows Megatron-LM's ``generate_state_dict``: ``model`` (or ``model0
 ``model1``, ... with virtual pipeline chunks), ``optimizer`` (built from the model's sharded
 state dict, so it reshards with the model) and ``opt_param_scheduler``, plus a small common
 ``cdp`` dict (iteration and anything the caller adds). A checkpoint can be resumed on another
-TP/PP/DP layout with the plain optimizer and with the distributed optimizer's fully
-reshardable formats.
+TP/PP/DP layout with the plain optimizer; the distributed optimizer's state is saved in one
+of Megatron's two formats (``distrib_optim_sharding_type``, recorded in the checkpoint's
+content metadata as Megatron-LM does, so a load picks the saved one):
+
+* ``dp_reshardable`` (the default, Megatron-LM's too): each rank writes its own shard; the
+  checkpoint resumes on the same TP/PP/VPP with any DP size. A load on another TP/PP/VPP is
+  refused with a ``CheckpointError`` naming the saved layout.
+* ``fully_reshardable`` (Megatron-LM's ``--dist-ckpt-optim-fully-reshardable``): the state is
+  gathered over DP and saved per model parameter, so the checkpoint resumes on any TP/PP/VPP/DP
+  layout. It costs a gather of the rank's full optimizer state on every DP rank during the
+  save, or, with ``mem_efficient`` (``--distrib-optim-fully-reshardable-mem-efficient``), on
+  DP rank 0 only (over gloo). Loading it into torch's Adam needs the
+  ``dist_opt_step_state`` patch.
 
 The optimizer's per-group hyperparameters are restored exactly only with the
 ``param_group_identity`` patch applied (``cdp_megatron.patches``; ``load_checkpoint`` applies
@@ -31,6 +42,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "default_dist_opt_format",
+    "DIST_OPT_FORMATS",
+    "model_parallel_layout",
     "TRACKER_FILE",
     "CheckpointError",
     "checkpoint_dirname",
@@ -47,27 +60,54 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron-LM's name for the
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be resumed from (bad or dangling tracker file)."""
 
+DIST_OPT_FORMATS = ("dp_reshardable", "fully_reshardable")
+
+
 def default_dist_opt_format() -> str:
-    """The distributed optimizer's checkpoint format (``distrib_optim_sharding_type``).
-
-    "fully_reshardable" (resume on any TP/PP/DP layout) with apex/TE optimizers. With torch's
-    optimizers (no apex/TE: CPU runs) megatron-core 0.16.1 cannot load that format (its
-    ``_set_main_param_and_optimizer_states`` copies a ``step`` entry that the saved state
-    lacks: KeyError 'step'), so "dp_reshardable" is used: resume on the same TP/PP layout,
-    any DP size. "fully_sharded_model_space" fails to save in 0.16.1 ("ShardedTensor.
-    flattened_range is not supported").
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    return "fully_reshardable" if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False) else "dp_reshardable"
+    """The distributed optimizer's default checkpoint format (``distrib_optim_sharding_type``):
+    "dp_reshardable", as in Megatron-LM (see the module docstring). "fully_sharded_model_space"
+    is not offered: it fails to save in megatron-core 0.16.1 ("ShardedTensor.flattened_range is
+    not supported")."""
+    return "dp_reshardable"
 
 
 def _chunks(model_chunks: Sequence[Any] | Any) -> list:
     return list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
 
 
-def _metadata(dist_opt_format: str) -> dict:
-    return {"distrib_optim_sharding_type": dist_opt_format, "chained_optim_avoid_prefix": True}
+def _metadata(dist_opt_format: str, mem_efficient: bool = False) -> dict:
+    if dist_opt_format not in DIST_OPT_FORMATS:
+        raise ValueError(
+            f"dist_opt_format {dist_opt_format!r}: use one of {', '.join(DIST_OPT_FORMATS)}"
+        )
+    metadata = {"distrib_optim_sharding_type": dist_opt_format, "chained_optim_avoid_prefix": True}
+    if mem_efficient and dist_opt_format == "fully_reshardable":
+        metadata["distrib_optim_fully_reshardable_mem_efficient"] = True
+    return metadata
+
+
+def _uses_distributed_optimizer(optimizer: Any) -> bool:
+    from megatron.core.optimizer import DistributedOptimizer
+
+    return optimizer is not None and any(
+        isinstance(o, DistributedOptimizer)
+        for o in (getattr(optimizer, "chained_optimizers", None) or [optimizer])
+    )
+
+
+def model_parallel_layout() -> dict:
+    """This run's TP/PP/VPP sizes (what a ``dp_reshardable`` optimizer checkpoint is bound to)."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+    }
+
+
+def _describe(layout: dict) -> str:
+    return f"TP={layout['tp']}, PP={layout['pp']}" + (f", VPP={layout['vpp']}" if layout.get("vpp", 1) > 1 else "")
 
 
 def sharded_state_dict(
@@ -77,12 +117,13 @@ def sharded_state_dict(
     *,
     is_loading: bool = False,
     dist_opt_format: str | None = None,
+    mem_efficient: bool = False,
     common: dict | None = None,
 ) -> dict:
     """The sharded state dict of a training run (Megatron-LM's key layout)."""
     from .classify import unwrap_model
 
-    metadata = _metadata(dist_opt_format or default_dist_opt_format())
+    metadata = _metadata(dist_opt_format or default_dist_opt_format(), mem_efficient)
     chunks = _chunks(model_chunks)
     state: dict[str, Any] = {}
     for index, chunk in enumerate(chunks):
@@ -107,23 +148,35 @@ def save_checkpoint(
     iteration: int | None = None,
     extra: dict | None = None,
     dist_opt_format: str | None = None,
+    mem_efficient: bool = False,
 ) -> None:
     """Save a checkpoint into the directory ``path`` (created; collective on all ranks).
 
     extra: small picklable values stored with the iteration (read back by load_checkpoint).
+    dist_opt_format: the distributed optimizer's format, "dp_reshardable" (default) or
+    "fully_reshardable" (resume on any layout); mem_efficient gathers the latter on DP rank 0
+    only. The format and this run's TP/PP/VPP are stored in the checkpoint's content metadata.
     """
     from megatron.core import dist_checkpointing
 
     path = os.fspath(path)
+    dist_opt_format = dist_opt_format or default_dist_opt_format()
+    metadata = _metadata(dist_opt_format, mem_efficient)  # checks the format before any write
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         os.makedirs(path, exist_ok=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     common = {"iteration": iteration, **(extra or {})}
     state = sharded_state_dict(
-        model_chunks, optimizer, scheduler, dist_opt_format=dist_opt_format, common=common
+        model_chunks, optimizer, scheduler, dist_opt_format=dist_opt_format,
+        mem_efficient=mem_efficient, common=common,
     )
-    dist_checkpointing.save(state, path)
+    content = {
+        **metadata,
+        "cdp_model_parallel": model_parallel_layout(),
+        "cdp_distributed_optimizer": _uses_distributed_optimizer(optimizer),
+    }
+    dist_checkpointing.save(state, path, content_metadata=content)
 
 
 def load_checkpoint(
@@ -142,8 +195,9 @@ def load_checkpoint(
     Applies the cdp patches first (the optimizer's groups are matched by all their
     hyperparameters; a checkpoint whose groups differ from the current ones is refused);
     ``apply_patches=False`` leaves them as they are (tests demonstrate the upstream bug).
-    dist_opt_format must be the format the checkpoint was saved with (default: the same
-    default as ``save_checkpoint``).
+    The distributed optimizer's format is the one the checkpoint records (``dist_opt_format``
+    is only used for a checkpoint that records none). A ``dp_reshardable`` distributed-optimizer
+    checkpoint loaded on another TP/PP/VPP raises CheckpointError.
     """
     from megatron.core import dist_checkpointing
 
@@ -151,15 +205,19 @@ def load_checkpoint(
 
     from .classify import unwrap_model
 
+    path = os.fspath(path)
     if optimizer is not None and apply_patches:
         patches.apply_all()
     chunks = _chunks(model_chunks)
+    saved = dist_checkpointing.load_content_metadata(path) or {}
+    dist_opt_format = saved.get("distrib_optim_sharding_type") or dist_opt_format
     if optimizer is not None:
+        _check_resharding(path, saved, dist_opt_format or default_dist_opt_format(), optimizer)
         _init_empty_distributed_state(optimizer)
     state = sharded_state_dict(
         chunks, optimizer, scheduler, is_loading=True, dist_opt_format=dist_opt_format
     )
-    loaded = dist_checkpointing.load(state, os.fspath(path))
+    loaded = dist_checkpointing.load(state, path)
     for index, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{index}"
         unwrap_model(chunk).load_state_dict(loaded[key], strict=strict)
@@ -170,6 +228,30 @@ def load_checkpoint(
     if scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     return dict(loaded.get("cdp", {}))
+
+
+def _check_resharding(path: str, saved: dict, dist_opt_format: str, optimizer: Any) -> None:
+    """Refuse, before anything is read, a load Megatron cannot reshard."""
+    saved_dist = saved.get("cdp_distributed_optimizer")
+    if saved_dist is not None and saved_dist != _uses_distributed_optimizer(optimizer):
+        kinds = {True: "the distributed optimizer", False: "the plain optimizer"}
+        raise CheckpointError(
+            f"{path} was saved with {kinds[saved_dist]}, this run uses "
+            f"{kinds[not saved_dist]}: resume with the same optimizer "
+            f"({'with' if saved_dist else 'without'} --use-distributed-optimizer)"
+        )
+    layout = saved.get("cdp_model_parallel")
+    if (
+        dist_opt_format == "dp_reshardable" and saved_dist and layout is not None
+        and layout != model_parallel_layout()
+    ):
+        raise CheckpointError(
+            f"{path} holds the distributed optimizer's state in the dp_reshardable format, saved "
+            f"on {_describe(layout)}; it resumes only on that layout (any DP size), not on "
+            f"{_describe(model_parallel_layout())}. Resume on {_describe(layout)}, or save with "
+            "the fully_reshardable format (cdp-pretrain --dist-ckpt-optim-fully-reshardable) "
+            "to change the layout"
+        )
 
 
 _GROUP_LISTS = ("fp32_from_fp16_params",)
@@ -318,6 +400,8 @@ def save_iteration(
     layout: dict,
     extra: dict | None = None,
     before_publish: Callable[[], None] | None = None,
+    dist_opt_format: str | None = None,
+    mem_efficient: bool = False,
 ) -> str:
     """Save the checkpoint of ``iteration`` under ``save_dir`` atomically; returns its path
     (``save_dir/iter_NNNNNNN``). Collective on all ranks.
@@ -327,6 +411,7 @@ def save_iteration(
     iteration), then replaces the tracker file. A crash at any point leaves the previous
     checkpoint and tracker intact; a stale ``iter_N.tmp`` of a crashed save is removed first.
     ``before_publish`` runs on every rank once everything is written, before the rename.
+    dist_opt_format, mem_efficient: as for ``save_checkpoint``.
     """
     rank = torch.distributed.get_rank()
     final = os.path.join(save_dir, checkpoint_dirname(iteration))
@@ -338,7 +423,8 @@ def save_iteration(
     torch.distributed.barrier()
     save_checkpoint(
         tmp, model_chunks, optimizer, scheduler, iteration=iteration,
-        extra={**(extra or {}), "layout": layout},
+        extra={**(extra or {}), "layout": layout}, dist_opt_format=dist_opt_format,
+        mem_efficient=mem_efficient,
     )
     save_rng_state(tmp, rank, layout)
     torch.distributed.barrier()

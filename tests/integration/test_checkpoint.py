@@ -42,14 +42,17 @@ def _target():
     return target
 
 
-def _save_then_continue(path, tp, pp, dist_opt, bf16):
+def _save_then_continue(path, tp, pp, dist_opt, bf16, fmt=None, mem_efficient=False):
     """Train 3 steps, save, train 2 more: (losses after the save, final params)."""
     from cdp_megatron.integration.checkpoint import save_checkpoint
 
     oc.allow_child_processes()
     setup = oc.setup_model(_target(), tp, pp, dist_opt=dist_opt, bf16=bf16, lr_warmup_iters=2)
     oc.train_steps(setup, 3)
-    save_checkpoint(path, setup.chunks, setup.optimizer, setup.scheduler, iteration=3)
+    save_checkpoint(
+        path, setup.chunks, setup.optimizer, setup.scheduler, iteration=3,
+        dist_opt_format=fmt, mem_efficient=mem_efficient,
+    )
     return setup, oc.train_steps(setup, 2, first_step=3)
 
 
@@ -122,27 +125,86 @@ def test_resume_restores_groups_and_equals_uninterrupted(tmp_path, tp, pp, dp, d
 
 
 # --- resume on another layout ----------------------------------------------------------------------
-def _save_worker(path, tp, pp, dist_opt):
-    return _save_then_continue(path, tp, pp, dist_opt, False)[1]
+def _save_worker(path, tp, pp, dist_opt, fmt=None, mem_efficient=False):
+    return _save_then_continue(path, tp, pp, dist_opt, False, fmt, mem_efficient)[1]
 
 
 def _load_worker(path, tp, pp, dist_opt):
     return _load_and_continue(path, tp, pp, dist_opt, False, init_model_parallel=True)[1]
 
 
-CHANGES = [  # saved (tp, pp, dp), loaded (tp, pp, dp), dist_opt
-    pytest.param((1, 1, 1), (2, 1, 1), False, id="plain-tp1-to-tp2"),
-    pytest.param((1, 1, 1), (1, 2, 1), False, id="plain-pp1-to-pp2"),
-    pytest.param((1, 1, 2), (1, 1, 1), True, id="distopt-dp2-to-dp1"),
+CHANGES = [  # saved (tp, pp, dp), loaded (tp, pp, dp), dist_opt, distributed optimizer's format
+    pytest.param((1, 1, 1), (2, 1, 1), False, None, id="plain-tp1-to-tp2"),
+    pytest.param((1, 1, 1), (1, 2, 1), False, None, id="plain-pp1-to-pp2"),
+    pytest.param((1, 1, 2), (1, 1, 1), True, None, id="distopt-dp2-to-dp1"),
+    pytest.param((1, 1, 2), (2, 1, 1), True, "fully_reshardable", id="distopt-full-dp2-to-tp2"),
+    pytest.param((2, 1, 1), (1, 2, 1), True, "fully_reshardable", id="distopt-full-tp2-to-pp2"),
+    pytest.param((1, 2, 1), (1, 1, 2), True, "mem_efficient", id="distopt-fullmem-pp2-to-dp2"),
 ]
 
 
-@pytest.mark.parametrize("saved,loaded,dist_opt", CHANGES)
-def test_resume_on_another_layout(tmp_path, saved, loaded, dist_opt):
+@pytest.mark.parametrize("saved,loaded,dist_opt,fmt", CHANGES)
+def test_resume_on_another_layout(tmp_path, saved, loaded, dist_opt, fmt):
     path = str(tmp_path / "ckpt")
-    expected = run_distributed(_save_worker, math.prod(saved), path, saved[0], saved[1], dist_opt)
+    mem_efficient = fmt == "mem_efficient"
+    fmt = "fully_reshardable" if mem_efficient else fmt
+    expected = run_distributed(
+        _save_worker, math.prod(saved), path, saved[0], saved[1], dist_opt, fmt, mem_efficient
+    )
     got = run_distributed(_load_worker, math.prod(loaded), path, loaded[0], loaded[1], dist_opt)
     expected = [x for x in expected[-1]]
     got = [x for x in got[-1]]  # the last rank is on the last pipeline stage
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(expected, got)), (expected, got)
     assert os.path.isdir(path)
+
+
+# --- refused loads -----------------------------------------------------------------------------------
+def _refused_load_worker(path, tp, pp, dist_opt):
+    from cdp_megatron.integration.checkpoint import CheckpointError
+
+    try:
+        _load_and_continue(path, tp, pp, dist_opt, False, init_model_parallel=True)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+REFUSED = [  # saved (tp, pp, dist_opt), loaded (tp, pp, dist_opt), words the error must hold
+    pytest.param((1, 1, True), (2, 1, True), ["dp_reshardable", "TP=1, PP=1", "TP=2, PP=1",
+                                              "--dist-ckpt-optim-fully-reshardable"], id="dp-reshardable-tp"),
+    pytest.param((1, 1, True), (1, 1, False), ["distributed optimizer", "plain optimizer",
+                                               "--use-distributed-optimizer"], id="distopt-to-plain"),
+]
+
+
+@pytest.mark.parametrize("saved,loaded,words", REFUSED)
+def test_unreshardable_load_is_refused_with_the_fix(tmp_path, saved, loaded, words):
+    path = str(tmp_path / "ckpt")
+    run_distributed(_save_worker, saved[0] * saved[1], path, *saved)
+    errors = run_distributed(_refused_load_worker, loaded[0] * loaded[1], path, *loaded)
+    for error in errors:
+        assert error is not None, "the load was not refused"
+        assert all(w in error for w in words), error
+
+
+def _step_state_worker(path):
+    from cdp_megatron.integration.checkpoint import load_checkpoint
+    from cdp_megatron.patches import dist_opt_step_state
+
+    _save_then_continue(path, 1, 1, True, False, "fully_reshardable")
+    setup = oc.setup_model(_target(), dist_opt=True, lr_warmup_iters=2, init_model_parallel=False)
+    dist_opt_step_state.remove()  # only this patch: the group-identity fix stays applied
+    try:
+        load_checkpoint(path, setup.chunks, setup.optimizer, setup.scheduler, apply_patches=False)
+    except KeyError as exc:
+        return f"KeyError: {exc}"
+    finally:
+        dist_opt_step_state.apply()
+    return None
+
+
+def test_fully_reshardable_load_into_torch_adam_needs_the_patch(tmp_path):
+    """Without ``dist_opt_step_state`` megatron-core cannot load the format into torch's Adam
+    (the resume tests above pass with it)."""
+    (error,) = run_distributed(_step_state_worker, 1, str(tmp_path / "ckpt"))
+    assert error is not None and "step" in error, error

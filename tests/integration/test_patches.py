@@ -1,6 +1,6 @@
 """cdp_megatron.patches: the version gate, apply/remove round trips (every upstream binding
 restored), the checkpoint group-identity bug and its fix on Megatron's own matching code, and
-the carrier groups' scoping."""
+the carrier groups' scoping, and the distributed optimizer's step-state load."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from cdp_megatron import patches  # noqa: E402
-from cdp_megatron.patches import carrier_param_groups, param_group_identity  # noqa: E402
+from cdp_megatron.patches import carrier_param_groups, dist_opt_step_state, param_group_identity  # noqa: E402
 
 pytestmark = pytest.mark.megatron
 
@@ -35,6 +35,7 @@ def _bindings():
         "filter": optimizer.MegatronOptimizer.__dict__["_filter_and_reorder_param_groups"],
         "dist_load": distrib_optimizer.DistributedOptimizer.__dict__["load_state_dict"],
         "get_param_groups": opt_pkg._get_param_groups,
+        "set_main_param": distrib_optimizer.DistributedOptimizer.__dict__["_set_main_param_and_optimizer_states"],
     }
 
 
@@ -59,7 +60,7 @@ def test_untested_version_is_refused_unless_allowed(monkeypatch):
 
 
 # --- apply / remove round trips ------------------------------------------------------------------
-@pytest.mark.parametrize("module", [param_group_identity, carrier_param_groups], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("module", [param_group_identity, carrier_param_groups, dist_opt_step_state], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_apply_remove_round_trip(module):
     patches.remove_all()
     original = _bindings()
@@ -168,3 +169,48 @@ def test_carrier_context_needs_the_patch():
     with pytest.raises(patches.PatchError, match="apply_all"):
         with carrier_param_groups.extra_param_groups([{"max_lr": 1.0}]):
             pass
+
+
+# --- the distributed optimizer's step state ------------------------------------------------------
+class _FakeDistOpt:
+    """What ``_set_main_param_and_optimizer_states`` reads: one main param in group 0, with
+    torch Adam's per-parameter state (a ``step`` tensor besides the moments)."""
+
+    def __init__(self):
+        import torch
+        from types import SimpleNamespace
+
+        self.main = torch.zeros(4)
+        self.step = torch.tensor(7.0)
+        self.model_param_group_index_map = {"p": (0, 0)}
+        self.config = SimpleNamespace(use_precision_aware_optimizer_no_fp8_or_ds_fp8=False)
+        state = {self.main: {"step": self.step, "exp_avg": torch.zeros(4), "exp_avg_sq": torch.zeros(4)}}
+        self.optimizer = SimpleNamespace(param_groups=[{"params": [self.main]}], state=state)
+
+
+def test_step_state_patch_copies_the_moments_and_keeps_step():
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    fake = _FakeDistOpt()
+    saved = {"param": torch.ones(4), "exp_avg": torch.full((4,), 2.0), "exp_avg_sq": torch.full((4,), 3.0)}
+    patches.remove_all()
+    with pytest.raises(KeyError, match="step"):  # upstream: the source has no per-parameter step
+        DistributedOptimizer._set_main_param_and_optimizer_states(fake, "p", saved)
+    dist_opt_step_state.apply()
+    try:
+        DistributedOptimizer._set_main_param_and_optimizer_states(fake, "p", saved)
+    finally:
+        dist_opt_step_state.remove()
+    state = fake.optimizer.state[fake.main]
+    assert torch.equal(fake.main, saved["param"])
+    assert torch.equal(state["exp_avg"], saved["exp_avg"]) and torch.equal(state["exp_avg_sq"], saved["exp_avg_sq"])
+    assert state["step"] is fake.step and fake.step.item() == 7.0
+    del saved["exp_avg_sq"]  # any other missing key still fails as upstream does
+    dist_opt_step_state.apply()
+    try:
+        with pytest.raises(KeyError, match="exp_avg_sq"):
+            DistributedOptimizer._set_main_param_and_optimizer_states(fake, "p", saved)
+        assert state["step"] is fake.step  # put back even when the copy fails
+    finally:
+        dist_opt_step_state.remove()
