@@ -209,7 +209,7 @@ def load_checkpoint(
     if optimizer is not None and apply_patches:
         patches.apply_all()
     chunks = _chunks(model_chunks)
-    saved = dist_checkpointing.load_content_metadata(path) or {}
+    saved = _saved_metadata(path)
     dist_opt_format = saved.get("distrib_optim_sharding_type") or dist_opt_format
     if optimizer is not None:
         _check_resharding(path, saved, dist_opt_format or default_dist_opt_format(), optimizer)
@@ -228,6 +228,20 @@ def load_checkpoint(
     if scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     return dict(loaded.get("cdp", {}))
+
+
+def _saved_metadata(path: str) -> dict:
+    """The content metadata ``save_checkpoint`` stores; for a checkpoint without it (saved
+    before cdp-megatron recorded it, or by other code), the distributed optimizer's format
+    as its common state records it."""
+    from megatron.core import dist_checkpointing
+
+    saved = dist_checkpointing.load_content_metadata(path)
+    if saved:
+        return saved
+    optimizer = dist_checkpointing.load_common_state_dict(path).get("optimizer")
+    fmt = optimizer.get("param_state_sharding_type") if isinstance(optimizer, dict) else None
+    return {"distrib_optim_sharding_type": fmt} if fmt else {}
 
 
 def _check_resharding(path: str, saved: dict, dist_opt_format: str, optimizer: Any) -> None:

@@ -208,3 +208,26 @@ def test_fully_reshardable_load_into_torch_adam_needs_the_patch(tmp_path):
     (the resume tests above pass with it)."""
     (error,) = run_distributed(_step_state_worker, 1, str(tmp_path / "ckpt"))
     assert error is not None and "step" in error, error
+
+
+def _no_metadata_worker(path):
+    """A fully_reshardable checkpoint without content metadata (older saves) still loads in
+    its own format: it is read from the optimizer's common state."""
+    from unittest import mock
+
+    from megatron.core import dist_checkpointing
+
+    original = dist_checkpointing.save
+    with mock.patch.object(
+        dist_checkpointing, "save", lambda *a, content_metadata=None, **k: original(*a, **k)
+    ):
+        _save_then_continue(path, 1, 1, True, False, "fully_reshardable")
+    assert dist_checkpointing.load_content_metadata(path) is None
+    from cdp_megatron.integration.checkpoint import _saved_metadata
+
+    assert _saved_metadata(path) == {"distrib_optim_sharding_type": "fully_reshardable"}
+    _load_and_continue(path, 1, 1, True, False, init_model_parallel=False)
+
+
+def test_checkpoint_without_content_metadata_loads_in_its_format(tmp_path):
+    run_distributed(_no_metadata_worker, 1, str(tmp_path / "ckpt"))
