@@ -283,3 +283,19 @@ def test_quickstart(tmp_path):
     assert "quickstart: preparing the Shakespeare byte corpus" in out
     assert (tmp_path / "data" / "shakespeare_text_document.bin").is_file()
     assert "quickstart: training loss went down" in out
+
+
+@pytest.mark.slow
+def test_virtual_pipeline_checkpoint_resumes_on_one_process(spec20, tmp_path):
+    """A distributed-optimizer checkpoint saved on PP=2 with VPP (fully_reshardable) resumes on
+    one process; the continued losses equal the uninterrupted 1-process run's."""
+    four = cdp20(spec20).replace("--num-layers 2", "--num-layers 4").replace("--micro-batch-size 4", "--micro-batch-size 2")
+    four += " --hidden-dropout 0 --attention-dropout 0 --metrics-file m.jsonl --use-distributed-optimizer"
+    (tmp_path / "one").mkdir()
+    ok(run(four, tmp_path / "one"))
+    reference = train_losses(tmp_path / "one" / "m.jsonl")
+    ok(run(four + " --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 --save ckpt"
+           " --save-interval 10 --exit-interval 10 --dist-ckpt-optim-fully-reshardable", tmp_path, nproc=2))
+    out = ok(run(four + " --load ckpt", tmp_path))
+    assert "starting at iteration 10" in out
+    _assert_close(train_losses(tmp_path / "m.jsonl"), reference, range(11, 21))
