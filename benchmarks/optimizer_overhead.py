@@ -12,7 +12,12 @@ training step (forward, backward, Megatron's ``optimizer.step()``), alternating 
 models, and prints the medians and the ratios.
 
     python benchmarks/optimizer_overhead.py [--layers 16] [--hidden 128] [--steps 40]
-        [--dist-opt] [--bf16]
+        [--dist-opt] [--bf16] [--host-only]
+
+``--host-only`` times only the host's Python bookkeeping of the inner Adam step: every
+``torch._foreach_*`` op is replaced by a no-op (and torch's own AdamW is made to take its
+multi-tensor path, as it does on a GPU). A small GPU step is launch-bound, so this is the
+part of the overhead that a CPU can measure for it; the ops' own per-tensor cost is not in it.
 """
 
 from __future__ import annotations
@@ -125,6 +130,52 @@ def _profile(runs: dict, sync) -> None:
         print(events.table(sort_by=sort, row_limit=12, max_name_column_width=60))
 
 
+class _ForeachStubbed:
+    """Within the block, torch's ``_foreach_*`` ops do nothing (out-of-place ones return their
+    first argument): what is left of an optimizer step is its host bookkeeping."""
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch, n) for n in dir(torch) if n.startswith("_foreach_")}
+        for n in self.saved:
+            setattr(torch, n, (lambda *a, **k: None) if n.endswith("_") else (lambda *a, **k: a[0]))
+
+    def __exit__(self, *exc):
+        for n, fn in self.saved.items():
+            setattr(torch, n, fn)
+
+
+def _host_only(args, runs: dict) -> None:
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (args.batch, args.seq + 1), generator=gen)
+    subs = {}
+    for name, (target, chunks, optimizer, scheduler, _) in runs.items():
+        _train_step(target, chunks, optimizer, scheduler, tokens)  # grads and Adam state exist
+        subs[name] = [sub.optimizer for sub in optimizer.chained_optimizers]
+        for opt in subs[name]:
+            for group in opt.param_groups:
+                group["foreach"] = True  # torch's GPU path (_multi_tensor_adam), also on CPU
+    from cdp_megatron.integration import cpu_runner
+
+    cpu_runner.activate(device_kwargs=False)  # time without the shim's device-keyword rewrite
+    times = {name: [] for name in runs}
+    with _ForeachStubbed():
+        for i in range(args.warmup + args.steps):
+            for name, opts in subs.items():
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    for opt in opts:
+                        opt.step()
+                if i >= args.warmup:
+                    times[name].append((time.perf_counter() - t0) / 10)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(f"host bookkeeping of the inner Adam step (foreach ops stubbed), torch={torch.__version__} "
+          f"layers={args.layers} hidden={args.hidden} dist_opt={args.dist_opt} bf16={args.bf16}")
+    for name, (*_, groups) in runs.items():
+        print(f"  {name:8s}: {groups:4d} param groups | {med[name]:7.3f} ms")
+    for base in ("global", "plain"):
+        print(f"host bookkeeping ratio (distinct / {base}): {med['distinct'] / med[base]:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=16)
@@ -138,6 +189,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true",
                         help="also profile 5 inner Adam steps per variant (torch.profiler): top ops and kernel counts")
+    parser.add_argument("--host-only", action="store_true",
+                        help="time only the inner step's host bookkeeping (torch's _foreach_* ops stubbed)")
     parser.add_argument("--keep-device-mode", action="store_true",
                         help="keep the CPU shim's device-keyword rewrite on while timing")
     args = parser.parse_args()
@@ -152,6 +205,9 @@ def main() -> None:
     cpu_runner.init_distributed(0, 1)
     try:
         runs = {name: _build(args, name, first=name == "plain") for name in ("plain", "global", "distinct")}
+        if args.host_only:
+            _host_only(args, runs)
+            return
         gen = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, 256, (args.batch, args.seq + 1), generator=gen)
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -4,6 +4,8 @@ one exists); state, hooks and remove() behave as torch's."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -35,25 +37,45 @@ def _init(device: str) -> list[torch.Tensor]:
     return [torch.randn(shape, generator=gen).to(device) for shape, _, _ in TENSORS]
 
 
-def _grouped(cls, device: str, steps: int, with_lr_change: bool) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+def _change_hparams(group: dict) -> None:
+    """A schedule moves lr; a user (or a loaded checkpoint) may move betas and eps too."""
+    group["lr"] *= 0.5
+    group["betas"] = (group["betas"][0] * 0.99, 1 - (1 - group["betas"][1]) * 2)
+    group["eps"] *= 4
+
+
+def _grouped_optimizer(cls, device: str) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """TENSORS as params in GROUPS, stepped by a GroupedAdamStep with their pieces."""
     params = [torch.nn.Parameter(t.clone()) for t in _init(device)]
     groups = [dict(g, params=[]) for g in GROUPS]
     for p, (_, gi, _) in zip(params, TENSORS):
         groups[gi]["params"].append(p)
     opt = cls(groups)
-    pieces = {id(p): pc for p, (_, _, pc) in zip(params, TENSORS) if pc}
-    GroupedAdamStep(opt, pieces)
+    GroupedAdamStep(opt, {id(p): pc for p, (_, _, pc) in zip(params, TENSORS) if pc})
+    return params, opt
+
+
+def _grouped(cls, device: str, steps: int, with_hp_change: bool, buffer: bool = False,
+             skip: tuple[int, int] | None = None) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+    """buffer: every grad a view into one persistent buffer, as under Megatron's DDP (the
+    grouped step then keeps its rows across steps); skip: (step, tensor) without a grad."""
+    params, opt = _grouped_optimizer(cls, device)
+    grad_buffer = torch.zeros(sum(p.numel() for p in params), device=device)
+    views = list(grad_buffer.split([p.numel() for p in params]))
     for step, grads in enumerate(_grads(steps, device)):
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        if with_lr_change and step == 2:
+        for ti, (p, g, view) in enumerate(zip(params, grads, views)):
+            p.grad = view.view_as(p).copy_(g) if buffer else g.clone()
+            if skip == (step, ti):
+                p.grad = None
+        if with_hp_change and step == 2:
             for g in opt.param_groups:
-                g["lr"] *= 0.5
+                _change_hparams(g)
         opt.step()
     return [p.detach() for p in params], opt
 
 
-def _reference(cls, device: str, steps: int, with_lr_change: bool, foreach: bool, pieces: bool = True) -> list[torch.Tensor]:
+def _reference(cls, device: str, steps: int, with_hp_change: bool, foreach: bool, pieces: bool = True,
+               skip: tuple[int, int] | None = None) -> list[torch.Tensor]:
     """torch's optimizer, one instance per group, segments as separate leaf tensors (with
     ``pieces=False``: fused tensors stepped whole in their own group)."""
     leaves = []  # (tensor index, start, end, param)
@@ -66,10 +88,10 @@ def _reference(cls, device: str, steps: int, with_lr_change: bool, foreach: bool
     opts = [cls(leaf_list, foreach=foreach, **GROUPS[gi]) for gi, leaf_list in enumerate(per_group) if leaf_list]
     for step, grads in enumerate(_grads(steps, device)):
         for ti, lo, hi, leaf in leaves:
-            leaf.grad = grads[ti].reshape(-1)[lo:hi].clone()
-        if with_lr_change and step == 2:
+            leaf.grad = None if skip == (step, ti) else grads[ti].reshape(-1)[lo:hi].clone()
+        if with_hp_change and step == 2:
             for o in opts:
-                o.param_groups[0]["lr"] *= 0.5
+                _change_hparams(o.param_groups[0])
         for o in opts:
             o.step()
     out = [t.clone() for t in _init(device)]
@@ -86,18 +108,20 @@ DEVICES = [
 
 
 @pytest.mark.parametrize("device,foreach", DEVICES)
+@pytest.mark.parametrize("buffer", [False, True], ids=["fresh-grads", "grad-buffer"])
 @pytest.mark.parametrize("one_buffer", [False, True], ids=["per-tensor-sqrt", "one-buffer-sqrt"])
 @pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam], ids=["adamw", "adam-l2"])
-def test_grouped_step_is_bit_identical_to_torch_per_group(cls, one_buffer, device, foreach, monkeypatch):
+def test_grouped_step_is_bit_identical_to_torch_per_group(cls, one_buffer, buffer, device, foreach, monkeypatch):
     from cdp_megatron.integration import grouped_adam
 
     monkeypatch.setattr(grouped_adam, "_one_buffer", lambda rows: one_buffer)
-    got, _ = _grouped(cls, device, 6, with_lr_change=True)
-    want = _reference(cls, device, 6, with_lr_change=True, foreach=foreach)
+    got, opt = _grouped(cls, device, 6, with_hp_change=True, buffer=buffer)
+    assert (opt.cdp_grouped_step._kept is not None) == buffer  # rows kept across steps only then
+    want = _reference(cls, device, 6, with_hp_change=True, foreach=foreach)
     for i, (a, b) in enumerate(zip(got, want)):
         assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max().item()}"
     # the segments' own hyperparameters matter: stepped whole, the fused tensors end elsewhere
-    whole = _reference(cls, device, 6, with_lr_change=True, foreach=foreach, pieces=False)
+    whole = _reference(cls, device, 6, with_hp_change=True, foreach=foreach, pieces=False)
     assert not torch.equal(whole[2], want[2]) and not torch.equal(whole[4], want[4])
     assert torch.equal(whole[0], want[0])
 
@@ -143,3 +167,47 @@ def test_unsupported_options_are_named():
     assert "SGD" in unsupported_reason(torch.optim.SGD([p], lr=0.1))
     with pytest.raises(ValueError, match="amsgrad"):
         GroupedAdamStep(torch.optim.AdamW([p], amsgrad=True), {})
+
+
+@pytest.mark.parametrize("buffer", [False, True], ids=["fresh-grads", "grad-buffer"])
+@pytest.mark.parametrize("skipped", [0, 2, 4], ids=["whole", "qkv-like", "gate-up"])
+def test_a_param_without_grad_for_a_step_lags_one_step_as_in_torch(skipped, buffer):
+    """A param skipped once is one Adam step behind the others (its own bias corrections),
+    exactly as torch's per-param step counts have it; the kept rows are rebuilt around it."""
+    got, opt = _grouped(torch.optim.AdamW, "cpu", 6, with_hp_change=True, buffer=buffer, skip=(3, skipped))
+    want = _reference(torch.optim.AdamW, "cpu", 6, with_hp_change=True, foreach=False, skip=(3, skipped))
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max().item()}"
+    steps = [opt.state[p]["step"].item() for g in opt.param_groups for p in g["params"]]
+    assert sorted(steps) == [5.0] + [6.0] * (len(TENSORS) - 1)
+
+
+def test_kept_rows_follow_state_loaded_from_a_checkpoint():
+    """load_state_dict gives the params new state tensors: the kept rows must step those, not
+    the old ones (the continued run equals one that never stopped)."""
+    want, _ = _grouped(torch.optim.AdamW, "cpu", 6, with_hp_change=False, buffer=True)
+    params, opt = _grouped_optimizer(torch.optim.AdamW, "cpu")
+    stepper = opt.cdp_grouped_step
+    grad_buffer = torch.zeros(sum(p.numel() for p in params))
+    views = [v.view_as(p) for v, p in zip(grad_buffer.split([p.numel() for p in params]), params)]
+    grads = _grads(6, "cpu")
+
+    def step(k):
+        for p, g, view in zip(params, grads[k], views):
+            p.grad = view.copy_(g)
+        opt.step()
+
+    step(0), step(1)
+    saved = ([p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()))
+    step(2), step(3)  # rolled back below
+    kept = stepper._kept
+    assert kept is not None
+    opt.load_state_dict(saved[1])
+    for p, value in zip(params, saved[0]):
+        p.data.copy_(value)
+    for k in range(2, 6):
+        step(k)
+    assert stepper._kept is not None and stepper._kept is not kept  # rebuilt on the new state
+    assert all(opt.state[p]["step"].item() == 6.0 for p in params)
+    for i, (a, b) in enumerate(zip([p.detach() for p in params], want)):
+        assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max().item()}"

@@ -1,0 +1,26 @@
+"""benchmarks/optimizer_overhead.py runs end to end on a tiny model and prints its ratios, in
+both modes (whole steps, and --host-only with the foreach ops stubbed)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--layers", "2", "--hidden", "64", "--steps", "2", "--warmup", "1"]
+
+
+@pytest.mark.parametrize("mode,ratio", [([], "inner Adam step ratio"), (["--host-only"], "host bookkeeping ratio")])
+def test_benchmark_prints_its_ratios(mode, ratio):
+    proc = subprocess.run([sys.executable, "benchmarks/optimizer_overhead.py", *TINY, *mode],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for base in ("global", "plain"):
+        m = re.search(rf"{ratio} \(distinct / {base}\): (\d+\.\d+)", proc.stdout)
+        assert m and float(m.group(1)) > 0, proc.stdout
+    groups = {name: int(n) for name, n in re.findall(r"^\s+(\w+)\s*:\s+(\d+) param groups", proc.stdout, re.M)}
+    assert groups["plain"] == groups["global"] == 2 and groups["distinct"] > 2, proc.stdout
