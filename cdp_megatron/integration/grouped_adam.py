@@ -217,14 +217,15 @@ class GroupedAdamStep:
         if kept_grads and self._kept is not None and self._kept[0] == slots:
             return self._kept[1], steps
         buckets: dict[tuple, _Rows] = {}
+        kept = True
         for owner, (slot, grad) in enumerate(zip(slots, grads)):
             rows = buckets.get(slot.bucket)
             if rows is None:
                 rows = buckets[slot.bucket] = _Rows()
             rows.add(slot, slot.grad_views(grad), owner)
+            kept = kept and slot.holds_grad(grad)  # grad_views keeps views of persistent grads only
         for rows in buckets.values():
             rows.seal()
-        kept = all(slot.holds_grad(grad) for slot, grad in zip(slots, grads))
         self._kept = (slots, buckets) if kept else None
         return buckets, steps
 

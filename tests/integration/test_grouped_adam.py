@@ -55,16 +55,21 @@ def _grouped_optimizer(cls, device: str) -> tuple[list[torch.nn.Parameter], torc
     return params, opt
 
 
+def _buffer_views(params: list[torch.Tensor], device: str = "cpu") -> list[torch.Tensor]:
+    """One view per param, shaped like it, into one persistent grad buffer (Megatron's DDP)."""
+    grad_buffer = torch.zeros(sum(p.numel() for p in params), device=device)
+    return [v.view_as(p) for v, p in zip(grad_buffer.split([p.numel() for p in params]), params)]
+
+
 def _grouped(cls, device: str, steps: int, with_hp_change: bool, buffer: bool = False,
              skip: tuple[int, int] | None = None) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
     """buffer: every grad a view into one persistent buffer, as under Megatron's DDP (the
     grouped step then keeps its rows across steps); skip: (step, tensor) without a grad."""
     params, opt = _grouped_optimizer(cls, device)
-    grad_buffer = torch.zeros(sum(p.numel() for p in params), device=device)
-    views = list(grad_buffer.split([p.numel() for p in params]))
+    views = _buffer_views(params, device)
     for step, grads in enumerate(_grads(steps, device)):
         for ti, (p, g, view) in enumerate(zip(params, grads, views)):
-            p.grad = view.view_as(p).copy_(g) if buffer else g.clone()
+            p.grad = view.copy_(g) if buffer else g.clone()
             if skip == (step, ti):
                 p.grad = None
         if with_hp_change and step == 2:
@@ -188,8 +193,7 @@ def test_kept_rows_follow_state_loaded_from_a_checkpoint():
     want, _ = _grouped(torch.optim.AdamW, "cpu", 6, with_hp_change=False, buffer=True)
     params, opt = _grouped_optimizer(torch.optim.AdamW, "cpu")
     stepper = opt.cdp_grouped_step
-    grad_buffer = torch.zeros(sum(p.numel() for p in params))
-    views = [v.view_as(p) for v, p in zip(grad_buffer.split([p.numel() for p in params]), params)]
+    views = _buffer_views(params)
     grads = _grads(6, "cpu")
 
     def step(k):
