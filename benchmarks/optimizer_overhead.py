@@ -16,7 +16,8 @@ models, and prints the medians and the ratios.
 
 ``--host-only`` times only the host's Python bookkeeping of the inner Adam step: every
 ``torch._foreach_*`` op is replaced by a no-op (and torch's own AdamW is made to take its
-multi-tensor path, as it does on a GPU). A small GPU step is launch-bound, so this is the
+multi-tensor path, and cdp's grouped step its choice of sqrt buffer, as on a GPU); it also
+counts the tensors the ops are handed per step. A small GPU step is launch-bound, so this is the
 part of the overhead that a CPU can measure for it; the ops' own per-tensor cost is not in it.
 """
 
@@ -132,12 +133,24 @@ def _profile(runs: dict, sync) -> None:
 
 class _ForeachStubbed:
     """Within the block, torch's ``_foreach_*`` ops do nothing (out-of-place ones return their
-    first argument): what is left of an optimizer step is its host bookkeeping."""
+    first argument): what is left of an optimizer step is its host bookkeeping. ``tensors``
+    counts the tensors handed to the ops (their first list): on a GPU each costs the op host
+    time and a share of a kernel launch."""
 
     def __enter__(self):
+        self.tensors = 0
         self.saved = {n: getattr(torch, n) for n in dir(torch) if n.startswith("_foreach_")}
+
+        def stub(name):
+            def op(*a, **k):
+                if isinstance(a[0], (list, tuple)):
+                    self.tensors += len(a[0])
+                return None if name.endswith("_") else a[0]
+            return op
+
         for n in self.saved:
-            setattr(torch, n, (lambda *a, **k: None) if n.endswith("_") else (lambda *a, **k: a[0]))
+            setattr(torch, n, stub(n))
+        return self
 
     def __exit__(self, *exc):
         for n, fn in self.saved.items():
@@ -145,6 +158,10 @@ class _ForeachStubbed:
 
 
 def _host_only(args, runs: dict) -> None:
+    from cdp_megatron.integration import grouped_adam
+
+    # The grouped step's choice of a single sqrt buffer, made as on a GPU (its cost model).
+    grouped_adam._one_buffer = grouped_adam._buffer_pays
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (args.batch, args.seq + 1), generator=gen)
     subs = {}
@@ -158,9 +175,15 @@ def _host_only(args, runs: dict) -> None:
 
     cpu_runner.activate(device_kwargs=False)  # time without the shim's device-keyword rewrite
     times = {name: [] for name in runs}
-    with _ForeachStubbed():
+    tensors = {}
+    with _ForeachStubbed() as stubbed:
+        for name, opts in subs.items():  # one step each, counting the tensors the ops get
+            stubbed.tensors = 0
+            for opt in opts:
+                opt.step()
+            tensors[name] = stubbed.tensors
         for i in range(args.warmup + args.steps):
-            for name, opts in subs.items():
+            for name, opts in _rotated(subs, i):
                 t0 = time.perf_counter()
                 for _ in range(10):
                     for opt in opts:
@@ -171,9 +194,26 @@ def _host_only(args, runs: dict) -> None:
     print(f"host bookkeeping of the inner Adam step (foreach ops stubbed), torch={torch.__version__} "
           f"layers={args.layers} hidden={args.hidden} dist_opt={args.dist_opt} bf16={args.bf16}")
     for name, (*_, groups) in runs.items():
-        print(f"  {name:8s}: {groups:4d} param groups | {med[name]:7.3f} ms")
+        print(f"  {name:8s}: {groups:4d} param groups | {med[name]:7.3f} ms | "
+              f"{tensors[name]:5d} tensors through _foreach_* ops per step")
     for base in ("global", "plain"):
-        print(f"host bookkeeping ratio (distinct / {base}): {med['distinct'] / med[base]:.3f}")
+        print(f"host bookkeeping ratio (distinct / {base}): {_paired(times, base)}")
+        print(f"foreach tensors ratio  (distinct / {base}): {tensors['distinct'] / tensors[base]:.3f}")
+
+
+def _rotated(items: dict, i: int) -> list:
+    """The variants in round i's order: rotated each round, so none always runs first."""
+    pairs = list(items.items())
+    k = i % len(pairs)
+    return pairs[k:] + pairs[:k]
+
+
+def _paired(times: dict, base: str) -> str:
+    """The median over rounds of distinct / base measured in the same round, and the spread
+    (quartiles) of those per-round ratios: drift of a loaded machine cancels within a round."""
+    ratios = sorted(d / b for d, b in zip(times["distinct"], times[base]))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return f"{statistics.median(ratios):.3f} (per-round quartiles {q[0]:.3f}-{q[2]:.3f}, {len(ratios)} rounds)"
 
 
 def main() -> None:
@@ -216,7 +256,7 @@ def main() -> None:
         opt_times = {name: [] for name in runs}
         step_times = {name: [] for name in runs}
         for i in range(args.warmup + args.steps):
-            for name, (target, chunks, optimizer, scheduler, _) in runs.items():
+            for name, (target, chunks, optimizer, scheduler, _) in _rotated(runs, i):
                 sync()
                 t0 = time.perf_counter()
                 _train_step(target, chunks, optimizer, scheduler, tokens)
@@ -247,8 +287,8 @@ def main() -> None:
         if args.profile:
             _profile(runs, sync)
         for base in ("global", "plain"):
-            print(f"inner Adam step ratio (distinct / {base}): {med['distinct'] / med[base]:.3f}")
-            print(f"train step ratio      (distinct / {base}): {step['distinct'] / step[base]:.3f}")
+            print(f"inner Adam step ratio (distinct / {base}): {_paired(opt_times, base)}")
+            print(f"train step ratio      (distinct / {base}): {_paired(step_times, base)}")
     finally:
         cpu_runner.destroy_distributed()
         cpu_runner.deactivate()

@@ -17,6 +17,13 @@ branch), in the same order:
     d = sqrt(v) / sqrt(1 - beta2^step) + eps
     p += -(lr / (1 - beta1^step)) * m / d
 
+Each op sees the rows in its own runs: adjacent segments of one param whose scalar for that
+op is the same number are one view (q, k, v and gate, up that differ only in lr get one
+tensor per param in the moment updates; with the one sqrt buffer, the sqrt, and the bias
+correction and eps where they are global, run on the bucket's whole buffer). Elementwise ops give each element the same result
+however the elements are split into tensors, so this cuts the tensors (host time, launches)
+and not a bit of the result.
+
 Each scalar is computed by the same Python expression as in torch, per tensor from its
 group, so the update of every element equals torch's Adam run on that group alone: on CPU
 bit for bit (tests/integration/test_grouped_adam.py compares with per-group torch optimizers,
@@ -69,9 +76,12 @@ def _decoupled(opt: torch.optim.Optimizer) -> bool:
 
 
 class _Rows:
-    """The tensors of one (device, dtype) bucket, one flat (1-D) row per tensor or segment."""
+    """The tensors of one (device, dtype) bucket, one flat (1-D) row per tensor or segment,
+    and the whole flat tensors of the params the rows belong to (``flats``), from which an op
+    whose scalar is the same for adjacent rows steps them as one view (``_Runs``)."""
 
-    __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "groups", "owners", "sizes", "used", "one_buffer", "memo")
+    __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "groups", "owners", "sizes", "used",
+                 "one_buffer", "memo", "slot_of", "starts", "ends", "cum", "flats", "numels")
 
     def __init__(self) -> None:
         self.params: list[torch.Tensor] = []
@@ -83,9 +93,15 @@ class _Rows:
         self.sizes: list[int] = []  # elements per row
         self.used: list[int] = []  # the distinct groups of the rows, ascending
         self.one_buffer = False  # sqrt(exp_avg_sq) into one buffer (see _one_buffer)
-        self.memo: dict[str, tuple] = {}  # _per_row's lists of the last step
+        self.memo: dict[str, tuple] = {}  # the ops' runs (and _per_row's lists) of the last step
+        self.slot_of: list[int] = []  # per row: the bucket's index of its param
+        self.starts: list[int] = []  # per row: its elements [start, end) of its param's flat tensor
+        self.ends: list[int] = []
+        self.cum: list[int] = [0]  # cum[i]: elements in rows before row i
+        self.flats: dict[str, list[torch.Tensor]] = {k: [] for k in _KINDS}  # per param of the bucket
+        self.numels: list[int] = []  # per param of the bucket
 
-    def add(self, slot: "_Slot", grads: list[torch.Tensor], owner: int) -> None:
+    def add(self, slot: "_Slot", grad_flat: torch.Tensor, grads: list[torch.Tensor], owner: int) -> None:
         self.params.extend(slot.params)
         self.grads.extend(grads)
         self.exp_avgs.extend(slot.exp_avgs)
@@ -93,42 +109,63 @@ class _Rows:
         self.groups.extend(slot.groups)
         self.owners.extend([owner] * len(slot.sizes))
         self.sizes.extend(slot.sizes)
+        self.slot_of.extend([len(self.numels)] * len(slot.sizes))
+        for lo, hi in slot.ranges:
+            self.starts.append(lo)
+            self.ends.append(hi)
+            self.cum.append(self.cum[-1] + hi - lo)
+        for kind, flat in zip(_KINDS, (slot.flats[0], grad_flat, slot.flats[1], slot.flats[2])):
+            self.flats[kind].append(flat)
+        self.numels.append(slot.flats[0].numel())
 
     def seal(self) -> None:
         self.used = sorted(set(self.groups))
         self.one_buffer = _one_buffer(self)
 
 
+_KINDS = ("params", "grads", "exp_avgs", "exp_avg_sqs")
+
+
 class _Slot:
-    """One param's flat views (whole tensor, or one per piece) of param, exp_avg and
-    exp_avg_sq, valid while the three tensors keep their storage; and of its grad, kept across
-    steps only when the grad is a view into a larger buffer (Megatron's grad buffers), so that
-    no freed gradient stays alive."""
+    """One param's flat views (whole tensor, or one per piece, in order) of param, exp_avg
+    and exp_avg_sq, valid while the three tensors keep their storage; and of its grad, kept
+    across steps only when the grad is a view into a larger buffer (Megatron's grad buffers),
+    so that no freed gradient stays alive."""
 
-    __slots__ = ("key", "group", "ranges", "groups", "sizes", "params", "exp_avgs", "exp_avg_sqs", "grad_key", "grads", "bucket")
+    __slots__ = ("key", "group", "ranges", "groups", "sizes", "flats", "params", "exp_avgs", "exp_avg_sqs",
+                 "grad_key", "grad_flat", "grads", "bucket")
 
-    def __init__(self, p: torch.Tensor, state: dict, group: int, ranges: list[tuple[int, int]], groups: list[int]):
+    def __init__(self, p: torch.Tensor, state: dict, group: int, pieces: list[tuple[int, int, int]]):
         self.key, self.group = _key(p, state), group  # group: the param group p sits in
-        self.ranges, self.groups = ranges, groups
-        self.sizes = [hi - lo for lo, hi in ranges]
-        self.params = _flat_views(p, ranges, "param")
-        self.exp_avgs = _flat_views(state["exp_avg"], ranges, "exp_avg")
-        self.exp_avg_sqs = _flat_views(state["exp_avg_sq"], ranges, "exp_avg_sq")
+        pieces = sorted(pieces)
+        if pieces[0][0] != 0 or pieces[-1][1] != p.numel() or any(
+            a[1] != b[0] for a, b in zip(pieces, pieces[1:])
+        ) or any(lo > hi for lo, hi, _ in pieces):
+            raise ValueError(f"GroupedAdamStep: pieces {pieces} do not tile a tensor of {p.numel()} elements")
+        self.ranges, self.groups = [(lo, hi) for lo, hi, _ in pieces], [g for _, _, g in pieces]
+        self.sizes = [hi - lo for lo, hi in self.ranges]
+        self.flats = tuple(flat_view(t, what) for t, what in (
+            (p, "param"), (state["exp_avg"], "exp_avg"), (state["exp_avg_sq"], "exp_avg_sq")))
+        self.params, self.exp_avgs, self.exp_avg_sqs = (_views_of(flat, self.ranges) for flat in self.flats)
         self.bucket = (p.device, p.dtype)
         self.grad_key: tuple | None = None
+        self.grad_flat: torch.Tensor | None = None
         self.grads: list[torch.Tensor] = []
 
     def holds_grad(self, grad: torch.Tensor) -> bool:
         """Whether the kept grad views are views of ``grad``."""
         return self.grad_key == (grad.data_ptr(), grad.dtype, grad.numel())
 
-    def grad_views(self, grad: torch.Tensor) -> list[torch.Tensor]:
+    def grad_views(self, grad: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the flat grad, its views per piece)."""
         if self.holds_grad(grad):
-            return self.grads
-        views = _flat_views(grad, self.ranges, "grad")
+            return self.grad_flat, self.grads
+        flat = flat_view(grad, "grad")
+        views = _views_of(flat, self.ranges)
         if grad.untyped_storage().nbytes() > grad.numel() * grad.element_size():
-            self.grad_key, self.grads = (grad.data_ptr(), grad.dtype, grad.numel()), views  # a persistent buffer
-        return views
+            # a persistent buffer
+            self.grad_key, self.grad_flat, self.grads = (grad.data_ptr(), grad.dtype, grad.numel()), flat, views
+        return flat, views
 
 
 def _key(p: torch.Tensor, state: dict) -> tuple:
@@ -142,8 +179,7 @@ def flat_view(t: torch.Tensor, what: str) -> torch.Tensor:
     return t.detach().view(-1)
 
 
-def _flat_views(t: torch.Tensor, ranges: list[tuple[int, int]], what: str) -> list[torch.Tensor]:
-    flat = flat_view(t, what)
+def _views_of(flat: torch.Tensor, ranges: list[tuple[int, int]]) -> list[torch.Tensor]:
     if len(ranges) == 1 and ranges[0] == (0, flat.numel()):
         return [flat]
     return [flat[lo:hi] for lo, hi in ranges]
@@ -186,7 +222,7 @@ class GroupedAdamStep:
         slot = self._slots.get(id(p))
         if slot is None or slot.key != _key(p, state) or slot.group != gi:
             pieces = self.pieces.get(id(p)) or [(0, p.numel(), gi)]
-            slot = self._slots[id(p)] = _Slot(p, state, gi, [(lo, hi) for lo, hi, _ in pieces], [g for _, _, g in pieces])
+            slot = self._slots[id(p)] = _Slot(p, state, gi, pieces)
         return slot
 
     def rows(self) -> tuple[dict[tuple, _Rows], list[torch.Tensor]]:
@@ -222,7 +258,7 @@ class GroupedAdamStep:
             rows = buckets.get(slot.bucket)
             if rows is None:
                 rows = buckets[slot.bucket] = _Rows()
-            rows.add(slot, slot.grad_views(grad), owner)
+            rows.add(slot, *slot.grad_views(grad), owner)
             kept = kept and slot.holds_grad(grad)  # grad_views keeps views of persistent grads only
         for rows in buckets.values():
             rows.seal()
@@ -265,10 +301,12 @@ def _one_buffer(rows: _Rows) -> bool:
     """torch computes sqrt(exp_avg_sq) out of place, one allocation per tensor. With many
     rows (fused tensors split into ~1000 segments) those allocations cost more host time than
     one buffer for the bucket plus a copy pass costs the device; same values either way."""
-    t = rows.exp_avg_sqs[0]
-    if t.device.type != "cuda":
-        return False
-    copy_bytes = 2 * sum(rows.sizes) * t.element_size()
+    return rows.exp_avg_sqs[0].device.type == "cuda" and _buffer_pays(rows)
+
+
+def _buffer_pays(rows: _Rows) -> bool:
+    """The cost model of ``_one_buffer`` (a CUDA device assumed)."""
+    copy_bytes = 2 * rows.cum[-1] * rows.exp_avg_sqs[0].element_size()
     return len(rows.sizes) * _ALLOC_S > copy_bytes * _COPY_S_PER_BYTE
 
 
@@ -289,47 +327,150 @@ def _per_row(values: list[float], keys: list[int], used: list[int], memo: dict |
     return out
 
 
+class _Runs:
+    """The rows of a bucket as one op steps them: adjacent rows of one param whose scalar for
+    the op is the same number become one view, and rows the op skips (scalar None) are left
+    out. An elementwise op gives every element the same result however the elements are
+    split into tensors, so this changes the number of tensors the ``_foreach_*`` op handles,
+    not a bit of its output. With q/k/v and gate/up differing only in lr, the moment updates
+    then see one tensor per param instead of one per segment."""
+
+    __slots__ = ("rows", "bounds", "rep", "sizes", "views_of", "scalars")
+
+    def __init__(self, rows: _Rows, row_cls: list):
+        slot_of, starts, ends = rows.slot_of, rows.starts, rows.ends
+        bounds: list[list[int]] = []  # [first row, end row) per run
+        prev = None
+        for i, c in enumerate(row_cls):
+            if c is None:  # skipped by the op
+                prev = None
+                continue
+            if prev is not None and c == prev and slot_of[i] == slot_of[i - 1] and starts[i] == ends[i - 1]:
+                bounds[-1][1] = i + 1
+            else:
+                bounds.append([i, i + 1])
+            prev = c
+        self.rows, self.bounds = rows, bounds
+        self.rep = [first for first, _ in bounds]  # a row of each run (its scalar is the run's)
+        self.sizes = [rows.cum[b] - rows.cum[a] for a, b in bounds]
+        self.views_of: dict[str, list[torch.Tensor]] = {}
+        self.scalars: dict[str, tuple] = {}
+
+    def views(self, kind: str) -> list[torch.Tensor]:
+        """The runs as views of the bucket's params, grads, exp_avgs or exp_avg_sqs."""
+        out = self.views_of.get(kind)
+        if out is None:
+            rows = self.rows
+            fine, flats = getattr(rows, kind), rows.flats[kind]
+            out = [fine[a] if b - a == 1 else flats[rows.slot_of[a]][rows.starts[a]:rows.ends[b - 1]] for a, b in self.bounds]
+            self.views_of[kind] = out
+        return out
+
+    def scalar(self, values: list, keys: list[int], name: str) -> float | list[float]:
+        """The op's scalar per run (``values[keys[row]]``), one scalar when all are the same;
+        the list of the last step is reused while ``values`` are (betas, eps)."""
+        last = self.scalars.get(name)
+        if last is not None and last[0] == values:
+            return last[1]
+        out = [values[keys[i]] for i in self.rep]
+        first = out[0]
+        out = first if all(v == first for v in out) else out
+        self.scalars[name] = (values, out)
+        return out
+
+
+def _classes(values: list) -> list:
+    """A class per value (a number, or a tuple of numbers), equal for equal numbers (zeros of
+    each sign apart); None stays None."""
+    ids: dict = {}
+    out = []
+    for v in values:
+        if v is None:
+            out.append(None)
+            continue
+        if isinstance(v, tuple):
+            key = v if all(v) else tuple(x if x else str(x) for x in v)
+        else:
+            key = v if v else str(v)
+        out.append(ids.setdefault(key, len(ids)))
+    return out
+
+
+def _runs(rows: _Rows, name: str, values: list, keys: list[int]) -> _Runs:
+    """The op ``name``'s runs for per-key scalars ``values`` (row i's is ``values[keys[i]]``),
+    kept in the bucket's memo while the keys and the pattern of equal values stay (the
+    schedule moves lr every step, not which groups share it)."""
+    last = rows.memo.get(name)
+    if last is not None and last[0] is keys and last[1] == values:
+        return last[3]
+    cls = _classes(values)
+    if last is not None and last[0] is keys and last[2] == cls:
+        runs = last[3]
+    else:
+        runs = _Runs(rows, [cls[k] for k in keys])
+    rows.memo[name] = (keys, values, cls, runs)
+    return runs
+
+
 def _update_bucket(rows: _Rows, table: list[tuple], keys: list[int], used: list[int], decoupled: bool) -> None:
     """One Adam step of a bucket. ``table[k]`` = (lr, weight_decay, eps, beta1, beta2, step) of
     the rows whose key is k (``keys``: one per row; ``used``: the distinct keys, ascending).
-    Every scalar is torch's own expression (``_multi_tensor_adam``) evaluated per key."""
-    params, grads, exp_avgs, exp_avg_sqs = rows.params, rows.grads, rows.exp_avgs, rows.exp_avg_sqs
+    Every scalar is torch's own expression (``_multi_tensor_adam``) evaluated per key; each op
+    steps the rows in its own runs (``_Runs``)."""
     lr, wd, eps, beta1, beta2, step = (list(col) for col in zip(*table))
 
-    decaying = [k for k in used if wd[k] != 0]
-    if decaying:
-        if len(decaying) == len(used):
-            idx, sub_keys, sub_params = range(len(keys)), keys, params
-        else:
-            idx = [i for i, k in enumerate(keys) if wd[k] != 0]
-            sub_keys, sub_params = [keys[i] for i in idx], [params[i] for i in idx]
+    grads_l2 = None  # Adam's L2 weight decay: new grads, one per row
+    if any(wd[k] != 0 for k in used):
         if decoupled:
-            torch._foreach_mul_(sub_params, _per_row([1 - lr_k * wd_k for lr_k, wd_k in zip(lr, wd)], sub_keys, decaying))
+            decay = [1 - lr_k * wd_k for lr_k, wd_k in zip(lr, wd)]
+            runs = _runs(rows, "decay", [d if wd_k != 0 else None for d, wd_k in zip(decay, wd)], keys)
+            torch._foreach_mul_(runs.views("params"), runs.scalar(decay, keys, "decay"))
         else:  # L2: g = g + wd * p, one call per distinct wd (alpha is a single scalar)
-            grads = list(grads)
-            for w in dict.fromkeys(wd[k] for k in decaying):
-                idx_w = [i for i, k in zip(idx, sub_keys) if wd[k] == w]
-                new = torch._foreach_add([grads[i] for i in idx_w], [params[i] for i in idx_w], alpha=w)
+            grads_l2 = list(rows.grads)
+            for w in dict.fromkeys(wd[k] for k in used if wd[k] != 0):
+                idx_w = [i for i, k in enumerate(keys) if wd[k] == w]
+                new = torch._foreach_add([grads_l2[i] for i in idx_w], [rows.params[i] for i in idx_w], alpha=w)
                 for i, g in zip(idx_w, new):
-                    grads[i] = g
+                    grads_l2[i] = g
 
-    memo = rows.memo
-    torch._foreach_lerp_(exp_avgs, grads, _per_row([1 - b for b in beta1], keys, used, memo, "1-beta1"))
-    torch._foreach_mul_(exp_avg_sqs, _per_row(beta2, keys, used, memo, "beta2"))
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, _per_row([1 - b for b in beta2], keys, used, memo, "1-beta2"))
-    del grads
+    one_minus_beta1 = [1 - b for b in beta1]
+    one_minus_beta2 = [1 - b for b in beta2]
+    if grads_l2 is None:
+        runs = _runs(rows, "beta1", one_minus_beta1, keys)
+        torch._foreach_lerp_(runs.views("exp_avgs"), runs.views("grads"), runs.scalar(one_minus_beta1, keys, "1-beta1"))
+    else:
+        torch._foreach_lerp_(rows.exp_avgs, grads_l2, _per_row(one_minus_beta1, keys, used, rows.memo, "1-beta1"))
+    runs = _runs(rows, "beta2", beta2, keys)
+    torch._foreach_mul_(runs.views("exp_avg_sqs"), runs.scalar(beta2, keys, "beta2"))
+    if grads_l2 is None:
+        torch._foreach_addcmul_(runs.views("exp_avg_sqs"), runs.views("grads"), runs.views("grads"),
+                                runs.scalar(one_minus_beta2, keys, "1-beta2"))
+    else:
+        torch._foreach_addcmul_(rows.exp_avg_sqs, grads_l2, grads_l2, _per_row(one_minus_beta2, keys, used, rows.memo, "1-beta2"))
+    del grads_l2
 
     step_size = [(lr_k / (1 - b1 ** s)) * -1 for lr_k, b1, s in zip(lr, beta1, step)]
     bias_correction2_sqrt = [(1 - b2 ** s) ** 0.5 for b2, s in zip(beta2, step)]
+    # d = sqrt(v) / bias correction + eps, then p += step size * m / d: one tensor per run of
+    # (bias correction, eps, step size), shared by the four ops
+    runs = _runs(rows, "denominator", list(zip(bias_correction2_sqrt, eps, step_size)), keys)
+    bc2 = runs.scalar(bias_correction2_sqrt, keys, "bc2")
+    eps_ = runs.scalar(eps, keys, "eps")
     if rows.one_buffer:
-        denom = torch.empty(sum(rows.sizes), dtype=exp_avg_sqs[0].dtype, device=exp_avg_sqs[0].device).split(rows.sizes)
-        torch._foreach_copy_(denom, exp_avg_sqs)
-        torch._foreach_sqrt_(denom)
+        # into one buffer for the bucket: its sqrt is one tensor, and so are the bias
+        # correction and eps where every row has the same
+        t = rows.exp_avg_sqs[0]
+        buffer = torch.empty(rows.cum[-1], dtype=t.dtype, device=t.device)
+        denom = list(buffer.split(runs.sizes))
+        torch._foreach_copy_(denom, runs.views("exp_avg_sqs"))
+        torch._foreach_sqrt_([buffer])
+        torch._foreach_div_(denom if isinstance(bc2, list) else [buffer], bc2)
+        torch._foreach_add_(denom if isinstance(eps_, list) else [buffer], eps_)
     else:
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, _per_row(bias_correction2_sqrt, keys, used))
-    torch._foreach_add_(denom, _per_row(eps, keys, used, memo, "eps"))
-    torch._foreach_addcdiv_(params, exp_avgs, denom, _per_row(step_size, keys, used))
+        denom = torch._foreach_sqrt(runs.views("exp_avg_sqs"))
+        torch._foreach_div_(denom, bc2)
+        torch._foreach_add_(denom, eps_)
+    torch._foreach_addcdiv_(runs.views("params"), runs.views("exp_avgs"), denom, runs.scalar(step_size, keys, "step"))
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ one exists); state, hooks and remove() behave as torch's."""
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -215,3 +216,85 @@ def test_kept_rows_follow_state_loaded_from_a_checkpoint():
     assert all(opt.state[p]["step"].item() == 6.0 for p in params)
     for i, (a, b) in enumerate(zip([p.detach() for p in params], want)):
         assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max().item()}"
+
+
+# The usual target: segments differ in lr and weight decay, share betas and eps.
+SHARED = [dict(g, eps=1e-8, betas=(0.9, 0.95)) for g in GROUPS]
+
+
+class _ForeachSpy:
+    """Records (op, number of tensors in its first list) for every torch._foreach_* call."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[str, int]] = []
+        for name in [n for n in dir(torch) if n.startswith("_foreach_")]:
+            monkeypatch.setattr(torch, name, self._wrap(name, getattr(torch, name)))
+
+    def _wrap(self, name, fn):
+        def op(*args, **kwargs):
+            self.calls.append((name, len(args[0])))
+            return fn(*args, **kwargs)
+        return op
+
+
+@pytest.mark.parametrize("one_buffer", [False, True], ids=["per-tensor-sqrt", "one-buffer-sqrt"])
+def test_an_op_steps_adjacent_segments_with_its_same_scalar_as_one_tensor(one_buffer, monkeypatch):
+    """With shared betas and eps, the moment updates get one tensor per param, not one per
+    segment (and with the one sqrt buffer, the sqrt, bias correction and eps one tensor for
+    the bucket); the lr-dependent ops keep a tensor per segment; the result is bit-identical
+    to torch's."""
+    from cdp_megatron.integration import grouped_adam
+
+    this = sys.modules[__name__]
+    monkeypatch.setattr(this, "GROUPS", SHARED)
+    monkeypatch.setattr(grouped_adam, "_one_buffer", lambda rows: one_buffer)
+    want = _reference(torch.optim.AdamW, "cpu", 6, with_hp_change=True, foreach=False)
+    spy = _ForeachSpy(monkeypatch)
+    got, _ = _grouped(torch.optim.AdamW, "cpu", 6, with_hp_change=True, buffer=True)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max().item()}"
+    # 5 params in 9 rows; group 1 (weight decay 0) is skipped by the decay, which leaves 6
+    # (tensor 2's first two segments have different lr * wd).
+    moments = [("_foreach_lerp_", 5), ("_foreach_mul_", 5), ("_foreach_addcmul_", 5)]
+    if one_buffer:
+        # sqrt, and the bias correction and eps (the same for all rows), on the whole buffer
+        denominator = [("_foreach_copy_", 9), ("_foreach_sqrt_", 1), ("_foreach_div_", 1), ("_foreach_add_", 1)]
+    else:
+        denominator = [("_foreach_sqrt", 9), ("_foreach_div_", 9), ("_foreach_add_", 9)]
+    last_step = spy.calls[-len(moments) - len(denominator) - 3:]
+    assert last_step == [("_foreach_add_", 5), ("_foreach_mul_", 6), *moments, *denominator, ("_foreach_addcdiv_", 9)]
+
+
+def test_a_group_whose_betas_part_from_its_neighbours_splits_the_runs(monkeypatch):
+    """Runs are kept across steps while the pattern of equal scalars stays; when one group's
+    beta1 changes mid-run, its segments must be stepped apart from their neighbours again."""
+    this = sys.modules[__name__]
+
+    def change_group_1(group):
+        if group["lr"] == SHARED[1]["lr"]:
+            group["betas"] = (0.85, group["betas"][1])
+
+    monkeypatch.setattr(this, "GROUPS", SHARED)
+    monkeypatch.setattr(this, "_change_hparams", change_group_1)
+    want = _reference(torch.optim.AdamW, "cpu", 6, with_hp_change=True, foreach=False)
+    spy = _ForeachSpy(monkeypatch)
+    got, _ = _grouped(torch.optim.AdamW, "cpu", 6, with_hp_change=True, buffer=True)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max().item()}"
+    lerps = [n for op, n in spy.calls if op == "_foreach_lerp_"]
+    assert lerps == [5, 5, 8, 8, 8, 8]  # tensor 2: [g0 g3] g1 g2; tensor 4: g1 g3
+
+
+def test_scalar_classes_keep_zeros_of_each_sign_apart():
+    from cdp_megatron.integration.grouped_adam import _classes
+
+    assert _classes([0.0, -0.0, 1.0, 0.0, None, 1.0]) == [0, 1, 2, 0, None, 2]
+
+
+def test_pieces_that_do_not_tile_their_tensor_are_refused():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    GroupedAdamStep(opt, {id(p): [(0, 3, 0)]})
+    p.grad = torch.ones(4)
+    with pytest.raises(ValueError, match="do not tile a tensor of 4 elements"):
+        opt.step()

@@ -24,3 +24,7 @@ def test_benchmark_prints_its_ratios(mode, ratio):
         assert m and float(m.group(1)) > 0, proc.stdout
     groups = {name: int(n) for name, n in re.findall(r"^\s+(\w+)\s*:\s+(\d+) param groups", proc.stdout, re.M)}
     assert groups["plain"] == groups["global"] == 2 and groups["distinct"] > 2, proc.stdout
+    if mode:  # the tensors each variant hands to the foreach ops: more rows for distinct groups
+        tensors = {name: int(n) for name, n in re.findall(r"^\s+(\w+)\s*:.*\|\s+(\d+) tensors through", proc.stdout, re.M)}
+        assert set(tensors) == {"plain", "global", "distinct"}, proc.stdout
+        assert 0 < tensors["plain"] <= tensors["distinct"], proc.stdout
