@@ -20,9 +20,9 @@ branch), in the same order:
 Each op sees the rows in its own runs: adjacent segments of one param whose scalar for that
 op is the same number are one view (q, k, v and gate, up that differ only in lr get one
 tensor per param in the moment updates; with the one sqrt buffer, the sqrt, and the bias
-correction and eps where they are global, run on the bucket's whole buffer). Elementwise ops give each element the same result
-however the elements are split into tensors, so this cuts the tensors (host time, launches)
-and not a bit of the result.
+correction and eps where they are global, run on the bucket's whole buffer). Elementwise
+ops give each element the same result however the elements are split into tensors, so this
+cuts the tensors (host time, launches) and not a bit of the result.
 
 Each scalar is computed by the same Python expression as in torch, per tensor from its
 group, so the update of every element equals torch's Adam run on that group alone: on CPU
@@ -81,7 +81,7 @@ class _Rows:
     whose scalar is the same for adjacent rows steps them as one view (``_Runs``)."""
 
     __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "groups", "owners", "sizes", "used",
-                 "one_buffer", "memo", "slot_of", "starts", "ends", "cum", "flats", "numels")
+                 "one_buffer", "memo", "slot_of", "starts", "ends", "cum", "flats")
 
     def __init__(self) -> None:
         self.params: list[torch.Tensor] = []
@@ -99,7 +99,6 @@ class _Rows:
         self.ends: list[int] = []
         self.cum: list[int] = [0]  # cum[i]: elements in rows before row i
         self.flats: dict[str, list[torch.Tensor]] = {k: [] for k in _KINDS}  # per param of the bucket
-        self.numels: list[int] = []  # per param of the bucket
 
     def add(self, slot: "_Slot", grad_flat: torch.Tensor, grads: list[torch.Tensor], owner: int) -> None:
         self.params.extend(slot.params)
@@ -109,14 +108,13 @@ class _Rows:
         self.groups.extend(slot.groups)
         self.owners.extend([owner] * len(slot.sizes))
         self.sizes.extend(slot.sizes)
-        self.slot_of.extend([len(self.numels)] * len(slot.sizes))
+        self.slot_of.extend([len(self.flats["params"])] * len(slot.sizes))
         for lo, hi in slot.ranges:
             self.starts.append(lo)
             self.ends.append(hi)
             self.cum.append(self.cum[-1] + hi - lo)
         for kind, flat in zip(_KINDS, (slot.flats[0], grad_flat, slot.flats[1], slot.flats[2])):
             self.flats[kind].append(flat)
-        self.numels.append(slot.flats[0].numel())
 
     def seal(self) -> None:
         self.used = sorted(set(self.groups))
