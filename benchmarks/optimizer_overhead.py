@@ -12,7 +12,7 @@ training step (forward, backward, Megatron's ``optimizer.step()``), alternating 
 models, and prints the medians and the ratios.
 
     python benchmarks/optimizer_overhead.py [--layers 16] [--hidden 128] [--steps 40]
-        [--dist-opt] [--bf16] [--host-only]
+        [--dist-opt] [--bf16] [--host-only] [--lr-only]
 
 ``--host-only`` times only the host's Python bookkeeping of the inner Adam step: every
 ``torch._foreach_*`` op is replaced by a no-op (and torch's own AdamW is made to take its
@@ -49,6 +49,8 @@ def _spec(args, distinct: bool) -> dict:
         },
         "depth": {"lr": depth, "eps": depth[::-1]},
     }
+    if args.lr_only:  # as a searched target often is (examples/base.json): only LRs move
+        multipliers = {"type": {t: {"lr": m["lr"]} for t, m in multipliers["type"].items()}, "depth": {"lr": depth}}
     return {
         "schema_version": 1,
         "base": {
@@ -192,7 +194,7 @@ def _host_only(args, runs: dict) -> None:
                     times[name].append((time.perf_counter() - t0) / 10)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"host bookkeeping of the inner Adam step (foreach ops stubbed), torch={torch.__version__} "
-          f"layers={args.layers} hidden={args.hidden} dist_opt={args.dist_opt} bf16={args.bf16}")
+          f"layers={args.layers} hidden={args.hidden} dist_opt={args.dist_opt} bf16={args.bf16} lr_only={args.lr_only}")
     for name, (*_, groups) in runs.items():
         print(f"  {name:8s}: {groups:4d} param groups | {med[name]:7.3f} ms | "
               f"{tensors[name]:5d} tensors through _foreach_* ops per step")
@@ -231,6 +233,9 @@ def main() -> None:
                         help="also profile 5 inner Adam steps per variant (torch.profiler): top ops and kernel counts")
     parser.add_argument("--host-only", action="store_true",
                         help="time only the inner step's host bookkeeping (torch's _foreach_* ops stubbed)")
+    parser.add_argument("--lr-only", action="store_true",
+                        help="per-type and per-depth LR multipliers only (the default also moves eps, betas and "
+                             "weight decay between q, k, v and gate, up: the worst case for the segments)")
     parser.add_argument("--keep-device-mode", action="store_true",
                         help="keep the CPU shim's device-keyword rewrite on while timing")
     args = parser.parse_args()
@@ -279,7 +284,7 @@ def main() -> None:
         med = {k: statistics.median(v) * 1e3 for k, v in opt_times.items()}
         step = {k: statistics.median(v) * 1e3 for k, v in step_times.items()}
         print(f"device={device.type} torch={torch.__version__} layers={args.layers} hidden={args.hidden} "
-              f"dist_opt={args.dist_opt} bf16={args.bf16} steps={args.steps} "
+              f"dist_opt={args.dist_opt} bf16={args.bf16} lr_only={args.lr_only} steps={args.steps} "
               f"shim_device_mode_in_step={args.keep_device_mode}")
         for name, (*_, groups) in runs.items():
             print(f"  {name:8s}: {groups:4d} param groups | inner Adam step {med[name]:8.2f} ms | "

@@ -81,7 +81,7 @@ class _Rows:
     whose scalar is the same for adjacent rows steps them as one view (``_Runs``)."""
 
     __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "groups", "owners", "sizes", "used",
-                 "one_buffer", "memo", "slot_of", "starts", "ends", "cum", "flats")
+                 "one_buffer", "memo", "slot_of", "starts", "ends", "cum", "flats", "numels")
 
     def __init__(self) -> None:
         self.params: list[torch.Tensor] = []
@@ -99,6 +99,7 @@ class _Rows:
         self.ends: list[int] = []
         self.cum: list[int] = [0]  # cum[i]: elements in rows before row i
         self.flats: dict[str, list[torch.Tensor]] = {k: [] for k in _KINDS}  # per param of the bucket
+        self.numels: list[int] = []  # per param of the bucket
 
     def add(self, slot: "_Slot", grad_flat: torch.Tensor, grads: list[torch.Tensor], owner: int) -> None:
         self.params.extend(slot.params)
@@ -108,13 +109,14 @@ class _Rows:
         self.groups.extend(slot.groups)
         self.owners.extend([owner] * len(slot.sizes))
         self.sizes.extend(slot.sizes)
-        self.slot_of.extend([len(self.flats["params"])] * len(slot.sizes))
+        self.slot_of.extend([len(self.numels)] * len(slot.sizes))
         for lo, hi in slot.ranges:
             self.starts.append(lo)
             self.ends.append(hi)
             self.cum.append(self.cum[-1] + hi - lo)
         for kind, flat in zip(_KINDS, (slot.flats[0], grad_flat, slot.flats[1], slot.flats[2])):
             self.flats[kind].append(flat)
+        self.numels.append(slot.flats[0].numel())
 
     def seal(self) -> None:
         self.used = sorted(set(self.groups))
@@ -455,12 +457,12 @@ def _update_bucket(rows: _Rows, table: list[tuple], keys: list[int], used: list[
     bc2 = runs.scalar(bias_correction2_sqrt, keys, "bc2")
     eps_ = runs.scalar(eps, keys, "eps")
     if rows.one_buffer:
-        # into one buffer for the bucket: its sqrt is one tensor, and so are the bias
-        # correction and eps where every row has the same
+        # into one buffer for the bucket (copied a param at a time): its sqrt is one tensor,
+        # and so are the bias correction and eps where every row has the same
         t = rows.exp_avg_sqs[0]
         buffer = torch.empty(rows.cum[-1], dtype=t.dtype, device=t.device)
+        torch._foreach_copy_(list(buffer.split(rows.numels)), rows.flats["exp_avg_sqs"])
         denom = list(buffer.split(runs.sizes))
-        torch._foreach_copy_(denom, runs.views("exp_avg_sqs"))
         torch._foreach_sqrt_([buffer])
         torch._foreach_div_(denom if isinstance(bc2, list) else [buffer], bc2)
         torch._foreach_add_(denom if isinstance(eps_, list) else [buffer], eps_)
