@@ -80,7 +80,7 @@ class _Rows:
     and the whole flat tensors of the params the rows belong to (``flats``), from which an op
     whose scalar is the same for adjacent rows steps them as one view (``_Runs``)."""
 
-    __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "groups", "owners", "sizes", "used",
+    __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "groups", "owners", "used",
                  "one_buffer", "memo", "slot_of", "starts", "ends", "cum", "flats", "numels")
 
     def __init__(self) -> None:
@@ -90,10 +90,9 @@ class _Rows:
         self.exp_avg_sqs: list[torch.Tensor] = []
         self.groups: list[int] = []  # param group whose hyperparameters step the row
         self.owners: list[int] = []  # index of the owning param in the step's param list
-        self.sizes: list[int] = []  # elements per row
         self.used: list[int] = []  # the distinct groups of the rows, ascending
         self.one_buffer = False  # sqrt(exp_avg_sq) into one buffer (see _one_buffer)
-        self.memo: dict[str, tuple] = {}  # the ops' runs (and _per_row's lists) of the last step
+        self.memo: dict[str, tuple] = {}  # the ops' runs of the last step
         self.slot_of: list[int] = []  # per row: the bucket's index of its param
         self.starts: list[int] = []  # per row: its elements [start, end) of its param's flat tensor
         self.ends: list[int] = []
@@ -108,7 +107,6 @@ class _Rows:
         self.exp_avg_sqs.extend(slot.exp_avg_sqs)
         self.groups.extend(slot.groups)
         self.owners.extend([owner] * len(slot.sizes))
-        self.sizes.extend(slot.sizes)
         self.slot_of.extend([len(self.numels)] * len(slot.sizes))
         for lo, hi in slot.ranges:
             self.starts.append(lo)
@@ -307,24 +305,7 @@ def _one_buffer(rows: _Rows) -> bool:
 def _buffer_pays(rows: _Rows) -> bool:
     """The cost model of ``_one_buffer`` (a CUDA device assumed)."""
     copy_bytes = 2 * rows.cum[-1] * rows.exp_avg_sqs[0].element_size()
-    return len(rows.sizes) * _ALLOC_S > copy_bytes * _COPY_S_PER_BYTE
-
-
-def _per_row(values: list[float], keys: list[int], used: list[int], memo: dict | None = None, name: str = "") -> float | list[float]:
-    """Row i's scalar is ``values[keys[i]]``; ``used`` lists the distinct keys. One scalar
-    when every row has the same value (the scalar kernels fit more tensors per launch), else
-    the per-row list; the same numbers either way. With ``memo`` (the bucket's), the list
-    made for ``name`` last time is reused when ``keys`` and ``values`` are unchanged (betas
-    and eps do not move between steps)."""
-    if memo is not None:
-        last = memo.get(name)
-        if last is not None and last[0] is keys and last[1] == values:
-            return last[2]
-    first = values[used[0]]
-    out = first if all(values[k] == first for k in used) else [values[k] for k in keys]
-    if memo is not None:
-        memo[name] = (keys, values, out)
-    return out
+    return len(rows.groups) * _ALLOC_S > copy_bytes * _COPY_S_PER_BYTE
 
 
 class _Runs:
@@ -412,6 +393,14 @@ def _runs(rows: _Rows, name: str, values: list, keys: list[int]) -> _Runs:
     return runs
 
 
+def _each_row(rows: _Rows) -> _Runs:
+    """One run per row (ops on the new per-row grads of Adam's L2 weight decay)."""
+    last = rows.memo.get("each row")
+    if last is None:
+        last = rows.memo["each row"] = _Runs(rows, list(range(len(rows.groups))))
+    return last
+
+
 def _update_bucket(rows: _Rows, table: list[tuple], keys: list[int], used: list[int], decoupled: bool) -> None:
     """One Adam step of a bucket. ``table[k]`` = (lr, weight_decay, eps, beta1, beta2, step) of
     the rows whose key is k (``keys``: one per row; ``used``: the distinct keys, ascending).
@@ -435,19 +424,18 @@ def _update_bucket(rows: _Rows, table: list[tuple], keys: list[int], used: list[
 
     one_minus_beta1 = [1 - b for b in beta1]
     one_minus_beta2 = [1 - b for b in beta2]
-    if grads_l2 is None:
-        runs = _runs(rows, "beta1", one_minus_beta1, keys)
-        torch._foreach_lerp_(runs.views("exp_avgs"), runs.views("grads"), runs.scalar(one_minus_beta1, keys, "1-beta1"))
-    else:
-        torch._foreach_lerp_(rows.exp_avgs, grads_l2, _per_row(one_minus_beta1, keys, used, rows.memo, "1-beta1"))
+    # the ops that read the grads step one tensor per row where L2 made new ones
+    runs = _runs(rows, "beta1", one_minus_beta1, keys) if grads_l2 is None else _each_row(rows)
+    grads = runs.views("grads") if grads_l2 is None else grads_l2
+    torch._foreach_lerp_(runs.views("exp_avgs"), grads, runs.scalar(one_minus_beta1, keys, "1-beta1"))
     runs = _runs(rows, "beta2", beta2, keys)
     torch._foreach_mul_(runs.views("exp_avg_sqs"), runs.scalar(beta2, keys, "beta2"))
     if grads_l2 is None:
-        torch._foreach_addcmul_(runs.views("exp_avg_sqs"), runs.views("grads"), runs.views("grads"),
-                                runs.scalar(one_minus_beta2, keys, "1-beta2"))
+        grads = runs.views("grads")
     else:
-        torch._foreach_addcmul_(rows.exp_avg_sqs, grads_l2, grads_l2, _per_row(one_minus_beta2, keys, used, rows.memo, "1-beta2"))
-    del grads_l2
+        runs = _each_row(rows)
+    torch._foreach_addcmul_(runs.views("exp_avg_sqs"), grads, grads, runs.scalar(one_minus_beta2, keys, "1-beta2"))
+    del grads, grads_l2
 
     step_size = [(lr_k / (1 - b1 ** s)) * -1 for lr_k, b1, s in zip(lr, beta1, step)]
     bias_correction2_sqrt = [(1 - b2 ** s) ** 0.5 for b2, s in zip(beta2, step)]
