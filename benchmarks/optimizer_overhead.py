@@ -102,7 +102,9 @@ def _build(args, mode: str, first: bool):
     return target, chunks, optimizer, scheduler, groups
 
 
-def _train_step(target, chunks, optimizer, scheduler, tokens) -> None:
+def _train_step(target, chunks, optimizer, scheduler, tokens, sync=lambda: None) -> float:
+    """One training step; returns the perf_counter time at which forward and backward (and
+    the grad sync) ended and Megatron's ``optimizer.step()`` and the LR schedule began."""
     from cdp_megatron.integration.model import lm_loss
 
     for chunk in chunks:
@@ -111,8 +113,11 @@ def _train_step(target, chunks, optimizer, scheduler, tokens) -> None:
     lm_loss(chunks[0], tokens).backward()
     for chunk in chunks:
         chunk.finish_grad_sync()
+    sync()
+    split = time.perf_counter()
     optimizer.step()
     scheduler.step(1)
+    return split
 
 
 def _profile(runs: dict, sync) -> None:
@@ -218,6 +223,19 @@ def _paired(times: dict, base: str) -> str:
     return f"{statistics.median(ratios):.3f} (per-round quartiles {q[0]:.3f}-{q[2]:.3f}, {len(ratios)} rounds)"
 
 
+def _from_parts(step_times: dict, tail_times: dict, base: str) -> str:
+    """The whole-step ratio with forward+backward taken as equal (the models differ there only
+    by the residual multipliers, two elementwise products per layer): 1 + the per-round
+    difference of the optimizer part (Megatron's step and the schedule, measured side by side)
+    over the base's train step. The forward+backward noise of a loaded machine, which
+    dominates the whole-step ratio, cancels; the quartiles are those of the differences."""
+    diffs = sorted(d - b for d, b in zip(tail_times["distinct"], tail_times[base]))
+    step = statistics.median(step_times[base])
+    q = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else [diffs[0]] * 3
+    return (f"{1 + statistics.median(diffs) / step:.4f} (optimizer part {statistics.median(diffs) * 1e3:+.2f} ms "
+            f"on a {step * 1e3:.1f} ms step; quartiles {1 + q[0] / step:.4f}-{1 + q[2] / step:.4f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=16)
@@ -260,12 +278,15 @@ def main() -> None:
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         opt_times = {name: [] for name in runs}
         step_times = {name: [] for name in runs}
+        fb_times = {name: [] for name in runs}  # forward, backward, grad sync
+        tail_times = {name: [] for name in runs}  # Megatron's optimizer.step() and the LR schedule
         for i in range(args.warmup + args.steps):
             for name, (target, chunks, optimizer, scheduler, _) in _rotated(runs, i):
                 sync()
                 t0 = time.perf_counter()
-                _train_step(target, chunks, optimizer, scheduler, tokens)
+                split = _train_step(target, chunks, optimizer, scheduler, tokens, sync)
                 sync()
+                t_end = time.perf_counter()
                 if not args.keep_device_mode:
                     # The shim's device='cuda' rewrite (a TorchFunctionMode) adds microseconds
                     # to every torch call, far more than a GPU launch: time without it.
@@ -279,7 +300,9 @@ def main() -> None:
                 t2 = time.perf_counter()
                 cpu_runner.activate(device_kwargs=True)
                 if i >= args.warmup:
-                    step_times[name].append(t1 - t0)
+                    step_times[name].append(t_end - t0)
+                    fb_times[name].append(split - t0)
+                    tail_times[name].append(t_end - split)
                     opt_times[name].append(t2 - t1)
         med = {k: statistics.median(v) * 1e3 for k, v in opt_times.items()}
         step = {k: statistics.median(v) * 1e3 for k, v in step_times.items()}
@@ -294,6 +317,9 @@ def main() -> None:
         for base in ("global", "plain"):
             print(f"inner Adam step ratio (distinct / {base}): {_paired(opt_times, base)}")
             print(f"train step ratio      (distinct / {base}): {_paired(step_times, base)}")
+            print(f"  forward+backward    (distinct / {base}): {_paired(fb_times, base)}")
+            print(f"  optimizer+schedule  (distinct / {base}): {_paired(tail_times, base)}")
+            print(f"train step from its parts (distinct / {base}): {_from_parts(step_times, tail_times, base)}")
     finally:
         cpu_runner.destroy_distributed()
         cpu_runner.deactivate()

@@ -19,8 +19,9 @@ branch), in the same order:
 
 Each op sees the rows in its own runs: adjacent segments of one param whose scalar for that
 op is the same number are one view (q, k, v and gate, up that differ only in lr get one
-tensor per param in the moment updates; with the one sqrt buffer, the sqrt, and the bias
-correction and eps where they are global, run on the bucket's whole buffer). Elementwise
+tensor per param in the moment updates and the denominator, which is cut into views where
+the lr-dependent update needs a tensor per segment; with the one sqrt buffer, the sqrt, and
+the bias correction and eps where they are global, run on the bucket's whole buffer). Elementwise
 ops give each element the same result however the elements are split into tensors, so this
 cuts the tensors (host time, launches) and not a bit of the result.
 
@@ -439,9 +440,11 @@ def _update_bucket(rows: _Rows, table: list[tuple], keys: list[int], used: list[
 
     step_size = [(lr_k / (1 - b1 ** s)) * -1 for lr_k, b1, s in zip(lr, beta1, step)]
     bias_correction2_sqrt = [(1 - b2 ** s) ** 0.5 for b2, s in zip(beta2, step)]
-    # d = sqrt(v) / bias correction + eps, then p += step size * m / d: one tensor per run of
-    # (bias correction, eps, step size), shared by the four ops
-    runs = _runs(rows, "denominator", list(zip(bias_correction2_sqrt, eps, step_size)), keys)
+    # d = sqrt(v) / bias correction + eps on runs of (bias correction, eps); then
+    # p += step size * m / d on runs of (bias correction, eps, step size), which split those
+    # (d's tensors cut into views where the step size differs: lr moves, betas and eps don't)
+    runs = _runs(rows, "bc2 eps", list(zip(bias_correction2_sqrt, eps)), keys)
+    fine = _runs(rows, "denominator", list(zip(bias_correction2_sqrt, eps, step_size)), keys)
     bc2 = runs.scalar(bias_correction2_sqrt, keys, "bc2")
     eps_ = runs.scalar(eps, keys, "eps")
     if rows.one_buffer:
@@ -450,15 +453,47 @@ def _update_bucket(rows: _Rows, table: list[tuple], keys: list[int], used: list[
         t = rows.exp_avg_sqs[0]
         buffer = torch.empty(rows.cum[-1], dtype=t.dtype, device=t.device)
         torch._foreach_copy_(list(buffer.split(rows.numels)), rows.flats["exp_avg_sqs"])
-        denom = list(buffer.split(runs.sizes))
         torch._foreach_sqrt_([buffer])
-        torch._foreach_div_(denom if isinstance(bc2, list) else [buffer], bc2)
-        torch._foreach_add_(denom if isinstance(eps_, list) else [buffer], eps_)
+        denom = list(buffer.split(fine.sizes))
+        if isinstance(bc2, list) or isinstance(eps_, list):
+            coarse = denom if len(runs.bounds) == len(fine.bounds) else list(buffer.split(runs.sizes))
+        torch._foreach_div_(coarse if isinstance(bc2, list) else [buffer], bc2)
+        torch._foreach_add_(coarse if isinstance(eps_, list) else [buffer], eps_)
     else:
         denom = torch._foreach_sqrt(runs.views("exp_avg_sqs"))
         torch._foreach_div_(denom, bc2)
         torch._foreach_add_(denom, eps_)
-    torch._foreach_addcdiv_(runs.views("params"), runs.views("exp_avgs"), denom, runs.scalar(step_size, keys, "step"))
+        if len(runs.bounds) != len(fine.bounds):
+            denom = _cut(denom, _nested_sizes(rows, runs, fine))
+    torch._foreach_addcdiv_(fine.views("params"), fine.views("exp_avgs"), denom, fine.scalar(step_size, keys, "step"))
+
+
+def _nested_sizes(rows: _Rows, coarse: _Runs, fine: _Runs) -> list[list[int]]:
+    """Per run of ``coarse``, the sizes of the runs of ``fine`` it holds (``fine``'s classes
+    refine ``coarse``'s, so each fine run lies in one coarse run); kept while both are."""
+    last = rows.memo.get("nested sizes")
+    if last is not None and last[0] is coarse and last[1] is fine:
+        return last[2]
+    out: list[list[int]] = [[] for _ in coarse.bounds]
+    c = 0
+    for (a, b), size in zip(fine.bounds, fine.sizes):
+        while not coarse.bounds[c][0] <= a < coarse.bounds[c][1]:
+            c += 1
+        assert b <= coarse.bounds[c][1], "fine runs must nest in coarse runs"
+        out[c].append(size)
+    rows.memo["nested sizes"] = (coarse, fine, out)
+    return out
+
+
+def _cut(tensors: list[torch.Tensor], sizes: list[list[int]]) -> list[torch.Tensor]:
+    """Each tensor split into views of the given sizes, in order."""
+    out: list[torch.Tensor] = []
+    for t, parts in zip(tensors, sizes):
+        if len(parts) == 1:
+            out.append(t)
+        else:
+            out.extend(t.split(parts))
+    return out
 
 
 @torch.no_grad()

@@ -261,7 +261,9 @@ def test_an_op_steps_adjacent_segments_with_its_same_scalar_as_one_tensor(one_bu
         # the whole buffer
         denominator = [("_foreach_copy_", 5), ("_foreach_sqrt_", 1), ("_foreach_div_", 1), ("_foreach_add_", 1)]
     else:
-        denominator = [("_foreach_sqrt", 9), ("_foreach_div_", 9), ("_foreach_add_", 9)]
+        # sqrt, bias correction and eps (the same for all rows) a param at a time, cut into
+        # the segments' views for the lr-dependent update
+        denominator = [("_foreach_sqrt", 5), ("_foreach_div_", 5), ("_foreach_add_", 5)]
     last_step = spy.calls[-len(moments) - len(denominator) - 3:]
     assert last_step == [("_foreach_add_", 5), ("_foreach_mul_", 6), *moments, *denominator, ("_foreach_addcdiv_", 9)]
 
@@ -284,6 +286,33 @@ def test_a_group_whose_betas_part_from_its_neighbours_splits_the_runs(monkeypatc
         assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max().item()}"
     lerps = [n for op, n in spy.calls if op == "_foreach_lerp_"]
     assert lerps == [5, 5, 8, 8, 8, 8]  # tensor 2: [g0 g3] g1 g2; tensor 4: g1 g3
+
+
+@pytest.mark.parametrize("one_buffer", [False, True], ids=["per-tensor-sqrt", "one-buffer-sqrt"])
+def test_the_denominator_is_built_on_runs_of_eps_and_cut_where_the_step_size_differs(one_buffer, monkeypatch):
+    """Groups 0 and 3 share eps and betas and differ in lr: tensor 2's first two segments
+    (g0, g3) get one denominator tensor, cut in two for the update; the other segments and
+    tensors have their own eps. Bit-identical to torch's."""
+    from cdp_megatron.integration import grouped_adam
+
+    this = sys.modules[__name__]
+    groups = [dict(g, betas=(0.9, 0.95)) for g in GROUPS]
+    groups[3]["eps"] = groups[0]["eps"]
+    monkeypatch.setattr(this, "GROUPS", groups)
+    monkeypatch.setattr(this, "_change_hparams", lambda group: group.update(lr=group["lr"] * 0.5))
+    monkeypatch.setattr(grouped_adam, "_one_buffer", lambda rows: one_buffer)
+    want = _reference(torch.optim.AdamW, "cpu", 6, with_hp_change=True, foreach=False)
+    spy = _ForeachSpy(monkeypatch)
+    got, _ = _grouped(torch.optim.AdamW, "cpu", 6, with_hp_change=True, buffer=True)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max().item()}"
+    # rows: t0 | t1 | t2: g0 g3 g1 g2 | t3 | t4: g1 g3 -> runs of eps: 1, 1, 3, 1, 2 = 8
+    ops = [op for op, _ in spy.calls]
+    last = spy.calls[len(ops) - 1 - ops[::-1].index("_foreach_lerp_"):]
+    if one_buffer:
+        assert last[4:] == [("_foreach_sqrt_", 1), ("_foreach_div_", 1), ("_foreach_add_", 8), ("_foreach_addcdiv_", 9)]
+    else:
+        assert last[3:] == [("_foreach_sqrt", 8), ("_foreach_div_", 8), ("_foreach_add_", 8), ("_foreach_addcdiv_", 9)]
 
 
 def test_scalar_classes_keep_zeros_of_each_sign_apart():
