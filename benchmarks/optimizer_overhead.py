@@ -9,7 +9,11 @@ AdamW step, the reference the issue's 1.02x target is measured against).
 Times the inner Adam step (the torch/apex/TE optimizer's ``step()``, where the per-segment
 stepping happens; Megatron's grad copy and norm are the same for both models) and a whole
 training step (forward, backward, Megatron's ``optimizer.step()``), alternating the three
-models, and prints the medians and the ratios.
+models, and prints the medians and the ratios. The whole step is also split into forward +
+backward and the optimizer part (Megatron's ``optimizer.step()`` and the LR schedule), and
+``train step from its parts`` gives the whole-step ratio with forward+backward taken as equal:
+the paired optimizer difference over the base step, which a loaded machine's forward noise
+(larger than the effect on a 2-core CPU) does not reach.
 
     python benchmarks/optimizer_overhead.py [--layers 16] [--hidden 128] [--steps 40]
         [--dist-opt] [--bf16] [--host-only] [--lr-only]

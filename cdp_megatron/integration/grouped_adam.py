@@ -455,6 +455,7 @@ def _update_bucket(rows: _Rows, table: list[tuple], keys: list[int], used: list[
         torch._foreach_copy_(list(buffer.split(rows.numels)), rows.flats["exp_avg_sqs"])
         torch._foreach_sqrt_([buffer])
         denom = list(buffer.split(fine.sizes))
+        coarse = [buffer]  # the runs of (bias correction, eps), for whichever is not global
         if isinstance(bc2, list) or isinstance(eps_, list):
             coarse = denom if len(runs.bounds) == len(fine.bounds) else list(buffer.split(runs.sizes))
         torch._foreach_div_(coarse if isinstance(bc2, list) else [buffer], bc2)

@@ -237,6 +237,17 @@ class _ForeachSpy:
         return op
 
 
+def _spied_run(monkeypatch) -> _ForeachSpy:
+    """Six AdamW steps of the grouped step (grads in a buffer, rows kept), checked bit-identical
+    to torch's per group; the spy holds the foreach calls of the grouped run."""
+    want = _reference(torch.optim.AdamW, "cpu", 6, with_hp_change=True, foreach=False)
+    spy = _ForeachSpy(monkeypatch)
+    got, _ = _grouped(torch.optim.AdamW, "cpu", 6, with_hp_change=True, buffer=True)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max().item()}"
+    return spy
+
+
 @pytest.mark.parametrize("one_buffer", [False, True], ids=["per-tensor-sqrt", "one-buffer-sqrt"])
 def test_an_op_steps_adjacent_segments_with_its_same_scalar_as_one_tensor(one_buffer, monkeypatch):
     """With shared betas and eps, the moment updates get one tensor per param, not one per
@@ -248,11 +259,7 @@ def test_an_op_steps_adjacent_segments_with_its_same_scalar_as_one_tensor(one_bu
     this = sys.modules[__name__]
     monkeypatch.setattr(this, "GROUPS", SHARED)
     monkeypatch.setattr(grouped_adam, "_one_buffer", lambda rows: one_buffer)
-    want = _reference(torch.optim.AdamW, "cpu", 6, with_hp_change=True, foreach=False)
-    spy = _ForeachSpy(monkeypatch)
-    got, _ = _grouped(torch.optim.AdamW, "cpu", 6, with_hp_change=True, buffer=True)
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max().item()}"
+    spy = _spied_run(monkeypatch)
     # 5 params in 9 rows; group 1 (weight decay 0) is skipped by the decay, which leaves 6
     # (tensor 2's first two segments have different lr * wd).
     moments = [("_foreach_lerp_", 5), ("_foreach_mul_", 5), ("_foreach_addcmul_", 5)]
@@ -279,11 +286,7 @@ def test_a_group_whose_betas_part_from_its_neighbours_splits_the_runs(monkeypatc
 
     monkeypatch.setattr(this, "GROUPS", SHARED)
     monkeypatch.setattr(this, "_change_hparams", change_group_1)
-    want = _reference(torch.optim.AdamW, "cpu", 6, with_hp_change=True, foreach=False)
-    spy = _ForeachSpy(monkeypatch)
-    got, _ = _grouped(torch.optim.AdamW, "cpu", 6, with_hp_change=True, buffer=True)
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max().item()}"
+    spy = _spied_run(monkeypatch)
     lerps = [n for op, n in spy.calls if op == "_foreach_lerp_"]
     assert lerps == [5, 5, 8, 8, 8, 8]  # tensor 2: [g0 g3] g1 g2; tensor 4: g1 g3
 
@@ -301,11 +304,7 @@ def test_the_denominator_is_built_on_runs_of_eps_and_cut_where_the_step_size_dif
     monkeypatch.setattr(this, "GROUPS", groups)
     monkeypatch.setattr(this, "_change_hparams", lambda group: group.update(lr=group["lr"] * 0.5))
     monkeypatch.setattr(grouped_adam, "_one_buffer", lambda rows: one_buffer)
-    want = _reference(torch.optim.AdamW, "cpu", 6, with_hp_change=True, foreach=False)
-    spy = _ForeachSpy(monkeypatch)
-    got, _ = _grouped(torch.optim.AdamW, "cpu", 6, with_hp_change=True, buffer=True)
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max().item()}"
+    spy = _spied_run(monkeypatch)
     # rows: t0 | t1 | t2: g0 g3 g1 g2 | t3 | t4: g1 g3 -> runs of eps: 1, 1, 3, 1, 2 = 8
     ops = [op for op, _ in spy.calls]
     last = spy.calls[len(ops) - 1 - ops[::-1].index("_foreach_lerp_"):]

@@ -22,6 +22,10 @@ def test_benchmark_prints_its_ratios(mode, ratio):
     for base in ("global", "plain"):
         m = re.search(rf"{ratio} \(distinct / {base}\): (\d+\.\d+)", proc.stdout)
         assert m and float(m.group(1)) > 0, proc.stdout
+    if not mode:  # the whole step from its parts: forward+backward and the optimizer part apart
+        for base in ("global", "plain"):
+            m = re.search(rf"train step from its parts \(distinct / {base}\): (\d+\.\d+) \(optimizer part [+-]\d", proc.stdout)
+            assert m and float(m.group(1)) > 0, proc.stdout
     groups = {name: int(n) for name, n in re.findall(r"^\s+(\w+)\s*:\s+(\d+) param groups", proc.stdout, re.M)}
     assert groups["plain"] == groups["global"] == 2 and groups["distinct"] > 2, proc.stdout
     if mode:  # the tensors each variant hands to the foreach ops: more rows for distinct groups
