@@ -32,3 +32,44 @@ def test_benchmark_prints_its_ratios(mode, ratio):
         tensors = {name: int(n) for name, n in re.findall(r"^\s+(\w+)\s*:.*\|\s+(\d+) tensors through", proc.stdout, re.M)}
         assert set(tensors) == {"plain", "global", "distinct"}, proc.stdout
         assert 0 < tensors["plain"] <= tensors["distinct"], proc.stdout
+
+
+def _gpu_check(tmp_path, **env):
+    import os
+
+    run_env = {**os.environ, "PYTHON": sys.executable, **env}
+    run_env.pop("OUT", None)
+    return subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=REPO, env=run_env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = _gpu_check(tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "gpu_check: torch sees no CUDA device here; these checks need a GPU (run the CPU suite instead)"]
+
+
+def test_gpu_check_reports_a_check_over_its_time_limit_and_runs_the_rest(tmp_path):
+    proc = _gpu_check(tmp_path, GPU_CHECK_ON_CPU="1", CHECK_TIMEOUT="1")
+    assert proc.returncode == 5, proc.stdout + proc.stderr[-2000:]  # the number of failed checks
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    names = re.findall(r"^== (\w+): FAILED, exit 124 \(over 1 s\)", summary, re.M)
+    assert names == ["grouped_adam_tests", "bench_fp32_4x64", "bench_fp32_8x512", "bench_bf16_distopt_8x512",
+                     "bench_lr_only_8x512"], summary
+    assert summary.splitlines()[-1].startswith("gpu_check: 5 check(s) failed")
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_check_on_a_tiny_model(tmp_path):
+    proc = _gpu_check(tmp_path, GPU_CHECK_ON_CPU="1", CHECK_TIMEOUT="300",
+                      BENCH_SHAPE="--layers 2 --hidden 64 --steps 2 --warmup 1 --seq 16")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert len(re.findall(r"^== \w+: ok \(\d+ s\)$", summary, re.M)) == 5, summary
+    assert re.search(r"^  \d+ passed", summary, re.M), summary  # the grouped Adam tests
+    assert len(re.findall(r"train step from its parts \(distinct / plain\): \d", summary)) == 4, summary
+    for name in ("grouped_adam_tests", "bench_fp32_4x64", "bench_bf16_distopt_8x512"):
+        assert (tmp_path / "out" / f"{name}.log").stat().st_size > 0

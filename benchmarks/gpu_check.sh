@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU checks of the Megatron-Core integration in one bounded run, for a machine that has
+# a GPU but no network (wheels carried in), writing one log per check and a summary:
+#   1. tests/integration/test_grouped_adam.py: the grouped Adam step bit-identical to torch's
+#      own Adam/AdamW per group and segment, its CUDA cases included (both sqrt paths);
+#   2. benchmarks/optimizer_overhead.py at 16 layers x 1024, every group distinct vs global
+#      HPs and vs Megatron's own optimizer: fp32 at 4 x 64 and 8 x 512 tokens per step,
+#      bf16 with the distributed optimizer at 8 x 512, and --lr-only at 8 x 512.
+#
+# Usage: benchmarks/gpu_check.sh [OUT_DIR] [WHEELS_DIR]
+#   OUT_DIR     logs and summary.txt (default: $OUT if set, else runs/gpu-check)
+#   WHEELS_DIR  wheels to install first when megatron-core is missing (default: .whl), e.g.
+#               made on a machine with network access (python 3.12, x86-64):
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2
+# Each check has its own time limit (CHECK_TIMEOUT seconds, default 150); a check that fails
+# or runs out of time is reported in the summary and the others still run. Exit status: the
+# number of failed checks (0: all passed). BENCH_SHAPE replaces the benchmarks' model flags
+# (default "--layers 16 --hidden 1024 --steps 30"); GPU_CHECK_ON_CPU=1 runs the script
+# without a GPU, to try the script itself (the figures then are CPU figures).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-runs/gpu-check}}
+WHEELS=${2:-.whl}
+PY=${PYTHON:-python3}
+LIMIT=${CHECK_TIMEOUT:-150}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT_DIR"
+SUMMARY="$OUT_DIR/summary.txt"
+: >"$SUMMARY"
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+if [ "${GPU_CHECK_ON_CPU:-0}" != 1 ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "gpu_check: torch sees no CUDA device here; these checks need a GPU (run the CPU suite instead)" >&2
+  exit 1
+fi
+if ! "$PY" -c 'import megatron.core' 2>/dev/null; then
+  if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "gpu_check: megatron-core is not installed and $WHEELS holds no wheels; install it or pass WHEELS_DIR" >&2
+    exit 1
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/cdp-gpu-site "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH=/tmp/cdp-gpu-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if ! "$PY" -c 'import cdp_megatron.patches' 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT_DIR/install.log" 2>&1 || {
+    echo "gpu_check: could not install cdp-megatron (see $OUT_DIR/install.log)" >&2; exit 1; }
+fi
+say "gpu_check $(date -u +%FT%TZ): $("$PY" -W ignore -c 'import torch, megatron.core as m; d = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"; print(f"torch {torch.__version__}, megatron-core {m.__version__}, {d}")' 2>/dev/null)"
+say "  host CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
+
+FAILED=0
+check() {  # check NAME COMMAND...: run with the time limit, log to NAME.log, grep the figures
+  local name=$1 rc start
+  shift
+  start=$(date +%s)
+  timeout "$LIMIT" "$@" >"$OUT_DIR/$name.log" 2>&1
+  rc=$?
+  if [ "$rc" -eq 0 ]; then
+    say "== $name: ok ($(($(date +%s) - start)) s)"
+  else
+    FAILED=$((FAILED + 1))
+    say "== $name: FAILED, exit $rc$([ "$rc" -eq 124 ] && echo " (over ${LIMIT} s)") ($(($(date +%s) - start)) s)"
+  fi
+  grep -E "passed|failed|error|^device=|param groups|ratio|from its parts" "$OUT_DIR/$name.log" \
+    | grep -v -i "warn" | sed 's/^/  /' | tee -a "$SUMMARY"
+}
+
+read -r -a SHAPE <<<"${BENCH_SHAPE:---layers 16 --hidden 1024 --steps 30}"
+BENCH=("$PY" benchmarks/optimizer_overhead.py "${SHAPE[@]}")
+check grouped_adam_tests "$PY" -m pytest -q -p no:cacheprovider tests/integration/test_grouped_adam.py
+check bench_fp32_4x64 "${BENCH[@]}"
+check bench_fp32_8x512 "${BENCH[@]}" --batch 8 --seq 512
+check bench_bf16_distopt_8x512 "${BENCH[@]}" --batch 8 --seq 512 --bf16 --dist-opt
+check bench_lr_only_8x512 "${BENCH[@]}" --batch 8 --seq 512 --lr-only
+say "gpu_check: $FAILED check(s) failed; logs in $OUT_DIR"
+exit "$FAILED"
