@@ -29,11 +29,6 @@ PY=${PYTHON:-python3}
 LIMIT=${CHECK_TIMEOUT:-150}
 DEADLINE=$(($(date +%s) + ${GPU_CHECK_BUDGET:-540}))
 export PYTHONUNBUFFERED=1
-mkdir -p "$OUT_DIR"
-SUMMARY="$OUT_DIR/summary.txt"
-: >"$SUMMARY"
-say() { echo "$*" | tee -a "$SUMMARY"; }
-
 if [ "${GPU_CHECK_ON_CPU:-0}" != 1 ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "gpu_check: torch sees no CUDA device here; these checks need a GPU (run the CPU suite instead)" >&2
   exit 1
@@ -47,6 +42,12 @@ if ! "$PY" -c 'import megatron.core' 2>/dev/null; then
     --target /tmp/cdp-gpu-site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=/tmp/cdp-gpu-site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# the refusals above leave no output behind
+mkdir -p "$OUT_DIR"
+SUMMARY="$OUT_DIR/summary.txt"
+: >"$SUMMARY"
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
 if ! "$PY" -c 'import cdp_megatron.patches' 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT_DIR/install.log" 2>&1 || {
     echo "gpu_check: could not install cdp-megatron (see $OUT_DIR/install.log)" >&2; exit 1; }

@@ -50,6 +50,7 @@ def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "gpu_check: torch sees no CUDA device here; these checks need a GPU (run the CPU suite instead)"]
+    assert not (tmp_path / "out").exists()  # no output left behind
 
 
 def test_gpu_check_runs_each_check_within_its_limit_and_the_whole_within_its_budget(tmp_path):
