@@ -1,11 +1,14 @@
 """benchmarks/optimizer_overhead.py runs end to end on a tiny model and prints its ratios, in
-both modes (whole steps, and --host-only with the foreach ops stubbed)."""
+both modes (whole steps, and --host-only with the foreach ops stubbed); benchmarks/gpu_check.sh
+refuses a machine without CUDA, keeps its time limits and, tried on a CPU, runs every check."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,8 +38,6 @@ def test_benchmark_prints_its_ratios(mode, ratio):
 
 
 def _gpu_check(tmp_path, **env):
-    import os
-
     run_env = {**os.environ, "PYTHON": sys.executable, **env}
     run_env.pop("OUT", None)
     return subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=REPO, env=run_env,
@@ -54,8 +55,6 @@ def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
 
 
 def test_gpu_check_runs_each_check_within_its_limit_and_the_whole_within_its_budget(tmp_path):
-    import time
-
     # five checks of up to 8 s each (the benchmarks take longer) cannot all fit in 30 s with the set-up
     start = time.monotonic()
     proc = _gpu_check(tmp_path, GPU_CHECK_ON_CPU="1", GPU_CHECK_BUDGET="30", CHECK_TIMEOUT="8")
