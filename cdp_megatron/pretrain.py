@@ -331,6 +331,12 @@ class _Run:
             + (f" VPP={args.virtual_pipeline_model_parallel_size}" if args.virtual_pipeline_model_parallel_size else "")
             + f" DP={args.data_parallel_size}"
         )
+        overlapped = [name for name, on in (("grad reduce", args.overlap_grad_reduce),
+                                            ("param gather", args.overlap_param_gather)) if on]
+        if overlapped:
+            layout += f", overlapped {' and '.join(overlapped)}"
+            if args.ddp_bucket_size:
+                layout += f" (buckets of {args.ddp_bucket_size} elements)"
         lines = [
             f"{PROG}: {args.world_size} process(es) on {self.device} "
             f"({'nccl' if self.device == 'cuda' else 'gloo'}), {layout}",
@@ -343,6 +349,8 @@ class _Run:
             f"  data: {'mock (random tokens)' if args.mock_data else ' '.join(args.data_path)}; "
             f"z-loss {args.cdp_z_loss:g}",
         ]
+        if args.ddp_bucket_size and not args.overlap_grad_reduce:
+            lines.append("  note: --ddp-bucket-size has no effect without --overlap-grad-reduce (one bucket)")
         if getattr(args, "sequence_parallel_dropped", False):
             lines.append("  note: --sequence-parallel has no effect with --tensor-model-parallel-size 1 (turned off)")
         if args.target is not None:
@@ -410,10 +418,13 @@ class _Run:
         self.param_infos = classify_model(chunks)
         print_summary(self.param_infos, args.target)
         model = wrap_ddp(chunks, config, use_distributed_optimizer=args.use_distributed_optimizer,
-                         grad_reduce_in_fp32=True)
-        from cdp_megatron.integration.training import use_megatron_grad_finalization
+                         grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+                         overlap_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size)
+        from cdp_megatron.integration.training import use_comm_overlap, use_megatron_grad_finalization
 
         use_megatron_grad_finalization(config)
+        if args.overlap_grad_reduce:
+            use_comm_overlap(config, model)
         return model, config
 
     def _optimizer_config(self):
@@ -516,14 +527,17 @@ class _Run:
             if os.environ.get(_CRASH_DURING_SAVE_ENV) == str(iteration):
                 _die_like_a_killed_process()  # fault injection (tests): written, not yet published
 
+        from cdp_megatron.integration.training import synced_params
+
         started = time.perf_counter()
-        final = save_iteration(
-            self.args.save, iteration, self.model, self.optimizer, self.scheduler,
-            layout=self._layout(), extra={"consumed_samples": self.consumed_samples},
-            before_publish=crash_if_asked,
-            dist_opt_format="fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable else None,
-            mem_efficient=self.args.distrib_optim_fully_reshardable_mem_efficient,
-        )
+        with synced_params(self.model):  # the latest weights under --overlap-param-gather
+            final = save_iteration(
+                self.args.save, iteration, self.model, self.optimizer, self.scheduler,
+                layout=self._layout(), extra={"consumed_samples": self.consumed_samples},
+                before_publish=crash_if_asked,
+                dist_opt_format="fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable else None,
+                mem_efficient=self.args.distrib_optim_fully_reshardable_mem_efficient,
+            )
         self._print(f" saved checkpoint {final} in {time.perf_counter() - started:.2f} s")
 
     # ---------------------------------------------------------------------------- training
@@ -569,11 +583,13 @@ class _Run:
     def _evaluate(self) -> tuple[float, float]:
         import torch
 
+        from cdp_megatron.integration.training import synced_params
+
         args = self.args
         for chunk in self.model:
             chunk.eval()
         losses: list = []
-        with torch.no_grad():
+        with torch.no_grad(), synced_params(self.model):  # the latest weights under --overlap-param-gather
             for i in range(args.eval_iters):
                 losses += self._schedule(self.valid_data, i * args.global_batch_size, forward_only=True)
         for chunk in self.model:

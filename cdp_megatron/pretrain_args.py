@@ -76,8 +76,9 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--weight-decay-incr-style": "weight-decay schedules are not supported",
     "--override-opt_param-scheduler": "the schedule is always taken from the flags on --load",
     "--use-checkpoint-opt_param-scheduler": "the schedule is always taken from the flags on --load",
-    "--overlap-grad-reduce": "gradient-reduce overlap is not wired in",
-    "--overlap-param-gather": "parameter-gather overlap is not wired in",
+    "--no-align-grad-reduce": "not supported (grad reductions are aligned across pipeline stages)",
+    "--align-param-gather": "not supported",
+    "--overlap-param-gather-with-optimizer-step": "not supported",
     "--num-virtual-stages-per-pipeline-rank": "give --num-layers-per-virtual-pipeline-stage",
     "--decoder-first-pipeline-num-layers": "uneven pipeline stages are not supported",
     "--decoder-last-pipeline-num-layers": "uneven pipeline stages are not supported",
@@ -286,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, help="interleaved pipeline (VPP)")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state over DP")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the data-parallel gradient reduction with the backward, a bucket at a time")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with --use-distributed-optimizer and --overlap-grad-reduce: overlap the parameter "
+                   "all-gather with the next forward")
+    g.add_argument("--ddp-bucket-size", type=int,
+                   help="elements per gradient bucket (default Megatron's: max(40M, 1M x DP) with "
+                   "--overlap-grad-reduce, one bucket without)")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
 
     g = p.add_argument_group("training (Megatron-LM)")
@@ -539,6 +548,12 @@ def _validate_parallel_and_batch(args: argparse.Namespace) -> None:
             )
         vpp = per_stage // args.num_layers_per_virtual_pipeline_stage
         args.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise ArgsError("--overlap-param-gather needs --use-distributed-optimizer (only its parameters are gathered)")
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        raise ArgsError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
+        raise ArgsError(f"--ddp-bucket-size {args.ddp_bucket_size}: give a positive number of elements")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # Megatron-LM does the same (with a warning, printed at start-up)
         args.sequence_parallel_dropped = True

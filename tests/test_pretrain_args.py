@@ -115,9 +115,24 @@ def test_fully_reshardable_checkpoint_flags():
         "--dist-ckpt-strictness is a Megatron-LM flag cdp-pretrain does not support")
 
 
+def test_comm_overlap_flags():
+    args = parse(TINY + " --lr 1e-3 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather "
+                 "--ddp-bucket-size 20000", world_size=2)
+    assert args.overlap_grad_reduce and args.overlap_param_gather and args.ddp_bucket_size == 20000
+    plain = parse(TINY + " --lr 1e-3")
+    assert not plain.overlap_grad_reduce and not plain.overlap_param_gather and plain.ddp_bucket_size is None
+    assert parse(TINY + " --lr 1e-3 --overlap-grad-reduce").overlap_grad_reduce  # the plain optimizer too
+    assert error(TINY + " --lr 1e-3 --overlap-grad-reduce --overlap-param-gather") == (
+        "--overlap-param-gather needs --use-distributed-optimizer (only its parameters are gathered)")
+    assert error(TINY + " --lr 1e-3 --use-distributed-optimizer --overlap-param-gather") == (
+        "--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
+    assert error(TINY + " --lr 1e-3 --overlap-grad-reduce --ddp-bucket-size 0") == (
+        "--ddp-bucket-size 0: give a positive number of elements")
+
+
 # ------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize("flag", ["--num-experts 8", "--recompute-granularity full", "--context-parallel-size 2",
-                                  "--fp16", "--use-flash-attn", "--moe-router-topk 2", "--overlap-grad-reduce"])
+                                  "--fp16", "--use-flash-attn", "--moe-router-topk 2", "--align-param-gather"])
 def test_unsupported_megatron_flags_are_named(flag):
     name = flag.split()[0]
     message = error(TINY + " --lr 1e-3 " + flag)

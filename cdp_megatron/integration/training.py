@@ -17,7 +17,8 @@ the tokens of the global batch)::
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 __all__ = [
     "data_parallel_rank",
@@ -33,6 +34,8 @@ __all__ = [
     "forward_backward_func",
     "finalize_model_grads",
     "use_megatron_grad_finalization",
+    "use_comm_overlap",
+    "synced_params",
     "optimizer_config",
     "plain_optimizer",
 ]
@@ -198,6 +201,39 @@ def use_megatron_grad_finalization(config: Any) -> None:
     from megatron.core.distributed import finalize_model_grads as _finalize
 
     config.finalize_model_grads_func = _finalize
+
+
+def use_comm_overlap(config: Any, model_chunks: Sequence[Any]) -> None:
+    """Hand the pipeline schedules the DDP hooks that ``overlap_grad_reduce`` needs, as
+    Megatron-LM's ``train`` does: ``no_sync_func`` (no reduction until the last micro batch)
+    and ``grad_sync_func`` (start a chunk's reduction after its last backward; Megatron-LM's
+    default ``--align-grad-reduce``). One chunk gets the function, several a list."""
+
+    def one_or_list(funcs: list) -> Any:
+        return funcs[0] if len(funcs) == 1 else funcs
+
+    config.no_sync_func = one_or_list([chunk.no_sync for chunk in model_chunks])
+    config.grad_sync_func = one_or_list([chunk.start_grad_sync for chunk in model_chunks])
+
+
+@contextlib.contextmanager
+def synced_params(model_chunks: Sequence[Any]) -> Iterator[None]:
+    """Within the block the model's parameters are the optimizer's latest values.
+
+    With ``overlap_param_gather`` the distributed optimizer's step leaves each rank's
+    parameters gathered only up to its own shard: the all-gather runs in the forward
+    pre-hooks of the next training step, after ``zero_grad_buffer``. An evaluation or a
+    checkpoint in between would read stale weights, so (as Megatron-LM does around both) the
+    hooks are taken off with a synchronous all-gather, and put back after. Without
+    ``overlap_param_gather`` this does nothing."""
+    hooked = [chunk for chunk in model_chunks if getattr(chunk, "use_forward_hook", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
 
 
 # ================================================================================ optimizer

@@ -57,6 +57,7 @@ def setup_model(
     lr_warmup_iters: int | None = None,
     init_model_parallel: bool = True,
     clip_grad: float = 0.0,
+    overlap: bool = False,
 ) -> Setup:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig
@@ -85,8 +86,15 @@ def setup_model(
         pipeline_dtype=dtype,
     )
     chunks = build_gpt_model(target=target, config=config)
-    chunks = wrap_ddp(chunks, config, use_distributed_optimizer=dist_opt, grad_reduce_in_fp32=True)
+    # overlap: Megatron's overlapped grad reduce (and param gather with dist_opt) in buckets of
+    # 2000 elements, so the tiny models have several
+    comm = dict(overlap_grad_reduce=True, overlap_param_gather=dist_opt, bucket_size=2000) if overlap else {}
+    chunks = wrap_ddp(chunks, config, use_distributed_optimizer=dist_opt, grad_reduce_in_fp32=True, **comm)
     config.finalize_model_grads_func = finalize_model_grads
+    if overlap:
+        from cdp_megatron.integration.training import use_comm_overlap
+
+        use_comm_overlap(config, chunks)
     opt_config = OptimizerConfig(
         optimizer="adam",
         bf16=bf16,

@@ -192,6 +192,42 @@ def test_sp_without_multipliers_equals_plain_megatron():
     run_distributed(_identity_worker, 1)
 
 
+# --- overlapped communication ------------------------------------------------------------------
+def _overlap_worker(dist_opt: bool) -> dict:
+    """Per-type and per-depth hyperparameters with Megatron's overlapped grad reduce (and, with
+    the distributed optimizer, param gather) in several buckets: the same losses and weights as
+    without overlap, every segment still with its group's values, the grouped step's rows kept."""
+    from cdp_megatron.integration.training import synced_params
+
+    target = tiny_target(multipliers=oc.multipliers_for(2))
+    out = {}
+    for overlap in (False, True):
+        setup = oc.setup_model(target, dist_opt=dist_opt, overlap=overlap, init_model_parallel=not overlap)
+        buckets = sum(len(c.bucket_groups) for c in setup.chunks)
+        losses = oc.train_steps(setup, 4, micro_batch_size=1)  # 2 micro batches a rank: no_sync
+        kept = [m.optimizer.cdp_grouped_step._kept is not None for m in setup.optimizer.chained_optimizers]
+        coverage = oc.check_assignments(setup)
+        with synced_params(setup.chunks):  # with overlap_param_gather: the last step's weights
+            weights = oc.snapshot(setup.chunks)
+        out[overlap] = (buckets, losses, kept, coverage, weights)
+    (b0, l0, _, c0, w0), (b1, l1, k1, c1, w1) = out[False], out[True]
+    assert b0 == 1 and b1 > 2, (b0, b1)
+    assert l1 == l0, (l0, l1)
+    assert all(k1)
+    if not dist_opt:  # the distributed optimizer's shards follow the buckets (coverage: caller)
+        assert c1 == c0
+    for name in w0:
+        assert torch.equal(w0[name], w1[name]), name
+    return c1
+
+
+@pytest.mark.parametrize("dist_opt", [False, True], ids=["dp2", "dp2-distopt"])
+def test_overlapped_grad_reduce_and_param_gather_train_identically(dist_opt):
+    results = run_distributed(_overlap_worker, 2, dist_opt)
+    if dist_opt:
+        oc.assert_full_coverage(results)
+
+
 # --- refusals ----------------------------------------------------------------------------------
 def _refusal_worker() -> list[str]:
     from megatron.core.optimizer import OptimizerConfig

@@ -199,10 +199,19 @@ FOUR_PROCESS_LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def reference_no_dropout(spec20, tmp_path_factory) -> dict[int, float]:
+def reference_no_dropout_file(spec20, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("reference_no_dropout")
     ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file ref.jsonl", tmp))
-    return train_losses(tmp / "ref.jsonl")
+    return tmp / "ref.jsonl"
+
+
+@pytest.fixture(scope="module")
+def reference_no_dropout(reference_no_dropout_file) -> dict[int, float]:
+    return train_losses(reference_no_dropout_file)
+
+
+def val_losses(path: Path) -> dict[int, float]:
+    return {r["iteration"]: r["val_loss"] for r in records(path) if r.get("eval")}
 
 
 def _assert_close(losses: dict[int, float], reference: dict[int, float], iterations) -> None:
@@ -240,6 +249,44 @@ def test_virtual_pipeline_matches_one_process(optimizer, spec20, tmp_path):
     ok(run(four + " --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 " + optimizer,
            tmp_path / "vpp", nproc=2))
     _assert_close(train_losses(tmp_path / "vpp" / "m.jsonl"), reference, range(1, 21))
+
+
+# Overlapped communication in buckets of 20000 elements (the tiny model has ~7), with 2 micro
+# batches a rank so that the reduction waits for the last one (no_sync).
+OVERLAP = " --overlap-grad-reduce --ddp-bucket-size 20000 --micro-batch-size 2"
+OVERLAP_LAYOUTS = {
+    "DP2-overlap": OVERLAP,
+    "DP2-distopt-overlap-param-gather": "--use-distributed-optimizer --overlap-param-gather" + OVERLAP,
+    "PP2-overlap": "--pipeline-model-parallel-size 2" + OVERLAP,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(OVERLAP_LAYOUTS))
+def test_overlapped_communication_matches_one_process(layout, spec20, reference_no_dropout_file, tmp_path):
+    out = ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file m.jsonl "
+                 + OVERLAP_LAYOUTS[layout], tmp_path, nproc=2))
+    overlapped = "overlapped grad reduce and param gather" if "param-gather" in layout else "overlapped grad reduce"
+    assert f"{overlapped} (buckets of 20000 elements)" in out
+    _assert_close(train_losses(tmp_path / "m.jsonl"), train_losses(reference_no_dropout_file), range(1, 21))
+    val, val_reference = val_losses(tmp_path / "m.jsonl"), val_losses(reference_no_dropout_file)
+    assert sorted(val) == sorted(val_reference) == [10, 20]
+    _assert_close(val, val_reference, [10, 20])
+
+
+@pytest.mark.slow
+def test_overlapped_param_gather_saves_the_latest_weights(spec20, tmp_path):
+    """--overlap-param-gather leaves the other ranks' parameter shards stale after a step until
+    the next forward; a checkpoint saved there (no evaluation in between) must hold the step's
+    weights: bf16 (the model's weights are loaded as saved), resumed exactly."""
+    flags = (cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --eval-interval 20 --bf16 "
+             "--use-distributed-optimizer --overlap-param-gather --metrics-file m.jsonl" + OVERLAP)
+    (tmp_path / "whole").mkdir()
+    ok(run(flags, tmp_path / "whole", nproc=2))
+    ok(run(flags + " --save ckpt --save-interval 10 --exit-interval 10", tmp_path, nproc=2))
+    assert "starting at iteration 10" in ok(run(flags + " --load ckpt", tmp_path, nproc=2))
+    whole, resumed = train_losses(tmp_path / "whole" / "m.jsonl"), train_losses(tmp_path / "m.jsonl")
+    assert [resumed[i] for i in range(11, 21)] == [whole[i] for i in range(11, 21)]  # exact
 
 
 FULLY_RESHARDABLE = " --use-distributed-optimizer --dist-ckpt-optim-fully-reshardable"

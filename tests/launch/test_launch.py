@@ -407,8 +407,8 @@ def test_sbatch_example_builds_the_expected_command(bin_dir):
     assert flags["--global-batch-size"] == "512"
     assert flags["--tensor-model-parallel-size"] == "2"
     assert flags["--tokenizer-type"] == "GPT2BPETokenizer"
-    assert {"--use-distributed-optimizer", "--bf16", "--data-path", "--save", "--load",
-            "--train-iters"} <= set(forwarded)
+    assert {"--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather", "--bf16",
+            "--data-path", "--save", "--load", "--train-iters"} <= set(forwarded)
 
 
 # ---- end to end: real torchrun, two CPU processes ------------------------------------
