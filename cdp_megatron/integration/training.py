@@ -220,12 +220,13 @@ def use_comm_overlap(config: Any, model_chunks: Sequence[Any]) -> None:
 def synced_params(model_chunks: Sequence[Any]) -> Iterator[None]:
     """Within the block the model's parameters are the optimizer's latest values.
 
-    With ``overlap_param_gather`` the distributed optimizer's step leaves each rank's
-    parameters gathered only up to its own shard: the all-gather runs in the forward
-    pre-hooks of the next training step, after ``zero_grad_buffer``. An evaluation or a
-    checkpoint in between would read stale weights, so (as Megatron-LM does around both) the
-    hooks are taken off with a synchronous all-gather, and put back after. Without
-    ``overlap_param_gather`` this does nothing."""
+    With ``overlap_param_gather`` the distributed optimizer's step updates only this rank's
+    shard of each parameter; the other shards arrive by the all-gathers that the forward
+    pre-hooks of the next forward run. A checkpoint saved in between would hold the previous
+    step's values in those shards (tests/integration/test_pretrain.py shows the resume going
+    wrong). An evaluation's forward would gather them through the hooks; as Megatron-LM does,
+    it runs without them too. So the hooks are taken off with a synchronous all-gather, and
+    put back after. Without ``overlap_param_gather`` this does nothing."""
     hooked = [chunk for chunk in model_chunks if getattr(chunk, "use_forward_hook", False)]
     for chunk in hooked:
         chunk.disable_forward_pre_hook(param_sync=True)
