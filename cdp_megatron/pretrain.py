@@ -420,11 +420,9 @@ class _Run:
         model = wrap_ddp(chunks, config, use_distributed_optimizer=args.use_distributed_optimizer,
                          grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
                          overlap_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size)
-        from cdp_megatron.integration.training import use_comm_overlap, use_megatron_grad_finalization
+        from cdp_megatron.integration.training import use_megatron_grad_finalization
 
         use_megatron_grad_finalization(config)
-        if args.overlap_grad_reduce:
-            use_comm_overlap(config, model)
         return model, config
 
     def _optimizer_config(self):

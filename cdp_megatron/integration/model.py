@@ -429,6 +429,11 @@ def wrap_ddp(
     """Float16Module (bf16/fp16 configs) then DistributedDataParallel, as Megatron-LM does.
 
     ddp_kwargs: DistributedDataParallelConfig fields (e.g. use_distributed_optimizer=True).
+    With ``overlap_grad_reduce`` the pipeline schedules also get the DDP hooks it needs, as
+    Megatron-LM's ``train`` sets them on ``config``: ``no_sync_func`` (no reduction until the
+    last micro batch) and ``grad_sync_func`` (start a chunk's reduction after its last
+    backward; Megatron-LM's default ``--align-grad-reduce``); one chunk gets the function,
+    several a list.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
@@ -440,6 +445,12 @@ def wrap_ddp(
             chunk = Float16Module(config, chunk)
         # Only the first chunk's buckets overlap with the backward (Megatron-LM's get_model).
         wrapped.append(DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0))
+    if ddp_config.overlap_grad_reduce:
+        def one_or_list(funcs: list) -> Any:
+            return funcs[0] if len(funcs) == 1 else funcs
+
+        config.no_sync_func = one_or_list([chunk.no_sync for chunk in wrapped])
+        config.grad_sync_func = one_or_list([chunk.start_grad_sync for chunk in wrapped])
     return wrapped
 
 

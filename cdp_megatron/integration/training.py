@@ -34,7 +34,6 @@ __all__ = [
     "forward_backward_func",
     "finalize_model_grads",
     "use_megatron_grad_finalization",
-    "use_comm_overlap",
     "synced_params",
     "optimizer_config",
     "plain_optimizer",
@@ -201,19 +200,6 @@ def use_megatron_grad_finalization(config: Any) -> None:
     from megatron.core.distributed import finalize_model_grads as _finalize
 
     config.finalize_model_grads_func = _finalize
-
-
-def use_comm_overlap(config: Any, model_chunks: Sequence[Any]) -> None:
-    """Hand the pipeline schedules the DDP hooks that ``overlap_grad_reduce`` needs, as
-    Megatron-LM's ``train`` does: ``no_sync_func`` (no reduction until the last micro batch)
-    and ``grad_sync_func`` (start a chunk's reduction after its last backward; Megatron-LM's
-    default ``--align-grad-reduce``). One chunk gets the function, several a list."""
-
-    def one_or_list(funcs: list) -> Any:
-        return funcs[0] if len(funcs) == 1 else funcs
-
-    config.no_sync_func = one_or_list([chunk.no_sync for chunk in model_chunks])
-    config.grad_sync_func = one_or_list([chunk.start_grad_sync for chunk in model_chunks])
 
 
 @contextlib.contextmanager

@@ -91,10 +91,6 @@ def setup_model(
     comm = dict(overlap_grad_reduce=True, overlap_param_gather=dist_opt, bucket_size=2000) if overlap else {}
     chunks = wrap_ddp(chunks, config, use_distributed_optimizer=dist_opt, grad_reduce_in_fp32=True, **comm)
     config.finalize_model_grads_func = finalize_model_grads
-    if overlap:
-        from cdp_megatron.integration.training import use_comm_overlap
-
-        use_comm_overlap(config, chunks)
     opt_config = OptimizerConfig(
         optimizer="adam",
         bf16=bf16,
