@@ -237,18 +237,44 @@ def test_four_process_layouts_match_one_process(layout, spec20, reference_no_dro
     _assert_close(train_losses(tmp_path / "m.jsonl"), reference_no_dropout, range(1, 21))
 
 
+def four_layers(spec20) -> str:
+    four = cdp20(spec20).replace("--num-layers 2", "--num-layers 4").replace("--micro-batch-size 4", "--micro-batch-size 2")
+    return four + " --hidden-dropout 0 --attention-dropout 0 --train-iters 20 --metrics-file m.jsonl"
+
+
+@pytest.fixture(scope="module")
+def reference_four_layers_file(spec20, tmp_path_factory) -> Path:
+    """The 1-process run of the 4-layer model (the reference of the interleaved pipelines)."""
+    tmp = tmp_path_factory.mktemp("reference_four_layers")
+    ok(run(four_layers(spec20), tmp))
+    return tmp / "m.jsonl"
+
+
+VPP = " --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 "
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["", "--use-distributed-optimizer"], ids=["plain", "distopt"])
-def test_virtual_pipeline_matches_one_process(optimizer, spec20, tmp_path):
-    four = cdp20(spec20).replace("--num-layers 2", "--num-layers 4").replace("--micro-batch-size 4", "--micro-batch-size 2")
-    four += " --hidden-dropout 0 --attention-dropout 0 --train-iters 20 --metrics-file m.jsonl"
-    (tmp_path / "one").mkdir()
-    (tmp_path / "vpp").mkdir()
-    ok(run(four, tmp_path / "one"))  # the 1-process reference for 4 layers
-    reference = train_losses(tmp_path / "one" / "m.jsonl")
-    ok(run(four + " --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 " + optimizer,
-           tmp_path / "vpp", nproc=2))
-    _assert_close(train_losses(tmp_path / "vpp" / "m.jsonl"), reference, range(1, 21))
+def test_virtual_pipeline_matches_one_process(optimizer, spec20, reference_four_layers_file, tmp_path):
+    ok(run(four_layers(spec20) + VPP + optimizer, tmp_path, nproc=2))
+    _assert_close(train_losses(tmp_path / "m.jsonl"), train_losses(reference_four_layers_file), range(1, 21))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [
+    "--overlap-grad-reduce --ddp-bucket-size 20000",
+    "--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather --ddp-bucket-size 20000",
+], ids=["overlap", "distopt-overlap-param-gather"])
+def test_overlapped_communication_on_an_interleaved_pipeline(flags, spec20, reference_four_layers_file, tmp_path):
+    """PP=2 with two model chunks a rank (VPP) and DP=2 on 4 processes: the schedules get a
+    no_sync/grad_sync function per chunk; only the first chunk is bucketed. The 20 training
+    losses and both validation losses equal the 1-process run's within 1e-5."""
+    out = ok(run(four_layers(spec20) + VPP + flags, tmp_path, nproc=4, timeout=900))
+    assert "(buckets of 20000 elements)" in out
+    _assert_close(train_losses(tmp_path / "m.jsonl"), train_losses(reference_four_layers_file), range(1, 21))
+    val, val_reference = val_losses(tmp_path / "m.jsonl"), val_losses(reference_four_layers_file)
+    assert sorted(val) == sorted(val_reference) == [10, 20]
+    _assert_close(val, val_reference, [10, 20])
 
 
 # Overlapped communication in buckets of 20000 elements (the tiny model has ~7), with 2 micro
