@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -185,7 +186,17 @@ def test_reserved_flags_are_rejected(tmp_path):
         _objective(tmp_path, "--cdp-base", "b.json")
 
 
-def test_interrupt_kills_the_trainer_and_enqueues_the_point_again(tmp_path):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler for the test: a shell without job control starts its
+    background jobs with SIGINT ignored, and Python then keeps it ignored (a CI started with
+    `cmd &` would otherwise see no KeyboardInterrupt)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupt_kills_the_trainer_and_enqueues_the_point_again(tmp_path, ctrl_c_raises):
     obj = _objective(tmp_path, "--fake-interrupt-parent")
     study = optuna.create_study()
     with pytest.raises(KeyboardInterrupt):
