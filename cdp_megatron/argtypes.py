@@ -19,8 +19,7 @@ def positive_float(text: str) -> float:
     return v
 
 
-def nonneg_int(text: str) -> int:
-    """A whole number >= 0; '2e3' is accepted as 2000."""
+def _whole(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
@@ -28,14 +27,20 @@ def nonneg_int(text: str) -> int:
     # int(inf) raises OverflowError, which argparse does not catch
     if not math.isfinite(v) or v != int(v):
         raise argparse.ArgumentTypeError(f"invalid integer {text!r}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    """A whole number >= 0; '2e3' is accepted as 2000."""
+    v = _whole(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
     return int(v)
 
 
 def positive_int(text: str) -> int:
-    """A whole number >= 1."""
-    v = nonneg_int(text)
+    """A whole number >= 1 ('-3' says so, not just '>= 0')."""
+    v = _whole(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return v
+    return int(v)

@@ -65,6 +65,7 @@ import math
 import os
 import socket
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -707,6 +708,17 @@ def _config_from_args(args: argparse.Namespace) -> CoordCheckConfig:
     )
 
 
+def _check_json_path(path: Path) -> None:
+    """--json FILE can be written after the run: not a folder, in an existing writable folder."""
+    folder = path.parent
+    if path.is_dir():
+        raise CoordCheckError(f"--json: {str(path)!r} is a folder; give a file name, e.g. coordcheck.json")
+    if not folder.is_dir():
+        raise CoordCheckError(f"--json: folder {str(folder)!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CoordCheckError(f"--json: folder {str(folder)!r} is not writable; check the permissions")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -718,8 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise CoordCheckError(f"--output: the parent of {str(out)!r} does not exist; create it first")
             if out.exists() and not out.is_dir():
                 raise CoordCheckError(f"--output: {str(out)!r} is a file; give a folder")
-        if args.json is not None and not Path(args.json).parent.is_dir():
-            raise CoordCheckError(f"--json: folder {str(Path(args.json).parent)!r} does not exist; create it first")
+            if not os.access(out if out.is_dir() else out.parent, os.W_OK | os.X_OK):
+                raise CoordCheckError(f"--output: {str(out)!r} is not writable; check the permissions")
+        if args.json is not None:
+            _check_json_path(Path(args.json))
         result = run_coordcheck(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except CoordCheckError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -730,9 +744,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in plot(result, args.output):
             print(f"wrote {path}")
     if args.json:
-        tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
-        tmp.write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, args.json)
+        target = Path(args.json)
+        text = json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n"
+        tmp = None
+        try:  # a temporary file in the same folder, renamed: never a partial file, never a .tmp left
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make the result private
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, target)
+        except OSError as e:  # the path changed during the run (it was checked up front)
+            print(f"{PROG}: error: --json: cannot write {args.json!r} ({e.strerror or e}); the numbers are in the "
+                  "report above", file=sys.stderr)
+            return 2
+        finally:
+            if tmp is not None and os.path.lexists(tmp):
+                os.unlink(tmp)
         print(f"wrote {args.json}")
     print(f"total {result['seconds']:.1f} s")
     return 0

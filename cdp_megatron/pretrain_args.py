@@ -424,12 +424,12 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None)
     """
     import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    argv = _join_negative_values(parser, list(sys.argv[1:] if argv is None else argv))
     micro_batch_given = any(_flag_name(token) == "--micro-batch-size" for token in argv)
     if "--quickstart" in argv:
         # The user's flags come after the quick start's, so they win (argparse: last wins).
         argv = quickstart_argv() + argv
-    parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     _check_extras(extras)
     if world_size is None:
@@ -438,6 +438,52 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None)
     args.quickstart_auto_micro_batch = args.quickstart and not micro_batch_given
     _validate(args)
     return args
+
+
+def _join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--lr -inf`` / ``--lr -1e-3`` as ``--lr=-inf``: argparse takes "-inf" and "-1e-3" for
+    flags ("expected one argument"), so such values reach the range checks, which name the fix."""
+    numeric = {o for a in parser._actions if a.type in (int, float) and a.nargs is None
+               for o in a.option_strings}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in numeric and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+            except ValueError:
+                pass
+            else:
+                out.append(f"{token}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(token)
+        i += 1
+    return out
+
+
+# (attribute, test, the allowed range as printed): the optimizer and init values Megatron
+# would otherwise take as they are (NaN passes every comparison, so finiteness is checked).
+_FLOAT_RANGES: tuple[tuple[str, Any, str], ...] = (
+    ("lr", lambda v: v > 0, "a finite number > 0"),
+    ("min_lr", lambda v: v >= 0, "a finite number >= 0"),
+    ("lr_warmup_init", lambda v: v >= 0, "a finite number >= 0"),
+    ("weight_decay", lambda v: v >= 0, "a finite number >= 0"),
+    ("clip_grad", lambda v: v >= 0, "a finite number >= 0 (0: no clipping)"),
+    ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_eps", lambda v: v > 0, "a finite number > 0"),
+    ("init_method_std", lambda v: v > 0, "a finite number > 0"),
+    ("norm_epsilon", lambda v: v > 0, "a finite number > 0"),
+)
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    for name, ok, allowed in _FLOAT_RANGES:
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise ArgsError(f"--{name.replace('_', '-')} must be {allowed}, got {value}")
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
@@ -460,13 +506,11 @@ def _validate(args: argparse.Namespace) -> None:
               "max_position_embeddings", "tensor_model_parallel_size", "pipeline_model_parallel_size",
               "num_layers_per_virtual_pipeline_stage", "log_interval", "eval_interval", "save_interval",
               "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size")
-    _positive(args, "eval_iters", "lr_warmup_iters", "clip_grad", "cdp_z_loss", "min_lr", "weight_decay",
-              "lr_warmup_init", allow_zero=True)
+    _positive(args, "eval_iters", "lr_warmup_iters", "cdp_z_loss", allow_zero=True)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0 <= getattr(args, name) < 1:
             raise ArgsError(f"--{name.replace('_', '-')} must be in [0, 1)")
-    if args.lr is not None and not args.lr > 0:
-        raise ArgsError(f"--lr must be > 0, got {args.lr}")
+    _check_ranges(args)
     if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction <= 1:
         raise ArgsError(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
     if not math.isfinite(args.cdp_z_loss):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,31 @@ __all__ = [
     "Spec",
     "param_class",
     "load_spec",
+    "read_json",
+    "shape_from_dict",
+    "LIMITS",
 ]
 
 SCHEMA_VERSION = 1
+TARGET_KIND = "cdp-megatron target"
+"""The ``kind`` of a resolved target file (cdp-convert -o), which is not a base spec."""
+
+# Upper bounds on shape fields, base and target alike: generous for any real run (the
+# largest published models are far inside them), and low enough that a typo such as
+# --num-layers 1e20 or --width 1e300 is an error, not a hang or a hundred-digit size.
+LIMITS: dict[str, int | float] = {
+    "hidden_size": 2**20,
+    "ffn_hidden_size": 2**20,
+    "num_layers": 10_000,
+    "num_attention_heads": 2**20,
+    "num_query_groups": 2**20,
+    "head_dim": 2**20,
+    "seq_length": 2**24,
+    "global_batch_size": 2**24,
+    "vocab_size": 2**24,
+    "train_iters": 10**9,
+    "train_tokens": 1e15,
+}
 
 # One vocabulary everywhere: spec keys, target groups, parameter classification.
 TYPES: tuple[str, ...] = (
@@ -108,6 +130,24 @@ def _fail(path: str, problem: str, fix: str) -> SpecError:
     return SpecError(f"{path}: {problem}; {fix}")
 
 
+def _show(value: Any) -> str:
+    """repr() for messages; a huge integer is described (repr of a 5000-digit int raises)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**15:
+        return f"an integer of about {round(value.bit_length() * math.log10(2))} digits"
+    return repr(value)
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number that is finite as a float (bool is not a number here; a 400-digit
+    integer is not finite: float() of it overflows)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _known_keys(obj: dict, allowed: tuple[str, ...], path: str) -> None:
     for key in obj:
         if key not in allowed:
@@ -120,23 +160,23 @@ def _obj(value: Any, path: str) -> dict:
     return value
 
 
-def _pos_int(value: Any, path: str) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)  # int(nan) / int(inf) would raise a bare ValueError / OverflowError
-        or value != int(value)
-        or value < 1
-    ):
-        raise _fail(path, f"expected a positive integer, got {value!r}", "give a whole number >= 1")
+def _pos_int(value: Any, path: str, limit: int | float | None = None) -> int:
+    # int(nan) / int(inf) would raise a bare ValueError / OverflowError: _is_number first
+    if not _is_number(value) or value != int(value) or value < 1:
+        raise _fail(path, f"expected a positive integer, got {_show(value)}", "give a whole number >= 1")
+    _at_most(value, limit, path)
     return int(value)
 
 
+def _at_most(value: int | float, limit: int | float | None, path: str) -> None:
+    if limit is not None and value > limit:
+        raise _fail(path, f"{_show(value)} is above the limit {_show(limit)}", "give a realistic value (spec.LIMITS)")
+
+
 def _pos_float(value: Any, path: str, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
+    if not _is_number(value) or value < 0 or (value == 0 and not allow_zero):
         what = "non-negative" if allow_zero else "positive"
-        raise _fail(path, f"expected a {what} finite number, got {value!r}", f"give a {what} number")
+        raise _fail(path, f"expected a {what} finite number, got {_show(value)}", f"give a {what} number")
     return float(value)
 
 
@@ -205,6 +245,13 @@ class Shape:
         return max(1, round(self.train_tokens / self.batch_tokens))
 
     def validate(self, path: str) -> None:
+        for name, limit in LIMITS.items():
+            if name in ("head_dim", "train_iters"):
+                continue
+            value = getattr(self, name)
+            if name == "train_tokens" and not _is_number(value):
+                raise _fail(f"{path}.train_tokens", f"{_show(value)} is not a finite number", "give a smaller --tokens ratio or --train-tokens")
+            _at_most(value, limit, f"{path}.{name}")
         if self.hidden_size % self.num_attention_heads:
             raise _fail(
                 f"{path}.hidden_size",
@@ -222,6 +269,12 @@ class Shape:
                 f"{path}.train_tokens",
                 f"{self.train_tokens:g} tokens is less than one step ({self.batch_tokens} tokens)",
                 "train for at least global_batch_size * seq_length tokens",
+            )
+        if self.train_iters > LIMITS["train_iters"]:
+            raise _fail(
+                f"{path}.train_iters",
+                f"{self.train_tokens:g} tokens make {self.train_iters} iterations, above the limit {LIMITS['train_iters']:g}",
+                "train for fewer tokens or use a larger global batch",
             )
 
     def groups(self) -> list[tuple[str, int | None, str]]:
@@ -249,6 +302,33 @@ class Shape:
 
 
 _SHAPE_FIELDS = tuple(f.name for f in fields(Shape))
+_CHOICES = {"normalization": ("RMSNorm", "LayerNorm"), "position_embedding_type": ("rope", "learned_absolute")}
+
+
+def shape_from_dict(raw: Any, path: str) -> Shape:
+    """A Shape from its field names (a target file's ``shape``), every field type- and
+    range-checked like the base section; fields with a default may be absent."""
+    raw = _obj(raw, path)
+    _known_keys(raw, _SHAPE_FIELDS, path)
+    values: dict[str, Any] = {}
+    for f in fields(Shape):
+        where = f"{path}.{f.name}"
+        if f.name not in raw:
+            if f.default is MISSING:
+                raise _fail(where, "missing", "regenerate it with cdp-convert")
+            continue
+        v = raw[f.name]
+        if f.name == "train_tokens":
+            values[f.name] = _pos_float(v, where)
+        elif f.name in _CHOICES:
+            values[f.name] = _choice(v, _CHOICES[f.name], where)
+        elif f.type == "bool":
+            values[f.name] = _bool(v, where)
+        else:
+            values[f.name] = _pos_int(v, where, LIMITS[f.name])
+    shape = Shape(**values)
+    shape.validate(path)
+    return shape
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,42 +362,43 @@ def _parse_base(raw: Any) -> Base:
     for key in ("hidden_size", "num_layers", "seq_length", "global_batch_size", "vocab_size"):
         if key not in raw:
             raise _fail(f"base.{key}", "missing", "add it (see README, 'The spec file format')")
-    hidden = _pos_int(raw["hidden_size"], "base.hidden_size")
+    hidden = _pos_int(raw["hidden_size"], "base.hidden_size", LIMITS["hidden_size"])
     if "num_attention_heads" in raw and "head_dim" in raw:
         raise _fail("base.head_dim", "given together with num_attention_heads", "give only one of them")
     if "num_attention_heads" in raw:
-        heads = _pos_int(raw["num_attention_heads"], "base.num_attention_heads")
+        heads = _pos_int(raw["num_attention_heads"], "base.num_attention_heads", LIMITS["num_attention_heads"])
     elif "head_dim" in raw:
-        head_dim = _pos_int(raw["head_dim"], "base.head_dim")
+        head_dim = _pos_int(raw["head_dim"], "base.head_dim", LIMITS["head_dim"])
         if hidden % head_dim:
             raise _fail("base.head_dim", f"{head_dim} does not divide hidden_size {hidden}", "choose a divisor")
         heads = hidden // head_dim
     else:
         raise _fail("base.num_attention_heads", "missing", "give num_attention_heads or head_dim")
-    seq = _pos_int(raw["seq_length"], "base.seq_length")
-    gbs = _pos_int(raw["global_batch_size"], "base.global_batch_size")
+    seq = _pos_int(raw["seq_length"], "base.seq_length", LIMITS["seq_length"])
+    gbs = _pos_int(raw["global_batch_size"], "base.global_batch_size", LIMITS["global_batch_size"])
     if ("train_tokens" in raw) == ("train_iters" in raw):
         raise _fail("base.train_tokens", "give exactly one of train_tokens and train_iters", "remove one or add one")
     if "train_tokens" in raw:
         tokens = _pos_float(raw["train_tokens"], "base.train_tokens")
+        _at_most(tokens, LIMITS["train_tokens"], "base.train_tokens")
     else:
-        tokens = float(_pos_int(raw["train_iters"], "base.train_iters") * gbs * seq)
+        tokens = float(_pos_int(raw["train_iters"], "base.train_iters", LIMITS["train_iters"]) * gbs * seq)
     shape = Shape(
         hidden_size=hidden,
-        num_layers=_pos_int(raw["num_layers"], "base.num_layers"),
+        num_layers=_pos_int(raw["num_layers"], "base.num_layers", LIMITS["num_layers"]),
         num_attention_heads=heads,
-        num_query_groups=_pos_int(raw.get("num_query_groups", heads), "base.num_query_groups"),
-        ffn_hidden_size=_pos_int(raw.get("ffn_hidden_size", 4 * hidden), "base.ffn_hidden_size"),
+        num_query_groups=_pos_int(raw.get("num_query_groups", heads), "base.num_query_groups", LIMITS["num_query_groups"]),
+        ffn_hidden_size=_pos_int(raw.get("ffn_hidden_size", 4 * hidden), "base.ffn_hidden_size", LIMITS["ffn_hidden_size"]),
         seq_length=seq,
         global_batch_size=gbs,
         train_tokens=tokens,
-        vocab_size=_pos_int(raw["vocab_size"], "base.vocab_size"),
-        normalization=_choice(raw.get("normalization", "RMSNorm"), ("RMSNorm", "LayerNorm"), "base.normalization"),
+        vocab_size=_pos_int(raw["vocab_size"], "base.vocab_size", LIMITS["vocab_size"]),
+        normalization=_choice(raw.get("normalization", "RMSNorm"), _CHOICES["normalization"], "base.normalization"),
         swiglu=_bool(raw.get("swiglu", True), "base.swiglu"),
         qk_layernorm=_bool(raw.get("qk_layernorm", True), "base.qk_layernorm"),
         add_bias_linear=_bool(raw.get("add_bias_linear", False), "base.add_bias_linear"),
         position_embedding_type=_choice(
-            raw.get("position_embedding_type", "rope"), ("rope", "learned_absolute"), "base.position_embedding_type"
+            raw.get("position_embedding_type", "rope"), _CHOICES["position_embedding_type"], "base.position_embedding_type"
         ),
         untie_embeddings_and_output_weights=_bool(
             raw.get("untie_embeddings_and_output_weights", True), "base.untie_embeddings_and_output_weights"
@@ -325,8 +406,8 @@ def _parse_base(raw: Any) -> Base:
     )
     shape.validate("base")
     alpha = raw.get("alpha", rules.DEFAULT_ALPHA)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.5 <= alpha <= 1:
-        raise _fail("base.alpha", f"{alpha!r} is outside [0.5, 1]", "use a depth exponent between 0.5 and 1")
+    if not _is_number(alpha) or not 0.5 <= alpha <= 1:
+        raise _fail("base.alpha", f"{_show(alpha)} is outside [0.5, 1]", "use a depth exponent between 0.5 and 1")
     return Base(
         shape=shape,
         parameterisation=_choice(
@@ -373,27 +454,32 @@ def _parse_globals(raw: Any, base: Base) -> Globals:
         raise _fail("global.min_lr", "given together with min_lr_ratio", "give only one of them")
     if "min_lr" in raw:
         ratio = _pos_float(raw["min_lr"], "global.min_lr", allow_zero=True) / lr
+        if ratio > 1:
+            raise _fail("global.min_lr", "is larger than lr", "the cosine decays from lr down to min_lr")
     else:
         ratio = _pos_float(raw.get("min_lr_ratio", 0.1), "global.min_lr_ratio", allow_zero=True)
-    if ratio > 1:
-        raise _fail("global.min_lr", "is larger than lr", "the cosine decays from lr down to min_lr")
+        if ratio > 1:
+            raise _fail("global.min_lr_ratio", f"{ratio:g} is larger than 1", "give a fraction of the peak lr between 0 and 1")
     betas = {}
     for key, default in (("adam_beta1", 0.9), ("adam_beta2", 0.95)):
         b = raw.get(key, default)
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
-            raise _fail(f"global.{key}", f"{b!r} is outside [0, 1)", "use a value such as 0.9 or 0.95")
+        if not _is_number(b) or not 0 <= b < 1:
+            raise _fail(f"global.{key}", f"{_show(b)} is outside [0, 1)", "use a value such as 0.9 or 0.95")
         betas[key] = float(b)
     if "lr_warmup_iters" in raw and "lr_warmup_fraction" in raw:
         raise _fail("global.lr_warmup_iters", "given together with lr_warmup_fraction", "give only one of them")
     if "lr_warmup_iters" in raw:
         w = raw["lr_warmup_iters"]
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-            raise _fail("global.lr_warmup_iters", f"expected a non-negative integer, got {w!r}", "give a whole number")
-        warmup = w / base.shape.train_iters
+            raise _fail("global.lr_warmup_iters", f"expected a non-negative integer, got {_show(w)}", "give a whole number")
+        iters = base.shape.train_iters
+        if w > iters:  # compared before dividing: a 400-digit w / iters overflows a float
+            raise _fail("global.lr_warmup_iters", f"{_show(w)} is longer than training ({iters} iterations)", f"give at most {iters}")
+        warmup = w / iters
     else:
         warmup = _pos_float(raw.get("lr_warmup_fraction", 0.01), "global.lr_warmup_fraction", allow_zero=True)
-    if warmup > 1:
-        raise _fail("global.lr_warmup_fraction", "warmup is longer than training", "use a fraction below 1")
+        if warmup > 1:
+            raise _fail("global.lr_warmup_fraction", "warmup is longer than training", "use a fraction below 1")
     return Globals(
         lr=lr,
         min_lr_ratio=ratio,
@@ -455,9 +541,8 @@ def _allowed_hps(key: str) -> tuple[str, ...]:
 
 
 def _multiplier(value: Any, path: str) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if not ok:
-        raise _fail(path, f"multiplier {value!r} is not a positive finite number", "multipliers are > 0 (1 = unchanged)")
+    if not _is_number(value) or value <= 0:
+        raise _fail(path, f"multiplier {_show(value)} is not a positive finite number", "multipliers are > 0 (1 = unchanged)")
     return float(value)
 
 
@@ -529,13 +614,19 @@ class Spec:
     @classmethod
     def from_dict(cls, raw: Any) -> "Spec":
         raw = _obj(raw, "spec")
+        if raw.get("kind") == TARGET_KIND:
+            raise _fail(
+                "kind",
+                "this is a resolved target (cdp-convert -o output), not a base spec",
+                "give the base spec, or pass the target with --cdp-config",
+            )
         _known_keys(raw, ("schema_version", "base", "global", "multipliers", "description", "provenance", "$schema"), "")
         version = raw.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if type(version) is not int or version != SCHEMA_VERSION:  # 1.0 and true compare equal to 1
             raise _fail(
                 "schema_version",
-                f"{version!r} is not a schema version this cdp-megatron knows",
-                f"this release reads schema_version {SCHEMA_VERSION}",
+                f"{_show(version)} is not a schema version this cdp-megatron knows",
+                f"this release reads schema_version {SCHEMA_VERSION} (an integer)",
             )
         if "base" not in raw:
             raise _fail("base", "missing", "add the base shape section")
@@ -566,17 +657,52 @@ class Spec:
         return out
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read and validate a spec file; SpecError names the problem and the fix."""
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise SpecError(f"duplicate key {key!r} in one JSON object; keep only one of them")
+        out[key] = value
+    return out
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file for the rules layer; every failure is a one-line SpecError naming
+    the file: missing, a directory, unreadable, not UTF-8 (a UTF-8 byte-order mark is
+    accepted), malformed, a duplicate key, nesting or an integer too large to parse."""
+    if str(path) == "":
+        raise SpecError("'': empty path; give the JSON file")
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path} is a directory; give the JSON file") from None
     except OSError as e:
         raise SpecError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from None
     try:
-        raw = json.loads(text)
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        found = "it is UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else f"byte 0x{data[e.start]:02x} at offset {e.start}"
+        raise SpecError(f"{path}: not UTF-8 text ({found}); save it as UTF-8") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise SpecError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg}); fix the syntax") from None
+    except SpecError as e:
+        raise SpecError(f"{path}: {e}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: JSON nested too deeply to read; a spec or target is a few levels deep, fix the file") from None
+    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() (4300) digits
+        raise SpecError(f"{path}: a number with thousands of digits; give a realistic value") from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file; SpecError names the problem and the fix."""
+    raw = read_json(path)
+    if isinstance(raw, dict) and raw.get("kind") == TARGET_KIND:
+        raise SpecError(
+            f"{path} is a resolved target (cdp-convert -o output); give the base spec, or pass it with --cdp-config"
+        )
     return Spec.from_dict(raw)

@@ -14,8 +14,8 @@ target depth (rules.interpolate_depth). Pure standard library.
 
 from __future__ import annotations
 
-import json
 import math
+import shlex
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -23,18 +23,21 @@ from typing import Any
 from . import rules
 from .spec import (
     BLOCKS,
+    LIMITS,
     SCHEMA_VERSION,
+    TARGET_KIND,
     Multipliers,
     Shape,
     Spec,
     SpecError,
     is_random_init,
     param_class,
+    read_json,
+    shape_from_dict,
 )
 
 __all__ = ["Group", "Target", "resolve", "scaled_shape", "load_target", "TARGET_KIND"]
 
-TARGET_KIND = "cdp-megatron target"
 _HPS = ("lr", "weight_decay", "eps", "beta1", "beta2", "init_std")
 
 
@@ -132,7 +135,8 @@ class Target:
         }
 
     def megatron_args(self, cdp_config: str = "target.json") -> list[str]:
-        """Megatron-LM flags for the target (global values) plus --cdp-config."""
+        """Megatron-LM flags for the target (global values) plus --cdp-config, as words of
+        a shell command line: the path is shell-quoted (``' '.join`` gives a line to paste)."""
         s = self.shape
         glob = self.global_hyperparameters
         args = [
@@ -168,7 +172,7 @@ class Target:
             args.append("--untie-embeddings-and-output-weights")
         if not s.add_bias_linear:
             args.append("--disable-bias-linear")
-        args += ["--cdp-config", cdp_config]
+        args += ["--cdp-config", shlex.quote(cdp_config)]
         return args
 
     def to_dict(self, explain: bool = False) -> dict:
@@ -204,7 +208,56 @@ def _sde(spec: Spec, ratios: dict[str, float]) -> rules.SdeFactors:
     # SP is "nothing scales": no width/depth rule and no batch/duration rule.
     if spec.base.parameterisation == "sp":
         return rules.SdeFactors(lr=1.0, weight_decay=1.0, eps=1.0, one_minus_beta=1.0, iterations=ratios["tokens"] / ratios["batch"])
-    return rules.sde_factors(ratios["batch"], ratios["tokens"], spec.base.weight_decay_rule)
+    try:
+        return rules.sde_factors(ratios["batch"], ratios["tokens"], spec.base.weight_decay_rule)
+    except ValueError:  # the shape limits keep the ratios finite; this is the last guard
+        raise SpecError(
+            f"ratios: batch m_B = {ratios['batch']:g} and tokens m_D = {ratios['tokens']:g} must be positive and finite; "
+            "give a realistic --batch / --tokens"
+        ) from None
+
+
+def _where(key: str, layer: int | None) -> str:
+    return key if layer is None else f"{key} layer {layer}"
+
+
+def _check_value(where: str, hp: str, value: float, positive: bool) -> None:
+    """A resolved value must be finite, and stay > 0 where every factor was > 0 (lr, eps,
+    init std: multipliers of 1e-300 underflow to 0.0; of 1e300 overflow to inf)."""
+    if not math.isfinite(value):
+        raise SpecError(f"{where}: {hp} = {value} after scaling; lower the {hp} multipliers, the base value or the ratios")
+    if positive and value <= 0:
+        raise SpecError(f"{where}: {hp} underflows to {value} after scaling; raise the {hp} multipliers or the base value")
+
+
+def _unused_multipliers(spec: Spec, shape: Shape) -> list[str]:
+    """Warnings for type / layer multipliers that address a parameter this model lacks
+    (they are valid spec keys, so not an error, but they change nothing)."""
+    groups = {(t, p) for t, _, p in shape.groups()}
+    present = {t if p == "weight" else f"{t}.bias" for t, p in groups} | set(BLOCKS)
+    absent_type = {
+        "position_embedding": "position_embedding_type is rope",
+        "mlp_gate": "swiglu is false",
+        "q_norm": "qk_layernorm is false",
+        "k_norm": "qk_layernorm is false",
+        "output": "the embeddings are tied (untie_embeddings_and_output_weights is false)",
+    }
+    absent_bias = {
+        "hidden_bias": "add_bias_linear is false",
+        "output_bias": "Megatron's output layer has no bias",
+    }
+    out = []
+    for section in ("type", "layer"):
+        for key in getattr(spec.multipliers, section):
+            if key in present:
+                continue
+            type_ = key.partition(".")[0]
+            if type_ in absent_type and (type_, "weight") not in groups:
+                reason = absent_type[type_]
+            else:
+                reason = absent_bias.get(param_class(type_, "bias"), f"normalization is {shape.normalization} (no norm biases)")
+            out.append(f"multipliers.{section}.{key} has no effect: {reason}")
+    return out
 
 
 def _depth_multipliers(m: Multipliers, num_layers: int) -> Multipliers:
@@ -244,6 +297,7 @@ def resolve(spec: Spec, shape: Shape | None = None) -> Target:
         )
     if not shape.untie_embeddings_and_output_weights and p != "sp":
         warnings.append("tied embeddings: the embedding also serves as the output layer, so Table 1's unembedding rules are not applied")
+    warnings += _unused_multipliers(spec, shape)
 
     groups = []
     for type_, layer, param in shape.groups():
@@ -268,15 +322,20 @@ def resolve(spec: Spec, shape: Shape | None = None) -> Target:
         betas = []
         for i, b in ((1, g.adam_beta1), (2, g.adam_beta2)):
             one_minus = combine(f"beta{i}", 1 - b, sde.one_minus_beta, 1.0)
-            if not 0 < one_minus <= 1:
+            beta = 1 - one_minus
+            if not 0 <= beta < 1:  # also a (1 - beta) so small that beta rounds to exactly 1.0
+                shown, fix = ("1.0 (rounded)", "raise") if beta == 1 else (f"{beta:g}", "lower")
                 raise SpecError(
-                    f"{key} layer {layer}: beta{i} = 1 - {one_minus:g} is outside [0, 1) after scaling; "
-                    f"lower the beta{i} multiplier or the batch/token ratio"
+                    f"{_where(key, layer)}: beta{i} = 1 - {one_minus:g} = {shown} is outside [0, 1) after scaling; "
+                    f"{fix} the beta{i} multiplier or the batch/token ratio"
                 )
-            betas.append(1 - one_minus)
+            betas.append(beta)
         init_std = None
         if is_random_init(type_, param):
             init_std = combine("init_std", g.init_std, 1.0, rules.init_std_factor(p, cls, m_n, m_l, alpha))
+            _check_value(_where(key, layer), "init_std", init_std, positive=True)
+        for hp, value, positive in (("lr", lr, True), ("weight_decay", wd, wd_base > 0), ("eps", eps, True)):
+            _check_value(_where(key, layer), hp, value, positive)
         groups.append(Group(type_, layer, param, lr, lr * g.min_lr_ratio, wd, eps, betas[0], betas[1], init_std, factors))
 
     res = rules.residual_factor(p, m_l, alpha)
@@ -287,7 +346,10 @@ def resolve(spec: Spec, shape: Shape | None = None) -> Target:
         ]
         for block in BLOCKS
     }
-    return Target(
+    for block, values in residual_mult.items():
+        for l, v in enumerate(values, 1):
+            _check_value(_where(block, l), "residual", v, positive=True)
+    target = Target(
         spec=spec,
         shape=shape,
         groups=tuple(groups),
@@ -296,10 +358,15 @@ def resolve(spec: Spec, shape: Shape | None = None) -> Target:
         ratios=ratios,
         warnings=tuple(warnings),
     )
+    for hp, v in target.global_hyperparameters.items():  # Megatron's global flags
+        _check_value("global", hp, v, positive=hp in ("lr", "adam_eps", "init_method_std"))
+    return target
 
 
 def _scale_int(value: int, ratio: float, name: str, flag: str) -> int:
     scaled = value * ratio
+    if not math.isfinite(scaled):  # round(inf) raises OverflowError
+        raise SpecError(f"{name}: {value} x {ratio:g} is not a finite number; choose a smaller ratio or give {flag} directly")
     if abs(scaled - round(scaled)) > 1e-9 * max(1.0, abs(scaled)) or round(scaled) < 1:
         raise SpecError(f"{name}: {value} x {ratio:g} = {scaled:g} is not a whole number; choose a ratio that gives an integer or give {flag} directly")
     return round(scaled)
@@ -344,6 +411,14 @@ def scaled_shape(
     if "num_attention_heads" in absolute:
         new["num_attention_heads"] = absolute["num_attention_heads"]
     else:
+        head_dim = shape.hidden_size // shape.num_attention_heads  # validated: an integer
+        if isinstance(new["hidden_size"], int) and new["hidden_size"] % head_dim:
+            lower = max(head_dim, new["hidden_size"] // head_dim * head_dim)
+            raise SpecError(
+                f"hidden_size: {new['hidden_size']} is not a multiple of the head dimension {head_dim}, so "
+                f"num_attention_heads would be {new['hidden_size'] / head_dim:g} (width grows by adding heads of a fixed "
+                f"size); use a multiple of {head_dim} such as {lower} or {lower + head_dim}, or give --num-attention-heads"
+            )
         new["num_attention_heads"] = _scale_int(shape.num_attention_heads, width, "num_attention_heads", "--num-attention-heads")
     if "num_query_groups" in absolute:
         new["num_query_groups"] = absolute["num_query_groups"]
@@ -361,6 +436,8 @@ def scaled_shape(
     if "train_iters" in absolute and "train_tokens" in absolute:
         raise SpecError("give only one of --train-iters and --train-tokens")
     if "train_iters" in absolute:
+        if absolute["train_iters"] > LIMITS["train_iters"]:
+            raise SpecError(f"--train-iters: {absolute['train_iters']:g} is above the limit {LIMITS['train_iters']:g}; give a realistic value")
         new["train_tokens"] = float(absolute["train_iters"] * batch_tokens)
     elif "train_tokens" in absolute:
         new["train_tokens"] = float(absolute["train_tokens"])
@@ -378,33 +455,41 @@ def load_target(path: str | Path) -> Target:
     """Read a target file written by ``cdp-convert -o`` and re-resolve it from its
     embedded source spec, checking that the stored numbers agree (a hand-edited or
     stale target is an error)."""
-    path = Path(path)
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file; check the path") from None
-    except json.JSONDecodeError as e:
-        raise SpecError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg}); fix the syntax") from None
-    return target_from_dict(raw, str(path))
+    return target_from_dict(read_json(path), str(path))
 
 
 def target_from_dict(raw: Any, where: str = "target") -> Target:
+    """Re-resolve a target dict from its ``source_spec`` and ``shape``; everything the
+    re-resolve recomputes must agree with what is stored (targets are not edited)."""
     if not isinstance(raw, dict) or raw.get("kind") != TARGET_KIND:
         raise SpecError(f"{where}: not a cdp-megatron target (no \"kind\": \"{TARGET_KIND}\"); write one with cdp-convert -o")
-    if raw.get("schema_version") != SCHEMA_VERSION:
+    if type(raw.get("schema_version")) is not int or raw.get("schema_version") != SCHEMA_VERSION:
         raise SpecError(f"{where}: schema_version {raw.get('schema_version')!r} is not one this release reads ({SCHEMA_VERSION})")
+    for key in ("source_spec", "shape", "groups"):
+        if key not in raw:
+            raise SpecError(f"{where}: {key}: missing; regenerate it with cdp-convert")
     try:
         spec = Spec.from_dict(raw["source_spec"])
-        shape_raw = dict(raw["shape"])
-        shape_raw.pop("train_iters", None)
-        shape = Shape(**shape_raw)
-        stored = {(g["type"], g["layer"], g["param"]): g for g in raw["groups"]}
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, SpecError):
-            raise
-        # a truncated or hand-edited file: a missing section, an unknown shape field
-        raise SpecError(f"{where}: incomplete or malformed target ({type(e).__name__}: {e}); regenerate it with cdp-convert") from None
-    target = resolve(spec, shape)
+    except SpecError as e:
+        raise SpecError(f"{where}: source_spec: {e}") from None
+    shape_raw = raw["shape"]
+    if isinstance(shape_raw, dict):
+        shape_raw = {k: v for k, v in shape_raw.items() if k != "train_iters"}  # derived; compared below
+    shape = shape_from_dict(shape_raw, f"{where}: shape")
+    stored: dict = {}
+    try:
+        for g in raw["groups"]:
+            key = (g["type"], g["layer"], g["param"])
+            if key in stored:
+                raise SpecError(f"{where}: group {key} appears twice; regenerate it with cdp-convert")
+            stored[key] = g
+    except (KeyError, TypeError) as e:
+        # a truncated or hand-edited file: a group that is not an object or lacks a key
+        raise SpecError(f"{where}: incomplete or malformed groups ({type(e).__name__}: {e}); regenerate it with cdp-convert") from None
+    try:
+        target = resolve(spec, shape)
+    except SpecError as e:
+        raise SpecError(f"{where}: {e}") from None
     if set(stored) != {g.key for g in target.groups}:
         raise SpecError(f"{where}: its groups do not match its source spec and shape; regenerate it with cdp-convert")
     for g in target.groups:
@@ -415,10 +500,52 @@ def target_from_dict(raw: Any, where: str = "target") -> Target:
                     f"{where}: group {g.key} has {hp}={s.get(hp)!r} but its source spec gives {v!r}; "
                     "regenerate it with cdp-convert (targets are not edited by hand)"
                 )
+    expected = target.to_dict()
+    for key in raw:
+        if key not in expected:
+            raise SpecError(f"{where}: {key}: unknown key in a target; regenerate it with cdp-convert")
+    for key, want in expected.items():
+        if key in ("source_spec", "groups"):
+            continue
+        diff = _difference(raw.get(key), want, key)
+        if diff is not None:
+            at, have, want_at = diff
+            raise SpecError(
+                f"{where}: {at} is {have!r} but its source spec gives {want_at!r}; "
+                "regenerate it with cdp-convert (targets are not edited by hand)"
+            )
     return target
+
+
+def _difference(have: Any, want: Any, path: str) -> tuple[str, Any, Any] | None:
+    """The first (path, stored, recomputed) leaf where a stored JSON value disagrees."""
+    if isinstance(want, dict):
+        if not isinstance(have, dict) or set(have) != set(want):
+            return path, have, want
+        for k in want:
+            d = _difference(have[k], want[k], f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(want, list):
+        if not isinstance(have, list) or len(have) != len(want):
+            return path, have, want
+        for i, (h, w) in enumerate(zip(have, want)):
+            d = _difference(h, w, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    if isinstance(want, (bool, str)) or want is None:
+        return None if type(have) is type(want) and have == want else (path, have, want)
+    return None if _close(have, want) else (path, have, want)
 
 
 def _close(a: Any, b: float | None) -> bool:
     if a is None or b is None:
         return a is b
-    return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0) or a == b
+    if isinstance(a, bool) or not isinstance(a, (int, float)):  # "0.5" is not 0.5
+        return False
+    try:
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0) or a == b
+    except OverflowError:  # a 400-digit integer
+        return False

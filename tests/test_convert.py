@@ -5,10 +5,13 @@ stderr, no file written)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import re
 import shlex
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -62,9 +65,17 @@ def test_ratio_accepted(text, value):
     assert parse_ratio(text) == value
 
 
-@pytest.mark.parametrize("text", ["0", "0x", "-1", "-2x", "abc", "", "x", "4y", "nan", "inf", "4xx4"])
+@pytest.mark.parametrize("text", ["0", "0x", "-1", "-2x", "abc", "", "x", "4y", "nan", "inf", "4xx4", "1e400"])
 def test_ratio_rejected(text):
-    with pytest.raises(argparse.ArgumentTypeError, match="4x"):
+    # "0.5x" is in both messages: "invalid ratio ...: write it as 4x, 4, 0.5x or x4" and
+    # "... must be a positive ratio such as 2x or 0.5x" (zero, negative, infinite)
+    with pytest.raises(argparse.ArgumentTypeError, match="0.5x"):
+        parse_ratio(text)
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "-2x", "-0.5x", "- x2"])
+def test_ratio_not_positive_says_so(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a positive ratio such as 2x or 0.5x"):
         parse_ratio(text)
 
 
@@ -339,6 +350,20 @@ BAD_ARGS = {
     "beta pushed out of range": (["--batch", "16x"], ["beta1", "outside [0, 1)"]),
     "unknown flag": (["--widht", "2x"], ["--widht"]),
     "unknown format": (["--format", "yaml"], ["--format", "yaml"]),
+    # argparse alone reads '-2x' as an option and says "expected one argument"
+    "negative ratio 2x": (["--width", "-2x"], ["--width", "'-2x' must be a positive ratio such as 2x or 0.5x"]),
+    "negative ratio, abbreviated flag": (["--wid", "-0.5x"], ["--width", "positive ratio"]),
+    "negative ratio with =": (["--tokens=-2x"], ["--tokens", "positive ratio"]),
+    "negative absolute": (["--hidden-size", "-1e3"], ["--hidden-size", "positive integer"]),
+    "infinite ratio": (["--width", "1e400"], ["--width", "finite ratio"]),
+    # argparse alone keeps the last
+    "width twice": (["--width", "2x", "--width", "4x"], ["--width", "twice"]),
+    "absolute twice": (["--num-layers", "8", "--num-layers=16"], ["--num-layers", "twice"]),
+    "output twice": (["-o", "other.json"], ["-o/--output", "twice"]),
+    "format twice": (["--format", "json", "--format", "table"], ["--format", "twice"]),
+    # flags that would change nothing
+    "per-layer with json": (["--per-layer", "--format", "json"], ["--per-layer", "--format table"]),
+    "per-layer with megatron-args": (["--per-layer", "--format", "megatron-args"], ["--per-layer"]),
 }
 
 
@@ -381,6 +406,71 @@ def test_failure_leaves_an_existing_output_untouched(tmp_path, capsys):
     assert set(os.listdir(tmp_path)) == {"target.json"}
 
 
+def test_explain_with_megatron_args_needs_an_output_file(tmp_path, capsys):
+    rc, out, err = run_main(capsys, EXAMPLE, "--explain", "--format", "megatron-args")
+    _assert_clean_failure(rc, out, err, ["--explain", "megatron-args", "-o"], tmp_path, set())
+    # with -o it puts the factors in the file: accepted
+    target = tmp_path / "t.json"
+    rc, out, err = run_main(capsys, EXAMPLE, "--explain", "--format", "megatron-args", "-o", target)
+    assert rc == 0 and err == "" and "--cdp-config" in out
+    assert all("factors" in g for g in json.loads(target.read_text())["groups"])
+
+
+def test_empty_output_name_is_refused(tmp_path, capsys):
+    rc, out, err = run_main(capsys, EXAMPLE, "--width", "2x", "-o", "")
+    _assert_clean_failure(rc, out, err, ["-o", "empty file name"], tmp_path, set())
+
+
+@pytest.mark.parametrize("how", ["same path", "other spelling", "symlink", "hard link"])
+def test_output_that_is_the_input_is_refused(tmp_path, capsys, how):
+    src = write_spec(tmp_path, name="base.json")
+    before = src.read_text()
+    out = {"same path": src, "other spelling": tmp_path / "." / "base.json", "symlink": tmp_path / "link.json",
+           "hard link": tmp_path / "hard.json"}[how]  # fmt: skip
+    if how == "symlink":
+        out.symlink_to(src)
+    if how == "hard link":
+        os.link(src, out)
+    inputs = set(os.listdir(tmp_path))
+    rc, stdout, err = run_main(capsys, src, "--width", "2x", "-o", out)
+    _assert_clean_failure(rc, stdout, err, ["is the input", "choose another -o"], tmp_path, inputs)
+    assert src.read_text() == before  # not replaced by a target (which a second run would compound)
+
+
+def test_output_symlink_is_written_through(tmp_path, capsys):
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    rc, _, err = run_main(capsys, EXAMPLE, "--width", "2x", "-o", link)
+    assert rc == 0, err
+    assert link.is_symlink() and os.readlink(link) == str(real)  # the link itself stays
+    assert json.loads(real.read_text())["ratios"]["width"] == 2.0
+    assert set(os.listdir(tmp_path)) == {"real.json", "link.json"}
+
+
+def test_output_fifo_is_refused(tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    rc, out, err = run_main(capsys, EXAMPLE, "--width", "2x", "-o", fifo)
+    _assert_clean_failure(rc, out, err, ["not a regular file"], tmp_path, {"fifo"})
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # not replaced by a regular file
+
+
+def test_output_file_mode(tmp_path, capsys):
+    old = os.umask(0o027)
+    try:
+        rc, _, _ = run_main(capsys, EXAMPLE, "-o", tmp_path / "new.json")
+    finally:
+        os.umask(old)
+    assert rc == 0 and stat.S_IMODE(os.stat(tmp_path / "new.json").st_mode) == 0o640  # 0o666 & ~umask, not 0o600
+    existing = tmp_path / "existing.json"
+    existing.write_text("old")
+    existing.chmod(0o664)
+    rc, _, _ = run_main(capsys, EXAMPLE, "-o", existing)
+    assert rc == 0 and stat.S_IMODE(os.stat(existing).st_mode) == 0o664 and existing.read_text() != "old"
+
+
 def test_edited_target_as_input_is_rejected(tmp_path, capsys):
     t = tmp_path / "t.json"
     assert run_main(capsys, EXAMPLE, "--width", "2x", "-o", t)[0] == 0
@@ -408,11 +498,127 @@ def test_bad_input_in_a_fresh_process(tmp_path, args, words):
     _assert_clean_failure(r.returncode, r.stdout, r.stderr, words, tmp_path, set())
 
 
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        ('{"description": "Exampl\u00e9"}'.encode("latin-1"), ["not UTF-8", "byte 23"]),
+        (b"[" * 100_000 + b"]" * 100_000, ["nested too deeply"]),
+        (b'{"schema_version": ' + b"9" * 5000 + b"}", ["malformed JSON", "digits"]),
+    ],
+    ids=["latin-1", "deep nesting", "5000-digit integer"],
+)
+def test_unreadable_json(tmp_path, capsys, content, words):
+    src = tmp_path / "in.json"
+    src.write_bytes(content)
+    rc, out, err = run_main(capsys, src, "-o", tmp_path / "target.json")
+    _assert_clean_failure(rc, out, err, words, tmp_path, {"in.json"})
+
+
+def test_rule_value_error_is_one_line(tmp_path, capsys, monkeypatch):
+    # rules.sde_factors' own check (ratios positive and finite), should the spec checks let
+    # an infinite ratio through (--tokens 1e305 did): one line, not a traceback
+    from cdp_megatron import convert as convert_module, rules
+
+    monkeypatch.setattr(convert_module, "resolve", lambda spec, shape: rules.sde_factors(1.0, math.inf))
+    rc, out, err = run_main(capsys, EXAMPLE, "-o", tmp_path / "target.json")
+    _assert_clean_failure(rc, out, err, ["ratios must be positive and finite"], tmp_path, set())
+
+
+@pytest.mark.parametrize("args", [["--tokens", "1e305"], ["--batch", "1e300"], ["--width", "1e300"]])
+def test_huge_ratio_is_one_short_line(tmp_path, capsys, args):
+    rc, out, err = run_main(capsys, EXAMPLE, *args, "-o", tmp_path / "target.json")
+    _assert_clean_failure(rc, out, err, [], tmp_path, set())
+    assert len(err) < 250 and not re.search(r"[0-9]{20}", err), err
+
+
 def test_malformed_json_in_a_fresh_process(tmp_path):
     bad = tmp_path / "base.json"
     bad.write_text("{\n  \"schema_version\": 1\n  \"base\": {}\n}")
     r = cli(str(bad), "-o", str(tmp_path / "target.json"))
     _assert_clean_failure(r.returncode, r.stdout, r.stderr, ["malformed JSON", "line 3"], tmp_path, {"base.json"})
+
+
+# --------------------------------------------------------------------------- the table's honesty
+
+
+def test_value_ranges_first_to_last_or_lowest_to_highest(tmp_path, capsys):
+    # monotone over the layers: first..last (the README example)
+    rc, out, _ = run_main(capsys, EXAMPLE, "--width", "4x", "--depth", "4x")
+    q = next(l for l in out.splitlines() if l.startswith("q "))
+    assert q.split()[3:5] == ["0.00048..0.00032", "4.8e-05..3.2e-05"]
+    assert "(a..b: first layer .. last layer; --per-layer lists every layer)" in out
+    # a bump in the middle: layer 2 has 4x the lr, first == last would read as constant
+    p = write_spec(tmp_path, lambda r: r["multipliers"]["depth"].update(lr=[1, 4, 1, 1]))
+    rc, out, _ = run_main(capsys, p)
+    assert rc == 0
+    q = next(l for l in out.splitlines() if l.startswith("q "))
+    assert q.split()[3] == "0.0032..0.0128*"  # base 0.004 x type 0.8 x depth (1 .. 4)
+    assert "a..b*: lowest .. highest, not monotone over the layers" in out
+    rc, out, _ = run_main(capsys, p, "--per-layer")
+    assert [l.split()[2:4] for l in out.splitlines() if l.startswith("q ")] == [
+        ["1", "0.0032"], ["2", "0.0128"], ["3-4", "0.0032"]]  # fmt: skip
+
+
+def _train_tokens_spec(tmp_path: Path, tokens: float) -> Path:
+    return write_spec(tmp_path, lambda r: (r["base"].pop("train_iters"), r["base"].update(train_tokens=tokens)))
+
+
+def test_tokens_line_shows_the_tokens_trained(tmp_path, capsys):
+    rc, out, _ = run_main(capsys, EXAMPLE, "--width", "4x", "--depth", "4x")
+    assert "4.096e+05 tokens = 200 iters (warmup 10)\n" in out and "warning" not in out  # whole iterations: as before
+    # 3000 tokens at 2048 tokens a step: 1 step, 2048 tokens trained
+    p = _train_tokens_spec(tmp_path, 3000)
+    rc, out, _ = run_main(capsys, p)
+    assert rc == 0 and "2048 tokens = 1 iters (warmup 0; 3000 tokens asked, rounded to whole iters)" in out
+    assert "warning" not in out  # the ratio to the base is still 1
+    # 2x: 6000 tokens -> 3 steps, 3x the base's 2048 trained tokens while the rules used m_D = 2
+    rc, out, _ = run_main(capsys, p, "--tokens", "2x")
+    assert rc == 0 and "6144 tokens = 3 iters (warmup 0; 6000 tokens asked" in out
+    warning = next(l for l in out.splitlines() if l.startswith("warning: "))
+    assert "3x the base's tokens" in warning and "m_D = 2" in warning
+    rc, out, err = run_main(capsys, p, "--tokens", "2x", "--format", "json")
+    assert rc == 0 and "cdp-convert: warning: whole iterations train 3x" in err
+    # within 1%: no warning
+    p = _train_tokens_spec(tmp_path, 2048 * 200 + 100)
+    rc, out, _ = run_main(capsys, p, "--tokens", "3x")
+    assert rc == 0 and "warning" not in out
+
+
+# --------------------------------------------------------------------------- stdout
+
+
+@pytest.mark.parametrize("read_first_line", [True, False], ids=["head -1", "reader gone"])
+def test_closed_pipe_is_quiet(tmp_path, read_first_line):
+    # like `cdp-convert ... | head -1`: the reader closes while the table is still being written
+    args = [sys.executable, "-m", "cdp_megatron.convert", str(EXAMPLE), "--depth", "16x", "--explain", "-o",
+            str(tmp_path / "t.json")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    full = subprocess.run(args, env=env, capture_output=True, timeout=60)
+    # more than a pipe buffer holds, so the first write returns only once the reader is gone and
+    # the next one (the "wrote" line) meets the closed pipe
+    assert full.returncode == 0 and len(full.stdout) > 4 * 65536
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if read_first_line:
+        assert proc.stdout.readline().startswith(b"cdp-convert: ")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1
+    assert err == b""  # no BrokenPipeError traceback, no "Exception ignored" at exit
+
+
+def test_full_stdout_is_one_line(tmp_path, capsys, monkeypatch):
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Full())
+    rc = main([str(EXAMPLE), "-o", str(tmp_path / "t.json")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err == "cdp-convert: error: cannot write the output (No space left on device); check where stdout goes\n"
 
 
 # --------------------------------------------------------------------------- speed hygiene

@@ -66,6 +66,33 @@ def test_unknown_flag_is_one_line_and_exit_2(capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def _no_run(cfg, progress=None):
+    raise AssertionError("the run started")
+
+
+def test_json_path_that_is_a_folder_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(coordcheck, "run_coordcheck", _no_run)
+    assert coordcheck.main(["--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a folder; give a file name" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_json_write_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    target = tmp_path / "c.json"
+
+    def run(cfg, progress=None):  # the path becomes a folder while the check runs
+        target.mkdir()
+        return {"seconds": 0.0}
+
+    monkeypatch.setattr(coordcheck, "run_coordcheck", run)
+    monkeypatch.setattr(coordcheck, "format_report", lambda result: "report")
+    assert coordcheck.main(["--json", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cdp-coordcheck: error: --json: cannot write"), err
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"] and target.is_dir()
+
+
 # --- end to end ---------------------------------------------------------------------------------
 TINY = ["--widths", "32,64,128", "--depths", "2", "--steps", "3", "--seq-length", "32", "--batch-size", "4",
         "--data", "shakespeare"]

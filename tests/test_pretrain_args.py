@@ -177,6 +177,45 @@ def test_validation_errors(extra, world, needle):
         assert needle in message
 
 
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        ("--adam-beta1 1.5", "--adam-beta1 must be in [0, 1), got 1.5"),
+        ("--adam-beta2 -0.5", "--adam-beta2 must be in [0, 1), got -0.5"),
+        ("--adam-beta2 nan", "--adam-beta2 must be in [0, 1), got nan"),
+        ("--adam-eps 0", "--adam-eps must be a finite number > 0, got 0.0"),
+        ("--adam-eps -1", "--adam-eps must be a finite number > 0, got -1.0"),
+        ("--adam-eps nan", "--adam-eps must be a finite number > 0, got nan"),
+        ("--init-method-std 0", "--init-method-std must be a finite number > 0, got 0.0"),
+        ("--init-method-std -1", "--init-method-std must be a finite number > 0"),
+        ("--init-method-std nan", "--init-method-std must be a finite number > 0"),
+        ("--weight-decay nan", "--weight-decay must be a finite number >= 0, got nan"),
+        ("--weight-decay inf", "--weight-decay must be a finite number >= 0, got inf"),
+        ("--weight-decay -0.1", "--weight-decay must be a finite number >= 0, got -0.1"),
+        ("--min-lr nan", "--min-lr must be a finite number >= 0, got nan"),
+        ("--clip-grad nan", "--clip-grad must be a finite number >= 0"),
+        ("--clip-grad -1", "--clip-grad must be a finite number >= 0"),
+        ("--lr-warmup-init nan", "--lr-warmup-init must be a finite number >= 0"),
+        ("--norm-epsilon -1", "--norm-epsilon must be a finite number > 0, got -1.0"),
+        ("--norm-epsilon 0", "--norm-epsilon must be a finite number > 0"),
+    ],
+)
+def test_optimizer_and_init_values_out_of_range(extra, needle):
+    assert error(TINY + " --lr 1e-3 " + extra).startswith(needle)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", "-1e-3", "0"])
+def test_lr_must_be_positive_and_finite(value):
+    # "-inf" and "-1e-3" look like flags to argparse: they still reach the range check
+    assert error(TINY + " --lr " + value).startswith("--lr must be a finite number > 0, got ")
+
+
+def test_negative_values_of_other_flags_get_the_range_message():
+    assert error(TINY + " --lr 1e-3 --min-lr -inf").startswith("--min-lr must be a finite number >= 0")
+    assert error(TINY + " --lr 1e-3 --adam-eps -1e-8").startswith("--adam-eps must be a finite number > 0")
+    assert parse(TINY + " --lr 1e-3 --adam-beta1 0 --weight-decay 0 --clip-grad 0").adam_beta1 == 0
+
+
 def test_missing_data_path_and_bad_data():
     no_data = TINY.replace("--mock-data", "")
     assert "--data-path is required" in error(no_data + " --lr 1e-3")

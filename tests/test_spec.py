@@ -297,6 +297,29 @@ BAD = {
     "multipliers not an object": (minimal(multipliers=None), "multipliers"),
     "description not a string": (minimal(description=3), "description"),
     "provenance not an object": (minimal(provenance=[]), "provenance"),
+    # schema_version must be the integer 1 (1.0 and true compare equal to 1 in Python)
+    "schema version as float": (minimal(schema_version=1.0), "schema_version"),
+    "schema version as bool": (minimal(schema_version=True), "schema_version"),
+    # a resolved target where a base spec is expected
+    "a target given as a spec": (minimal(kind="cdp-megatron target"), "kind"),
+    # huge numbers: a 400-digit integer overflows float(); absurd sizes hit spec.LIMITS
+    "400-digit hidden size": (_with(["base", "hidden_size"], 10**400), "base.hidden_size"),
+    "400-digit train_tokens": (
+        {**minimal(), "base": {**{k: v for k, v in MINIMAL["base"].items() if k != "train_iters"}, "train_tokens": 10**400}},
+        "base.train_tokens",
+    ),
+    "400-digit multiplier": (_with(["multipliers", "type", "q", "lr"], 10**400), "multipliers.type.q.lr"),
+    "400-digit alpha": (_with(["base", "alpha"], 10**400), "base.alpha"),
+    "400-digit beta": (_with(["global", "adam_beta1"], 10**400), "global.adam_beta1"),
+    "400-digit warmup iters": (_with(["global", "lr_warmup_iters"], 10**400), "global.lr_warmup_iters"),
+    "hidden size above the limit": (_with(["base", "hidden_size"], 2**21), "base.hidden_size"),
+    "layers above the limit": (_with(["base", "num_layers"], 10**20), "base.num_layers"),
+    "vocab above the limit": (_with(["base", "vocab_size"], 2**25), "base.vocab_size"),
+    "train_iters above the limit": (_with(["base", "train_iters"], 10**10), "base.train_iters"),
+    # the message names the key the user wrote
+    "min_lr_ratio above 1": (_with(["global", "min_lr_ratio"], 2), "global.min_lr_ratio"),
+    "warmup iters longer than training": (_with(["global", "lr_warmup_iters"], 500), "global.lr_warmup_iters"),
+    "warmup fraction above 1": (_with(["global", "lr_warmup_fraction"], 1.5), "global.lr_warmup_fraction"),
 }
 
 
@@ -330,6 +353,67 @@ def test_malformed_json_names_the_file_and_position(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(SpecError, match="no such file"):
         load_spec(tmp_path / "nope.json")
+
+
+GOOD_TEXT = json.dumps({**MINIMAL, "description": "Example"})
+BAD_FILES = {
+    "latin-1 byte": (GOOD_TEXT.replace("Example", "Exampl\u00e9").encode("latin-1"), "not UTF-8 text (byte 0xe9"),
+    "UTF-16": (GOOD_TEXT.encode("utf-16"), "not UTF-8 text (it is UTF-16)"),
+    "binary": (bytes(range(256)), "not UTF-8 text"),
+    "duplicate key": (GOOD_TEXT.replace('"hidden_size": 256', '"hidden_size": 256, "hidden_size": 512').encode(), "duplicate key 'hidden_size'"),
+    "deep nesting": (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+    "5000-digit integer": (GOOD_TEXT.replace('"hidden_size": 256', '"hidden_size": ' + "9" * 5000).encode(), "thousands of digits"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+@pytest.mark.parametrize("load", ["spec", "target"])
+def test_unreadable_file_is_one_line_naming_the_file(tmp_path, case, load):
+    from cdp_megatron.target import load_target
+
+    data, words = BAD_FILES[case]
+    p = tmp_path / "in.json"
+    p.write_bytes(data)
+    with pytest.raises(SpecError) as e:
+        (load_spec if load == "spec" else load_target)(p)
+    msg = str(e.value)
+    assert msg.startswith(str(p)) and words in msg and "\n" not in msg and ";" in msg, msg
+
+
+def test_directory_and_empty_path_are_one_line(tmp_path):
+    from cdp_megatron.target import load_target
+
+    for load in (load_spec, load_target):
+        with pytest.raises(SpecError, match=r"is a directory; give the JSON file"):
+            load(tmp_path)
+        with pytest.raises(SpecError, match=r"^'': empty path; give the JSON file$"):
+            load("")
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    p = tmp_path / "base.json"
+    p.write_bytes(b"\xef\xbb\xbf" + GOOD_TEXT.encode())
+    assert load_spec(p).description == "Example"
+
+
+def test_a_target_given_as_the_base_spec_says_so(tmp_path):
+    p = tmp_path / "target.json"
+    p.write_text(json.dumps(resolve(Spec.from_dict(MINIMAL)).to_dict()))
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert str(e.value) == (
+        f"{p} is a resolved target (cdp-convert -o output); give the base spec, or pass it with --cdp-config"
+    )
+
+
+def test_limits_leave_room_for_real_runs():
+    # a 405B-class shape (16384 wide, 126 layers, 53248 FFN, 128k vocab, 15T tokens) loads
+    raw = minimal(base={"hidden_size": 16384, "num_layers": 126, "num_attention_heads": 128, "num_query_groups": 8,
+                        "ffn_hidden_size": 53248, "vocab_size": 128256, "seq_length": 8192, "global_batch_size": 2048})
+    del raw["base"]["train_iters"]
+    raw["base"]["train_tokens"] = 15.6e12
+    s = Spec.from_dict(raw)
+    assert s.base.shape.train_iters == round(15.6e12 / (2048 * 8192))
 
 
 def test_spec_error_is_a_value_error():

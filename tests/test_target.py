@@ -520,3 +520,175 @@ def test_global_hyperparameters_are_the_class_one_values():
     assert close(glob["adam_beta2"], 1 - 0.05 / 4)
     # the embedding (class factor 1 for lr) gets exactly the global lr
     assert close(t.group("embedding", None).lr, glob["lr"])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"depth": 1e300}, "target.num_layers"),  # used to build groups for 4e300 layers
+        ({"depth": 1e308}, "num_layers"),  # 4 x 1e308 = inf: round(inf) raised OverflowError
+        ({"num_layers": 10**20}, "target.num_layers"),
+        ({"width": 1e300}, "target.hidden_size"),
+        ({"hidden_size": 2**21}, "target.hidden_size"),
+        ({"ffn_hidden_size": 2**21}, "target.ffn_hidden_size"),
+        ({"vocab_size": 2**25}, "target.vocab_size"),
+        ({"seq_length": 2**25}, "target.seq_length"),
+        ({"batch": 1e10}, "target.global_batch_size"),
+        ({"train_iters": 10**30}, "--train-iters"),
+        ({"tokens": 1e305}, "target.train_tokens"),  # inf tokens: a bare ValueError from rules.sde_factors
+        ({"tokens": 1e12}, "target.train_tokens"),
+        ({"tokens": 1e8, "batch": 1 / 8}, "target.train_iters"),  # 5e12 tokens in steps of 64 tokens
+    ],
+)
+def test_absurd_target_sizes_are_one_line_errors(kw, words):
+    with pytest.raises(SpecError) as e:
+        scaled_shape(make_spec().base.shape, **kw)
+    msg = str(e.value)
+    assert words in msg and "\n" not in msg and ("limit" in msg or "finite" in msg), msg
+
+
+def test_non_finite_ratios_are_a_spec_error():
+    from cdp_megatron.target import _sde
+
+    with pytest.raises(SpecError, match="ratios: batch m_B"):
+        _sde(make_spec(), {"width": 1, "depth": 1, "batch": 1.0, "tokens": math.inf})
+
+
+def test_hidden_size_off_the_head_dim_names_the_head_dim():
+    base = make_spec().base.shape  # head_dim 64
+    with pytest.raises(SpecError) as e:
+        scaled_shape(base, hidden_size=100)
+    assert str(e.value).startswith("hidden_size: 100 is not a multiple of the head dimension 64")
+    assert "64 or 128" in str(e.value)
+    with pytest.raises(SpecError, match="head dimension 64.*256 or 320"):
+        scaled_shape(base, width=1.125)  # 288 wide, 4.5 heads
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("hidden_size", "512"),
+        ("hidden_size", 0),
+        ("hidden_size", None),
+        ("hidden_size", True),
+        ("hidden_size", 10**400),
+        ("num_layers", -4),
+        ("num_layers", 4.5),
+        ("num_layers", 10**20),
+        ("train_tokens", "1e6"),
+        ("normalization", "BatchNorm"),
+        ("swiglu", "yes"),
+    ],
+)
+def test_target_shape_fields_are_type_checked(field, value):
+    d = at(make_spec(), 2, 2).to_dict()
+    d["shape"][field] = value
+    with pytest.raises(SpecError) as e:
+        target_from_dict(d, "t.json")
+    assert str(e.value).startswith(f"t.json: shape.{field}: "), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_target_group_value_of_the_wrong_type_is_rejected():
+    d = at(make_spec(), 2, 2).to_dict()
+    d["groups"][0]["lr"] = "0.5"
+    with pytest.raises(SpecError, match=r"has lr='0.5' but its source spec gives"):
+        target_from_dict(d)
+    d["groups"][0]["lr"] = 10**400
+    with pytest.raises(SpecError, match="regenerate"):
+        target_from_dict(d)
+
+
+@pytest.mark.parametrize(
+    "edit, where",
+    [
+        (lambda d: d["residual_mult"].update(attention=[9.0] * 8), "residual_mult.attention[0]"),
+        (lambda d: d["global"].update(lr=99), "global.lr"),
+        (lambda d: d.update(train_iters=9999), "train_iters"),
+        (lambda d: d["shape"].update(train_iters=9999), "shape.train_iters"),
+        (lambda d: d.update(lr_warmup_iters=3), "lr_warmup_iters"),
+        (lambda d: d.update(output_mult=5), "output_mult"),
+        (lambda d: d["ratios"].update(width=99), "ratios.width"),
+        (lambda d: d.update(warnings=["x"]), "warnings"),
+        (lambda d: d.update(alpha=1.0), "alpha"),
+        (lambda d: d.update(decay_norms_and_biases=1), "decay_norms_and_biases"),  # 1 is not false
+        (lambda d: d.update(lr_per_type=1), "lr_per_type"),  # an unknown key
+        (lambda d: d["groups"].append(d["groups"][0]), "appears twice"),
+    ],
+)
+def test_target_edits_of_recomputed_fields_are_rejected(edit, where):
+    d = at(make_spec(), 2, 2, 2, 2).to_dict()
+    edit(d)
+    with pytest.raises(SpecError) as e:
+        target_from_dict(d, "t.json")
+    msg = str(e.value)
+    assert msg.startswith(f"t.json: {where}") or where in msg, msg
+    assert "regenerate it with cdp-convert" in msg and "\n" not in msg
+
+
+def test_target_errors_from_the_re_resolve_name_the_file():
+    d = at(make_spec(), 2, 2).to_dict()
+    d["source_spec"]["base"]["hidden_size"] = "256"
+    with pytest.raises(SpecError, match=r"^t.json: source_spec: base.hidden_size: "):
+        target_from_dict(d, "t.json")
+
+
+@pytest.mark.parametrize(
+    "glob, multipliers, words",
+    [
+        ({"lr": 1e300}, {"type": {"q": {"lr": 1e10}}}, "q layer 1: lr = inf"),  # printed inf, -o wrote Infinity
+        ({"adam_eps": 1e-300}, {"type": {"k": {"eps": 1e-300}}}, "k layer 1: eps underflows to 0.0"),
+        ({"init_std": 1e-300}, {"type": {"v": {"init_std": 1e-300}}}, "v layer 1: init_std underflows"),
+        ({}, {"type": {"mlp_up": {"weight_decay": 1e-300}}, "depth": {"weight_decay": [1e-300] * 4}}, "mlp_up layer 1: weight_decay underflows"),
+        ({}, {"type": {"attention": {"residual": 1e300}}, "depth": {"residual": [1e300] * 4}}, "attention layer 1: residual = inf"),
+        ({}, {"type": {"q": {"beta2": 1e-300}}}, "q layer 1: beta2 = 1 - 5e-302 = 1.0 (rounded) is outside [0, 1)"),
+        ({"adam_beta1": 0.5}, {"type": {"embedding": {"beta1": 2.0}}}, None),  # 1 - 0.5 x 2 = 0: beta1 = 0 is allowed
+    ],
+)
+def test_non_finite_or_degenerate_resolved_values_are_errors(glob, multipliers, words):
+    spec = make_spec("completedp", 0.5, multipliers, glob=glob)
+    if words is None:
+        assert resolve(spec).group("embedding", None).beta1 == 0.0
+        return
+    with pytest.raises(SpecError) as e:
+        resolve(spec)
+    assert str(e.value).startswith(words), str(e.value)
+
+
+def test_multipliers_without_effect_are_warned_about():
+    plain = {"normalization": "RMSNorm", "add_bias_linear": False, "position_embedding_type": "rope",
+             "swiglu": False, "qk_layernorm": False, "untie_embeddings_and_output_weights": False}
+    mult = {"type": {"q.bias": {"lr": 2.0}, "attn_norm.bias": {"lr": 2.0}, "q_norm": {"lr": 2.0}, "mlp_gate": {"lr": 2.0},
+                     "mlp_up": {"lr": 2.0}, "position_embedding": {"lr": 2.0}, "output": {"lr": 2.0}},
+            "layer": {"k_norm": {"lr": [1.0] * 4}}}
+    t = resolve(make_spec("completedp", 0.5, mult, base=plain))
+    unused = [w for w in t.warnings if "has no effect" in w]
+    assert unused == [
+        "multipliers.type.q.bias has no effect: add_bias_linear is false",
+        "multipliers.type.attn_norm.bias has no effect: normalization is RMSNorm (no norm biases)",
+        "multipliers.type.q_norm has no effect: qk_layernorm is false",
+        "multipliers.type.mlp_gate has no effect: swiglu is false",
+        "multipliers.type.position_embedding has no effect: position_embedding_type is rope",
+        "multipliers.type.output has no effect: the embeddings are tied (untie_embeddings_and_output_weights is false)",
+        "multipliers.layer.k_norm has no effect: qk_layernorm is false",
+    ]  # mlp_up exists without SwiGLU (it is the whole linear_fc1), so it is not listed
+    # the full architecture uses all of them (output.bias never exists in Megatron)
+    full = resolve(make_spec("completedp", 0.5, {"type": {**mult["type"], "output.bias": {"lr": 2.0}}}))
+    assert [w for w in full.warnings if "has no effect" in w] == [
+        "multipliers.type.output.bias has no effect: Megatron's output layer has no bias"
+    ]
+    # the warnings travel in the target file, and a re-resolve reproduces them
+    assert target_from_dict(json.loads(json.dumps(t.to_dict()))).warnings == t.warnings
+
+
+def test_megatron_args_shell_quote_the_config_path():
+    import shlex
+
+    t = resolve(make_spec())
+    assert t.megatron_args("target.json")[-2:] == ["--cdp-config", "target.json"]
+    args = t.megatron_args("my target.json")
+    assert args[-1] == "'my target.json'"
+    assert shlex.split(" ".join(args))[-1] == "my target.json"

@@ -23,8 +23,10 @@ trials never count toward ``--trials`` and completed trials are never run twice.
 
 Exit codes: 0 done; 1 a worker stopped after ``--max-failures`` consecutive crashed trials;
 2 bad input (one line on stderr: unknown hyperparameter, space or sampler, a storage that
-cannot be opened, a proxy that fails before training, a configuration that contradicts the
-study's), the study left as it was; 130 interrupted.
+cannot be opened, a --trainer that cannot be run, proxy flags that cdp-pretrain's own checks
+refuse (with the default trainer, checked in this process before anything is created), a
+proxy that fails before training, a configuration that contradicts the study's), the study
+left as it was and no new storage file or trial folder; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import multiprocessing
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -112,7 +115,10 @@ def _bounds(text: str) -> tuple[float, float]:
     parts = text.split(",")
     if len(parts) != 2:
         raise argparse.ArgumentTypeError(f"invalid --bounds {text!r}: give LOW,HIGH such as 2^-6,2^6")
-    return _bound(parts[0]), _bound(parts[1])
+    low, high = _bound(parts[0]), _bound(parts[1])
+    if not low < high:  # an empty box: every trial would be the base
+        raise argparse.ArgumentTypeError(f"invalid --bounds {text!r}: LOW must be less than HIGH, e.g. 2^-6,2^6")
+    return low, high
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,8 +286,9 @@ def _given_config(args: argparse.Namespace, trainer_args: list[str] | None) -> d
     if args.base is not None:
         try:
             given["base_spec"] = _spec_dict(load_spec(args.base))
-        except SpecError as e:
-            raise CliError(f"--base {args.base}: {e}") from None
+        except SpecError as e:  # its message usually starts with the path: name it once
+            message = str(e).removeprefix(f"{args.base}: ")
+            raise CliError(message if args.base in message else f"--base {args.base}: {message}") from None
     if args.sampler is not None:
         given["sampler"] = args.sampler
     if args.space is not None:
@@ -302,7 +309,16 @@ def _given_config(args: argparse.Namespace, trainer_args: list[str] | None) -> d
     if trainer_args is not None:
         given["trainer_args"] = list(trainer_args)
     if args.trainer is not None:
-        given["trainer_command"] = shlex.split(args.trainer)
+        try:
+            command = shlex.split(args.trainer)
+        except ValueError as e:
+            raise CliError(f"--trainer {args.trainer}: {e}; give the command as a shell would, e.g. "
+                           "--trainer 'python train.py'") from None
+        if not command:
+            raise CliError("--trainer is empty; give a command, e.g. --trainer 'python train.py', or drop it "
+                           "for cdp-pretrain")
+        _check_trainer_command(command)
+        given["trainer_command"] = command
     if args.trial_timeout is not None:
         given["trial_timeout"] = args.trial_timeout
     if args.seed is not None:
@@ -373,6 +389,59 @@ def _build_space(config: dict[str, Any]) -> SearchSpace:
         raise CliError(str(e)) from None
 
 
+def _check_trainer_command(command: list[str]) -> None:
+    if shutil.which(command[0]) is None:
+        raise CliError(f"--trainer {shlex.join(command)}: {command[0]} is not an executable file or a command on "
+                       "PATH; check the path")
+
+
+def _check_proxy_flags(trainer_args: list[str], base_spec: dict, base_name: str) -> None:
+    """Run cdp-pretrain's own checks (``pretrain_args.parse_args``: no torch, nothing written)
+    on the proxy flags and the base spec, as trial 0 would: a proxy that cannot start fails
+    here, before the study or a trial folder exists, not after the first trial."""
+    import tempfile
+
+    from cdp_megatron.pretrain_args import ArgsError, parse_args
+
+    if any(t in ("-h", "--help") for t in trainer_args):
+        raise CliError("--help in the proxy flags: see cdp-pretrain --help; remove it")
+    with tempfile.TemporaryDirectory(prefix="cdp-search-") as folder:
+        path = os.path.join(folder, "base.json")
+        Path(path).write_text(json.dumps(base_spec))
+        try:
+            parse_args([*trainer_args, "--cdp-base", path])
+        except ArgsError as e:
+            message = str(e).replace(f"--cdp-base {path}", base_name).replace(path, base_name)
+            raise CliError(f"the proxy flags after --: {message}") from None
+
+
+def _check_export_path(path: str) -> None:
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise CliError(f"--export {path}: is a folder; give a file name, e.g. best.json")
+    if not folder.is_dir():
+        raise CliError(f"--export {path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"--export {path}: folder {folder} is not writable; check the permissions")
+
+
+def _new_sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL that does not exist yet (opening it would create it), else None."""
+    if not url.startswith("sqlite"):
+        return None
+    try:
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+    except Exception:
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    path = Path(database)
+    return None if path.exists() else path
+
+
 def _check_trainer_args(trainer_args: list[str]) -> None:
     from cdp_megatron.search.objective import RESERVED_FLAGS
 
@@ -429,6 +498,13 @@ def trial_counts(trials) -> dict[str, int]:
         else:
             out["interrupted"] += 1
     return out
+
+
+def _counts_text(c: dict[str, int]) -> str:
+    text = f"ok {c['ok']}, diverged {c['diverged']}, timeout {c['timeout']}, failed {c['failed']}"
+    if c["interrupted"]:
+        text += f"; not counted: {c['interrupted']} interrupted or stopped before training"
+    return text
 
 
 def _state(trials, config):
@@ -643,12 +719,16 @@ def export_best(study, config: dict[str, Any], path: str, storage_url: str) -> t
     from cdp_megatron.search.sampler import best_trial
     from cdp_megatron.search.spaces import to_spec
 
+    trials = study.get_trials(deepcopy=False)
     try:
         best = best_trial(study)
-    except ValueError as e:
-        raise CliError(f"--export {path}: {e}; nothing to export") from None
+    except ValueError:  # counted as in the summary line (best_trial's own counts lump failures together)
+        c = trial_counts(trials)
+        raise CliError(
+            f"--export {path}: study {study.study_name!r} has no completed, non-diverged trial yet "
+            f"({_counts_text(c)}); nothing to export"
+        ) from None
     base = Spec.from_dict(config["base_spec"])
-    trials = study.get_trials(deepcopy=False)
     provenance = {
         "tool": PROG,
         "study": study.study_name,
@@ -682,7 +762,7 @@ def export_best(study, config: dict[str, Any], path: str, storage_url: str) -> t
 def _open_study(args, given, storage, url):
     import optuna
 
-    names = _study_names(storage)
+    names = _study_names(storage) if storage is not None else []
     name = args.study
     if name is None:
         if "base_spec" in given:
@@ -772,6 +852,8 @@ def _main(args: argparse.Namespace, trainer_args: list[str] | None) -> int:
     given = _given_config(args, trainer_args)
     if "trainer_args" in given:
         _check_trainer_args(given["trainer_args"])
+    if args.export:
+        _check_export_path(args.export)
     if args.storage is None:
         out = Path(args.output_dir)
         if out.exists() and not out.is_dir():
@@ -785,20 +867,34 @@ def _main(args: argparse.Namespace, trainer_args: list[str] | None) -> int:
     # Everything the command line can get wrong is checked before the storage is touched.
     if "base_spec" in given:
         _build_space(merge_config(None, dict(given), "?"))
-    if args.storage is None:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    storage = open_storage(url)
+    # A SQLite file that does not exist yet holds no study: it is created only with the study,
+    # once everything else has been checked (a refused command leaves no search.db behind).
+    new_file = _new_sqlite_file(url)
+    if new_file is not None and args.storage is not None and not new_file.parent.is_dir():
+        new_file = None  # open_storage says why it cannot open
+    storage = None if new_file is not None else open_storage(url)
     name, study, stored = _open_study(args, given, storage, url)
-    started = study is not None and any(
-        c for k, c in trial_counts(study.get_trials(deepcopy=False)).items() if k in ("done", "running")
-    )
+    counts = trial_counts(study.get_trials(deepcopy=False)) if study is not None else None
+    started = counts is not None and bool(counts["done"] or counts["running"])
     config = merge_config(stored, given, name, started=started)
     space = _build_space(config)
     total = int(config["trials"]) if args.trials != 0 else 0
     trials_dir = Path(args.output_dir) / re.sub(r"[^A-Za-z0-9_.+=-]", "_", name)
+    if study is None and total == 0:
+        raise CliError(f"study {name!r} does not exist; --trials 0 has nothing to export")
+    if total and (counts is None or counts["done"] < total):  # trials will run
+        if config.get("trainer_command"):
+            _check_trainer_command(config["trainer_command"])  # a stored command, on this machine
+        else:
+            base_name = f"--base {args.base}" if args.base else f"the base spec of study {name!r}"
+            _check_proxy_flags(config["trainer_args"], config["base_spec"], base_name)
     if study is None:
-        if total == 0:
-            raise CliError(f"study {name!r} does not exist; --trials 0 has nothing to export")
+        if args.init_from and (storage is None or args.init_from not in _study_names(storage)):
+            raise CliError(f"--init-from {args.init_from}: no such study in this storage")
+        if storage is None:
+            if args.storage is None:
+                Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            storage = open_storage(url)
         study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
         if study.user_attrs.get(CONFIG_ATTR) is None:
             study.set_user_attr(CONFIG_ATTR, config)
@@ -853,10 +949,7 @@ def _main(args: argparse.Namespace, trainer_args: list[str] | None) -> int:
     counts = trial_counts(trials)
     state = _state(trials, config)
     best = f"best {state.incumbent.value:.4f} (trial {state.incumbent.number})" if state.incumbent else "no stable trial"
-    say(
-        f"{PROG}: study {name!r}: {counts['done']}/{config['trials']} trials (ok {counts['ok']}, diverged {counts['diverged']}, "
-        f"timeout {counts['timeout']}, failed {counts['failed']}); {best}"
-    )
+    say(f"{PROG}: study {name!r}: {counts['done']}/{config['trials']} trials ({_counts_text(counts)}); {best}")
     if args.export:
         best_t, _ = export_best(study, config, args.export, url)
         say(f"{PROG}: wrote {args.export} (trial {best_t.number}, validation loss {best_t.value:.4f})")

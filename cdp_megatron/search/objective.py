@@ -28,7 +28,8 @@ status            state     value
                             training once some trial of the study had succeeded (``log`` and
                             ``error`` name the log file and its last line)
 ``interrupted``   FAIL      none: the worker was interrupted; the parameters are enqueued again
-``config-error``  FAIL      none: the first run failed before training; the search stops
+``config-error``  FAIL      none: the first run failed before training, or the trainer command
+                            cannot be started on this machine; the search stops
 ================  ========  ===================================================================
 
 A trainer that fails before training (a non-zero exit other than 3 with no training line
@@ -240,15 +241,20 @@ def run_proxy(
     with open(log_path, "wb") as log:
         log.write(f"$ {shlex.join(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=None if env is None else dict(env),
-            start_new_session=True,  # its own process group, killed as a whole
-            preexec_fn=_die_with_parent if _PRCTL is not None else None,
-        )
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=None if env is None else dict(env),
+                start_new_session=True,  # its own process group, killed as a whole
+                preexec_fn=_die_with_parent if _PRCTL is not None else None,
+            )
+        except OSError as e:  # no such executable, not executable: returncode None (never started)
+            why = f"cannot start the trainer {cmd[0]} ({e.strerror or e})"
+            log.write(f"error: {why}\n".encode())
+            return RunResult("not-started", None, None, None, time.monotonic() - start, why, files)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -384,7 +390,10 @@ class ProxyObjective:
         trial.set_user_attr(DIVERGED_ATTR, False)
         trial.set_user_attr("error", res.message)
         trial.set_user_attr("returncode", res.returncode)
-        if res.status == "not-started" and not trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        never_ran = res.returncode is None  # the command itself cannot start here: stop even after successes
+        if res.status == "not-started" and (
+            never_ran or not trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        ):
             trial.set_user_attr(STATUS_ATTR, "config-error")
             raise ProxyConfigError(
                 f"the proxy run of trial {trial.number} failed before training ({res.message}); "

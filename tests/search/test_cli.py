@@ -296,3 +296,73 @@ def test_repeated_crashes_stop_the_worker(tmp_path, capsys):
     assert rc == 1
     assert "3 trials in a row crashed" in capsys.readouterr().err
     assert _counted(_study(tmp_path, "c")) == 4
+
+
+# ------------------------------------------------------------- bad input caught up front
+
+# A proxy that cdp-pretrain accepts with examples/base.json (mock data: nothing to prepare).
+PROXY = (
+    "--num-layers 4 --hidden-size 256 --num-attention-heads 4 --ffn-hidden-size 704 --seq-length 128 "
+    "--micro-batch-size 16 --global-batch-size 16 --train-iters 200 --normalization RMSNorm --swiglu "
+    "--qk-layernorm --position-embedding-type rope --untie-embeddings-and-output-weights --disable-bias-linear "
+    "--mock-data --vocab-size 256 --make-vocab-size-divisible-by 192 --eval-interval 200 --eval-iters 8"
+).split()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--trainer", "/nonexistent/bin", "--", "--train-iters", "4"],
+         "--trainer /nonexistent/bin: /nonexistent/bin is not an executable file or a command on PATH"),
+        (["--trainer", "'unclosed", "--", "--train-iters", "4"], "--trainer 'unclosed: No closing quotation"),
+        (["--trainer", "", "--", "--train-iters", "4"], "--trainer is empty"),
+        # the default trainer: its own argument checks run before anything is created
+        (["--trials", "1"], "the proxy flags after --: --num-layers is required"),
+        (["--", *[f for f in PROXY if f != "--swiglu"]], "--base " + EXAMPLE + ": swiglu is True there"),
+        (["--", *PROXY, "--help"], "--help in the proxy flags"),
+        (["--trials", "0"], "does not exist; --trials 0 has nothing to export"),
+        (["--init-from", "nope", "--", *PROXY], "--init-from nope: no such study"),
+    ],
+)
+def test_bad_input_creates_no_storage_and_no_trial(tmp_path, capsys, argv, message):
+    assert main(["--base", EXAMPLE, "--output-dir", str(tmp_path / "out"), *argv]) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_path_is_checked_before_the_search(tmp_path, capsys):
+    for export, message in ((tmp_path, "is a folder"), (tmp_path / "no" / "best.json", "folder")):
+        assert main(_args(tmp_path, "--base", EXAMPLE, "--export", str(export))) == 2
+        assert f"--export {export}: {message}" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_bounds_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(_args(tmp_path, "--base", EXAMPLE, "--bounds", "1,1"))
+    assert e.value.code == 2
+    assert "LOW must be less than HIGH" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_base_is_named_once(tmp_path, capsys):
+    missing = str(tmp_path / "nosuch.json")
+    assert main(_args(tmp_path, "--base", missing)) == 2
+    assert _one_error_line(capsys.readouterr().err).count(missing) == 1
+
+
+def test_valid_proxy_flags_pass_the_up_front_check():
+    from cdp_megatron.search.cli import _check_proxy_flags, _spec_dict
+
+    _check_proxy_flags(PROXY, _spec_dict(load_spec(EXAMPLE)), "--base " + EXAMPLE)
+
+
+def test_export_error_counts_the_trials_as_the_summary_does(tmp_path, capsys):
+    assert main(_args(tmp_path, "--base", EXAMPLE, "--study", "b", "--trials", "2", "--quiet",
+                      proxy=("--fake-fail",))) == 2
+    capsys.readouterr()
+    assert main(["--output-dir", str(tmp_path / "out"), "--trials", "0", "--export", str(tmp_path / "x.json")]) == 2
+    printed = capsys.readouterr()
+    counts = "ok 0, diverged 0, timeout 0, failed 0; not counted: 1 interrupted or stopped before training"
+    assert counts in printed.out and counts in _one_error_line(printed.err)
+    assert not (tmp_path / "x.json").exists()

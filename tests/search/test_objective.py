@@ -101,6 +101,13 @@ def test_missing_trainer_is_not_started(tmp_path):
     assert res.status == "not-started" and res.returncode == 2
 
 
+def test_a_trainer_command_that_cannot_start_is_not_started_and_logged(tmp_path):
+    res = run_proxy([str(tmp_path / "no-such-trainer")], [], _spec_text(), tmp_path / "t")
+    assert res.status == "not-started" and res.returncode is None
+    assert "cannot start the trainer" in res.message and "no-such-trainer" in res.message
+    assert "cannot start the trainer" in Path(res.files["log"]).read_text()
+
+
 def test_read_metrics_skips_a_line_cut_short(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"iteration": 1, "lm_loss": 5.0}\n{"eval": true, "val_loss": "nan"}\n{"iteration": 2, "lm_lo')
@@ -168,6 +175,16 @@ def test_later_failures_are_isolated_failed_trials(tmp_path):
     obj2 = _objective(tmp_path, "--fake-fail")
     study.optimize(obj2, n_trials=1, catch=(TrialFailed,))
     assert study.trials[-1].user_attrs["status"] == "crashed"
+
+
+def test_a_trainer_that_cannot_start_stops_the_search_even_after_successes(tmp_path):
+    study = optuna.create_study()
+    study.optimize(_objective(tmp_path), n_trials=1, catch=(TrialFailed,))
+    space = SearchSpace(BASE, "kronecker", ["lr"])
+    missing = ProxyObjective(space, [], tmp_path / "trials", command=[str(tmp_path / "gone")])
+    with pytest.raises(ProxyConfigError, match="cannot start the trainer"):
+        study.optimize(missing, n_trials=1, catch=(TrialFailed,))
+    assert study.trials[-1].user_attrs["status"] == "config-error"
 
 
 def test_timeout_is_a_diverged_trial(tmp_path):
