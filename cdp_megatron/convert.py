@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .argtypes import positive_float, positive_int
+from .argtypes import join_negative_values, positive_float, positive_int
 from .spec import Spec, SpecError
 from .target import TARGET_KIND, Target, resolve, scaled_shape
 
@@ -76,19 +76,7 @@ def _negative_values_inline(argv: list[str]) -> list[str]:
         matches = [f for f in takes_number + _OTHER_FLAGS if f.startswith(arg)] if arg.startswith("--") else []
         return arg in takes_number or (len(matches) == 1 and matches[0] in takes_number)
 
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            out += argv[i:]
-            break
-        if is_number_flag(arg) and i + 1 < len(argv) and _NEGATIVE.match(argv[i + 1]):
-            out.append(f"{arg}={argv[i + 1]}")
-            i += 2
-            continue
-        out.append(arg)
-        i += 1
-    return out
+    return join_negative_values(argv, is_number_flag, lambda value: bool(_NEGATIVE.match(value)))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import rules
+from .argtypes import output_file_problem
 from .spec import Spec, SpecError
 
 __all__ = [
@@ -708,17 +709,6 @@ def _config_from_args(args: argparse.Namespace) -> CoordCheckConfig:
     )
 
 
-def _check_json_path(path: Path) -> None:
-    """--json FILE can be written after the run: not a folder, in an existing writable folder."""
-    folder = path.parent
-    if path.is_dir():
-        raise CoordCheckError(f"--json: {str(path)!r} is a folder; give a file name, e.g. coordcheck.json")
-    if not folder.is_dir():
-        raise CoordCheckError(f"--json: folder {str(folder)!r} does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CoordCheckError(f"--json: folder {str(folder)!r} is not writable; check the permissions")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -733,7 +723,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not os.access(out if out.is_dir() else out.parent, os.W_OK | os.X_OK):
                 raise CoordCheckError(f"--output: {str(out)!r} is not writable; check the permissions")
         if args.json is not None:
-            _check_json_path(Path(args.json))
+            problem = output_file_problem("--json", args.json, "coordcheck.json")
+            if problem:
+                raise CoordCheckError(problem)
         result = run_coordcheck(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except CoordCheckError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -24,6 +24,8 @@ import shlex
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+from .argtypes import is_number, join_negative_values
+
 __all__ = [
     "PROG",
     "ArgsError",
@@ -445,22 +447,8 @@ def _join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> l
     flags ("expected one argument"), so such values reach the range checks, which name the fix."""
     numeric = {o for a in parser._actions if a.type in (int, float) and a.nargs is None
                for o in a.option_strings}
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if token in numeric and i + 1 < len(argv) and argv[i + 1].startswith("-"):
-            try:
-                float(argv[i + 1])
-            except ValueError:
-                pass
-            else:
-                out.append(f"{token}={argv[i + 1]}")
-                i += 2
-                continue
-        out.append(token)
-        i += 1
-    return out
+
+    return join_negative_values(argv, numeric.__contains__, is_number)
 
 
 # (attribute, test, the allowed range as printed): the optimizer and init values Megatron
@@ -680,12 +668,6 @@ def _validate_data(args: argparse.Namespace) -> None:
 
 def _check_data_path(data_path: Sequence[str]) -> None:
     tokens = [t for item in data_path for t in item.split()]
-    def is_number(t: str) -> bool:
-        try:
-            float(t)
-        except ValueError:
-            return False
-        return True
     prefixes = tokens[1::2] if len(tokens) % 2 == 0 and all(map(is_number, tokens[0::2])) else tokens
     for prefix in prefixes:
         missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]

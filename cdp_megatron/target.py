@@ -295,6 +295,13 @@ def resolve(spec: Spec, shape: Shape | None = None) -> Target:
             f"head dimension changes from {base.head_dim:g} to {shape.head_dim:g}: the QK-norm rules assume width "
             "grows by adding heads at a fixed head dimension"
         )
+    if shape.ffn_hidden_size * base.hidden_size != base.ffn_hidden_size * shape.hidden_size:
+        warnings.append(
+            f"ffn_hidden_size / hidden_size changes from {base.ffn_hidden_size / base.hidden_size:g} to "
+            f"{shape.ffn_hidden_size / shape.hidden_size:g}: the width rules use one ratio m_N = {m_n:g} for every matrix, "
+            f"but the MLP width grows {shape.ffn_hidden_size / base.ffn_hidden_size:g}x; keep the base's ratio "
+            f"(--ffn-hidden-size {base.ffn_hidden_size * shape.hidden_size / base.hidden_size:g}) for an exact transfer"
+        )
     if not shape.untie_embeddings_and_output_weights and p != "sp":
         warnings.append("tied embeddings: the embedding also serves as the output layer, so Table 1's unembedding rules are not applied")
     warnings += _unused_multipliers(spec, shape)

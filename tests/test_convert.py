@@ -641,3 +641,14 @@ def test_no_torch_or_megatron_import(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "0 []"
+
+
+def test_ffn_ratio_change_warns(capsys):
+    rc, out, _ = run_main(capsys, EXAMPLE, "--width", "2x", "--ffn-hidden-size", "4096", "--format", "json")
+    warnings = json.loads(out)["warnings"]
+    base = json.loads(run_main(capsys, EXAMPLE, "--format", "json")[1])["shape"]
+    want = base["ffn_hidden_size"] * 2
+    assert rc == 0 and len(warnings) == 1, warnings
+    assert "ffn_hidden_size / hidden_size changes" in warnings[0] and f"--ffn-hidden-size {want}" in warnings[0]
+    rc, out, _ = run_main(capsys, EXAMPLE, "--width", "2x", "--ffn-hidden-size", str(want), "--format", "json")
+    assert rc == 0 and json.loads(out)["warnings"] == []

@@ -244,6 +244,18 @@ def test_cdp_base_resolves_at_the_flags_shape():
     assert set(args.cdp_owned) <= set(CDP_OWNED_FLAGS)
 
 
+def test_cdp_base_warns_when_the_ffn_ratio_differs_from_the_base():
+    # base 704 / 256 = 2.75; 176 / 64 keeps it, Megatron's SwiGLU default for 64 does not
+    def ffn_warnings(args):
+        return [w for w in args.target.warnings if "ffn_hidden_size" in w]
+
+    assert ffn_warnings(parse(TINY + " --cdp-base " + BASE)) == []
+    args = parse(TINY.replace("--ffn-hidden-size 176 ", "") + " --cdp-base " + BASE)
+    assert args.ffn_hidden_size != 176
+    (warning,) = ffn_warnings(args)
+    assert "ffn_hidden_size / hidden_size changes from 2.75" in warning and "--ffn-hidden-size 176" in warning
+
+
 def test_cdp_owned_flag_conflicts():
     args = parse(TINY + " --cdp-base " + BASE)
     # Giving the target's own value (as cdp-convert prints it, 6 digits) is fine.

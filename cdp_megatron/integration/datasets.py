@@ -35,6 +35,8 @@ from megatron.core.datasets.indexed_dataset import (
     get_idx_path,
 )
 
+from ..argtypes import is_number
+
 __all__ = [
     "Blend",
     "IndexedDatasetWriter",
@@ -127,7 +129,7 @@ def parse_data_path(data_path: str | Sequence[str]) -> Blend:
     tokens = [t for item in tokens for t in str(item).split()]
     if not tokens:
         raise ValueError("--data-path is empty")
-    numeric = [_is_number(t) for t in tokens]
+    numeric = [is_number(t) for t in tokens]
     if len(tokens) % 2 == 0 and all(numeric[0::2]) and not any(numeric[1::2]):
         weights = [float(w) for w in tokens[0::2]]
         prefixes = tokens[1::2]
@@ -143,14 +145,6 @@ def parse_data_path(data_path: str | Sequence[str]) -> Blend:
     for prefix in prefixes:
         _check_prefix(prefix)
     return prefixes, weights
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
 
 
 def _check_prefix(prefix: str) -> None:

@@ -50,7 +50,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cdp_megatron.argtypes import nonneg_int, positive_float, positive_int
+from cdp_megatron.argtypes import nonneg_int, output_file_problem, positive_float, positive_int
 from cdp_megatron.spec import HYPERPARAMETERS, Spec, SpecError, load_spec
 from cdp_megatron.search.spaces import (
     DEFAULT_BOUNDS,
@@ -413,17 +413,6 @@ def _check_proxy_flags(trainer_args: list[str], base_spec: dict, base_name: str)
         except ArgsError as e:
             message = str(e).replace(f"--cdp-base {path}", base_name).replace(path, base_name)
             raise CliError(f"the proxy flags after --: {message}") from None
-
-
-def _check_export_path(path: str) -> None:
-    target = Path(path)
-    folder = target.parent
-    if target.is_dir():
-        raise CliError(f"--export {path}: is a folder; give a file name, e.g. best.json")
-    if not folder.is_dir():
-        raise CliError(f"--export {path}: folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CliError(f"--export {path}: folder {folder} is not writable; check the permissions")
 
 
 def _new_sqlite_file(url: str) -> Path | None:
@@ -853,7 +842,9 @@ def _main(args: argparse.Namespace, trainer_args: list[str] | None) -> int:
     if "trainer_args" in given:
         _check_trainer_args(given["trainer_args"])
     if args.export:
-        _check_export_path(args.export)
+        problem = output_file_problem("--export", args.export, "best.json")
+        if problem:
+            raise CliError(problem)
     if args.storage is None:
         out = Path(args.output_dir)
         if out.exists() and not out.is_dir():
