@@ -173,6 +173,14 @@ def test_format_megatron_args(tmp_path, capsys):
     assert math.isclose(ns.lr, 0.004 * 0.5, rel_tol=1e-5)
     assert math.isclose(ns.adam_beta1, 1 - 0.1 * 2 / 8, rel_tol=1e-5)
     assert ns.swiglu and ns.qk_layernorm and ns.untie_embeddings_and_output_weights and ns.disable_bias_linear
+    assert ns.seq_length == ns.max_position_embeddings == t.shape.seq_length == 128
+    assert (ns.normalization, ns.position_embedding_type) == ("RMSNorm", "rope")
+    # 16 heads in 16 query groups: plain multi-head attention, no GQA flags
+    assert not ns.group_query_attention and ns.num_query_groups is None
+    # GQA: Megatron-LM reads --num-query-groups only together with --group-query-attention
+    rc, stdout, _ = run_main(capsys, EXAMPLE, "--width", "4x", "--num-query-groups", "4", "--format", "megatron-args")
+    ns = _megatron_parser().parse_args(shlex.split(stdout))
+    assert rc == 0 and ns.group_query_attention and (ns.num_attention_heads, ns.num_query_groups) == (16, 4)
     # without -o the config path defaults to target.json
     rc, stdout, _ = run_main(capsys, EXAMPLE, "--format", "megatron-args")
     assert rc == 0 and _megatron_parser().parse_args(shlex.split(stdout)).cdp_config == "target.json"

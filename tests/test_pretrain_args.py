@@ -82,6 +82,9 @@ def test_layout_batch_and_schedule():
                  "--lr-decay-style cosine --global-batch-size 16", world_size=4)
     assert args.data_parallel_size == 2 and args.num_microbatches == 2
     assert args.lr_warmup_iters == 2
+    # Megatron-LM: the warmup fraction is of the decay iterations, not of training
+    decay = parse(TINY + " --lr 1e-3 --lr-decay-iters 10 --lr-warmup-fraction 0.3")
+    assert (decay.train_iters, decay.lr_decay_iters, decay.lr_warmup_iters) == (20, 10, 3)
     samples = parse(TINY.replace("--train-iters 20", "--train-samples 100") + " --lr 1e-3")
     assert samples.train_iters == 12
     vpp = parse(TINY.replace("--num-layers 2", "--num-layers 4") + " --lr 1e-3 "
@@ -260,10 +263,18 @@ def test_cdp_owned_flag_conflicts():
     args = parse(TINY + " --cdp-base " + BASE)
     # Giving the target's own value (as cdp-convert prints it, 6 digits) is fine.
     parse(TINY + f" --cdp-base {BASE} --lr {args.lr:.6g} --lr-decay-style cosine")
+    assert error(TINY + f" --cdp-base {BASE} --lr {args.lr * 1.001:.6g}").startswith("--lr ")  # 0.1% off
     message = error(TINY + f" --cdp-base {BASE} --lr 0.5")
     assert message.startswith("--lr 0.5 conflicts with --cdp-base: Complete(d)P owns it")
     assert "--lr-decay-style" in error(TINY + f" --cdp-base {BASE} --lr-decay-style linear")
     assert "--lr-warmup-fraction" in error(TINY + f" --cdp-base {BASE} --lr-warmup-fraction 0.1")
+    # every owned flag, given a value other than the target's, is refused by name
+    others = {"lr_decay_style": "linear", "lr_warmup_iters": "7", "lr_warmup_fraction": "0.1", "lr_decay_iters": "13"}
+    for name, flag in CDP_OWNED_FLAGS.items():
+        # floats: a value in [0, 1) far from the target's (this tiny horizon moves the betas far)
+        value = others.get(name) or next(v for v in ("0.123", "0.77") if abs(float(v) - getattr(args, name)) > 0.05)
+        assert value != str(getattr(args, name)), name
+        assert error(TINY + f" --cdp-base {BASE} {flag} {value}").startswith(flag), flag
 
 
 def test_cdp_base_architecture_must_match():

@@ -522,6 +522,23 @@ def test_global_hyperparameters_are_the_class_one_values():
     assert close(t.group("embedding", None).lr, glob["lr"])
 
 
+
+def test_global_weight_decay_follows_the_adamlh_rule():
+    # AdamLH: weight decay x m_B / m_D (the square of the lr factor), here 2 / 8
+    t = at(make_spec(base={"weight_decay_rule": "adamlh"}), 4, 4, 2, 8)
+    assert close(t.global_hyperparameters["weight_decay"], WD * 0.25)
+    assert close(t.global_hyperparameters["lr"], LR * 0.5)
+
+
+def test_warmup_iterations_are_rounded_to_the_nearest():
+    # 0.29 * 100 is 28.999999999999996 in floats: the 29 warmup iterations given stay 29
+    assert at(make_spec(glob={"lr_warmup_iters": 29})).lr_warmup_iters == 29
+    # 0.046 * 100 = 4.6 -> 5; at 4x the tokens, 0.046 * 400 = 18.4 -> 18
+    spec = make_spec(glob={"lr_warmup_fraction": 0.046})
+    assert at(spec).lr_warmup_iters == 5
+    assert at(spec, mD=4).train_iters == 400 and at(spec, mD=4).lr_warmup_iters == 18
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -14,14 +14,16 @@ from typing import Any
 import torch
 
 # Multipliers that make (almost) every (type, layer) group distinct in lr, wd, eps and betas.
+# q and k, and gate and up, share an lr and differ in eps and beta2: adjacent segments of one
+# fused tensor that agree in lr alone must still be stepped apart.
 DISTINCT_MULTIPLIERS = {
     "type": {
         "q": {"lr": 1.5, "eps": 0.5},
-        "k": {"lr": 0.75, "beta2": 0.5},
+        "k": {"lr": 1.5, "beta2": 0.5},
         "v": {"lr": 1.25, "weight_decay": 2.0},
         "attn_out": {"lr": 0.6, "beta1": 0.8},
         "mlp_gate": {"lr": 2.0, "eps": 2.0},
-        "mlp_up": {"lr": 0.5, "beta2": 1.5},
+        "mlp_up": {"lr": 2.0, "beta2": 1.5},
         "mlp_down": {"lr": 0.9, "weight_decay": 0.5},
         "embedding": {"lr": 1.1},
         "output": {"lr": 0.7, "eps": 3.0},

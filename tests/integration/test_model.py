@@ -192,6 +192,17 @@ def test_init_std_per_type_and_segment(megatron_1proc):
         assert values.numel() >= 4096
         assert values.std().item() == pytest.approx(expected, rel=5.5 / math.sqrt(2 * values.numel()) + 1e-3), (ptype, layer)
         assert abs(values.mean().item()) < 5 * expected / math.sqrt(values.numel())
+    # Independent draws: one type in two layers, and the untied embedding and output, are
+    # uncorrelated (5 sigma of a correlation estimate from n pairs: 5 / sqrt(n)).
+    keys = sorted(samples, key=str)
+    pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:]
+             if a[0] == b[0] or {a[0], b[0]} == {"embedding", "output"}]
+    assert len(pairs) >= 8
+    for a, b in pairs:
+        x, y = torch.cat(samples[a]), torch.cat(samples[b])
+        n = min(x.numel(), y.numel())
+        r = (x[:n] / x[:n].std() * (y[:n] / y[:n].std())).mean().item()
+        assert abs(r) < 5 / math.sqrt(n), (a, b, r)
 
 
 def _full_weights_worker(tp: int, pp: int, tied: bool = False) -> dict:

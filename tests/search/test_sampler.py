@@ -142,6 +142,17 @@ def test_radius_shrinks_exactly_after_patience():
         _tell(study, trial, 5.0)
 
 
+@pytest.mark.parametrize("direction, best", [("minimize", 1.0), ("maximize", 3.0)])
+def test_incumbent_follows_the_study_direction(direction, best):
+    study = _study(TrustRegionSampler(seed=3), direction)
+    for value in (2.0, 3.0, 1.0):
+        trial, _ = _ask(study, {"x": WIDE})
+        _tell(study, trial, value)
+    state = study.sampler.state(study)
+    assert state.incumbent.values[0] == best and best_trial(study).values[0] == best
+    assert state.stale == (0 if direction == "minimize" else 1)  # trials since the best
+
+
 @pytest.mark.parametrize(
     "direction, good, bad", [("minimize", -100.0, 1.0), ("maximize", 100.0, -1.0)]
 )
