@@ -522,7 +522,6 @@ def test_global_hyperparameters_are_the_class_one_values():
     assert close(t.group("embedding", None).lr, glob["lr"])
 
 
-
 def test_global_weight_decay_follows_the_adamlh_rule():
     # AdamLH: weight decay x m_B / m_D (the square of the lr factor), here 2 / 8
     t = at(make_spec(base={"weight_decay_rule": "adamlh"}), 4, 4, 2, 8)
