@@ -798,8 +798,16 @@ def _finish_schedule(args: argparse.Namespace) -> None:
         args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
     if args.lr_warmup_iters is None:
         args.lr_warmup_iters = 0
-    if args.lr_warmup_iters > args.lr_decay_iters:
-        raise ArgsError(f"--lr-warmup-iters {args.lr_warmup_iters} is longer than the decay ({args.lr_decay_iters} iterations)")
+    if args.lr_warmup_iters >= args.lr_decay_iters:  # Megatron's scheduler asserts warmup < decay
+        if args.lr_warmup_fraction is not None:
+            given = f"--lr-warmup-fraction {args.lr_warmup_fraction:g} gives {args.lr_warmup_iters} warmup iterations, which is"
+            fix = "use a fraction below 1"
+        else:
+            given, fix = f"--lr-warmup-iters {args.lr_warmup_iters} is", f"give at most {args.lr_decay_iters - 1}"
+        raise ArgsError(
+            f"{given} not shorter than the decay ({args.lr_decay_iters} iterations, --lr-decay-iters or --train-iters); "
+            f"Megatron's scheduler needs warmup < decay: {fix}"
+        )
     if args.min_lr > args.lr:
         raise ArgsError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
 

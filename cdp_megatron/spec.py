@@ -473,13 +473,17 @@ def _parse_globals(raw: Any, base: Base) -> Globals:
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise _fail("global.lr_warmup_iters", f"expected a non-negative integer, got {_show(w)}", "give a whole number")
         iters = base.shape.train_iters
-        if w > iters:  # compared before dividing: a 400-digit w / iters overflows a float
-            raise _fail("global.lr_warmup_iters", f"{_show(w)} is longer than training ({iters} iterations)", f"give at most {iters}")
+        if w >= iters:  # compared before dividing: a 400-digit w / iters overflows a float
+            raise _fail(
+                "global.lr_warmup_iters", f"{_show(w)} is not shorter than training ({iters} iterations; Megatron's "
+                "scheduler needs warmup < decay)", f"give at most {iters - 1}"
+            )
         warmup = w / iters
     else:
         warmup = _pos_float(raw.get("lr_warmup_fraction", 0.01), "global.lr_warmup_fraction", allow_zero=True)
-        if warmup > 1:
-            raise _fail("global.lr_warmup_fraction", "warmup is longer than training", "use a fraction below 1")
+        if warmup >= 1:
+            raise _fail("global.lr_warmup_fraction", "warmup is not shorter than training (Megatron's scheduler needs "
+                        "warmup < decay)", "use a fraction below 1")
     return Globals(
         lr=lr,
         min_lr_ratio=ratio,

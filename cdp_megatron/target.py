@@ -26,6 +26,7 @@ from .spec import (
     LIMITS,
     SCHEMA_VERSION,
     TARGET_KIND,
+    Globals,
     Multipliers,
     Shape,
     Spec,
@@ -217,6 +218,25 @@ def _sde(spec: Spec, ratios: dict[str, float]) -> rules.SdeFactors:
         ) from None
 
 
+# The SDE rule scales (1 - beta) by m_B / m_D; from this factor up, say so.
+BETA_WARNING_FACTOR = 4.0
+
+
+def _beta_warning(g: Globals, factor: float) -> list[str]:
+    """A warning when the batch/duration rule grows (1 - beta) 4x or more (a larger batch or
+    a shorter horizon): beta1 heads for 0, where the steps are too coarse for the SDE that
+    the rule keeps fixed. The other way (betas towards 1, a longer horizon) is the usual
+    direction of a scale-up and gets none; README "Status and limitations" reports both."""
+    if factor < BETA_WARNING_FACTOR:
+        return []
+    moved = ", ".join(f"beta{i} {b:g} -> {1 - (1 - b) * factor:.6g}" for i, b in ((1, g.adam_beta1), (2, g.adam_beta2)))
+    return [
+        f"the batch/duration rule scales (1 - beta1) and (1 - beta2) by m_B / m_D = {factor:g} ({moved}, before the "
+        "beta multipliers): steps this coarse are where the SDE behind the rule is least reliable; equal --batch and "
+        "--tokens ratios keep every hyperparameter"
+    ]
+
+
 def _where(key: str, layer: int | None) -> str:
     return key if layer is None else f"{key} layer {layer}"
 
@@ -305,6 +325,7 @@ def resolve(spec: Spec, shape: Shape | None = None) -> Target:
     if not shape.untie_embeddings_and_output_weights and p != "sp":
         warnings.append("tied embeddings: the embedding also serves as the output layer, so Table 1's unembedding rules are not applied")
     warnings += _unused_multipliers(spec, shape)
+    warnings += _beta_warning(g, sde.one_minus_beta)
 
     groups = []
     for type_, layer, param in shape.groups():
@@ -333,8 +354,10 @@ def resolve(spec: Spec, shape: Shape | None = None) -> Target:
             if not 0 <= beta < 1:  # also a (1 - beta) so small that beta rounds to exactly 1.0
                 shown, fix = ("1.0 (rounded)", "raise") if beta == 1 else (f"{beta:g}", "lower")
                 raise SpecError(
-                    f"{_where(key, layer)}: beta{i} = 1 - {one_minus:g} = {shown} is outside [0, 1) after scaling; "
-                    f"{fix} the beta{i} multiplier or the batch/token ratio"
+                    f"{_where(key, layer)}: beta{i} = 1 - {one_minus:g} = {shown} is outside [0, 1) after scaling "
+                    f"1 - beta{i} = {1 - b:g} by m_B / m_D = {sde.one_minus_beta:g} and the multipliers; {fix} the "
+                    f"beta{i} multiplier or the batch/token ratio (m_B: tokens per step, m_D: training tokens, each "
+                    "over the base)"
                 )
             betas.append(beta)
         init_std = None
@@ -365,6 +388,11 @@ def resolve(spec: Spec, shape: Shape | None = None) -> Target:
         ratios=ratios,
         warnings=tuple(warnings),
     )
+    if target.lr_warmup_iters >= target.train_iters:  # a fraction just below 1 can round up to the whole run
+        raise SpecError(
+            f"global.lr_warmup_fraction: {g.lr_warmup_fraction:g} x {target.train_iters} iterations rounds to "
+            f"{target.lr_warmup_iters}, the whole run (Megatron's scheduler needs warmup < decay); lower the fraction"
+        )
     for hp, v in target.global_hyperparameters.items():  # Megatron's global flags
         _check_value("global", hp, v, positive=hp in ("lr", "adam_eps", "init_method_std"))
     return target
@@ -511,8 +539,13 @@ def target_from_dict(raw: Any, where: str = "target") -> Target:
     for key in raw:
         if key not in expected:
             raise SpecError(f"{where}: {key}: unknown key in a target; regenerate it with cdp-convert")
+    warnings = raw.get("warnings", [])
+    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+        raise SpecError(f"{where}: warnings: not a list of strings; regenerate it with cdp-convert")
     for key, want in expected.items():
-        if key in ("source_spec", "groups"):
+        # warnings are advice recomputed from the spec (a release may add or reword one): the
+        # re-resolved target carries this release's, and a stored list is not compared
+        if key in ("source_spec", "groups", "warnings"):
             continue
         diff = _difference(raw.get(key), want, key)
         if diff is not None:

@@ -85,6 +85,7 @@ def test_layout_batch_and_schedule():
     # Megatron-LM: the warmup fraction is of the decay iterations, not of training
     decay = parse(TINY + " --lr 1e-3 --lr-decay-iters 10 --lr-warmup-fraction 0.3")
     assert (decay.train_iters, decay.lr_decay_iters, decay.lr_warmup_iters) == (20, 10, 3)
+    assert parse(TINY + " --lr 1e-3 --lr-warmup-iters 19").lr_warmup_iters == 19  # the longest warmup there is
     samples = parse(TINY.replace("--train-iters 20", "--train-samples 100") + " --lr 1e-3")
     assert samples.train_iters == 12
     vpp = parse(TINY.replace("--num-layers 2", "--num-layers 4") + " --lr 1e-3 "
@@ -172,6 +173,13 @@ def test_unknown_flags_and_abbreviations_fail():
         ("--lr 1e-3 --lr-warmup-iters 2 --lr-warmup-fraction 0.1", 1, "only one of --lr-warmup-iters"),
         ("--lr 1e-3 --fp8-format hybrid", 1, "--fp8-format needs --transformer-impl transformer_engine"),
         ("--lr 1e-3 --min-lr 1", 1, "--min-lr 1.0 is larger than --lr"),
+        # Megatron's scheduler asserts warmup < decay (a bare AssertionError before)
+        ("--lr 1e-3 --lr-warmup-iters 20", 1,
+         "--lr-warmup-iters 20 is not shorter than the decay (20 iterations, --lr-decay-iters or --train-iters); "
+         "Megatron's scheduler needs warmup < decay: give at most 19"),
+        ("--lr 1e-3 --lr-decay-iters 10 --lr-warmup-iters 12", 1, "--lr-warmup-iters 12 is not shorter than the decay (10"),
+        ("--lr 1e-3 --lr-warmup-fraction 1", 1,
+         "--lr-warmup-fraction 1 gives 20 warmup iterations, which is not shorter than the decay (20 iterations"),
     ],
 )
 def test_validation_errors(extra, world, needle):

@@ -320,6 +320,9 @@ BAD = {
     "min_lr_ratio above 1": (_with(["global", "min_lr_ratio"], 2), "global.min_lr_ratio"),
     "warmup iters longer than training": (_with(["global", "lr_warmup_iters"], 500), "global.lr_warmup_iters"),
     "warmup fraction above 1": (_with(["global", "lr_warmup_fraction"], 1.5), "global.lr_warmup_fraction"),
+    # Megatron's scheduler needs warmup < decay: the whole run is not a warmup
+    "warmup iters equal to training": (_with(["global", "lr_warmup_iters"], 100), "global.lr_warmup_iters"),
+    "warmup fraction of 1": (_with(["global", "lr_warmup_fraction"], 1.0), "global.lr_warmup_fraction"),
 }
 
 

@@ -427,6 +427,47 @@ def test_head_dim_change_warns():
     assert any("head dimension" in w and "64" in w and "128" in w for w in changed.warnings)
 
 
+@pytest.mark.parametrize(
+    "mB, mD, factor",
+    [(4, 1, 4.0), (8, 1, 8.0), (1, 0.25, 4.0), (3.5, 1, None), (1, 4, None), (1, 64, None), (8, 8, None)],
+)
+def test_far_moved_betas_warn(mB, mD, factor):
+    # (1 - beta) x m_B / m_D: a warning when it grows 4x or more (beta1 0.9 -> 0.6), none below
+    # that, and none the other way (betas towards 1: a longer horizon)
+    t = at(make_spec(), mB=mB, mD=mD)
+    beta = [w for w in t.warnings if "beta" in w]
+    if factor is None:
+        assert beta == []
+        return
+    b1, b2 = 1 - (1 - BETA1) * factor, 1 - (1 - BETA2) * factor
+    assert len(beta) == 1, t.warnings
+    assert f"m_B / m_D = {factor:g} (beta1 {BETA1:g} -> {b1:.6g}, beta2 {BETA2:g} -> {b2:.6g}," in beta[0], beta[0]
+    assert "equal --batch and --tokens" in beta[0]
+    assert close(t.global_hyperparameters["adam_beta1"], b1) and close(t.global_hyperparameters["adam_beta2"], b2)
+    # sp has no batch/duration rule: the betas stay, and so no warning
+    assert not [w for w in at(make_spec("sp"), mB=mB, mD=mD).warnings if "beta" in w]
+
+
+def test_betas_pushed_below_zero_name_the_ratio():
+    # m_B / m_D = 16: (1 - 0.9) x 16 = 1.6, beta1 = -0.6
+    with pytest.raises(SpecError) as e:
+        at(make_spec(), mB=8, mD=0.5)
+    assert str(e.value) == (
+        "embedding: beta1 = 1 - 1.6 = -0.6 is outside [0, 1) after scaling 1 - beta1 = 0.1 by m_B / m_D = 16 and the "
+        "multipliers; lower the beta1 multiplier or the batch/token ratio (m_B: tokens per step, m_D: training tokens, "
+        "each over the base)"
+    )
+
+
+def test_warmup_that_rounds_to_the_whole_run_is_an_error():
+    # 0.996 x 100 rounds to 100: no decay left, which Megatron's scheduler refuses (warmup < decay)
+    assert at(make_spec(glob={"lr_warmup_fraction": 0.994})).lr_warmup_iters == 99
+    with pytest.raises(SpecError, match=r"^global.lr_warmup_fraction: 0.996 x 100 iterations rounds to 100, the whole run"):
+        at(make_spec(glob={"lr_warmup_fraction": 0.996}))
+    # the same fraction at a longer horizon leaves a decay: 0.996 x 400 = 398.4 -> 398
+    assert at(make_spec(glob={"lr_warmup_fraction": 0.996}), mD=4).lr_warmup_iters == 398
+
+
 def test_architecture_change_is_an_error():
     spec = make_spec()
     from dataclasses import replace
@@ -628,7 +669,8 @@ def test_target_group_value_of_the_wrong_type_is_rejected():
         (lambda d: d.update(lr_warmup_iters=3), "lr_warmup_iters"),
         (lambda d: d.update(output_mult=5), "output_mult"),
         (lambda d: d["ratios"].update(width=99), "ratios.width"),
-        (lambda d: d.update(warnings=["x"]), "warnings"),
+        (lambda d: d.update(warnings="x"), "warnings: not a list of strings"),
+        (lambda d: d.update(warnings=[1]), "warnings: not a list of strings"),
         (lambda d: d.update(alpha=1.0), "alpha"),
         (lambda d: d.update(decay_norms_and_biases=1), "decay_norms_and_biases"),  # 1 is not false
         (lambda d: d.update(lr_per_type=1), "lr_per_type"),  # an unknown key
@@ -643,6 +685,20 @@ def test_target_edits_of_recomputed_fields_are_rejected(edit, where):
     msg = str(e.value)
     assert msg.startswith(f"t.json: {where}") or where in msg, msg
     assert "regenerate it with cdp-convert" in msg and "\n" not in msg
+
+
+def test_target_warnings_are_recomputed_not_compared():
+    # a target written by a release with other warnings (added or reworded) still loads, and
+    # carries this release's warnings, recomputed from its source spec
+    t = at(make_spec(), 2, 2, 8, 1)
+    assert any("m_B / m_D = 8" in w for w in t.warnings)
+    for stored in ([], ["an older wording"]):
+        d = t.to_dict()
+        d["warnings"] = stored
+        assert target_from_dict(d).warnings == t.warnings
+    d = t.to_dict()
+    del d["warnings"]
+    assert target_from_dict(d).warnings == t.warnings
 
 
 def test_target_errors_from_the_re_resolve_name_the_file():

@@ -498,8 +498,8 @@ def build_scheduler(
 
     decay = int(lr_decay_iters if lr_decay_iters is not None else target.train_iters)
     warmup = int(lr_warmup_iters if lr_warmup_iters is not None else target.lr_warmup_iters)
-    if warmup >= decay:
-        warmup = max(decay - 1, 0)  # Megatron requires warmup < decay steps
+    if not 0 <= warmup < decay:  # Megatron's scheduler asserts it; say which numbers, and do not change them
+        raise ValueError(f"lr warmup of {warmup} iterations must be shorter than the decay ({decay} iterations)")
     lr = float(optimizer_config.lr)
     return OptimizerParamScheduler(
         optimizer,

@@ -258,3 +258,12 @@ def test_refuses_unsupported_configs_and_mismatched_target():
     assert "optimizer='sgd'" in messages[0]
     assert "decoupled_lr" in messages[1]
     assert "layer=2" in messages[2]
+
+
+def test_scheduler_refuses_a_warmup_not_shorter_than_the_decay():
+    # Megatron's scheduler asserts warmup < decay; the warmup is not quietly shortened
+    from cdp_megatron.integration.optimizer import build_scheduler
+
+    for warmup, decay in ((5, 5), (6, 5), (-1, 5)):
+        with pytest.raises(ValueError, match=rf"^lr warmup of {warmup} iterations must be shorter than the decay \({decay} "):
+            build_scheduler(None, tiny_target(), None, lr_decay_iters=decay, lr_warmup_iters=warmup)
