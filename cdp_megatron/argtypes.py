@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["is_number", "positive_float", "nonneg_int", "positive_int", "join_negative_values", "output_file_problem"]
+__all__ = ["is_number", "positive_float", "nonneg_int", "positive_int", "join_negative_values", "output_file_problem",
+           "output_dir_problem"]
 
 
 def is_number(text: str) -> bool:
@@ -80,15 +82,54 @@ def join_negative_values(argv: list[str], takes_number: Callable[[str], bool], i
     return out
 
 
-def output_file_problem(flag: str, path: str | Path, example: str) -> str | None:
-    """Why ``flag path`` cannot be written later (a folder; a folder that does not exist or
-    is not writable), as one line with the fix, or None. Checked before long work starts."""
+def _cannot_write_in(folder: Path) -> str | None:
+    """Why nothing can be created in the existing folder ``folder`` (its strerror), or None.
+
+    Tried for real (a temporary folder made and removed at once), not with ``os.access``: that
+    says yes to root on a read-only mount or in /proc, and a run that trains for hours before
+    its first write would then lose everything at the end."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cdp-write-check-", dir=folder))
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def output_file_problem(flag: str, path: str | Path, example: str, *, make_parents: bool = False) -> str | None:
+    """Why ``flag path`` cannot be written later (a folder; a folder that does not exist, or
+    with ``make_parents`` cannot be made; one that cannot be written in), as one line with the
+    fix, or None. Leaves nothing behind; checked before long work starts."""
     target = Path(path)
-    folder = target.parent
+    if not str(path):
+        return f"{flag}: empty path; give a file name, e.g. {example}"
     if target.is_dir():
         return f"{flag} {path}: is a folder; give a file name, e.g. {example}"
-    if not folder.is_dir():
-        return f"{flag} {path}: folder {folder} does not exist; create it first"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"{flag} {path}: folder {folder} is not writable; check the permissions"
+    if make_parents:
+        return _folder_problem(flag, path, target.parent)
+    if not target.parent.is_dir():
+        return f"{flag} {path}: folder {target.parent} does not exist; create it first"
+    return _folder_problem(flag, path, target.parent)
+
+
+def output_dir_problem(flag: str, path: str | Path) -> str | None:
+    """Why the folder ``flag path`` (made later with its missing parents) cannot be made or
+    written in, as one line with the fix, or None. Leaves nothing behind; checked before long
+    work starts."""
+    target = Path(path)
+    if not str(path):
+        return f"{flag}: empty path; give a folder"
+    if target.exists() and not target.is_dir():
+        return f"{flag} {path}: exists and is not a folder; give a folder"
+    return _folder_problem(flag, path, target)
+
+
+def _folder_problem(flag: str, path: str | Path, folder: Path) -> str | None:
+    nearest = folder
+    while not nearest.exists():  # the nearest existing folder above: the one made in first
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        return f"{flag} {path}: {nearest} is a file, not a folder; choose another path"
+    why = _cannot_write_in(nearest)
+    if why:
+        return f"{flag} {path}: cannot create files in {nearest} ({why}); check the permissions or choose another folder"
     return None

@@ -212,6 +212,8 @@ def write_atomic(path: str, text: str) -> None:
         raise SpecError("empty file name; give a file name for the target")
     real = os.path.realpath(path)
     folder = os.path.dirname(real)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SpecError(f"{path}: {folder} is a file, not a folder; choose another path")
     if not os.path.isdir(folder):
         raise SpecError(f"{path}: folder {folder} does not exist; create it first")
     if os.path.isdir(real):

@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import rules
-from .argtypes import output_file_problem
+from .argtypes import output_dir_problem, output_file_problem
 from .spec import Spec, SpecError
 
 __all__ = [
@@ -180,7 +180,9 @@ class CoordCheckConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise CoordCheckError(f"--lr: {self.lr!r} is not a positive number; give e.g. 1e-2")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise CoordCheckError(f"--weight-decay: {self.weight_decay!r} is negative; give a number >= 0")
+            raise CoordCheckError(f"--weight-decay: {self.weight_decay!r} is not a number >= 0; give e.g. 0.1")
+        if self.vocab_size < 2:  # one token: every loss is 0 and nothing moves
+            raise CoordCheckError(f"--vocab-size: {self.vocab_size} leaves nothing to predict; give at least 2 (default 256)")
         if self.data not in DATA_CHOICES:
             raise CoordCheckError(f"--data: unknown value {self.data!r}; use one of {', '.join(DATA_CHOICES)}")
         if self.data == "shakespeare" and self.vocab_size < 256:
@@ -714,14 +716,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = _config_from_args(args)
         cfg.validate()
-        if args.output is not None:
-            out = Path(args.output)
-            if not out.is_dir() and not out.parent.is_dir():
-                raise CoordCheckError(f"--output: the parent of {str(out)!r} does not exist; create it first")
-            if out.exists() and not out.is_dir():
-                raise CoordCheckError(f"--output: {str(out)!r} is a file; give a folder")
-            if not os.access(out if out.is_dir() else out.parent, os.W_OK | os.X_OK):
-                raise CoordCheckError(f"--output: {str(out)!r} is not writable; check the permissions")
+        problem = args.output is not None and output_dir_problem("--output", args.output)
+        if problem:
+            raise CoordCheckError(problem)
         if args.json is not None:
             problem = output_file_problem("--json", args.json, "coordcheck.json")
             if problem:
@@ -732,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_report(result), flush=True)
     if args.output:
-        Path(args.output).mkdir(exist_ok=True)
+        Path(args.output).mkdir(parents=True, exist_ok=True)
         for path in plot(result, args.output):
             print(f"wrote {path}")
     if args.json:

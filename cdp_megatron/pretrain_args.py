@@ -24,7 +24,7 @@ import shlex
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from .argtypes import is_number, join_negative_values
+from .argtypes import is_number, join_negative_values, output_dir_problem, output_file_problem
 
 __all__ = [
     "PROG",
@@ -679,8 +679,16 @@ def _check_data_path(data_path: Sequence[str]) -> None:
 def _validate_checkpoints(args: argparse.Namespace) -> None:
     if args.save_interval is not None and not args.save:
         raise ArgsError("--save-interval needs --save")
-    if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
-        raise ArgsError(f"--save {args.save}: exists and is not a directory")
+    # Every output is tried before the run starts: a --save that cannot be made would
+    # otherwise fail at the first checkpoint, after the training it was meant to keep.
+    for flag, folder in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir)):
+        problem = folder is not None and output_dir_problem(flag, folder)
+        if problem:
+            raise ArgsError(problem)
+    problem = args.metrics_file is not None and output_file_problem(
+        "--metrics-file", args.metrics_file, "metrics.jsonl", make_parents=True)
+    if problem:
+        raise ArgsError(problem)
     if args.load and os.path.exists(args.load) and not os.path.isdir(args.load):
         raise ArgsError(f"--load {args.load}: exists and is not a directory")
     if args.dist_ckpt_optim_fully_reshardable and not args.use_distributed_optimizer:

@@ -399,6 +399,12 @@ def test_output_folder_missing(tmp_path, capsys):
     _assert_clean_failure(rc, out, err, ["does not exist"], tmp_path, set())
 
 
+def test_output_folder_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    rc, out, err = run_main(capsys, EXAMPLE, "--width", "2x", "-o", tmp_path / "f" / "target.json")
+    _assert_clean_failure(rc, out, err, [f"{tmp_path / 'f'} is a file, not a folder; choose another path"], tmp_path, {"f"})
+
+
 def test_output_is_a_directory(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     rc, out, err = run_main(capsys, EXAMPLE, "-o", tmp_path / "d")

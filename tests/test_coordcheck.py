@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -51,6 +52,8 @@ def test_base_spec_is_the_smallest_shape_and_scales_like_the_rules():
         (["--steps", "0"], "--steps"),
         (["--data", "wiki"], "--data"),
         (["--json", "/nonexistent-dir/x.json"], "--json"),
+        (["--vocab-size", "1", "--data", "random"], "--vocab-size: 1 leaves nothing to predict"),
+        (["--weight-decay", "nan"], "--weight-decay: nan is not a number >= 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, words, capsys):
@@ -76,6 +79,27 @@ def test_json_path_that_is_a_folder_is_refused_before_the_run(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a folder; give a file name" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_folder_that_cannot_be_made_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(coordcheck, "run_coordcheck", _no_run)
+    (tmp_path / "f").write_text("x")
+    cases = [(tmp_path / "f", "exists and is not a folder"), (tmp_path / "f" / "plots", f"{tmp_path / 'f'} is a file, not a folder")]
+    if os.path.isdir("/proc/self"):  # nothing can be made in /proc, root included (os.access says yes to root)
+        cases.append(("/proc/plots", "cannot create files in /proc"))
+    for path, words in cases:
+        assert coordcheck.main(["--output", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"cdp-coordcheck: error: --output {path}: {words}"), err
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_a_missing_output_folder_is_made_with_its_parents(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(coordcheck, "run_coordcheck", lambda cfg, progress=None: {"seconds": 0.0})
+    monkeypatch.setattr(coordcheck, "format_report", lambda result: "report")
+    monkeypatch.setattr(coordcheck, "plot", lambda result, out: [])
+    assert coordcheck.main(["--output", str(tmp_path / "a" / "b")]) == 0
+    assert (tmp_path / "a" / "b").is_dir()
 
 
 def test_a_failed_json_write_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):

@@ -6,6 +6,7 @@ Fast: no torch, no megatron, no process group (parse_args imports neither).
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -356,6 +357,32 @@ def test_quickstart_keeps_an_explicit_micro_batch_and_refuses_what_cannot_split(
     with pytest.raises(ArgsError, match="cannot be split over data-parallel size 3: pass --global-batch-size"):
         parse("--quickstart", world_size=3)
     assert parse("--quickstart --global-batch-size 24", world_size=3).micro_batch_size == 8
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_run(tmp_path):
+    # A --save that cannot be made failed at the first checkpoint, after the training it was
+    # meant to keep (a traceback from os.makedirs); the metrics and TensorBoard outputs at start.
+    (tmp_path / "f").write_text("x")
+    f = tmp_path / "f"
+    cases = [
+        (f"--save {f}", f"--save {f}: exists and is not a folder; give a folder"),
+        (f"--save {f}/ckpt", f"--save {f}/ckpt: {f} is a file, not a folder; choose another path"),
+        (f"--tensorboard-dir {f}", f"--tensorboard-dir {f}: exists and is not a folder; give a folder"),
+        (f"--metrics-file {tmp_path}", f"--metrics-file {tmp_path}: is a folder; give a file name, e.g. metrics.jsonl"),
+        (f"--metrics-file {f}/m.jsonl", f"--metrics-file {f}/m.jsonl: {f} is a file, not a folder; choose another path"),
+    ]
+    if os.path.isdir("/proc/self"):  # nothing can be made in /proc, root included (os.access says yes to root)
+        why = "(No such file or directory); check the permissions or choose another folder"
+        cases += [(f"--{flag} /proc/out", f"--{flag} /proc/out: cannot create files in /proc {why}")
+                  for flag in ("save", "tensorboard-dir", "metrics-file")]
+    for extra, message in cases:
+        assert error(TINY + " --lr 1e-3 " + extra) == message
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+    # missing folders are fine (made when written) and are not made by the check
+    args = parse(TINY + f" --lr 1e-3 --save {tmp_path}/a/ckpt --tensorboard-dir {tmp_path}/b/tb "
+                 f"--metrics-file {tmp_path}/c/m.jsonl")
+    assert args.save == f"{tmp_path}/a/ckpt"
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
 # ------------------------------------------------------------------------------- the CLI

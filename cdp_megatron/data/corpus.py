@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdp_megatron.argtypes import output_dir_problem
+
 __all__ = [
     "CorpusResult",
     "build_parser",
@@ -233,6 +235,9 @@ def prepare_corpus(
 ) -> CorpusResult:
     """Write ``<output_dir>/<name>.jsonl`` and, given a ``tokenizer_type``, preprocess it to
     ``<output_dir>/<name>_text_document.bin/.idx`` (see :func:`load_shakespeare` for the rest)."""
+    problem = output_dir_problem("--output-dir", output_dir)
+    if problem:
+        raise CorpusError(problem)
     if tokenizer_type is not None:  # a bad tokenizer fails before anything is written
         from cdp_megatron.data.tokenizers import build_tokenizer
 

@@ -35,6 +35,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cdp_megatron.argtypes import output_file_problem
 from cdp_megatron.data.tokenizers import SUPPORTED_TOKENIZER_TYPES, TokenizerError, build_tokenizer
 
 __all__ = ["PreprocessError", "PreprocessResult", "build_parser", "main", "preprocess"]
@@ -240,6 +241,10 @@ def preprocess(
         raise PreprocessError(f"text input has one field; --json-keys must be one name, got {keys}")
     if workers < 1:
         raise PreprocessError(f"--workers must be >= 1, got {workers}")
+    problem = output_file_problem("--output-prefix", f"{output_prefix}_{keys[0]}_document.bin", "data/corpus",
+                                  make_parents=True)
+    if problem:  # before the tokenizing, not after it
+        raise PreprocessError(problem)
 
     tokenizer_args = dict(
         tokenizer_type=tokenizer_type,

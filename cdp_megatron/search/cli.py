@@ -50,7 +50,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cdp_megatron.argtypes import nonneg_int, output_file_problem, positive_float, positive_int
+from cdp_megatron.argtypes import nonneg_int, output_dir_problem, output_file_problem, positive_float, positive_int
 from cdp_megatron.spec import HYPERPARAMETERS, Spec, SpecError, load_spec
 from cdp_megatron.search.spaces import (
     DEFAULT_BOUNDS,
@@ -846,9 +846,9 @@ def _main(args: argparse.Namespace, trainer_args: list[str] | None) -> int:
         if problem:
             raise CliError(problem)
     if args.storage is None:
-        out = Path(args.output_dir)
-        if out.exists() and not out.is_dir():
-            raise CliError(f"--output-dir {out}: exists and is not a folder")
+        problem = output_dir_problem("--output-dir", args.output_dir)  # the default storage goes there
+        if problem:
+            raise CliError(problem)
         url = default_storage_url(args.output_dir)
     else:
         url = args.storage
@@ -874,6 +874,9 @@ def _main(args: argparse.Namespace, trainer_args: list[str] | None) -> int:
     if study is None and total == 0:
         raise CliError(f"study {name!r} does not exist; --trials 0 has nothing to export")
     if total and (counts is None or counts["done"] < total):  # trials will run
+        problem = output_dir_problem("--output-dir", args.output_dir)  # their folders go there
+        if problem:
+            raise CliError(problem)
         if config.get("trainer_command"):
             _check_trainer_command(config["trainer_command"])  # a stored command, on this machine
         else:

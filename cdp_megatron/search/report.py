@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cdp_megatron.search.cli import CONFIG_ATTR, CliError, _Parser, _redact, open_storage, trial_counts
+from cdp_megatron.argtypes import output_dir_problem
+from cdp_megatron.search.cli import CONFIG_ATTR, CliError, _new_sqlite_file, _Parser, _redact, open_storage, trial_counts
 
 __all__ = ["main", "study_rows", "best_multiplier_table"]
 
@@ -249,6 +250,13 @@ def _main(args: argparse.Namespace) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    problem = output_dir_problem("--output", args.output)
+    if problem:
+        raise CliError(problem)
+    missing_file = _new_sqlite_file(args.storage)
+    if missing_file is not None:  # opening it would create an empty database
+        raise CliError(f"--storage {_redact(args.storage)}: {missing_file} does not exist; give the storage of a "
+                       "cdp-search run (by default <output-dir>/search.db)")
     storage = open_storage(args.storage)
     names = optuna.study.get_all_study_names(storage)
     wanted = args.study or names
@@ -264,7 +272,7 @@ def _main(args: argparse.Namespace) -> int:
     out = Path(args.output)
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    except OSError as e:  # changed since the check above
         raise CliError(f"--output {out}: cannot create ({e.strerror})") from None
 
     n = len(studies)

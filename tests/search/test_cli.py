@@ -337,6 +337,25 @@ def test_export_path_is_checked_before_the_search(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_output_dir_that_cannot_be_made_is_refused_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    cases = [(tmp_path / "f", "exists and is not a folder; give a folder"),
+             (tmp_path / "f" / "out", f"{tmp_path / 'f'} is a file, not a folder; choose another path")]
+    if os.path.isdir("/proc/self"):  # nothing can be made in /proc, root included
+        cases.append(("/proc/cdp_search", "cannot create files in /proc (No such file or directory); check the "
+                                          "permissions or choose another folder"))
+    for out, message in cases:
+        argv = ["--base", EXAMPLE, "--output-dir", str(out), "--trainer", FAKE, "--", "--train-iters", "4"]
+        assert main(argv) == 2
+        assert _one_error_line(capsys.readouterr().err) == f"cdp-search: error: --output-dir {out}: {message}"
+    # with --storage elsewhere the trials' folders still need --output-dir
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    assert main(["--base", EXAMPLE, "--storage", storage, "--output-dir", str(tmp_path / "f"), "--trainer", FAKE,
+                 "--", "--train-iters", "4"]) == 2
+    assert "--output-dir" in _one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
 def test_empty_bounds_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(_args(tmp_path, "--base", EXAMPLE, "--bounds", "1,1"))

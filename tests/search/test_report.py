@@ -62,5 +62,13 @@ def test_report_of_chosen_studies(storage, tmp_path, capsys):
 def test_report_bad_input(storage, tmp_path, capsys):
     assert report(["--storage", storage, "--study", "nope", "--output", str(tmp_path / "x")]) == 2
     assert "no study 'nope'" in capsys.readouterr().err
+    missing = tmp_path / "typo.db"  # opening it would create an empty database file
+    assert report(["--storage", f"sqlite:///{missing}", "--output", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == (f"cdp-search-report: error: --storage sqlite:///{missing}: {missing} does not "
+                                       "exist; give the storage of a cdp-search run (by default <output-dir>/search.db)\n")
     assert report(["--storage", "sqlite:////nonexistent-folder/x.db", "--output", str(tmp_path / "x")]) == 2
-    assert "cannot open" in capsys.readouterr().err
+    assert "/nonexistent-folder/x.db does not exist" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert report(["--storage", storage, "--output", str(tmp_path / "f")]) == 2
+    assert capsys.readouterr().err == f"cdp-search-report: error: --output {tmp_path / 'f'}: exists and is not a folder; give a folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
