@@ -222,6 +222,102 @@ def _global_loss(losses: list, device: str) -> tuple[float, float]:
 _CRASH_DURING_SAVE_ENV = "CDP_PRETRAIN_TEST_CRASH_DURING_SAVE"
 
 
+# ------------------------------------------------------------------- what a resume must match
+# A checkpoint records the model's shape and every optimizer group's hyperparameters (both
+# independent of the TP/PP/DP layout); --load compares them with the run's before reading any
+# tensor, so that a resume with another spec, shape or lr names what differs in one line,
+# where Megatron would stop with "Cannot merge two lists with different lengths" or a listing
+# of identity tuples.
+_MODEL_FIELDS = (
+    ("num_layers", "--num-layers"),
+    ("hidden_size", "--hidden-size"),
+    ("num_attention_heads", "--num-attention-heads"),
+    ("num_query_groups", "--num-query-groups"),
+    ("ffn_hidden_size", "--ffn-hidden-size"),
+    ("padded_vocab_size", "the padded vocabulary (the tokenizer's or --vocab-size, rounded up to a multiple of "
+                          "--make-vocab-size-divisible-by x TP)"),
+    ("max_position_embeddings", "--max-position-embeddings"),
+    ("normalization", "--normalization"),
+    ("swiglu", "--swiglu"),
+    ("qk_layernorm", "--qk-layernorm"),
+    ("add_bias_linear", "biases (--disable-bias-linear)"),
+    ("position_embedding_type", "--position-embedding-type"),
+    ("untie_embeddings_and_output_weights", "--untie-embeddings-and-output-weights"),
+)
+_GROUP_FIELDS = ("lr", "min_lr", "weight_decay", "eps", "beta1", "beta2")
+_PLAIN = "global"  # the record key of a plain run's hyperparameters (Megatron's flags)
+
+
+def resume_record(args: argparse.Namespace) -> dict:
+    """What a run resumed from this run's checkpoint must match: the model's shape and, per
+    (type, param, layer) group of the Complete(d)P target, or the global flags of a plain
+    run, lr, min lr, weight decay, eps, beta1, beta2 (as the optimizer's groups hold them)."""
+    model = {name: getattr(args, name) for name, _ in _MODEL_FIELDS}
+    if args.target is not None:
+        groups = {f"{g.type} {g.param} {'-' if g.layer is None else g.layer}":
+                  [g.lr, g.min_lr, g.weight_decay, g.eps, g.beta1, g.beta2] for g in args.target.groups}
+    else:
+        groups = {_PLAIN: [args.lr, args.min_lr, args.weight_decay, args.adam_eps, args.adam_beta1, args.adam_beta2]}
+    return {"model": model, "hyperparameters": groups}
+
+
+def _number(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _span(values: Sequence[Any], sep: str = "..") -> str:
+    distinct = sorted(set(values))
+    return _number(distinct[0]) if len(distinct) == 1 else f"{_number(distinct[0])}{sep}{_number(distinct[-1])}"
+
+
+_RESUME_HINT = "resume with the flags it was saved with, or --save to a new folder"
+_RESUME_HP_HINT = ("resume with the spec and flags it was saved with (through the duration rule a changed "
+                   "--train-iters moves every hyperparameter of --cdp-base), or --save to a new folder")
+
+
+def resume_mismatch(saved: Any, current: dict) -> str | None:
+    """Why a checkpoint with ``saved`` (``resume_record`` at its save) cannot resume a run with
+    ``current``, as one line with the fix, or None. Checkpoints written before the record
+    (no ``model`` key) are not judged here."""
+    if not isinstance(saved, dict) or "model" not in saved:
+        return None
+    flags = dict(_MODEL_FIELDS)
+    shape = [f"{flags[k]} {_number(saved['model'].get(k))} there, {_number(v)} here"
+             for k, v in current["model"].items() if saved["model"].get(k) != v]
+    if shape:
+        return f"the checkpoint is of another model ({'; '.join(shape)}); {_RESUME_HINT}"
+    have, want = saved["hyperparameters"], current["hyperparameters"]
+    if (_PLAIN in have) != (_PLAIN in want):
+        kind = ["a plain run (global hyperparameters)", "a Complete(d)P run (--cdp-base or --cdp-config)"]
+        there, here = kind if _PLAIN in have else kind[::-1]
+        return f"the checkpoint was saved by {there}, this is {here}; {_RESUME_HINT}"
+    if set(have) != set(want):
+        extra = sorted(set(have) ^ set(want))
+        return f"the checkpoint's optimizer groups differ from this run's (e.g. {extra[0]!r}); {_RESUME_HP_HINT}"
+    rows: dict[tuple, dict] = {}  # (type, param) -> hyperparameter -> [(layer, saved, current)]
+    for key, values in want.items():
+        kind, param, layer = key.rsplit(" ", 2) if key != _PLAIN else ("", "", "-")
+        for name, old, new in zip(_GROUP_FIELDS, have[key], values):
+            if old != new:
+                rows.setdefault((kind, param), {}).setdefault(name, []).append((layer, old, new))
+    if not rows:
+        return None
+    everywhere = len(rows) == len({key.rsplit(" ", 1)[0] for key in want}) > 1
+    parts = []
+    for (kind, param), fields in list(rows.items())[:1 if everywhere else 3]:
+        name, diffs = next(iter(fields.items()))  # lr first: min_lr follows it
+        layers = [int(d[0]) for d in diffs if d[0] != "-"]
+        where = f"{kind} {param}".strip() + (f" layers {_span(layers, '-')}" if layers else "")
+        also = [n for n in fields if n != name]
+        parts.append(f"{where + ' ' if where else ''}{name} {_span([d[1] for d in diffs])} there, "
+                     f"{_span([d[2] for d in diffs])} here" + (f" (and {', '.join(also)})" if also else ""))
+    if everywhere:
+        return (f"the checkpoint was trained with other hyperparameters in every group (e.g. {parts[0]}); "
+                f"{_RESUME_HP_HINT}")
+    more = f"; and {len(rows) - 3} more types" if len(rows) > 3 else ""
+    return f"the checkpoint was trained with other hyperparameters ({'; '.join(parts)}{more}); {_RESUME_HP_HINT}"
+
+
 def _die_like_a_killed_process() -> None:
     """Exit at once as a SIGKILL would (no cleanup, exit code 137), taking along the helper
     processes that dist_checkpointing started (its spawn-context Manager would otherwise
@@ -488,6 +584,7 @@ class _Run:
             latest_checkpoint,
             load_checkpoint,
             load_rng_state,
+            saved_extras,
         )
 
         try:
@@ -498,12 +595,20 @@ class _Run:
             self._print(f"--load {args.load}: no checkpoint there ({TRACKER_FILE} missing); starting from scratch")
             return 0
         self._print(f"loading checkpoint {path}")
+        problem = resume_mismatch(saved_extras(path).get("resume"), resume_record(args))
+        if problem:
+            raise RunError(f"--load {path}: {problem}")
         try:
             common = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         except AssertionError as e:  # OptimizerParamScheduler's check of the schedule flags
             raise RunError(f"--load {path}: the checkpoint does not match the flags ({e})") from None
         except CheckpointError as e:  # an optimizer state that cannot be resharded to this layout
             raise RunError(f"--load {e}") from None
+        except ValueError as e:  # a checkpoint older than the record: Megatron's group matching
+            if "param_groups" not in str(e) and "param group" not in str(e):
+                raise
+            raise RunError(f"--load {path}: the checkpoint's optimizer groups do not match this run's "
+                           f"hyperparameters; {_RESUME_HP_HINT}") from None
         iteration = int(common["iteration"])
         self.consumed_samples = int(common.get("consumed_samples", iteration * args.global_batch_size))
         if not load_rng_state(path, self._layout()):
@@ -531,7 +636,8 @@ class _Run:
         with synced_params(self.model):  # the latest weights under --overlap-param-gather
             final = save_iteration(
                 self.args.save, iteration, self.model, self.optimizer, self.scheduler,
-                layout=self._layout(), extra={"consumed_samples": self.consumed_samples},
+                layout=self._layout(), extra={"consumed_samples": self.consumed_samples,
+                                              "resume": resume_record(self.args)},
                 before_publish=crash_if_asked,
                 dist_opt_format="fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable else None,
                 mem_efficient=self.args.distrib_optim_fully_reshardable_mem_efficient,

@@ -52,6 +52,7 @@ __all__ = [
     "save_rng_state",
     "load_rng_state",
     "save_iteration",
+    "saved_extras",
 ]
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron-LM's name for the "latest" pointer
@@ -228,6 +229,14 @@ def load_checkpoint(
     if scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     return dict(loaded.get("cdp", {}))
+
+
+def saved_extras(path: str | os.PathLike) -> dict:
+    """The common ``cdp`` dict of a checkpoint (``iteration`` and the caller's extras), read
+    without loading any tensor, e.g. to check a checkpoint against a run before loading it."""
+    from megatron.core import dist_checkpointing
+
+    return dict(dist_checkpointing.load_common_state_dict(os.fspath(path)).get("cdp", {}))
 
 
 def _saved_metadata(path: str) -> dict:

@@ -438,6 +438,9 @@ def _check_trainer_args(trainer_args: list[str]) -> None:
         flag = token.split("=", 1)[0]
         if flag in RESERVED_FLAGS:
             raise CliError(f"{flag} in the proxy flags: cdp-search sets it for every trial; remove it")
+        if flag in ("--save", "--load"):  # one folder for all trials: each would resume another's run
+            raise CliError(f"{flag} in the proxy flags: every trial would share one checkpoint folder and a "
+                           "trial would resume another trial's run (other hyperparameters); remove it")
 
 
 def _default_study_name(config: dict[str, Any]) -> str:

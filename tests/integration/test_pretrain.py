@@ -43,11 +43,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(args: str | list, tmp_path: Path, *, nproc: int = 1, env: dict | None = None, timeout: int = 300):
-    """Run cdp-pretrain; returns the CompletedProcess (stdout and stderr merged)."""
+def run(args: str | list, tmp_path: Path, *, nproc: int = 1, env: dict | None = None, timeout: int = 300,
+        entry: tuple[str, ...] = ("-m", "cdp_megatron.pretrain")):
+    """Run cdp-pretrain (1 process: ``python *entry *args``); returns the CompletedProcess
+    (stdout and stderr merged)."""
     argv = shlex.split(args) if isinstance(args, str) else list(args)
     if nproc == 1:
-        cmd = [sys.executable, "-m", "cdp_megatron.pretrain", *argv]
+        cmd = [sys.executable, *entry, *argv]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
@@ -137,6 +139,30 @@ def test_cdp_base_example_spec(tmp_path):
     assert sum(losses[i] for i in (18, 19, 20)) / 3 < losses[1] - 0.3
 
 
+def test_checkpoint_without_resume_record_is_refused_in_one_line(spec20, tmp_path):
+    """A checkpoint saved before the resume record (simulated by a save with the record
+    switched off; the stored format differs across megatron-core versions) loaded with other
+    hyperparameters: Megatron's own group matching refuses it, and the refusal is one line."""
+    save = ("import sys, cdp_megatron.pretrain as p; p.resume_record = lambda args: None; "
+            "sys.exit(p.main(sys.argv[1:]))")
+    saved = run(cdp20(spec20) + " --save old --save-interval 2 --exit-interval 2 --eval-iters 0", tmp_path,
+                entry=("-c", save))
+    assert saved.returncode == 0 and (tmp_path / "old" / "iter_0000002").is_dir(), saved.stdout[-4000:]
+    raw = json.loads(spec20.read_text())
+    raw["multipliers"]["type"]["v"]["lr"] *= 2
+    (tmp_path / "v2.json").write_text(json.dumps(raw))
+    refused = run(cdp20(tmp_path / "v2.json") + " --load old", tmp_path)
+    assert refused.returncode == 2, refused.stdout[-4000:]
+    assert "Traceback" not in refused.stdout
+    assert refused.stdout.strip().splitlines()[-1] == (
+        "cdp-pretrain: error: --load old/iter_0000002: the checkpoint's optimizer groups do not match this run's "
+        "hyperparameters; resume with the spec and flags it was saved with (through the duration rule a changed "
+        "--train-iters moves every hyperparameter of --cdp-base), or --save to a new folder")
+    # The same checkpoint with the hyperparameters it was saved with still resumes.
+    out = ok(run(cdp20(spec20) + " --load old --exit-interval 3 --eval-iters 0", tmp_path))
+    assert "starting at iteration 2" in out
+
+
 def test_divergence_stops_with_exit_3(tmp_path):
     result = run(TINY + " --train-iters 30 --lr 1e30 --clip-grad 0 --eval-iters 0 --metrics-file m.jsonl", tmp_path)
     assert result.returncode == 3, result.stdout[-4000:]
@@ -154,6 +180,17 @@ def test_save_resume_equals_uninterrupted(spec20, reference, tmp_path):
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
     assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000010", "latest_checkpointed_iteration.txt"]
     assert max(train_losses(tmp_path / "m.jsonl")) == 10
+    # A resume with other hyperparameters is refused before any tensor is read, naming them
+    # (Megatron: "Cannot merge two lists with different lengths", or a list of identity tuples).
+    raw = json.loads(spec20.read_text())
+    raw["multipliers"]["type"]["v"]["lr"] *= 2
+    (tmp_path / "v2.json").write_text(json.dumps(raw))
+    refused = run(cdp20(tmp_path / "v2.json") + " --load ckpt --save ckpt --metrics-file m.jsonl", tmp_path)
+    assert refused.returncode == 2, refused.stdout[-4000:]
+    last = refused.stdout.strip().splitlines()[-1]
+    assert last.startswith("cdp-pretrain: error: --load ckpt/iter_0000010: the checkpoint was trained with other "
+                           "hyperparameters (v weight layers 1-2 lr "), last
+    assert "Traceback" not in refused.stdout and max(train_losses(tmp_path / "m.jsonl")) == 10
     out = ok(run(cdp20(spec20) + " --load ckpt --save ckpt --metrics-file m.jsonl", tmp_path))
     assert "loading checkpoint" in out and "starting at iteration 10" in out
     resumed = train_losses(tmp_path / "m.jsonl")

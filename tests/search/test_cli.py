@@ -320,6 +320,9 @@ PROXY = (
         (["--trials", "1"], "the proxy flags after --: --num-layers is required"),
         (["--", *[f for f in PROXY if f != "--swiglu"]], "--base " + EXAMPLE + ": swiglu is True there"),
         (["--", *PROXY, "--help"], "--help in the proxy flags"),
+        (["--", *PROXY, "--save", "ckpt"], "--save in the proxy flags: every trial would share one checkpoint folder "
+                                           "and a trial would resume another trial's run (other hyperparameters); remove it"),
+        (["--", *PROXY, "--load=ckpt"], "--load in the proxy flags: every trial would share"),
         (["--trials", "0"], "does not exist; --trials 0 has nothing to export"),
         (["--init-from", "nope", "--", *PROXY], "--init-from nope: no such study"),
     ],

@@ -1,0 +1,99 @@
+"""What a checkpoint records for a resume (the model's shape and every optimizer group's
+hyperparameters), and the one line cdp-pretrain --load prints when the run differs
+(cdp_megatron.pretrain.resume_record / resume_mismatch; no torch needed)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from cdp_megatron.pretrain import resume_mismatch, resume_record
+from cdp_megatron.pretrain_args import parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = REPO / "examples" / "base.json"
+TINY = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 176 --seq-length 32 "
+        "--micro-batch-size 4 --global-batch-size 8 --mock-data --normalization RMSNorm --swiglu --qk-layernorm "
+        "--position-embedding-type rope --untie-embeddings-and-output-weights --disable-bias-linear")
+HP_HINT = ("resume with the spec and flags it was saved with (through the duration rule a changed --train-iters "
+           "moves every hyperparameter of --cdp-base), or --save to a new folder")
+HINT = "resume with the flags it was saved with, or --save to a new folder"
+
+
+def record(cmd: str, world_size: int = 1) -> dict:
+    return json.loads(json.dumps(resume_record(parse_args(shlex.split(cmd), world_size=world_size))))  # as saved
+
+
+def spec_with(tmp_path: Path, name: str, edit) -> Path:
+    raw = json.loads(BASE.read_text())
+    edit(raw)
+    path = tmp_path / name
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_record_is_the_targets_groups_and_the_shape():
+    rec = record(f"{TINY} --train-iters 20 --cdp-base {BASE}")
+    assert rec["model"]["num_layers"] == 2 and rec["model"]["hidden_size"] == 64 and rec["model"]["swiglu"] is True
+    args = parse_args(shlex.split(f"{TINY} --train-iters 20 --cdp-base {BASE}"), world_size=1)
+    v1 = args.target.group("v", 1, "weight")
+    assert rec["hyperparameters"]["v weight 1"] == [v1.lr, v1.min_lr, v1.weight_decay, v1.eps, v1.beta1, v1.beta2]
+    assert "embedding weight -" in rec["hyperparameters"] and len(rec["hyperparameters"]) == len(args.target.groups)
+    plain = record(f"{TINY} --train-iters 20 --lr 1e-3")
+    assert plain["hyperparameters"] == {"global": [1e-3, 0.0, 0.01, 1e-8, 0.9, 0.999]}
+
+
+def test_the_same_run_matches_and_old_checkpoints_are_not_judged(tmp_path):
+    cmd = f"{TINY} --train-iters 20 --cdp-base {BASE}"
+    assert resume_mismatch(record(cmd), record(cmd)) is None
+    # a resume on another layout is the same record (nothing in it depends on TP/PP/DP) ...
+    cmd = f"{TINY} --vocab-size 255 --train-iters 20 --cdp-base {BASE}"  # 256 ids: padded alike on TP 1 and 2
+    assert record(cmd + " --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2", world_size=8) == record(cmd)
+    # ... unless the vocabulary pads to another size there (Megatron pads to a multiple of 128 x TP)
+    cmd = f"{TINY} --vocab-size 300 --train-iters 20 --cdp-base {BASE}"
+    assert resume_mismatch(record(cmd), record(cmd + " --tensor-model-parallel-size 2", world_size=2)) == (
+        "the checkpoint is of another model (the padded vocabulary (the tokenizer's or --vocab-size, rounded up to a "
+        f"multiple of --make-vocab-size-divisible-by x TP) 384 there, 512 here); {HINT}")
+    for old in (None, {}, {"iteration": 10}):  # saved before the record existed
+        assert resume_mismatch(old, record(cmd)) is None
+
+
+def test_a_changed_multiplier_is_named_with_its_layers_and_values(tmp_path):
+    def double_v(raw):
+        raw["multipliers"]["type"]["v"]["lr"] *= 2
+
+    saved = record(f"{TINY} --train-iters 20 --cdp-base {BASE}")
+    other = spec_with(tmp_path, "v.json", double_v)
+    now = record(f"{TINY} --train-iters 20 --cdp-base {other}")
+    there = [saved["hyperparameters"][f"v weight {i}"][0] for i in (1, 2)]
+    here = [now["hyperparameters"][f"v weight {i}"][0] for i in (1, 2)]
+    assert here == [2 * x for x in there]
+    assert resume_mismatch(saved, now) == (
+        f"the checkpoint was trained with other hyperparameters (v weight layers 1-2 lr {min(there):.6g}..{max(there):.6g}"
+        f" there, {min(here):.6g}..{max(here):.6g} here (and min_lr)); {HP_HINT}")
+
+
+def test_a_longer_run_moves_every_group():
+    saved = record(f"{TINY} --train-iters 20 --cdp-base {BASE}")
+    now = record(f"{TINY} --train-iters 40 --cdp-base {BASE}")
+    message = resume_mismatch(saved, now)
+    there, here = saved["hyperparameters"]["embedding weight -"][0], now["hyperparameters"]["embedding weight -"][0]
+    assert message == (f"the checkpoint was trained with other hyperparameters in every group (e.g. embedding weight "
+                       f"lr {there:.6g} there, {here:.6g} here (and min_lr, weight_decay, eps, beta1, beta2)); {HP_HINT}")
+
+
+def test_another_shape_or_kind_of_run():
+    saved = record(f"{TINY} --train-iters 20 --cdp-base {BASE}")
+    deeper = record(f"{TINY.replace('--num-layers 2', '--num-layers 4')} --train-iters 20 --cdp-base {BASE}")
+    assert resume_mismatch(saved, deeper) == f"the checkpoint is of another model (--num-layers 2 there, 4 here); {HINT}"
+    gqa = record(f"{TINY} --num-query-groups 2 --group-query-attention --train-iters 20 --cdp-base {BASE}")
+    assert resume_mismatch(saved, gqa).startswith("the checkpoint is of another model (--num-query-groups 4 there, 2 here)")
+    plain = record(f"{TINY} --train-iters 20 --lr 1e-3")
+    assert resume_mismatch(saved, plain) == (
+        "the checkpoint was saved by a Complete(d)P run (--cdp-base or --cdp-config), this is a plain run (global "
+        f"hyperparameters); {HINT}")
+    assert resume_mismatch(plain, saved).startswith("the checkpoint was saved by a plain run (global hyperparameters), "
+                                                    "this is a Complete(d)P run")
+    assert resume_mismatch(plain, record(f"{TINY} --train-iters 20 --lr 2e-3")) == (
+        f"the checkpoint was trained with other hyperparameters (lr 0.001 there, 0.002 here); {HP_HINT}")
