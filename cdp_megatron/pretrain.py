@@ -234,6 +234,7 @@ _MODEL_FIELDS = (
     ("num_attention_heads", "--num-attention-heads"),
     ("num_query_groups", "--num-query-groups"),
     ("ffn_hidden_size", "--ffn-hidden-size"),
+    ("unpadded_vocab_size", "the vocabulary (the tokenizer's ids, or --vocab-size plus the end-of-document id)"),
     ("padded_vocab_size", "the padded vocabulary (the tokenizer's or --vocab-size, rounded up to a multiple of "
                           "--make-vocab-size-divisible-by x TP)"),
     ("max_position_embeddings", "--max-position-embeddings"),
@@ -275,17 +276,38 @@ _RESUME_HP_HINT = ("resume with the spec and flags it was saved with (through th
                    "--train-iters moves every hyperparameter of --cdp-base), or --save to a new folder")
 
 
-def resume_mismatch(saved: Any, current: dict) -> str | None:
+def _vocab_divisor(padded: int, vocab: int, tensor_parallel: int) -> int | None:
+    """The largest power of two m for which --make-vocab-size-divisible-by m on
+    ``tensor_parallel`` ranks pads ``vocab`` to ``padded`` (None: no power of two does)."""
+    m = 1 << max(padded // tensor_parallel, 1).bit_length()
+    while m >= 1:
+        if padded % (m * tensor_parallel) == 0 and padded - m * tensor_parallel < vocab <= padded:
+            return m
+        m >>= 1
+    return None
+
+
+def resume_mismatch(saved: Any, current: dict, tensor_parallel: int = 1) -> str | None:
     """Why a checkpoint with ``saved`` (``resume_record`` at its save) cannot resume a run with
-    ``current``, as one line with the fix, or None. Checkpoints written before the record
-    (no ``model`` key) are not judged here."""
+    ``current`` on ``tensor_parallel`` ranks, as one line with the fix, or None. Checkpoints
+    written before the record (no ``model`` key) are not judged here."""
     if not isinstance(saved, dict) or "model" not in saved:
         return None
     flags = dict(_MODEL_FIELDS)
-    shape = [f"{flags[k]} {_number(saved['model'].get(k))} there, {_number(v)} here"
-             for k, v in current["model"].items() if saved["model"].get(k) != v]
-    if shape:
-        return f"the checkpoint is of another model ({'; '.join(shape)}); {_RESUME_HINT}"
+    was = saved["model"]
+    differ = [k for k, v in current["model"].items() if was.get(k) != v]
+    if differ:
+        shape = "; ".join(f"{flags[k]} {_number(was.get(k))} there, {_number(current['model'][k])} here"
+                          for k in differ)
+        divisor = None
+        if differ == ["padded_vocab_size"] and isinstance(was["padded_vocab_size"], int):
+            divisor = _vocab_divisor(was["padded_vocab_size"], current["model"]["unpadded_vocab_size"],
+                                     tensor_parallel)
+        if divisor is not None:  # the same vocabulary on another TP size: pad it as the checkpoint did
+            return (f"the checkpoint is of another model ({shape}); give --make-vocab-size-divisible-by "
+                    f"{divisor}: on TP {tensor_parallel} it pads the vocabulary to the checkpoint's "
+                    f"{was['padded_vocab_size']}")
+        return f"the checkpoint is of another model ({shape}); {_RESUME_HINT}"
     have, want = saved["hyperparameters"], current["hyperparameters"]
     if (_PLAIN in have) != (_PLAIN in want):
         kind = ["a plain run (global hyperparameters)", "a Complete(d)P run (--cdp-base or --cdp-config)"]
@@ -595,7 +617,8 @@ class _Run:
             self._print(f"--load {args.load}: no checkpoint there ({TRACKER_FILE} missing); starting from scratch")
             return 0
         self._print(f"loading checkpoint {path}")
-        problem = resume_mismatch(saved_extras(path).get("resume"), resume_record(args))
+        problem = resume_mismatch(saved_extras(path).get("resume"), resume_record(args),
+                                  args.tensor_model_parallel_size)
         if problem:
             raise RunError(f"--load {path}: {problem}")
         try:

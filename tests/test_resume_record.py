@@ -52,9 +52,30 @@ def test_the_same_run_matches_and_old_checkpoints_are_not_judged(tmp_path):
     assert record(cmd + " --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2", world_size=8) == record(cmd)
     # ... unless the vocabulary pads to another size there (Megatron pads to a multiple of 128 x TP)
     cmd = f"{TINY} --vocab-size 300 --train-iters 20 --cdp-base {BASE}"
-    assert resume_mismatch(record(cmd), record(cmd + " --tensor-model-parallel-size 2", world_size=2)) == (
+    padded = ("the checkpoint is of another model (the padded vocabulary (the tokenizer's or --vocab-size, rounded up "
+              "to a multiple of --make-vocab-size-divisible-by x TP) 384 there, 512 here)")
+    tp2 = record(cmd + " --tensor-model-parallel-size 2", world_size=2)
+    assert resume_mismatch(record(cmd), tp2, 2) == (
+        f"{padded}; give --make-vocab-size-divisible-by 64: on TP 2 it pads the vocabulary to the checkpoint's 384")
+    # ... and the flag it names does make the record match
+    fixed = record(cmd + " --tensor-model-parallel-size 2 --make-vocab-size-divisible-by 64", world_size=2)
+    assert resume_mismatch(record(cmd), fixed, 2) is None
+    # GPT-2's 50257 ids (50256 and the end of document): 50304 on TP 1 (128 x 393); on TP 4 only a divisor of 32 or less pads alike
+    gpt2 = f"{TINY} --vocab-size 50256 --train-iters 20 --cdp-base {BASE}"
+    tp4 = record(gpt2 + " --tensor-model-parallel-size 4", world_size=4)
+    assert resume_mismatch(record(gpt2), tp4, 4).endswith(
+        "give --make-vocab-size-divisible-by 32: on TP 4 it pads the vocabulary to the checkpoint's 50304")
+    assert resume_mismatch(record(gpt2), record(gpt2 + " --tensor-model-parallel-size 4 --make-vocab-size-divisible-by "
+                                                       "32", world_size=4), 4) is None
+    # no power of two pads 50257 to 50304 on 5 ranks (50304 is not a multiple of 5): the general fix
+    assert resume_mismatch(record(gpt2), tp4, 5) == (
         "the checkpoint is of another model (the padded vocabulary (the tokenizer's or --vocab-size, rounded up to a "
-        f"multiple of --make-vocab-size-divisible-by x TP) 384 there, 512 here); {HINT}")
+        f"multiple of --make-vocab-size-divisible-by x TP) 50304 there, 50688 here); {HINT}")
+    # another tokenizer is another model, even where both pad to the same size
+    assert resume_mismatch(record(cmd), record(cmd.replace("--vocab-size 300", "--vocab-size 310"))) == (
+        f"the checkpoint is of another model (the vocabulary (the tokenizer's ids, or --vocab-size plus the end-of-document "
+        f"id) 301 there, 311 here); "
+        f"{HINT}")
     for old in (None, {}, {"iteration": 10}):  # saved before the record existed
         assert resume_mismatch(old, record(cmd)) is None
 

@@ -218,6 +218,7 @@ def load_checkpoint(
     state = sharded_state_dict(
         chunks, optimizer, scheduler, is_loading=True, dist_opt_format=dist_opt_format
     )
+    _check_padded_shapes(path, [state[key] for key in state if key.startswith("model")])
     loaded = dist_checkpointing.load(state, path)
     for index, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{index}"
@@ -251,6 +252,29 @@ def _saved_metadata(path: str) -> dict:
     optimizer = dist_checkpointing.load_common_state_dict(path).get("optimizer")
     fmt = optimizer.get("param_state_sharding_type") if isinstance(optimizer, dict) else None
     return {"distrib_optim_sharding_type": fmt} if fmt else {}
+
+
+def _check_padded_shapes(path: str, model_states: list) -> None:
+    """Refuse a checkpoint whose vocabulary-padded tensors (word embeddings, output layer) have
+    other rows than the model's. Megatron marks them ``allow_shape_mismatch`` and loads them
+    without a word: the rows both have are read, the others zeroed, so the padding logits
+    restart at 0 and the resumed run is not the saved one."""
+    from megatron.core.dist_checkpointing import ShardedTensor, load_tensors_metadata
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    padded = [t for state in model_states for t in nested_values(state)
+              if isinstance(t, ShardedTensor) and t.allow_shape_mismatch]
+    if not padded:
+        return
+    saved = load_tensors_metadata(path)
+    for tensor in padded:
+        there = saved.get(tensor.key)
+        if there is not None and tuple(there.global_shape) != tuple(tensor.global_shape):
+            raise CheckpointError(
+                f"{path}: {tensor.key} has {there.global_shape[0]} rows there, {tensor.global_shape[0]} "
+                "here: the vocabulary is padded to another size (a multiple of "
+                "--make-vocab-size-divisible-by x TP); pad it as the checkpoint did"
+            )
 
 
 def _check_resharding(path: str, saved: dict, dist_opt_format: str, optimizer: Any) -> None:

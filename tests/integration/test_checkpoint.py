@@ -231,3 +231,30 @@ def _no_metadata_worker(path):
 
 def test_checkpoint_without_content_metadata_loads_in_its_format(tmp_path):
     run_distributed(_no_metadata_worker, 1, str(tmp_path / "ckpt"))
+
+
+def _other_padding_worker(path):
+    """A checkpoint of 256 vocabulary rows loaded into a model of 512: refused before any
+    tensor is read (Megatron marks the vocabulary tensors allow_shape_mismatch and would read
+    the first 256 rows and zero the others)."""
+    from cdp_megatron.integration.checkpoint import CheckpointError, load_checkpoint
+
+    _save_then_continue(path, 1, 1, False, False)
+    target = tiny_target(multipliers=LR_EPS_BETAS, global_={"lr": 1e-3, "weight_decay": 0.1}, vocab_size=512)
+    setup = oc.setup_model(target, lr_warmup_iters=2, init_model_parallel=False)
+    before = oc.snapshot(setup.chunks)
+    try:
+        load_checkpoint(path, setup.chunks, setup.optimizer, setup.scheduler)
+    except CheckpointError as exc:
+        after = oc.snapshot(setup.chunks)
+        assert all(bool((before[k] == after[k]).all()) for k in before), "the refused load changed the model"
+        return str(exc)
+    return None
+
+
+def test_checkpoint_of_another_vocabulary_padding_is_refused(tmp_path):
+    path = str(tmp_path / "ckpt")
+    (error,) = run_distributed(_other_padding_worker, 1, path)
+    assert error == (
+        f"{path}: embedding.word_embeddings.weight has 256 rows there, 512 here: the vocabulary is padded to another "
+        "size (a multiple of --make-vocab-size-divisible-by x TP); pad it as the checkpoint did"), error

@@ -191,6 +191,13 @@ def test_save_resume_equals_uninterrupted(spec20, reference, tmp_path):
     assert last.startswith("cdp-pretrain: error: --load ckpt/iter_0000010: the checkpoint was trained with other "
                            "hyperparameters (v weight layers 1-2 lr "), last
     assert "Traceback" not in refused.stdout and max(train_losses(tmp_path / "m.jsonl")) == 10
+    # Another padding of the same vocabulary (as on another TP size) names the flag that pads it alike.
+    refused = run(cdp20(spec20) + " --make-vocab-size-divisible-by 512 --load ckpt --save ckpt", tmp_path)
+    assert refused.returncode == 2, refused.stdout[-4000:]
+    assert refused.stdout.strip().splitlines()[-1] == (
+        "cdp-pretrain: error: --load ckpt/iter_0000010: the checkpoint is of another model (the padded vocabulary "
+        "(the tokenizer's or --vocab-size, rounded up to a multiple of --make-vocab-size-divisible-by x TP) 256 there, "
+        "512 here); give --make-vocab-size-divisible-by 256: on TP 1 it pads the vocabulary to the checkpoint's 256")
     out = ok(run(cdp20(spec20) + " --load ckpt --save ckpt --metrics-file m.jsonl", tmp_path))
     assert "loading checkpoint" in out and "starting at iteration 10" in out
     resumed = train_losses(tmp_path / "m.jsonl")
