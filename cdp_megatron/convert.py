@@ -275,7 +275,8 @@ def _tokens(t: Target) -> tuple[str, list[str]]:
     return text, warnings
 
 
-def _layer_ranges(layers: list[int]) -> str:
+def layer_ranges(layers: list[int]) -> str:
+    """Sorted layer numbers as runs: [1, 2, 3, 5] -> "1-3,5"."""
     out, start = [], layers[0]
     for a, b in zip(layers, layers[1:] + [None]):
         if b != a + 1:
@@ -313,9 +314,9 @@ def format_table(t: Target, explain: bool = False, per_layer: bool = False) -> s
                 else:
                     runs.append((values, [g.layer]))
             for values, layers in runs:
-                rows.append((type_, param, _layer_ranges(layers), *(_fmt(v) for v in values)))
+                rows.append((type_, param, layer_ranges(layers), *(_fmt(v) for v in values)))
             continue
-        lay = "-" if gs[0].layer is None else _layer_ranges([g.layer for g in gs])
+        lay = "-" if gs[0].layer is None else layer_ranges([g.layer for g in gs])
         cells = [_value_range([getattr(g, hp) for g in gs]) for hp in gs[0].hyperparameters()]
         rows.append((type_, param, lay, *cells))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]

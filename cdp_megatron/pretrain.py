@@ -43,6 +43,7 @@ from functools import partial
 from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
+from cdp_megatron.convert import layer_ranges
 from cdp_megatron.pretrain_args import PROG, ArgsError, owned_flags_table, parse_args
 
 __all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_DIVERGED"]
@@ -266,9 +267,9 @@ def _number(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def _span(values: Sequence[Any], sep: str = "..") -> str:
+def _span(values: Sequence[Any]) -> str:
     distinct = sorted(set(values))
-    return _number(distinct[0]) if len(distinct) == 1 else f"{_number(distinct[0])}{sep}{_number(distinct[-1])}"
+    return _number(distinct[0]) if len(distinct) == 1 else f"{_number(distinct[0])}..{_number(distinct[-1])}"
 
 
 _RESUME_HINT = "resume with the flags it was saved with, or --save to a new folder"
@@ -329,7 +330,7 @@ def resume_mismatch(saved: Any, current: dict, tensor_parallel: int = 1) -> str 
     for (kind, param), fields in list(rows.items())[:1 if everywhere else 3]:
         name, diffs = next(iter(fields.items()))  # lr first: min_lr follows it
         layers = [int(d[0]) for d in diffs if d[0] != "-"]
-        where = f"{kind} {param}".strip() + (f" layers {_span(layers, '-')}" if layers else "")
+        where = f"{kind} {param}".strip() + (f" layers {layer_ranges(sorted(layers))}" if layers else "")
         also = [n for n in fields if n != name]
         parts.append(f"{where + ' ' if where else ''}{name} {_span([d[1] for d in diffs])} there, "
                      f"{_span([d[2] for d in diffs])} here" + (f" (and {', '.join(also)})" if also else ""))

@@ -118,3 +118,14 @@ def test_another_shape_or_kind_of_run():
                                                     "this is a Complete(d)P run")
     assert resume_mismatch(plain, record(f"{TINY} --train-iters 20 --lr 2e-3")) == (
         f"the checkpoint was trained with other hyperparameters (lr 0.001 there, 0.002 here); {HP_HINT}")
+
+
+def test_layers_that_differ_are_named_as_runs():
+    saved = record(f"{TINY.replace('--num-layers 2', '--num-layers 4')} --train-iters 20 --cdp-base {BASE}")
+    now = json.loads(json.dumps(saved))
+    for layer in (1, 2, 4):  # not 3: "1-4" would name it too
+        now["hyperparameters"][f"q weight {layer}"][3] *= 2  # eps
+    (there,) = {saved["hyperparameters"][f"q weight {i}"][3] for i in (1, 2, 4)}  # one eps at every depth
+    assert resume_mismatch(saved, now) == (
+        f"the checkpoint was trained with other hyperparameters (q weight layers 1-2,4 eps {there:.6g} there, "
+        f"{2 * there:.6g} here); {HP_HINT}")
