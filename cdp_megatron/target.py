@@ -389,9 +389,10 @@ def resolve(spec: Spec, shape: Shape | None = None) -> Target:
         warnings=tuple(warnings),
     )
     if target.lr_warmup_iters >= target.train_iters:  # a fraction just below 1 can round up to the whole run
-        raise SpecError(
-            f"global.lr_warmup_fraction: {g.lr_warmup_fraction:g} x {target.train_iters} iterations rounds to "
-            f"{target.lr_warmup_iters}, the whole run (Megatron's scheduler needs warmup < decay); lower the fraction"
+        raise SpecError(  # the spec stores lr_warmup_iters as a fraction: name both keys
+            f"global.lr_warmup_fraction (or lr_warmup_iters / the base's {spec.base.shape.train_iters} iterations): "
+            f"{g.lr_warmup_fraction:g} x {target.train_iters} iterations rounds to {target.lr_warmup_iters}, the "
+            "whole run (Megatron's scheduler needs warmup < decay); give a shorter warmup"
         )
     for hp, v in target.global_hyperparameters.items():  # Megatron's global flags
         _check_value("global", hp, v, positive=hp in ("lr", "adam_eps", "init_method_std"))

@@ -462,8 +462,16 @@ def test_betas_pushed_below_zero_name_the_ratio():
 def test_warmup_that_rounds_to_the_whole_run_is_an_error():
     # 0.996 x 100 rounds to 100: no decay left, which Megatron's scheduler refuses (warmup < decay)
     assert at(make_spec(glob={"lr_warmup_fraction": 0.994})).lr_warmup_iters == 99
-    with pytest.raises(SpecError, match=r"^global.lr_warmup_fraction: 0.996 x 100 iterations rounds to 100, the whole run"):
+    with pytest.raises(SpecError) as e:
         at(make_spec(glob={"lr_warmup_fraction": 0.996}))
+    assert str(e.value) == (
+        "global.lr_warmup_fraction (or lr_warmup_iters / the base's 100 iterations): 0.996 x 100 iterations rounds to "
+        "100, the whole run (Megatron's scheduler needs warmup < decay); give a shorter warmup")
+    # a spec that gave lr_warmup_iters (99 of the base's 100) at a target of 10 iterations: 9.9 -> 10
+    with pytest.raises(SpecError) as e:
+        at(make_spec(glob={"lr_warmup_iters": 99}), mD=0.1)
+    assert str(e.value).startswith("global.lr_warmup_fraction (or lr_warmup_iters / the base's 100 iterations): 0.99 "
+                                   "x 10 iterations rounds to 10"), str(e.value)
     # the same fraction at a longer horizon leaves a decay: 0.996 x 400 = 398.4 -> 398
     assert at(make_spec(glob={"lr_warmup_fraction": 0.996}), mD=4).lr_warmup_iters == 398
 
