@@ -257,7 +257,7 @@ def resume_record(args: argparse.Namespace) -> dict:
     model = {name: getattr(args, name) for name, _ in _MODEL_FIELDS}
     if args.target is not None:
         groups = {f"{g.type} {g.param} {'-' if g.layer is None else g.layer}":
-                  [g.lr, g.min_lr, g.weight_decay, g.eps, g.beta1, g.beta2] for g in args.target.groups}
+                  [getattr(g, name) for name in _GROUP_FIELDS] for g in args.target.groups}
     else:
         groups = {_PLAIN: [args.lr, args.min_lr, args.weight_decay, args.adam_eps, args.adam_beta1, args.adam_beta2]}
     return {"model": model, "hyperparameters": groups}
@@ -280,9 +280,11 @@ _RESUME_HP_HINT = ("resume with the spec and flags it was saved with (through th
 def _vocab_divisor(padded: int, vocab: int, tensor_parallel: int) -> int | None:
     """The largest power of two m for which --make-vocab-size-divisible-by m on
     ``tensor_parallel`` ranks pads ``vocab`` to ``padded`` (None: no power of two does)."""
+    from cdp_megatron.data.tokenizers import padded_vocab_size
+
     m = 1 << max(padded // tensor_parallel, 1).bit_length()
     while m >= 1:
-        if padded % (m * tensor_parallel) == 0 and padded - m * tensor_parallel < vocab <= padded:
+        if padded_vocab_size(vocab, m, tensor_parallel) == padded:
             return m
         m >>= 1
     return None
