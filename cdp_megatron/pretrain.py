@@ -224,9 +224,9 @@ _CRASH_DURING_SAVE_ENV = "CDP_PRETRAIN_TEST_CRASH_DURING_SAVE"
 
 
 # ------------------------------------------------------------------- what a resume must match
-# A checkpoint records the model's shape and every optimizer group's hyperparameters (both
-# independent of the TP/PP/DP layout); --load compares them with the run's before reading any
-# tensor, so that a resume with another spec, shape or lr names what differs in one line,
+# A checkpoint records the model's shape, every optimizer group's hyperparameters and their
+# schedule (all independent of the TP/PP/DP layout); --load compares them with the run's before
+# reading any tensor, so that a resume with another spec, shape or lr names what differs in one line,
 # where Megatron would stop with "Cannot merge two lists with different lengths" or a listing
 # of identity tuples.
 _MODEL_FIELDS = (
@@ -248,19 +248,30 @@ _MODEL_FIELDS = (
 )
 _GROUP_FIELDS = ("lr", "min_lr", "weight_decay", "eps", "beta1", "beta2")
 _PLAIN = "global"  # the record key of a plain run's hyperparameters (Megatron's flags)
+# The schedule every group shares (Megatron's OptimizerParamScheduler). A plain run's scheduler
+# would take the checkpoint's values in place of the flags' without a word (its default), while
+# the start-up line prints the flags'.
+_SCHEDULE_FIELDS = (
+    ("lr_warmup_iters", "--lr-warmup-iters"),
+    ("lr_decay_iters", "--lr-decay-iters"),
+    ("lr_decay_style", "--lr-decay-style"),
+    ("lr_warmup_init", "--lr-warmup-init"),
+)
 
 
 def resume_record(args: argparse.Namespace) -> dict:
-    """What a run resumed from this run's checkpoint must match: the model's shape and, per
+    """What a run resumed from this run's checkpoint must match: the model's shape; per
     (type, param, layer) group of the Complete(d)P target, or the global flags of a plain
-    run, lr, min lr, weight decay, eps, beta1, beta2 (as the optimizer's groups hold them)."""
+    run, lr, min lr, weight decay, eps, beta1, beta2 (as the optimizer's groups hold them);
+    and the schedule they share (warmup, decay iterations and style, warmup's initial lr)."""
     model = {name: getattr(args, name) for name, _ in _MODEL_FIELDS}
     if args.target is not None:
         groups = {f"{g.type} {g.param} {'-' if g.layer is None else g.layer}":
                   [getattr(g, name) for name in _GROUP_FIELDS] for g in args.target.groups}
     else:
         groups = {_PLAIN: [args.lr, args.min_lr, args.weight_decay, args.adam_eps, args.adam_beta1, args.adam_beta2]}
-    return {"model": model, "hyperparameters": groups}
+    schedule = {name: getattr(args, name) for name, _ in _SCHEDULE_FIELDS}
+    return {"model": model, "hyperparameters": groups, "schedule": schedule}
 
 
 def _number(value: Any) -> str:
@@ -325,8 +336,10 @@ def resume_mismatch(saved: Any, current: dict, tensor_parallel: int = 1) -> str 
         for name, old, new in zip(_GROUP_FIELDS, have[key], values):
             if old != new:
                 rows.setdefault((kind, param), {}).setdefault(name, []).append((layer, old, new))
+    plain = _PLAIN in want
     if not rows:
-        return None
+        return _schedule_mismatch(saved.get("schedule"), current["schedule"], plain)
+    hint = _RESUME_HINT if plain else _RESUME_HP_HINT
     everywhere = len(rows) == len({key.rsplit(" ", 1)[0] for key in want}) > 1
     parts = []
     for (kind, param), fields in list(rows.items())[:1 if everywhere else 3]:
@@ -337,10 +350,25 @@ def resume_mismatch(saved: Any, current: dict, tensor_parallel: int = 1) -> str 
         parts.append(f"{where + ' ' if where else ''}{name} {_span([d[1] for d in diffs])} there, "
                      f"{_span([d[2] for d in diffs])} here" + (f" (and {', '.join(also)})" if also else ""))
     if everywhere:
-        return (f"the checkpoint was trained with other hyperparameters in every group (e.g. {parts[0]}); "
-                f"{_RESUME_HP_HINT}")
+        return f"the checkpoint was trained with other hyperparameters in every group (e.g. {parts[0]}); {hint}"
     more = f"; and {len(rows) - 3} more types" if len(rows) > 3 else ""
-    return f"the checkpoint was trained with other hyperparameters ({'; '.join(parts)}{more}); {_RESUME_HP_HINT}"
+    return f"the checkpoint was trained with other hyperparameters ({'; '.join(parts)}{more}); {hint}"
+
+
+def _schedule_mismatch(was: Any, now: dict, plain: bool) -> str | None:
+    """The schedule part of ``resume_mismatch`` (records saved before it had one: None)."""
+    if not isinstance(was, dict):
+        return None
+    differ = [(flag, was.get(name), now[name]) for name, flag in _SCHEDULE_FIELDS if was.get(name) != now[name]]
+    if not differ:
+        return None
+    what = "; ".join(f"{flag} {_number(old)} there, {_number(new)} here" for flag, old, new in differ)
+    if not plain:  # the spec and --train-iters set a Complete(d)P run's schedule
+        return f"the checkpoint was trained on another lr schedule ({what}); {_RESUME_HP_HINT}"
+    hint = (" (--lr-decay-iters defaults to --train-iters: give the checkpoint's to train longer on its schedule)"
+            if any(flag == "--lr-decay-iters" for flag, _, _ in differ) else "")
+    return (f"the checkpoint was trained on another lr schedule ({what}); resume with the flags it was saved "
+            f"with{hint}, or --save to a new folder")
 
 
 def _die_like_a_killed_process() -> None:
@@ -593,7 +621,6 @@ class _Run:
             lr_decay_iters=args.lr_decay_iters,
             lr_decay_style=args.lr_decay_style,
             weight_decay=args.weight_decay,
-            train_iters=args.train_iters,
         )
 
     # ------------------------------------------------------------------------- checkpoints

@@ -76,8 +76,9 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--start-weight-decay": "weight-decay schedules are not supported; give --weight-decay",
     "--end-weight-decay": "weight-decay schedules are not supported; give --weight-decay",
     "--weight-decay-incr-style": "weight-decay schedules are not supported",
-    "--override-opt_param-scheduler": "the schedule is always taken from the flags on --load",
-    "--use-checkpoint-opt_param-scheduler": "the schedule is always taken from the flags on --load",
+    "--override-opt_param-scheduler": "--load resumes on the checkpoint's schedule and refuses flags that change it",
+    "--use-checkpoint-opt_param-scheduler": "--load resumes on the checkpoint's schedule and refuses flags that "
+                                            "change it",
     "--no-align-grad-reduce": "not supported (grad reductions are aligned across pipeline stages)",
     "--align-param-gather": "not supported",
     "--overlap-param-gather-with-optimizer-step": "not supported",

@@ -1,5 +1,5 @@
-"""What a checkpoint records for a resume (the model's shape and every optimizer group's
-hyperparameters), and the one line cdp-pretrain --load prints when the run differs
+"""What a checkpoint records for a resume (the model's shape, every optimizer group's
+hyperparameters and their schedule), and the one line cdp-pretrain --load prints when the run differs
 (cdp_megatron.pretrain.resume_record / resume_mismatch; no torch needed)."""
 
 from __future__ import annotations
@@ -117,7 +117,33 @@ def test_another_shape_or_kind_of_run():
     assert resume_mismatch(plain, saved).startswith("the checkpoint was saved by a plain run (global hyperparameters), "
                                                     "this is a Complete(d)P run")
     assert resume_mismatch(plain, record(f"{TINY} --train-iters 20 --lr 2e-3")) == (
-        f"the checkpoint was trained with other hyperparameters (lr 0.001 there, 0.002 here); {HP_HINT}")
+        f"the checkpoint was trained with other hyperparameters (lr 0.001 there, 0.002 here); {HINT}")
+
+
+def test_the_schedule_is_recorded_and_a_changed_one_is_named(tmp_path):
+    plain = f"{TINY} --lr 1e-3 --lr-decay-style cosine"
+    saved = record(f"{plain} --train-iters 20 --lr-warmup-iters 2")
+    assert saved["schedule"] == {"lr_warmup_iters": 2, "lr_decay_iters": 20, "lr_decay_style": "cosine",
+                                 "lr_warmup_init": 0.0}
+    assert resume_mismatch(saved, record(f"{plain} --train-iters 20 --lr-warmup-fraction 0.1")) is None  # 2 iterations
+    assert resume_mismatch(saved, record(f"{plain} --train-iters 20 --lr-warmup-iters 4 --lr-warmup-init 1e-4")) == (
+        "the checkpoint was trained on another lr schedule (--lr-warmup-iters 2 there, 4 here; --lr-warmup-init 0 "
+        f"there, 0.0001 here); {HINT}")
+    longer = f"the checkpoint was trained on another lr schedule (--lr-decay-iters 20 there, 40 here); resume with"
+    assert resume_mismatch(saved, record(f"{plain} --train-iters 40 --lr-warmup-iters 2")) == (
+        f"{longer} the flags it was saved with (--lr-decay-iters defaults to --train-iters: give the checkpoint's to "
+        "train longer on its schedule), or --save to a new folder")
+    # ... and giving it resumes the checkpoint's schedule on a longer run
+    assert resume_mismatch(saved, record(f"{plain} --train-iters 40 --lr-decay-iters 20 --lr-warmup-iters 2")) is None
+    # A Complete(d)P run's schedule comes from the spec and --train-iters (sp: no duration rule moves the groups)
+    sp = spec_with(tmp_path, "sp.json", lambda raw: raw["base"].update(parameterisation="sp"))
+    message = resume_mismatch(record(f"{TINY} --train-iters 20 --cdp-base {sp}"),
+                              record(f"{TINY} --train-iters 40 --cdp-base {sp}"))
+    assert message == ("the checkpoint was trained on another lr schedule (--lr-warmup-iters 1 there, 2 here; "
+                       f"--lr-decay-iters 20 there, 40 here); {HP_HINT}")
+    # records saved before the schedule was in them are not judged on it
+    old = {k: v for k, v in saved.items() if k != "schedule"}
+    assert resume_mismatch(old, record(f"{plain} --train-iters 20 --lr-warmup-iters 4")) is None
 
 
 def test_layers_that_differ_are_named_as_runs():

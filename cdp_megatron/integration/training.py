@@ -242,12 +242,16 @@ def plain_optimizer(
     lr_decay_iters: int,
     lr_decay_style: str,
     weight_decay: float,
-    train_iters: int,
 ) -> tuple[Any, Any]:
     """Plain Megatron (runs without ``--cdp-*``): ``get_megatron_optimizer(config, model)`` and
     an ``OptimizerParamScheduler`` with Megatron-LM's schedule (linear warmup from
     ``init_lr`` to ``max_lr`` over ``lr_warmup_iters``, then ``lr_decay_style`` to ``min_lr``
-    at ``lr_decay_iters``) and a constant weight decay. Returns (optimizer, scheduler)."""
+    at ``lr_decay_iters``) and a constant weight decay. Returns (optimizer, scheduler).
+
+    As in Megatron-LM (and unlike the scheduler's own default), loading a checkpoint whose
+    schedule differs from these values fails (``AssertionError``) instead of replacing them
+    silently. The constant weight decay's ``wd_incr_steps`` is ``lr_decay_iters``, not the
+    number of iterations, so that a longer run with the same schedule still loads."""
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -262,7 +266,9 @@ def plain_optimizer(
         lr_decay_style=lr_decay_style,
         start_wd=weight_decay,
         end_wd=weight_decay,
-        wd_incr_steps=train_iters,
+        wd_incr_steps=lr_decay_iters,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=False,
     )
     return optimizer, scheduler

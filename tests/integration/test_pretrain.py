@@ -163,6 +163,41 @@ def test_checkpoint_without_resume_record_is_refused_in_one_line(spec20, tmp_pat
     assert "starting at iteration 2" in out
 
 
+def test_plain_resume_keeps_the_schedule_or_refuses_another(tmp_path):
+    """A plain run resumed with another warmup, decay or decay style is refused in one line
+    (Megatron's scheduler would take the checkpoint's values in place of the flags' without a
+    word, while the start-up line printed the flags'); a longer run that gives the
+    checkpoint's --lr-decay-iters resumes on the checkpoint's schedule."""
+    plain = TINY + " --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --eval-iters 0"
+    ok(run(plain + " --train-iters 12 --lr-warmup-iters 2 --save ck --save-interval 6 --exit-interval 6", tmp_path))
+    refused = run(plain + " --train-iters 12 --lr-warmup-iters 3 --lr-decay-style linear --load ck", tmp_path)
+    assert refused.returncode == 2, refused.stdout[-4000:]
+    assert refused.stdout.strip().splitlines()[-1] == (
+        "cdp-pretrain: error: --load ck/iter_0000006: the checkpoint was trained on another lr schedule "
+        "(--lr-warmup-iters 2 there, 3 here; --lr-decay-style cosine there, linear here); resume with the flags it was "
+        "saved with, or --save to a new folder")
+    refused = run(plain + " --train-iters 16 --lr-warmup-iters 2 --load ck", tmp_path)
+    assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1].endswith(
+        "(--lr-decay-iters 12 there, 16 here); resume with the flags it was saved with (--lr-decay-iters defaults to "
+        "--train-iters: give the checkpoint's to train longer on its schedule), or --save to a new folder"), \
+        refused.stdout[-4000:]
+    ok(run(plain + " --train-iters 16 --lr-decay-iters 12 --lr-warmup-iters 2 --load ck --metrics-file m.jsonl",
+           tmp_path))
+    lrs = {r["iteration"]: r["lr"] for r in records(tmp_path / "m.jsonl")}
+    assert sorted(lrs) == list(range(7, 17))
+    assert lrs[7] > lrs[12] > 3e-4 and all(lrs[i] == 3e-4 for i in range(13, 17)), lrs
+    # A checkpoint saved before the record: Megatron's own check of the schedule, in one line.
+    save = ("import sys, cdp_megatron.pretrain as p; p.resume_record = lambda args: None; "
+            "sys.exit(p.main(sys.argv[1:]))")
+    ok(run(plain + " --train-iters 12 --lr-warmup-iters 2 --save old --save-interval 6 --exit-interval 6", tmp_path,
+           entry=("-c", save)))
+    refused = run(plain + " --train-iters 12 --lr-warmup-iters 3 --load old", tmp_path)
+    assert refused.returncode == 2, refused.stdout[-4000:]
+    last = refused.stdout.strip().splitlines()[-1]
+    assert last.startswith("cdp-pretrain: error: --load old/iter_0000006: the checkpoint does not match the flags (") \
+        and "3" in last and "2" in last and "warmup" in last, last
+
+
 def test_divergence_stops_with_exit_3(tmp_path):
     result = run(TINY + " --train-iters 30 --lr 1e30 --clip-grad 0 --eval-iters 0 --metrics-file m.jsonl", tmp_path)
     assert result.returncode == 3, result.stdout[-4000:]
