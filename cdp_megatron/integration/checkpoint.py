@@ -96,6 +96,18 @@ def _uses_distributed_optimizer(optimizer: Any) -> bool:
     )
 
 
+def _params_dtype(model_chunks: list) -> str | None:
+    """The dtype of the model's parameters ("float32", "bfloat16"): with bf16 the optimizer
+    also keeps fp32 main params, so the optimizer's checkpoint differs in kind, not just in
+    values."""
+    from .classify import unwrap_model
+
+    for chunk in model_chunks:
+        for p in unwrap_model(chunk).parameters():
+            return str(p.dtype).removeprefix("torch.")
+    return None
+
+
 def model_parallel_layout() -> dict:
     """This run's TP/PP/VPP sizes (what a ``dp_reshardable`` optimizer checkpoint is bound to)."""
     from megatron.core import parallel_state as ps
@@ -176,6 +188,7 @@ def save_checkpoint(
         **metadata,
         "cdp_model_parallel": model_parallel_layout(),
         "cdp_distributed_optimizer": _uses_distributed_optimizer(optimizer),
+        "cdp_params_dtype": _params_dtype(_chunks(model_chunks)),
     }
     dist_checkpointing.save(state, path, content_metadata=content)
 
@@ -213,7 +226,7 @@ def load_checkpoint(
     saved = _saved_metadata(path)
     dist_opt_format = saved.get("distrib_optim_sharding_type") or dist_opt_format
     if optimizer is not None:
-        _check_resharding(path, saved, dist_opt_format or default_dist_opt_format(), optimizer)
+        _check_resharding(path, saved, dist_opt_format or default_dist_opt_format(), optimizer, chunks)
         _init_empty_distributed_state(optimizer)
     state = sharded_state_dict(
         chunks, optimizer, scheduler, is_loading=True, dist_opt_format=dist_opt_format
@@ -277,8 +290,20 @@ def _check_padded_shapes(path: str, model_states: list) -> None:
             )
 
 
-def _check_resharding(path: str, saved: dict, dist_opt_format: str, optimizer: Any) -> None:
+def _check_resharding(path: str, saved: dict, dist_opt_format: str, optimizer: Any, model_chunks: list) -> None:
     """Refuse, before anything is read, a load Megatron cannot reshard."""
+    saved_dtype, dtype = saved.get("cdp_params_dtype"), _params_dtype(model_chunks)
+    if saved_dtype is not None and dtype is not None and saved_dtype != dtype:
+        # bf16 -> fp32: Megatron reads the optimizer without its fp32 main params (a KeyError with
+        # the distributed optimizer, mismatched param groups with the plain one); fp32 -> bf16: a
+        # KeyError. Neither would resume the saved run exactly.
+        def flag(name: str) -> str:
+            return {"bfloat16": "--bf16", "float16": "--fp16"}.get(name, "without --bf16")
+
+        raise CheckpointError(
+            f"{path} was saved with {saved_dtype} parameters ({flag(saved_dtype)}), this run's are {dtype} "
+            f"({flag(dtype)}): resume with the precision it was saved with"
+        )
     saved_dist = saved.get("cdp_distributed_optimizer")
     if saved_dist is not None and saved_dist != _uses_distributed_optimizer(optimizer):
         kinds = {True: "the distributed optimizer", False: "the plain optimizer"}

@@ -258,3 +258,32 @@ def test_checkpoint_of_another_vocabulary_padding_is_refused(tmp_path):
     assert error == (
         f"{path}: embedding.word_embeddings.weight has 256 rows there, 512 here: the vocabulary is padded to another "
         "size (a multiple of --make-vocab-size-divisible-by x TP); pad it as the checkpoint did"), error
+
+
+def _other_precision_worker(path, dist_opt, saved_bf16):
+    """A checkpoint saved in one precision loaded in the other: refused before any tensor is
+    read (Megatron: a KeyError for the fp32 main params, or, bf16 into the plain fp32
+    optimizer, a group mismatch that blames the hyperparameters)."""
+    from cdp_megatron.integration.checkpoint import CheckpointError, load_checkpoint
+
+    _save_then_continue(path, 1, 1, dist_opt, saved_bf16)
+    setup = oc.setup_model(_target(), dist_opt=dist_opt, bf16=not saved_bf16, lr_warmup_iters=2,
+                           init_model_parallel=False)
+    before = oc.snapshot(setup.chunks)
+    try:
+        load_checkpoint(path, setup.chunks, setup.optimizer, setup.scheduler)
+    except CheckpointError as exc:
+        after = oc.snapshot(setup.chunks)
+        assert all(bool((before[k] == after[k]).all()) for k in before), "the refused load changed the model"
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("dist_opt", [False, True], ids=["plain", "distopt"])
+@pytest.mark.parametrize("saved_bf16", [True, False], ids=["bf16-to-fp32", "fp32-to-bf16"])
+def test_checkpoint_of_another_precision_is_refused(tmp_path, dist_opt, saved_bf16):
+    path = str(tmp_path / "ckpt")
+    (error,) = run_distributed(_other_precision_worker, 1, path, dist_opt, saved_bf16)
+    there, here = ("bfloat16 parameters (--bf16)", "float32 (without --bf16)") if saved_bf16 else (
+        "float32 parameters (without --bf16)", "bfloat16 (--bf16)")
+    assert error == f"{path} was saved with {there}, this run's are {here}: resume with the precision it was saved with"
