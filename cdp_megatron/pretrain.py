@@ -628,6 +628,7 @@ class _Run:
         """Resume from --load; returns the iteration to continue after (0: fresh start)."""
         args = self.args
         self.consumed_samples = 0
+        self.consumed_tokens = 0
         if not args.load:
             return 0
         from cdp_megatron.integration.checkpoint import (
@@ -664,6 +665,12 @@ class _Run:
                            f"hyperparameters; {_RESUME_HP_HINT}") from None
         iteration = int(common["iteration"])
         self.consumed_samples = int(common.get("consumed_samples", iteration * args.global_batch_size))
+        self.consumed_tokens = int(common.get("consumed_tokens", self.consumed_samples * args.seq_length))
+        saved_seq = common.get("seq_length")
+        if saved_seq is not None and saved_seq != args.seq_length:
+            self._print(f" note: the checkpoint was trained on {saved_seq}-token sequences, this run reads "
+                        f"{args.seq_length}: it goes on at sample {self.consumed_samples} of the {args.seq_length}-token "
+                        "samples, which Megatron cuts and shuffles anew (some text is read again, some skipped)")
         if not load_rng_state(path, self._layout()):
             self._print(" note: the checkpoint's RNG state is for another layout; dropout masks restart from --seed")
         return iteration
@@ -690,6 +697,8 @@ class _Run:
             final = save_iteration(
                 self.args.save, iteration, self.model, self.optimizer, self.scheduler,
                 layout=self._layout(), extra={"consumed_samples": self.consumed_samples,
+                                              "consumed_tokens": self.consumed_tokens,
+                                              "seq_length": self.args.seq_length,
                                               "resume": resume_record(self.args)},
                 before_publish=crash_if_asked,
                 dist_opt_format="fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable else None,
@@ -785,6 +794,7 @@ class _Run:
                 seconds = time.perf_counter() - started
                 iteration += 1
                 self.consumed_samples += args.global_batch_size
+                self.consumed_tokens += args.global_batch_size * args.seq_length
                 if iteration == start_iteration + 1:
                     metrics.print(
                         f"first iteration done {Metrics.elapsed():.1f} s after start-up began "
@@ -805,7 +815,7 @@ class _Run:
                     iteration_time_s=seconds,
                     optimizer_step_s=self.optimizer_step_s,
                     consumed_samples=self.consumed_samples,
-                    consumed_tokens=self.consumed_samples * args.seq_length,
+                    consumed_tokens=self.consumed_tokens,
                     tokens=tokens_per_iteration,
                 )
                 done = iteration == args.train_iters

@@ -198,6 +198,19 @@ def test_plain_resume_keeps_the_schedule_or_refuses_another(tmp_path):
         and "3" in last and "2" in last and "warmup" in last, last
 
 
+def test_resume_with_another_sequence_length_counts_the_tokens_trained(tmp_path):
+    """A plain run may resume on shorter sequences (rope, the same --max-position-embeddings):
+    the consumed tokens go on from the checkpoint's count (they were samples x the new
+    length), and a note says that the data is cut anew."""
+    plain = TINY + " --max-position-embeddings 32 --lr 1e-3 --train-iters 6 --eval-iters 0 --metrics-file m.jsonl"
+    ok(run(plain + " --save ck --save-interval 3 --exit-interval 3", tmp_path))
+    out = ok(run(plain.replace("--seq-length 32", "--seq-length 16") + " --load ck", tmp_path))
+    assert ("note: the checkpoint was trained on 32-token sequences, this run reads 16: it goes on at sample 24 of "
+            "the 16-token samples") in out
+    tokens = {r["iteration"]: r["consumed_tokens"] for r in records(tmp_path / "m.jsonl")}
+    assert tokens == {1: 256, 2: 512, 3: 768, 4: 768 + 128, 5: 768 + 256, 6: 768 + 384}, tokens  # both runs
+
+
 def test_divergence_stops_with_exit_3(tmp_path):
     result = run(TINY + " --train-iters 30 --lr 1e30 --clip-grad 0 --eval-iters 0 --metrics-file m.jsonl", tmp_path)
     assert result.returncode == 3, result.stdout[-4000:]
