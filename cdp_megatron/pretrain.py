@@ -447,6 +447,8 @@ class _Run:
         self.forward_step = partial(_forward_step, args, mask, model_context, training.cross_entropy_with_z_loss)
         with self._phase("checkpoint"):
             start_iteration = self._load_checkpoint()
+        if start_iteration >= args.train_iters:  # a finished run started again (e.g. a requeued job)
+            return EXIT_OK
         return self._train(start_iteration)
 
     @contextlib.contextmanager
@@ -632,24 +634,30 @@ class _Run:
         if not args.load:
             return 0
         from cdp_megatron.integration.checkpoint import (
-            TRACKER_FILE,
             CheckpointError,
-            latest_checkpoint,
+            checkpoint_to_load,
             load_checkpoint,
             load_rng_state,
             saved_extras,
         )
 
         try:
-            path = latest_checkpoint(args.load)
+            path = checkpoint_to_load(args.load, args.ckpt_step)
         except CheckpointError as e:
             raise RunError(f"--load {args.load}: {e}") from None
         if path is None:
-            self._print(f"--load {args.load}: no checkpoint there ({TRACKER_FILE} missing); starting from scratch")
+            self._print(f"--load {args.load}: no checkpoint there; starting from scratch")
             return 0
+        extras = saved_extras(path)
+        saved_iteration = extras.get("iteration")
+        if isinstance(saved_iteration, int) and saved_iteration >= args.train_iters:
+            if saved_iteration > args.train_iters:
+                raise RunError(f"--load {path}: the checkpoint is at iteration {saved_iteration}, past --train-iters "
+                               f"{args.train_iters}; give a larger --train-iters to train on from it")
+            self._print(f"--load {path}: the run is already at --train-iters {args.train_iters}; nothing to train")
+            return saved_iteration
         self._print(f"loading checkpoint {path}")
-        problem = resume_mismatch(saved_extras(path).get("resume"), resume_record(args),
-                                  args.tensor_model_parallel_size)
+        problem = resume_mismatch(extras.get("resume"), resume_record(args), args.tensor_model_parallel_size)
         if problem:
             raise RunError(f"--load {path}: {problem}")
         try:

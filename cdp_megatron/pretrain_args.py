@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints, evaluation, logging (Megatron-LM)")
     g.add_argument("--save", help="checkpoint directory")
     g.add_argument("--load", help="resume from the latest checkpoint here (none: start fresh)")
+    g.add_argument("--ckpt-step", type=int, help="with --load: resume from the checkpoint of this iteration "
+                   "instead of the latest")
     g.add_argument("--save-interval", type=int, help="iterations between saves (and at the end)")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="with --use-distributed-optimizer: save its state so the checkpoint resumes "
@@ -494,7 +496,7 @@ def _validate(args: argparse.Namespace) -> None:
               "global_batch_size", "train_iters", "train_samples", "num_query_groups", "ffn_hidden_size",
               "max_position_embeddings", "tensor_model_parallel_size", "pipeline_model_parallel_size",
               "num_layers_per_virtual_pipeline_stage", "log_interval", "eval_interval", "save_interval",
-              "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size")
+              "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size", "ckpt_step")
     _positive(args, "eval_iters", "lr_warmup_iters", "cdp_z_loss", allow_zero=True)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0 <= getattr(args, name) < 1:
@@ -692,6 +694,8 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
         raise ArgsError(problem)
     if args.load and os.path.exists(args.load) and not os.path.isdir(args.load):
         raise ArgsError(f"--load {args.load}: exists and is not a directory")
+    if args.ckpt_step is not None and not args.load:
+        raise ArgsError("--ckpt-step needs --load (the folder that holds the checkpoints)")
     if args.dist_ckpt_optim_fully_reshardable and not args.use_distributed_optimizer:
         raise ArgsError(
             "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer (the plain "

@@ -32,6 +32,7 @@ every rank's RNG state as ``rng/rank_<r>.pt``. ``save_iteration`` publishes atom
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from typing import Any, Callable, Sequence
 
@@ -48,6 +49,8 @@ __all__ = [
     "CheckpointError",
     "checkpoint_dirname",
     "latest_checkpoint",
+    "checkpoint_to_load",
+    "saved_iterations",
     "write_atomically",
     "save_rng_state",
     "load_rng_state",
@@ -425,6 +428,52 @@ def latest_checkpoint(directory: str) -> str | None:
     if not os.path.isdir(path):
         raise CheckpointError(f"{TRACKER_FILE} points at {path}, which does not exist")
     return path
+
+
+_ITERATION_DIR = re.compile(r"iter_(\d{7,})")
+
+
+def saved_iterations(directory: str) -> list[int]:
+    """The iterations of the published checkpoints (``iter_N`` folders, not ``.tmp``) in
+    ``directory``, ascending."""
+    if not os.path.isdir(directory):
+        return []
+    found = (_ITERATION_DIR.fullmatch(name) for name in os.listdir(directory))
+    return sorted(int(m.group(1)) for m in found if m and os.path.isdir(os.path.join(directory, m.group(0))))
+
+
+def checkpoint_to_load(directory: str, step: int | None = None) -> str | None:
+    """The checkpoint a resume from ``directory`` reads: that of iteration ``step`` when given
+    (Megatron-LM's ``--ckpt-step``), else the one the tracker file points at; None where the
+    folder holds no checkpoint (a fresh start).
+
+    Raises CheckpointError (the message names the fix, not ``directory``: callers prefix it)
+    for a missing ``step``, a bad tracker, a folder that is itself one checkpoint, and a folder
+    that holds checkpoints but no tracker (a first save stopped before publishing it), where a
+    fresh start would train the run again from scratch."""
+    if step is not None:
+        path = os.path.join(directory, checkpoint_dirname(step))
+        if os.path.isdir(path):
+            return path
+        have = saved_iterations(directory)
+        there = f"iterations {', '.join(map(str, have))}" if have else "none"
+        raise CheckpointError(f"no checkpoint of iteration {step} (--ckpt-step) here; the checkpoints here: {there}")
+    path = latest_checkpoint(directory)
+    if path is not None:
+        return path
+    parent, name = os.path.split(os.path.normpath(directory))
+    single = _ITERATION_DIR.fullmatch(name)
+    if single or os.path.isfile(os.path.join(directory, "metadata.json")):
+        fix = (f"give --load {parent or '.'} --ckpt-step {int(single.group(1))}" if single
+               else "give the folder that holds it")
+        raise CheckpointError(f"this is one checkpoint, not a folder of them ({TRACKER_FILE} missing): {fix}")
+    have = saved_iterations(directory)
+    if have:
+        raise CheckpointError(
+            f"checkpoints of iterations {', '.join(map(str, have))} but no {TRACKER_FILE} (a save that stopped "
+            f"before publishing it); give --ckpt-step {have[-1]} to resume from the latest"
+        )
+    return None
 
 
 def write_atomically(path: str, text: str) -> None:

@@ -287,3 +287,36 @@ def test_checkpoint_of_another_precision_is_refused(tmp_path, dist_opt, saved_bf
     there, here = ("bfloat16 parameters (--bf16)", "float32 (without --bf16)") if saved_bf16 else (
         "float32 parameters (without --bf16)", "bfloat16 (--bf16)")
     assert error == f"{path} was saved with {there}, this run's are {here}: resume with the precision it was saved with"
+
+
+def test_checkpoint_to_load_finds_the_latest_a_chosen_step_or_explains(tmp_path):
+    """Which checkpoint a resume from a folder reads (no tensor is read here)."""
+    from cdp_megatron.integration.checkpoint import CheckpointError, checkpoint_to_load, saved_iterations
+
+    ck = tmp_path / "ck"
+    assert checkpoint_to_load(str(ck)) is None  # a first launch with --load ck --save ck
+    ck.mkdir()
+    assert checkpoint_to_load(str(ck)) is None
+    for name in ("iter_0000005", "iter_0000010", "iter_0000015.tmp"):  # .tmp: a save that did not finish
+        (ck / name).mkdir()
+    (ck / "iter_0000010" / "metadata.json").write_text("{}")
+    assert saved_iterations(str(ck)) == [5, 10]
+    with pytest.raises(CheckpointError) as e:  # checkpoints but no tracker: not a fresh start
+        checkpoint_to_load(str(ck))
+    assert str(e.value) == ("checkpoints of iterations 5, 10 but no latest_checkpointed_iteration.txt (a save that "
+                            "stopped before publishing it); give --ckpt-step 10 to resume from the latest")
+    (ck / "latest_checkpointed_iteration.txt").write_text("10\n")
+    assert checkpoint_to_load(str(ck)) == str(ck / "iter_0000010")
+    assert checkpoint_to_load(str(ck), 5) == str(ck / "iter_0000005")
+    with pytest.raises(CheckpointError) as e:
+        checkpoint_to_load(str(ck), 7)
+    assert str(e.value) == "no checkpoint of iteration 7 (--ckpt-step) here; the checkpoints here: iterations 5, 10"
+    with pytest.raises(CheckpointError) as e:  # one checkpoint given for the folder
+        checkpoint_to_load(str(ck / "iter_0000010"))
+    assert str(e.value) == ("this is one checkpoint, not a folder of them (latest_checkpointed_iteration.txt "
+                            f"missing): give --load {ck} --ckpt-step 10")
+    (tmp_path / "renamed").mkdir()
+    (tmp_path / "renamed" / "metadata.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="this is one checkpoint, not a folder of them .*: give the folder "
+                                              "that holds it"):
+        checkpoint_to_load(str(tmp_path / "renamed"))

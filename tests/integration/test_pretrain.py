@@ -211,6 +211,25 @@ def test_resume_with_another_sequence_length_counts_the_tokens_trained(tmp_path)
     assert tokens == {1: 256, 2: 512, 3: 768, 4: 768 + 128, 5: 768 + 256, 6: 768 + 384}, tokens  # both runs
 
 
+def test_resume_from_a_chosen_step_and_a_finished_run(tmp_path):
+    """--ckpt-step resumes from an earlier checkpoint (exactly: the losses of the first run);
+    a finished run started again (a requeued job) has nothing to train and exits 0; a
+    checkpoint past --train-iters is refused."""
+    plain = TINY + " --lr 1e-3 --train-iters 6 --eval-iters 0 --hidden-dropout 0 --attention-dropout 0"
+    ok(run(plain + " --save ck --save-interval 3 --metrics-file first.jsonl", tmp_path))
+    first = train_losses(tmp_path / "first.jsonl")
+    out = ok(run(plain + " --load ck --metrics-file again.jsonl", tmp_path))
+    assert "--load ck/iter_0000006: the run is already at --train-iters 6; nothing to train" in out
+    assert not (tmp_path / "again.jsonl").exists() or not train_losses(tmp_path / "again.jsonl")
+    out = ok(run(plain + " --load ck --ckpt-step 3 --metrics-file step3.jsonl", tmp_path))
+    assert "loading checkpoint ck/iter_0000003" in out and "starting at iteration 3" in out
+    assert train_losses(tmp_path / "step3.jsonl") == {i: first[i] for i in (4, 5, 6)}
+    refused = run(plain.replace("--train-iters 6", "--train-iters 4") + " --lr-decay-iters 6 --load ck", tmp_path)
+    assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == (
+        "cdp-pretrain: error: --load ck/iter_0000006: the checkpoint is at iteration 6, past --train-iters 4; give a "
+        "larger --train-iters to train on from it"), refused.stdout[-4000:]
+
+
 def test_divergence_stops_with_exit_3(tmp_path):
     result = run(TINY + " --train-iters 30 --lr 1e30 --clip-grad 0 --eval-iters 0 --metrics-file m.jsonl", tmp_path)
     assert result.returncode == 3, result.stdout[-4000:]
