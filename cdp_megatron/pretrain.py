@@ -371,6 +371,31 @@ def _schedule_mismatch(was: Any, now: dict, plain: bool) -> str | None:
             f"with{hint}, or --save to a new folder")
 
 
+class _ExitSignal:
+    """With --exit-signal-handler, SIGTERM (what SLURM sends at the time limit or on
+    preemption, and torchrun passes on to its workers) only sets ``received``; the run saves
+    and stops at the end of the iteration (``_Run._stop_reason``). ``restore()`` puts
+    the previous handler back."""
+
+    name = "SIGTERM"
+
+    def __init__(self, enabled: bool):
+        import signal
+
+        self.received = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle) if enabled else None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 def _die_like_a_killed_process() -> None:
     """Exit at once as a SIGKILL would (no cleanup, exit code 137), taking along the helper
     processes that dist_checkpointing started (its spawn-context Manager would otherwise
@@ -775,8 +800,36 @@ class _Run:
         args = self.args
         return float(self.scheduler.get_lr({"max_lr": args.lr, "min_lr": args.min_lr}))
 
+    def _stop_reason(self, iteration: int, done: bool) -> tuple[str | None, bool]:
+        """Why the run stops after ``iteration`` short of --train-iters (None: it goes on), and
+        whether the reason is urgent (a signal or the time limit: the evaluation due at this
+        iteration is skipped, the checkpoint is not). Every rank gets the same answer: a
+        signal that reached some ranks only, or a clock past the limit on some, is shared
+        through one all-reduce, made only when --exit-signal-handler or
+        --exit-duration-in-mins is given."""
+        args = self.args
+        if done:
+            return None, False
+        if args.exit_interval is not None and iteration % args.exit_interval == 0:
+            return f"--exit-interval {args.exit_interval}", False
+        if not (args.exit_signal_handler or args.exit_duration_in_mins is not None):
+            return None, False
+        import torch
+
+        minutes = Metrics.elapsed() / 60
+        late = args.exit_duration_in_mins is not None and minutes > args.exit_duration_in_mins
+        flags = torch.tensor([float(self._exit_signal.received), float(late)], device=self.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        if flags[0].item():
+            return f"{self._exit_signal.name} received, --exit-signal-handler", True
+        if flags[1].item():
+            return (f"--exit-duration-in-mins {args.exit_duration_in_mins:g}: {minutes:.1f} minutes since the start",
+                    True)
+        return None, False
+
     def _train(self, start_iteration: int) -> int:
         args = self.args
+        self._exit_signal = _ExitSignal(enabled=args.exit_signal_handler)
         metrics = Metrics(
             train_iters=args.train_iters,
             log_interval=args.log_interval,
@@ -827,17 +880,18 @@ class _Run:
                     tokens=tokens_per_iteration,
                 )
                 done = iteration == args.train_iters
-                stop = args.exit_interval is not None and iteration % args.exit_interval == 0 and not done
-                if self.valid_data is not None and (iteration % args.eval_interval == 0 or done):
+                stop, urgent = self._stop_reason(iteration, done)
+                if self.valid_data is not None and (iteration % args.eval_interval == 0 or done) and not urgent:
                     val_loss, val_z = self._evaluate()
                     metrics.evaluation(iteration, val_loss, val_z)
                 if args.save and ((args.save_interval and iteration % args.save_interval == 0) or done or stop):
                     self._save_checkpoint(iteration)
                 if stop:
-                    metrics.print(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+                    metrics.print(f"exiting at iteration {iteration} ({stop})")
                     break
         finally:
             metrics.close()
+            self._exit_signal.restore()
         if exit_code == EXIT_OK and args.quickstart and first_loss is not None:
             went_down = last_loss < first_loss
             if self.rank == 0:

@@ -116,8 +116,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--no-save-rng": "not supported",
     "--finetune": "not supported",
     "--pretrained-checkpoint": "not supported",
-    "--exit-duration-in-mins": "give --exit-interval",
-    "--exit-signal-handler": "not supported",
     "--skip-train": "not supported",
     "--use-torch-fsdp2": "FSDP is not supported; use --use-distributed-optimizer",
     "--use-custom-fsdp": "FSDP is not supported; use --use-distributed-optimizer",
@@ -307,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-samples", type=int, help="samples; steps = samples // global batch")
     g.add_argument("--exit-interval", type=int, help="stop (and save with --save) when the iteration "
                    "is a multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=float, help="stop (and save with --save) after the first "
+                   "iteration that ends this many minutes after the start (e.g. before a job's time limit)")
+    g.add_argument("--exit-signal-handler", action="store_true", help="on SIGTERM (a job's time limit or "
+                   "preemption), stop at the end of the iteration and save with --save, instead of dying")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--optimizer", choices=("adam",), default="adam", help="AdamW (the only choice)")
     g.add_argument("--lr", type=float, help="peak learning rate (required without --cdp-*)")
@@ -467,6 +469,7 @@ _FLOAT_RANGES: tuple[tuple[str, Any, str], ...] = (
     ("adam_eps", lambda v: v > 0, "a finite number > 0"),
     ("init_method_std", lambda v: v > 0, "a finite number > 0"),
     ("norm_epsilon", lambda v: v > 0, "a finite number > 0"),
+    ("exit_duration_in_mins", lambda v: v > 0, "a finite number > 0"),
 )
 
 

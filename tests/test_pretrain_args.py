@@ -210,6 +210,10 @@ def test_validation_errors(extra, world, needle):
         ("--lr-warmup-init nan", "--lr-warmup-init must be a finite number >= 0"),
         ("--norm-epsilon -1", "--norm-epsilon must be a finite number > 0, got -1.0"),
         ("--norm-epsilon 0", "--norm-epsilon must be a finite number > 0"),
+        ("--exit-duration-in-mins 0", "--exit-duration-in-mins must be a finite number > 0, got 0.0"),
+        ("--exit-duration-in-mins nan", "--exit-duration-in-mins must be a finite number > 0, got nan"),
+        ("--ckpt-step 3", "--ckpt-step needs --load (the folder that holds the checkpoints)"),
+        ("--load ck --ckpt-step 0", "--ckpt-step must be > 0, got 0"),
     ],
 )
 def test_optimizer_and_init_values_out_of_range(extra, needle):

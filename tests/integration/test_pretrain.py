@@ -230,6 +230,86 @@ def test_resume_from_a_chosen_step_and_a_finished_run(tmp_path):
         "larger --train-iters to train on from it"), refused.stdout[-4000:]
 
 
+def test_exit_duration_saves_and_stops_without_the_evaluation(tmp_path):
+    """--exit-duration-in-mins (Megatron-LM's): the first iteration that ends past the limit
+    (here every one: the start-up alone takes longer) saves and stops, skipping the evaluation
+    due there; the run resumes from that checkpoint."""
+    plain = TINY + " --lr 1e-3 --train-iters 6 --eval-interval 1 --eval-iters 1"
+    out = ok(run(plain + " --save ck --exit-duration-in-mins 0.001", tmp_path))
+    assert "exiting at iteration 1 (--exit-duration-in-mins 0.001: " in out and "validation at" not in out
+    assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    out = ok(run(plain + " --load ck --exit-interval 2", tmp_path))
+    assert "starting at iteration 1" in out and "exiting at iteration 2 (--exit-interval 2)" in out
+
+
+def _popen(args: str, tmp_path: Path, nproc: int = 1):
+    argv = shlex.split(args)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "cdp_megatron.pretrain", *argv]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+               "127.0.0.1", "--master-port", str(_free_port()), "-m", "cdp_megatron.pretrain", *argv]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_iterations(path: Path, proc, n: int, timeout: float = 240) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and len(path.read_text().splitlines()) >= n):
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "the run did not reach the iterations in time"
+        time.sleep(0.2)
+
+
+def test_exit_signal_handler_saves_on_sigterm(tmp_path):
+    """--exit-signal-handler: SIGTERM (a job's time limit) stops the run at the end of the
+    iteration with a checkpoint of it and exit 0; without the flag SIGTERM kills the run."""
+    import signal
+
+    plain = TINY + " --lr 1e-3 --train-iters 100000 --eval-iters 0 --metrics-file m.jsonl --save ck"
+    proc = _popen(plain + " --exit-signal-handler", tmp_path)
+    _wait_for_iterations(tmp_path / "m.jsonl", proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, out[-4000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("exiting at iteration ") and last.endswith(" (SIGTERM received, --exit-signal-handler)"), last
+    stopped = int(last.split()[3])
+    assert stopped >= 3 and (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
+    assert max(train_losses(tmp_path / "m.jsonl")) == stopped
+    proc = _popen(plain.replace("m.jsonl", "n.jsonl").replace("--save ck", "--save ck2"), tmp_path)
+    _wait_for_iterations(tmp_path / "n.jsonl", proc, 1)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGTERM and not (tmp_path / "ck2").exists()
+
+
+@pytest.mark.slow
+def test_exit_signal_handler_stops_every_rank_at_one_iteration(tmp_path):
+    """SIGTERM that reaches one of two data-parallel ranks only: both stop after the same
+    iteration and save one checkpoint (the flag is shared by an all-reduce)."""
+    import signal
+
+    import psutil
+
+    proc = _popen(TINY + " --lr 1e-3 --train-iters 100000 --eval-iters 0 --metrics-file m.jsonl --save ck "
+                  "--exit-signal-handler", tmp_path, nproc=2)
+    _wait_for_iterations(tmp_path / "m.jsonl", proc, 3)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2, workers
+    workers[1].send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-4000:]
+    stops = [line for line in out.splitlines() if line.startswith("exiting at iteration ")]
+    assert len(stops) == 1 and stops[0].endswith("(SIGTERM received, --exit-signal-handler)"), out[-4000:]
+    stopped = int(stops[0].split()[3])
+    assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
+
+
 def test_divergence_stops_with_exit_3(tmp_path):
     result = run(TINY + " --train-iters 30 --lr 1e30 --clip-grad 0 --eval-iters 0 --metrics-file m.jsonl", tmp_path)
     assert result.returncode == 3, result.stdout[-4000:]

@@ -408,7 +408,43 @@ def test_sbatch_example_builds_the_expected_command(bin_dir):
     assert flags["--tensor-model-parallel-size"] == "2"
     assert flags["--tokenizer-type"] == "GPT2BPETokenizer"
     assert {"--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather", "--bf16",
-            "--data-path", "--save", "--load", "--train-iters"} <= set(forwarded)
+            "--data-path", "--save", "--load", "--train-iters", "--exit-signal-handler"} <= set(forwarded)
+    assert flags["--exit-duration-in-mins"] == "2850"  # half an hour before the 48-hour limit
+    _check_with_cdp_pretrain(forwarded, world_size=64, tmp_path=bin_dir.parent)
+
+
+def _check_with_cdp_pretrain(forwarded: list[str], world_size: int, tmp_path) -> None:
+    """The forwarded flags pass cdp-pretrain's own checks (the spec against the shape
+    included) on the job's world size; only the data (mock data with GPT-2's tokenizer), the
+    checkpoint folder and Transformer Engine (which the cluster has, for --sequence-parallel)
+    stand in for the cluster's."""
+    import importlib.util
+    from unittest import mock
+
+    pytest.importorskip("torch")
+    from cdp_megatron.pretrain_args import parse_args
+
+    argv = list(forwarded)
+    i = argv.index("--data-path")
+    argv[i:i + 2] = ["--mock-data"]
+    for flag in ("--save", "--load", "--tensorboard-dir", "--metrics-file"):
+        i = argv.index(flag)
+        argv[i + 1] = str(tmp_path / flag.strip("-"))
+    real = importlib.util.find_spec
+    with mock.patch.object(importlib.util, "find_spec",
+                           lambda name, *a: object() if name == "transformer_engine" else real(name, *a)):
+        args = _parse_in(REPO, parse_args, argv, world_size)
+    assert args.target is not None and args.data_parallel_size == world_size // 2
+    assert args.lr_decay_style == "cosine" and args.train_iters == 23000
+
+
+def _parse_in(directory, parse_args, argv, world_size):
+    old = os.getcwd()
+    os.chdir(directory)  # --cdp-base examples/base.json is relative to the repository
+    try:
+        return parse_args(argv, world_size=world_size)
+    finally:
+        os.chdir(old)
 
 
 # ---- end to end: real torchrun, two CPU processes ------------------------------------
