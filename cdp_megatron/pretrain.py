@@ -829,7 +829,6 @@ class _Run:
 
     def _train(self, start_iteration: int) -> int:
         args = self.args
-        self._exit_signal = _ExitSignal(enabled=args.exit_signal_handler)
         metrics = Metrics(
             train_iters=args.train_iters,
             log_interval=args.log_interval,
@@ -842,6 +841,7 @@ class _Run:
         first_loss = last_loss = None
         iteration = start_iteration
         exit_code = EXIT_OK
+        self._exit_signal = _ExitSignal(enabled=args.exit_signal_handler)
         try:
             for model_chunk in self.model:
                 model_chunk.train()
