@@ -441,6 +441,12 @@ def _check_trainer_args(trainer_args: list[str]) -> None:
         if flag in ("--save", "--load"):  # one folder for all trials: each would resume another's run
             raise CliError(f"{flag} in the proxy flags: every trial would share one checkpoint folder and a "
                            "trial would resume another trial's run (other hyperparameters); remove it")
+        if flag in _EARLY_EXIT_FLAGS:  # a trial that stops early exits 0 with an earlier loss as its last
+            raise CliError(f"{flag} in the proxy flags: a trial would stop before --train-iters and its last "
+                           "validation loss would count as the final one; remove it (--trial-timeout limits a trial)")
+
+
+_EARLY_EXIT_FLAGS = ("--exit-interval", "--exit-duration-in-mins", "--exit-signal-handler")
 
 
 def _default_study_name(config: dict[str, Any]) -> str:

@@ -323,6 +323,11 @@ PROXY = (
         (["--", *PROXY, "--save", "ckpt"], "--save in the proxy flags: every trial would share one checkpoint folder "
                                            "and a trial would resume another trial's run (other hyperparameters); remove it"),
         (["--", *PROXY, "--load=ckpt"], "--load in the proxy flags: every trial would share"),
+        (["--", *PROXY, "--exit-interval", "50"], "--exit-interval in the proxy flags: a trial would stop before "
+                                                  "--train-iters and its last validation loss would count as the final "
+                                                  "one; remove it (--trial-timeout limits a trial)"),
+        (["--", *PROXY, "--exit-duration-in-mins=5"], "--exit-duration-in-mins in the proxy flags: a trial would stop"),
+        (["--", *PROXY, "--exit-signal-handler"], "--exit-signal-handler in the proxy flags: a trial would stop"),
         (["--trials", "0"], "does not exist; --trials 0 has nothing to export"),
         (["--init-from", "nope", "--", *PROXY], "--init-from nope: no such study"),
     ],
