@@ -229,7 +229,7 @@ def load_checkpoint(
     saved = _saved_metadata(path)
     dist_opt_format = saved.get("distrib_optim_sharding_type") or dist_opt_format
     if optimizer is not None:
-        _check_resharding(path, saved, dist_opt_format or default_dist_opt_format(), optimizer, chunks)
+        _check_compatible(path, saved, dist_opt_format or default_dist_opt_format(), optimizer, chunks)
         _init_empty_distributed_state(optimizer)
     state = sharded_state_dict(
         chunks, optimizer, scheduler, is_loading=True, dist_opt_format=dist_opt_format
@@ -293,19 +293,21 @@ def _check_padded_shapes(path: str, model_states: list) -> None:
             )
 
 
-def _check_resharding(path: str, saved: dict, dist_opt_format: str, optimizer: Any, model_chunks: list) -> None:
-    """Refuse, before anything is read, a load Megatron cannot reshard."""
+_PRECISION_FLAGS = {"bfloat16": "--bf16", "float16": "--fp16"}  # else: "without --bf16"
+
+
+def _check_compatible(path: str, saved: dict, dist_opt_format: str, optimizer: Any, model_chunks: list) -> None:
+    """Refuse, before anything is read, a load Megatron cannot do exactly: another precision,
+    the other kind of optimizer, a ``dp_reshardable`` optimizer state on another layout."""
     saved_dtype, dtype = saved.get("cdp_params_dtype"), _params_dtype(model_chunks)
     if saved_dtype is not None and dtype is not None and saved_dtype != dtype:
         # bf16 -> fp32: Megatron reads the optimizer without its fp32 main params (a KeyError with
         # the distributed optimizer, mismatched param groups with the plain one); fp32 -> bf16: a
         # KeyError. Neither would resume the saved run exactly.
-        def flag(name: str) -> str:
-            return {"bfloat16": "--bf16", "float16": "--fp16"}.get(name, "without --bf16")
-
+        there, here = (_PRECISION_FLAGS.get(d, "without --bf16") for d in (saved_dtype, dtype))
         raise CheckpointError(
-            f"{path} was saved with {saved_dtype} parameters ({flag(saved_dtype)}), this run's are {dtype} "
-            f"({flag(dtype)}): resume with the precision it was saved with"
+            f"{path} was saved with {saved_dtype} parameters ({there}), this run's are {dtype} ({here}): "
+            "resume with the precision it was saved with"
         )
     saved_dist = saved.get("cdp_distributed_optimizer")
     if saved_dist is not None and saved_dist != _uses_distributed_optimizer(optimizer):
