@@ -301,7 +301,7 @@ def _vocab_divisor(padded: int, vocab: int, tensor_parallel: int) -> int | None:
     return None
 
 
-def resume_mismatch(saved: Any, current: dict, tensor_parallel: int = 1) -> str | None:
+def resume_mismatch(saved: Any, current: dict, tensor_parallel: int = 1, weights_only: bool = False) -> str | None:
     """Why a checkpoint with ``saved`` (``resume_record`` at its save) cannot resume a run with
     ``current`` on ``tensor_parallel`` ranks, as one line with the fix, or None. Checkpoints
     written before the record (no ``model`` key) are not judged here."""
@@ -322,6 +322,8 @@ def resume_mismatch(saved: Any, current: dict, tensor_parallel: int = 1) -> str 
                     f"{divisor}: on TP {tensor_parallel} it pads the vocabulary to the checkpoint's "
                     f"{was['padded_vocab_size']}")
         return f"the checkpoint is of another model ({shape}); {_RESUME_HINT}"
+    if weights_only:  # --finetune: the run's own hyperparameters and schedule
+        return None
     have, want = saved["hyperparameters"], current["hyperparameters"]
     if (_PLAIN in have) != (_PLAIN in want):
         kind = ["a plain run (global hyperparameters)", "a Complete(d)P run (--cdp-base or --cdp-config)"]
@@ -674,6 +676,8 @@ class _Run:
             self._print(f"--load {args.load}: no checkpoint there; starting from scratch")
             return 0
         extras = saved_extras(path)
+        if args.finetune:
+            return self._load_weights(path, extras)
         saved_iteration = extras.get("iteration")
         if isinstance(saved_iteration, int) and saved_iteration >= args.train_iters:
             if saved_iteration > args.train_iters:
@@ -707,6 +711,26 @@ class _Run:
         if not load_rng_state(path, self._layout()):
             self._print(" note: the checkpoint's RNG state is for another layout; dropout masks restart from --seed")
         return iteration
+
+    def _load_weights(self, path: str, extras: dict) -> int:
+        """--finetune: the model's weights of ``path`` only; the run starts at iteration 0 with
+        its own optimizer, schedule, RNG and data position."""
+        from cdp_megatron.integration.checkpoint import CheckpointError, load_checkpoint
+
+        problem = resume_mismatch(extras.get("resume"), resume_record(self.args),
+                                  self.args.tensor_model_parallel_size, weights_only=True)
+        if problem:
+            raise RunError(f"--load {path}: {problem}")
+        try:
+            load_checkpoint(path, self.model)
+        except CheckpointError as e:
+            raise RunError(f"--load {e}") from None
+        # the optimizer's fp32 main params (bf16, the distributed optimizer's shards) were copied
+        # from the model when it was built: without this the first step would copy them back
+        self.optimizer.reload_model_params()
+        self._print(f"loaded the weights of {path} (--finetune): starting at iteration 0 with this run's "
+                    "optimizer, schedule and data")
+        return 0
 
     def _layout(self) -> dict:
         a = self.args

@@ -110,11 +110,10 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--auto-detect-ckpt-format": "checkpoints are always torch_dist (dist_checkpointing)",
     "--async-save": "checkpoints are saved synchronously",
     "--non-persistent-save-interval": "not supported",
-    "--no-load-optim": "not supported",
-    "--no-load-rng": "not supported",
+    "--no-load-optim": "not supported (--finetune loads the weights only)",
+    "--no-load-rng": "not supported (--finetune loads the weights only)",
     "--no-save-optim": "not supported",
     "--no-save-rng": "not supported",
-    "--finetune": "not supported",
     "--pretrained-checkpoint": "not supported",
     "--skip-train": "not supported",
     "--use-torch-fsdp2": "FSDP is not supported; use --use-distributed-optimizer",
@@ -343,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", help="resume from the latest checkpoint here (none: start fresh)")
     g.add_argument("--ckpt-step", type=int, help="with --load: resume from the checkpoint of this iteration "
                    "instead of the latest")
+    g.add_argument("--finetune", action="store_true", help="with --load: take only the model's weights (not "
+                   "the optimizer, schedule, RNG or data position) and start at iteration 0 with this run's "
+                   "hyperparameters")
     g.add_argument("--save-interval", type=int, help="iterations between saves (and at the end)")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="with --use-distributed-optimizer: save its state so the checkpoint resumes "
@@ -699,6 +701,12 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
         raise ArgsError(f"--load {args.load}: exists and is not a directory")
     if args.ckpt_step is not None and not args.load:
         raise ArgsError("--ckpt-step needs --load (the folder that holds the checkpoints)")
+    if args.finetune and not args.load:
+        raise ArgsError("--finetune needs --load (the folder whose weights it starts from)")
+    if args.finetune and args.save and os.path.realpath(args.save) == os.path.realpath(args.load):
+        # a requeued job would take its own latest checkpoint's weights and start over at iteration 0
+        raise ArgsError(f"--finetune with --save {args.save}, the --load folder: a restarted job would start over "
+                        "from its own checkpoint; save to another folder")
     if args.dist_ckpt_optim_fully_reshardable and not args.use_distributed_optimizer:
         raise ArgsError(
             "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer (the plain "

@@ -214,6 +214,9 @@ def test_validation_errors(extra, world, needle):
         ("--exit-duration-in-mins nan", "--exit-duration-in-mins must be a finite number > 0, got nan"),
         ("--ckpt-step 3", "--ckpt-step needs --load (the folder that holds the checkpoints)"),
         ("--load ck --ckpt-step 0", "--ckpt-step must be > 0, got 0"),
+        ("--finetune", "--finetune needs --load (the folder whose weights it starts from)"),
+        ("--load ck --save ck/ --finetune", "--finetune with --save ck/, the --load folder: a restarted job would "
+                                            "start over from its own checkpoint; save to another folder"),
     ],
 )
 def test_optimizer_and_init_values_out_of_range(extra, needle):

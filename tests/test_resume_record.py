@@ -120,6 +120,15 @@ def test_another_shape_or_kind_of_run():
         f"the checkpoint was trained with other hyperparameters (lr 0.001 there, 0.002 here); {HINT}")
 
 
+def test_finetune_compares_the_model_only():
+    saved = record(f"{TINY} --train-iters 20 --cdp-base {BASE}")
+    other = record(f"{TINY} --train-iters 40 --lr 1e-3")  # a plain run, another schedule
+    assert resume_mismatch(saved, other) is not None and resume_mismatch(saved, other, weights_only=True) is None
+    deeper = record(f"{TINY.replace('--num-layers 2', '--num-layers 4')} --train-iters 20 --lr 1e-3")
+    assert resume_mismatch(saved, deeper, weights_only=True) == (
+        f"the checkpoint is of another model (--num-layers 2 there, 4 here); {HINT}")
+
+
 def test_the_schedule_is_recorded_and_a_changed_one_is_named(tmp_path):
     plain = f"{TINY} --lr 1e-3 --lr-decay-style cosine"
     saved = record(f"{plain} --train-iters 20 --lr-warmup-iters 2")

@@ -230,6 +230,30 @@ def test_resume_from_a_chosen_step_and_a_finished_run(tmp_path):
         "larger --train-iters to train on from it"), refused.stdout[-4000:]
 
 
+def test_finetune_starts_from_the_weights_only(spec20, tmp_path):
+    """--finetune takes the weights and nothing else: another spec's hyperparameters are not
+    refused, the run starts at iteration 0, and after its first step (lr 0 in the warmup) the
+    validation loss is the checkpoint's to the bit. bf16: the optimizer's fp32 main params
+    must be reloaded from the weights, else that step copies the initial weights back."""
+    saved = cdp20(spec20).replace("--eval-interval 10", "--eval-interval 6") + " --bf16 --metrics-file a.jsonl"
+    ok(run(saved + " --save ck --exit-interval 6", tmp_path))
+    (val,) = [r["val_loss"] for r in records(tmp_path / "a.jsonl") if r.get("eval")]
+    raw = json.loads(spec20.read_text())
+    raw["multipliers"]["type"]["v"]["lr"] *= 2  # a resume would be refused
+    (tmp_path / "v2.json").write_text(json.dumps(raw))
+    tuned = cdp20(tmp_path / "v2.json").replace("--eval-interval 10", "--eval-interval 1")
+    out = ok(run(tuned + " --bf16 --load ck --finetune --exit-interval 1 --metrics-file b.jsonl", tmp_path))
+    assert ("loaded the weights of ck/iter_0000006 (--finetune): starting at iteration 0 with this run's optimizer, "
+            "schedule and data") in out and "starting at iteration 0" in out
+    rows = records(tmp_path / "b.jsonl")
+    assert [r["lr"] for r in rows if not r.get("eval")] == [0.0]
+    assert [r["val_loss"] for r in rows if r.get("eval")] == [val]
+    refused = run(tuned.replace("--num-layers 2", "--num-layers 4") + " --load ck --finetune", tmp_path)
+    assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == (
+        "cdp-pretrain: error: --load ck/iter_0000006: the checkpoint is of another model (--num-layers 2 there, 4 "
+        "here); resume with the flags it was saved with, or --save to a new folder"), refused.stdout[-4000:]
+
+
 def test_exit_duration_saves_and_stops_without_the_evaluation(tmp_path):
     """--exit-duration-in-mins (Megatron-LM's): the first iteration that ends past the limit
     (here every one: the start-up alone takes longer) saves and stops, skipping the evaluation
