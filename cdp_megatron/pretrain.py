@@ -844,9 +844,10 @@ class _Run:
         late = args.exit_duration_in_mins is not None and minutes > args.exit_duration_in_mins
         flags = torch.tensor([float(self._exit_signal.received), float(late)], device=self.device)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        if flags[0].item():
+        received, late = flags.tolist()  # one copy to the host, not one per flag
+        if received:
             return f"{self._exit_signal.name} received, --exit-signal-handler", True
-        if flags[1].item():
+        if late:
             return (f"--exit-duration-in-mins {args.exit_duration_in_mins:g}: {minutes:.1f} minutes since the start",
                     True)
         return None, False

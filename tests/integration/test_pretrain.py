@@ -43,10 +43,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(args: str | list, tmp_path: Path, *, nproc: int = 1, env: dict | None = None, timeout: int = 300,
-        entry: tuple[str, ...] = ("-m", "cdp_megatron.pretrain")):
-    """Run cdp-pretrain (1 process: ``python *entry *args``); returns the CompletedProcess
-    (stdout and stderr merged)."""
+def _command(args: str | list, nproc: int, env: dict | None,
+             entry: tuple[str, ...] = ("-m", "cdp_megatron.pretrain")) -> tuple[list[str], dict]:
+    """(argv, environment) of cdp-pretrain: ``python *entry *args`` for 1 process, torchrun for more."""
     argv = shlex.split(args) if isinstance(args, str) else list(args)
     if nproc == 1:
         cmd = [sys.executable, *entry, *argv]
@@ -58,6 +57,14 @@ def run(args: str | list, tmp_path: Path, *, nproc: int = 1, env: dict | None = 
     full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")])
     full_env.setdefault("OMP_NUM_THREADS", "1" if nproc > 1 else "2")
     full_env.update(env or {})
+    return cmd, full_env
+
+
+def run(args: str | list, tmp_path: Path, *, nproc: int = 1, env: dict | None = None, timeout: int = 300,
+        entry: tuple[str, ...] = ("-m", "cdp_megatron.pretrain")):
+    """Run cdp-pretrain (1 process: ``python *entry *args``); returns the CompletedProcess
+    (stdout and stderr merged)."""
+    cmd, full_env = _command(args, nproc, env, entry)
     return subprocess.run(cmd, cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
 
@@ -267,15 +274,8 @@ def test_exit_duration_saves_and_stops_without_the_evaluation(tmp_path):
 
 
 def _popen(args: str, tmp_path: Path, nproc: int = 1):
-    argv = shlex.split(args)
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "cdp_megatron.pretrain", *argv]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-               "127.0.0.1", "--master-port", str(_free_port()), "-m", "cdp_megatron.pretrain", *argv]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env.setdefault("OMP_NUM_THREADS", "1")
+    """cdp-pretrain started as ``run`` starts it, without waiting for it."""
+    cmd, env = _command(args, nproc, None)
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
