@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import inspect
 import json
 import math
@@ -111,6 +112,12 @@ def _bound(text: str) -> float:
     return value
 
 
+def _study_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty study name: give one such as kron-lr")
+    return text
+
+
 def _bounds(text: str) -> tuple[float, float]:
     parts = text.split(",")
     if len(parts) != 2:
@@ -146,13 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
                    f"study's, or {DEFAULT_TRIALS} for a new study; 0: run nothing)")
     r.add_argument("--workers", type=positive_int, default=1, help="worker processes on this machine (default 1)")
     r.add_argument("--storage", metavar="URL", help="Optuna RDB URL (default sqlite:///<output-dir>/search.db)")
-    r.add_argument("--study", metavar="NAME", help="study name (default: derived from space, search and sampler; "
+    r.add_argument("--study", type=_study_name, metavar="NAME", help="study name (default: derived from space, search and sampler; "
                    "without --base: the storage's only study)")
     r.add_argument("--seed", type=nonneg_int, help="sampler seed (default: drawn once and stored in the study)")
     r.add_argument("--trial-timeout", type=positive_float, metavar="S", help="seconds a proxy run may take; then it is "
                    "killed and recorded as diverged (timeout) with its last loss")
     r.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR",
-                   help=f"per-trial folders go to DIR/<study>/trial_<n> (default {DEFAULT_OUTPUT_DIR})")
+                   help=f"per-trial folders go to DIR/<study>/trial_<n> (default {DEFAULT_OUTPUT_DIR}; a study "
+                   "name that is not a plain file name gets its folder name plus a hash)")
     r.add_argument("--trainer", metavar="CMD", help="trainer command prefix (default: python -m cdp_megatron.pretrain)")
     r.add_argument("--init-from", metavar="STUDY", help="a new study starts from the best trial of STUDY (same "
                    "storage and base), projected onto this space")
@@ -261,6 +269,17 @@ def open_storage(url: str, heartbeat: int = 0):
             f"--storage {_redact(url)}: cannot open ({type(e).__name__}: {first[:200]}); "
             "check the URL, that its folder exists and that the database server is reachable"
         ) from None
+
+
+def study_folder(name: str) -> str:
+    """The folder of a study's trials under ``--output-dir``: the name itself where it is a
+    plain file name, else the name with other characters replaced by ``_`` and a short hash of
+    the name appended, so that two studies never share a folder (``a/b`` and ``a_b``) and no
+    name (``..``, ``.``) leads out of ``--output-dir``."""
+    safe = re.sub(r"[^A-Za-z0-9_.+=-]", "_", name)
+    if safe == name and name.strip("."):
+        return name
+    return f"{safe.strip('.') or 'study'}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def default_storage_url(output_dir: str) -> str:
@@ -879,7 +898,7 @@ def _main(args: argparse.Namespace, trainer_args: list[str] | None) -> int:
     config = merge_config(stored, given, name, started=started)
     space = _build_space(config)
     total = int(config["trials"]) if args.trials != 0 else 0
-    trials_dir = Path(args.output_dir) / re.sub(r"[^A-Za-z0-9_.+=-]", "_", name)
+    trials_dir = Path(args.output_dir) / study_folder(name)
     if study is None and total == 0:
         raise CliError(f"study {name!r} does not exist; --trials 0 has nothing to export")
     if total and (counts is None or counts["done"] < total):  # trials will run

@@ -103,6 +103,20 @@ def test_small_study_resume_and_export(tmp_path, capsys):
     assert len(study.get_trials()) == 9
 
 
+def test_study_names_never_share_a_trial_folder_or_leave_the_output_dir(tmp_path, capsys):
+    # "a/b" and "a_b" once both wrote to out/a_b/trial_00000 (each overwrote the other's log and
+    # metrics), and "..", kept as it was, put the trial folders next to --output-dir.
+    for name in ("a_b", "a/b", ".."):
+        assert main(_args(tmp_path, "--base", EXAMPLE, "--study", name, "--trials", "2", "--quiet")) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert len(folders) == 3 and "a_b" in folders, folders
+    assert not (tmp_path / "trial_00000").exists()
+    for folder in folders:
+        assert sorted(p.name for p in (out / folder).iterdir()) == ["trial_00000", "trial_00001"]
+
+
 def test_two_workers_share_one_sqlite_study(tmp_path, capsys):
     rc = main(_args(tmp_path, "--base", EXAMPLE, "--study", "w", "--sampler", "random", "--trials", "10",
                     "--workers", "2", "--seed", "1", proxy=("--train-iters", "4", "--fake-sleep", "0.1")))
@@ -245,7 +259,7 @@ def test_bad_input_is_one_line_exit_2_and_the_study_is_intact(existing, capsys, 
 
 
 def test_unknown_space_or_sampler_exit_2(tmp_path, capsys):
-    for argv in (["--space", "per-head"], ["--sampler", "bayes"], ["--workers", "0"]):
+    for argv in (["--space", "per-head"], ["--sampler", "bayes"], ["--workers", "0"], ["--study", " "]):
         with pytest.raises(SystemExit) as e:
             main(["--base", EXAMPLE, "--output-dir", str(tmp_path / "out"), *argv])
         assert e.value.code == 2
