@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .argtypes import join_negative_values, positive_float, positive_int
 from .spec import Spec, SpecError
-from .target import TARGET_KIND, Target, resolve, scaled_shape
+from .target import TARGET_KIND, Target, layer_range, range_legend, resolve, scaled_shape
 
 __all__ = ["main", "parse_ratio", "write_atomic"]
 
@@ -243,14 +243,7 @@ def _fmt(v: float | None) -> str:
 
 
 def _value_range(vals: list[float]) -> str:
-    """One value, ``first..last`` when the values change monotonically over the layers, else
-    ``lowest..highest*`` (first..last would hide a bump in the middle)."""
-    if len(set(vals)) == 1:
-        return _fmt(vals[0])
-    pairs = list(zip(vals, vals[1:]))
-    if all(a <= b for a, b in pairs) or all(a >= b for a, b in pairs):
-        return f"{_fmt(vals[0])}..{_fmt(vals[-1])}"
-    return f"{_fmt(min(vals))}..{_fmt(max(vals))}*"
+    return "-" if vals[0] is None else layer_range(vals, ".4g")
 
 
 def _tokens(t: Target) -> tuple[str, list[str]]:
@@ -323,10 +316,8 @@ def format_table(t: Target, explain: bool = False, per_layer: bool = False) -> s
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines += ["", fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*row) for row in rows]
-    if any(".." in cell for row in rows for cell in row[3:]):
-        note = "a..b: first layer .. last layer"
-        if any(cell.endswith("*") for row in rows for cell in row[3:]):
-            note += "; a..b*: lowest .. highest, not monotone over the layers"
+    note = range_legend([cell for row in rows for cell in row[3:]])
+    if note:
         lines.append(f"({note}; --per-layer lists every layer)")
     res = t.residual_mult
     lines.append("")

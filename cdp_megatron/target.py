@@ -37,7 +37,7 @@ from .spec import (
     shape_from_dict,
 )
 
-__all__ = ["Group", "Target", "resolve", "scaled_shape", "load_target", "TARGET_KIND"]
+__all__ = ["Group", "Target", "resolve", "scaled_shape", "load_target", "layer_range", "TARGET_KIND", "RANGE_LEGEND"]
 
 _HPS = ("lr", "weight_decay", "eps", "beta1", "beta2", "init_std")
 
@@ -203,6 +203,31 @@ class Target:
             "warnings": list(self.warnings),
             "source_spec": self.spec.to_dict(),
         }
+
+
+RANGE_LEGEND = ("a..b: first layer .. last layer", "a..b*: lowest .. highest, not monotone over the layers")
+
+
+def layer_range(values: list[float], fmt: str) -> str:
+    """A hyperparameter over a row's layers (in layer order) as one table cell: the value when
+    all are equal, ``first..last`` when they change monotonically, else ``lowest..highest*``
+    (first..last would hide a bump in the middle). ``fmt``: the format spec of one value
+    (``".4g"``). ``cdp-convert``'s table and ``cdp-pretrain``'s start-up table both use it,
+    so the same spec reads the same in both (see ``RANGE_LEGEND``)."""
+    if len(set(values)) == 1:
+        return format(values[0], fmt)
+    pairs = list(zip(values, values[1:]))
+    if all(a <= b for a, b in pairs) or all(a >= b for a, b in pairs):
+        return f"{values[0]:{fmt}}..{values[-1]:{fmt}}"
+    return f"{min(values):{fmt}}..{max(values):{fmt}}*"
+
+
+def range_legend(cells: list[str]) -> str | None:
+    """The legend line for a table whose cells include ``layer_range`` ranges (None: no range)."""
+    if not any(".." in cell for cell in cells):
+        return None
+    parts = [RANGE_LEGEND[0]] + ([RANGE_LEGEND[1]] if any(cell.endswith("*") for cell in cells) else [])
+    return "; ".join(parts)
 
 
 def _sde(spec: Spec, ratios: dict[str, float]) -> rules.SdeFactors:

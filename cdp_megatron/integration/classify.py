@@ -50,6 +50,7 @@ import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from cdp_megatron.spec import TYPES as _SPEC_TYPES
+from cdp_megatron.target import layer_range, range_legend
 
 __all__ = [
     "TYPES",
@@ -319,13 +320,10 @@ def _layer_span(layers: Iterable[int | None]) -> str:
     return ",".join(map(str, values))
 
 
-def _value_span(values: Iterable[Any]) -> str:
-    distinct = sorted({v for v in values if v is not None})
-    if not distinct:
-        return "-"
-    if len(distinct) == 1:
-        return f"{distinct[0]:.3g}"
-    return f"{distinct[0]:.3g}..{distinct[-1]:.3g}"
+def _value_span(values: list[Any]) -> str:
+    """The values of a row's layers, in layer order, as ``cdp-convert``'s table shows them."""
+    known = [v for v in values if v is not None]
+    return layer_range(known, ".3g") if known else "-"
 
 
 def format_summary(entries: Iterable[ParamInfo | tuple[ParamInfo, int]], target: Any = None) -> str:
@@ -334,7 +332,8 @@ def format_summary(entries: Iterable[ParamInfo | tuple[ParamInfo, int]], target:
     entries: ParamInfos, or (ParamInfo, scale) pairs where scale multiplies the local element
     counts (the TP size for a TP-split tensor, so that the table shows full sizes).
     With a Target (``target.group(type, layer, param)``), add the resolved lr, weight decay,
-    eps, beta1, beta2 and init std, shown as ``min..max`` over the row's layers.
+    eps, beta1, beta2 and init std over the row's layers, as ``cdp-convert`` shows them
+    (``first..last``, or ``lowest..highest*`` where not monotone), with the legend below.
     """
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for entry in entries:
@@ -353,13 +352,16 @@ def format_summary(entries: Iterable[ParamInfo | tuple[ParamInfo, int]], target:
     for (ptype, kind), row in sorted(rows.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
         cells = [ptype, kind, _layer_span(row["layers"]), str(row["tensors"]), str(row["numel"])]
         if target is not None:
-            groups = [target.group(ptype, layer, kind) for layer in row["layers"]]
+            layers = sorted(row["layers"], key=lambda layer: -1 if layer is None else layer)
+            groups = [target.group(ptype, layer, kind) for layer in layers]
             for field in ("lr", "weight_decay", "eps", "beta1", "beta2", "init_std"):
-                cells.append(_value_span(getattr(g, field) for g in groups))
+                cells.append(_value_span([getattr(g, field) for g in groups]))
         lines.append(cells)
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join(fmt.format(*r).rstrip() for r in [header, *lines])
+    table = [fmt.format(*r).rstrip() for r in [header, *lines]]
+    legend = range_legend([cell for r in lines for cell in r[5:]])
+    return "\n".join(table + ([f"({legend})"] if legend else []))
 
 
 def print_summary(param_infos: Mapping[Any, ParamInfo], target: Any = None) -> None:

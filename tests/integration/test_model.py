@@ -292,6 +292,25 @@ def test_lm_loss_at_init_and_summary(megatron_1proc, capsys):
     assert len(lines) == 1 + len({(g.type, g.param) for g in target.groups})
 
 
+def test_summary_ranges_read_as_cdp_convert_reads_them(megatron_1proc, capsys):
+    # The start-up table showed lowest..highest where cdp-convert shows first..last: an lr that
+    # falls with depth read as one that grows. Now both read first..last, and lowest..highest*
+    # where the values are not monotone, with the legend under the table.
+    from cdp_megatron.integration import build_gpt_model, classify_model, print_summary
+
+    target = tiny_target(num_layers=4, multipliers={"depth": {"lr": [4, 2, 1, 0.5], "weight_decay": [1, 4, 1, 1]}},
+                         global_={"weight_decay": 0.1})
+    (model,) = build_gpt_model(target=target)
+    print_summary(classify_model([model]), target)
+    lines = capsys.readouterr().out.splitlines()
+    q = next(line.split() for line in lines if line.startswith("q "))
+    lr = [target.group("q", layer, "weight").lr for layer in (1, 4)]
+    wd = sorted(target.group("q", layer, "weight").weight_decay for layer in (1, 2))
+    assert lr[0] > lr[1] and q[5] == f"{lr[0]:.3g}..{lr[1]:.3g}"
+    assert q[6] == f"{wd[0]:.3g}..{wd[1]:.3g}*"
+    assert lines[-1] == "(a..b: first layer .. last layer; a..b*: lowest .. highest, not monotone over the layers)"
+
+
 def test_transformer_engine_spec(megatron_1proc):
     pytest.importorskip("transformer_engine")
     from cdp_megatron.integration import ResidualScaledTransformerLayer, build_gpt_model, classify_model
