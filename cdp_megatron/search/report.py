@@ -11,9 +11,10 @@ Writes to --output:
   line over the non-diverged trials. Values above the plotted range sit on the top edge.
 - ``best_so_far.png``: the best-so-far lines of all studies on one axis (samplers compared
   at equal trial counts, like Figure 12).
-- ``multipliers_<study>.png``: the best trial's multipliers, as written by ``--export``
-  (base spec x search), per searched hyperparameter: a heatmap of log2 multipliers of type
-  (rows) x layer (columns; types outside the layers in the column "-").
+- ``multipliers_<study>.png`` (``<study>``: the study's trial-folder name, as ``cdp-search``
+  makes it): the best trial's multipliers, as written by ``--export`` (base spec x search),
+  per searched hyperparameter: a heatmap of log2 multipliers of type (rows) x layer
+  (columns; types outside the layers in the column "-").
 - ``summary.txt`` (also printed) and ``summary.json``.
 """
 
@@ -22,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from cdp_megatron.argtypes import output_dir_problem
-from cdp_megatron.search.cli import CONFIG_ATTR, CliError, _new_sqlite_file, _Parser, _redact, open_storage, trial_counts
+from cdp_megatron.search.cli import (
+    CONFIG_ATTR, CliError, _new_sqlite_file, _Parser, _redact, open_storage, study_folder, trial_counts,
+)
 
 __all__ = ["main", "study_rows", "best_multiplier_table"]
 
@@ -313,7 +315,7 @@ def _main(args: argparse.Namespace) -> int:
         if table is None:
             continue
         details[study.study_name] = table
-        fname = "multipliers_" + re.sub(r"[^A-Za-z0-9_.+=-]", "_", study.study_name) + ".png"
+        fname = "multipliers_" + study_folder(study.study_name) + ".png"
         _plot_multipliers(out / fname, study, table)
         written.append(fname)
         text.append(f"\n{study.study_name}: best trial {table['trial']}, validation loss {table['value']:.4f}")

@@ -12,7 +12,7 @@ import pytest
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
-from cdp_megatron.search.cli import main as search  # noqa: E402
+from cdp_megatron.search.cli import main as search, study_folder  # noqa: E402
 from cdp_megatron.search.report import main as report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -57,6 +57,19 @@ def test_report_of_chosen_studies(storage, tmp_path, capsys):
     assert report(["--storage", storage, "--study", "rand", "--output", str(out)]) == 0
     assert (out / "multipliers_rand.png").exists() and not (out / "multipliers_tr.png").exists()
     assert "tr " not in capsys.readouterr().out.split("\n\n")[0]
+
+
+def test_studies_whose_names_differ_in_odd_characters_get_their_own_plot(tmp_path, capsys):
+    # "a/b" and "a_b" both wrote multipliers_a_b.png: the second overwrote the first.
+    out = tmp_path / "out"
+    for name in ("a_b", "a/b"):
+        assert search(["--output-dir", str(out), "--trainer", FAKE, "--base", EXAMPLE, "--quiet", "--study", name,
+                       "--trials", "2", "--", "--train-iters", "4"]) == 0
+    assert report(["--storage", f"sqlite:///{out / 'search.db'}", "--output", str(tmp_path / "rep")]) == 0
+    plots = sorted(p.name for p in (tmp_path / "rep").glob("multipliers_*.png"))
+    assert plots == sorted(f"multipliers_{study_folder(n)}.png" for n in ("a_b", "a/b")) and len(set(plots)) == 2
+    assert "multipliers_a_b.png" in plots
+    capsys.readouterr()
 
 
 def test_report_bad_input(storage, tmp_path, capsys):
