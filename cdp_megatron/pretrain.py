@@ -44,7 +44,7 @@ from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 from cdp_megatron.convert import layer_ranges
-from cdp_megatron.pretrain_args import PROG, ArgsError, owned_flags_table, parse_args
+from cdp_megatron.pretrain_args import PROG, QUICKSTART_DATA_PREFIX, ArgsError, owned_flags_table, parse_args
 
 __all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_DIVERGED"]
 
@@ -154,25 +154,43 @@ def _build_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
     from cdp_megatron.integration.datasets import build_gpt_datasets
 
     gbs = args.global_batch_size
+    per_split = args.train_data_path is not None
+    if per_split:
+        paths = dict(data_path=None, split=None, train_data_path=args.train_data_path,
+                     valid_data_path=args.valid_data_path if want_valid else None)
+    else:
+        paths = dict(data_path=args.data_path, split=args.split)
     try:
         train, valid, _ = build_gpt_datasets(
             args.tokenizer,
             seq_length=args.seq_length,
             seed=args.seed,
             num_samples=(args.train_iters * gbs, args.eval_iters * gbs if want_valid else 0, 0),
-            data_path=args.data_path,
-            split=args.split,
+            **paths,
             data_cache_path=args.data_cache_path,
             eod_mask_loss=args.eod_mask_loss,
             create_attention_mask=False,
         )
     except (ValueError, FileNotFoundError) as e:
-        raise RunError(f"--data-path: {e}") from None
+        raise RunError(f"{'--train-data-path / --valid-data-path' if per_split else '--data-path'}: {e}") from None
     if train is None:
+        if per_split:
+            raise RunError(f"--train-data-path {' '.join(args.train_data_path)}: no documents")
         raise RunError(f"--data-path / --split {args.split!r}: the training split has no documents")
     if want_valid and valid is None:
+        if per_split:
+            raise RunError(f"--valid-data-path {' '.join(args.valid_data_path)}: no documents")
         raise RunError(f"--split {args.split!r}: the validation split has no documents; change --split or give --eval-iters 0")
     return train, (valid if want_valid else None)
+
+
+def _data_description(args: argparse.Namespace) -> str:
+    if args.mock_data:
+        return "mock (random tokens)"
+    if args.train_data_path is None:
+        return f"{' '.join(args.data_path)} (split {args.split})"
+    valid = f", valid {' '.join(args.valid_data_path)}" if args.valid_data_path else ""
+    return f"train {' '.join(args.train_data_path)}{valid}"
 
 
 def _micro_batches(dataset: Any, start: int, args: argparse.Namespace, dp_rank: int, device: str) -> Iterator[dict]:
@@ -447,7 +465,7 @@ class _Run:
         args = self.args
         self.rank = torch.distributed.get_rank()
         self.dp_rank = training.data_parallel_rank()
-        if args.quickstart:
+        if args.quickstart and args.data_path == [QUICKSTART_DATA_PREFIX]:
             with self._phase("corpus"):
                 self._prepare_quickstart_data()
         self._print_header()
@@ -490,7 +508,7 @@ class _Run:
     def _prepare_quickstart_data(self) -> None:
         import torch
 
-        from cdp_megatron.pretrain_args import QUICKSTART_DATA_DIR, QUICKSTART_DATA_PREFIX
+        from cdp_megatron.pretrain_args import QUICKSTART_DATA_DIR
 
         if self.rank == 0 and not all(os.path.isfile(QUICKSTART_DATA_PREFIX + ext) for ext in (".bin", ".idx")):
             from cdp_megatron.data.corpus import prepare_corpus
@@ -524,7 +542,7 @@ class _Run:
             f"  batch: {args.global_batch_size} samples = {args.num_microbatches} micro batches x "
             f"{args.micro_batch_size} x DP {args.data_parallel_size}; {args.train_iters} iterations "
             f"({args.train_iters * args.global_batch_size * args.seq_length} tokens)",
-            f"  data: {'mock (random tokens)' if args.mock_data else ' '.join(args.data_path)}; "
+            f"  data: {_data_description(args)}; "
             f"z-loss {args.cdp_z_loss:g}",
         ]
         if args.ddp_bucket_size and not args.overlap_grad_reduce:

@@ -148,9 +148,7 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--wandb-save-dir": "use --tensorboard-dir or --metrics-file",
     "--yaml-cfg": "give the flags",
     "--use-mup": "Complete(d)P is applied by --cdp-config/--cdp-base; megatron's muP would compound",
-    "--train-data-path": "give --data-path with --split",
-    "--valid-data-path": "give --data-path with --split",
-    "--test-data-path": "give --data-path with --split",
+    "--test-data-path": "cdp-pretrain evaluates no test split; give --train-data-path and --valid-data-path",
     "--decoder-seq-length": "give --seq-length",
     "--encoder-seq-length": "give --seq-length",
     "--sft": "not supported",
@@ -326,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data (Megatron-LM)")
     g.add_argument("--data-path", nargs="*", help="prefix, 'p1 p2' or 'w1 p1 w2 p2' (Megatron blend)")
-    g.add_argument("--split", default="969, 30, 1", help="train, valid, test document split (default 969,30,1)")
+    g.add_argument("--split", help=f"train, valid, test document split of --data-path (default {DEFAULT_SPLIT})")
+    g.add_argument("--train-data-path", nargs="*", help="training data of its own (prefix or 'w1 p1 w2 p2'), "
+                   "instead of --data-path and --split")
+    g.add_argument("--valid-data-path", nargs="*", help="validation data of its own, with --train-data-path")
     g.add_argument("--data-cache-path", help="where the dataset index caches go")
     g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document labels")
     g.add_argument("--tokenizer-type", help="GPT2BPETokenizer, ByteTokenizer or HuggingFaceTokenizer")
@@ -390,6 +391,11 @@ def quickstart_base_spec() -> str:
     return "examples/base.json"
 
 
+DEFAULT_SPLIT = "969, 30, 1"  # Megatron-LM's
+# The flags that choose the data: a user's replace the quick start's (see parse_args).
+_DATA_FLAGS = ("--data-path", "--train-data-path", "--valid-data-path", "--mock-data")
+
+
 def quickstart_argv() -> list[str]:
     """The flags of ``--quickstart``: a 4-layer width-128 model (2 heads: the base's head dim
     of 64), trained for 100 steps of 16x128 bytes of Shakespeare with the hyperparameters of
@@ -438,7 +444,14 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None)
     micro_batch_given = any(_flag_name(token) == "--micro-batch-size" for token in argv)
     if "--quickstart" in argv:
         # The user's flags come after the quick start's, so they win (argparse: last wins).
-        argv = quickstart_argv() + argv
+        # Data of the user's own replaces the quick start's corpus and its --split.
+        quickstart = quickstart_argv()
+        if any(_flag_name(token) in _DATA_FLAGS[1:] for token in argv):
+            i = quickstart.index("--data-path")
+            del quickstart[i:i + 2]
+            i = quickstart.index("--split")
+            del quickstart[i:i + 2]
+        argv = quickstart + argv
     args, extras = parser.parse_known_args(argv)
     _check_extras(extras)
     if world_size is None:
@@ -641,14 +654,29 @@ def _validate_parallel_and_batch(args: argparse.Namespace) -> None:
 def _validate_data(args: argparse.Namespace) -> None:
     from cdp_megatron.data.tokenizers import TokenizerError, build_tokenizer, padded_vocab_size
 
-    if args.mock_data and args.data_path:
-        raise ArgsError("give --data-path or --mock-data, not both")
-    if not args.mock_data and not args.data_path:
+    per_split = args.train_data_path is not None or args.valid_data_path is not None
+    for flag in ("data_path", "train_data_path", "valid_data_path"):
+        if getattr(args, flag) == []:
+            raise ArgsError(f"--{flag.replace('_', '-')} is empty; give a cdp-preprocess prefix")
+    if args.mock_data and (args.data_path or per_split):
+        raise ArgsError("give --data-path (or --train-data-path) or --mock-data, not both")
+    if args.data_path and per_split:
+        raise ArgsError("give --data-path with --split, or --train-data-path and --valid-data-path, not both")
+    if per_split and args.train_data_path is None:
+        raise ArgsError("--valid-data-path needs --train-data-path (the training data)")
+    if per_split and args.split is not None:
+        raise ArgsError("--split divides --data-path; with --train-data-path and --valid-data-path leave it out")
+    if per_split and args.eval_iters > 0 and args.valid_data_path is None:
+        raise ArgsError("--train-data-path without --valid-data-path: give the validation data, or --eval-iters 0")
+    if args.valid_data_path is not None and args.eval_iters == 0:
+        raise ArgsError("--valid-data-path is not read with --eval-iters 0; give --eval-iters N or leave it out")
+    if not args.mock_data and not args.data_path and not per_split:
         raise ArgsError("--data-path is required (a cdp-preprocess prefix), or --mock-data / --quickstart")
     if args.vocab_size is not None and (not args.mock_data or args.tokenizer_type):
         raise ArgsError("--vocab-size is only used with --mock-data and no --tokenizer-type")
-    if args.data_path and not args.tokenizer_type:
-        raise ArgsError("--tokenizer-type is required with --data-path (ByteTokenizer, GPT2BPETokenizer or HuggingFaceTokenizer)")
+    if (args.data_path or per_split) and not args.tokenizer_type:
+        flag = "--data-path" if args.data_path else "--train-data-path"
+        raise ArgsError(f"--tokenizer-type is required with {flag} (ByteTokenizer, GPT2BPETokenizer or HuggingFaceTokenizer)")
     args.tokenizer = None
     if args.tokenizer_type:
         try:
@@ -662,8 +690,15 @@ def _validate_data(args: argparse.Namespace) -> None:
         vocab = (args.vocab_size if args.vocab_size is not None else 256) + 1  # ids + end-of-document
     args.unpadded_vocab_size = vocab
     args.padded_vocab_size = padded_vocab_size(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
-    if args.data_path and not args.quickstart:
+    for flag in ("train_data_path", "valid_data_path"):
+        if getattr(args, flag):
+            _check_data_path(getattr(args, flag), f"--{flag.replace('_', '-')}")
+    if per_split:
+        return
+    if args.data_path and args.data_path != [QUICKSTART_DATA_PREFIX]:  # the quick start makes its own
         _check_data_path(args.data_path)
+    if args.split is None:
+        args.split = DEFAULT_SPLIT
     try:
         split = [float(x) for x in args.split.replace(",", " ").split()]
     except ValueError:
@@ -674,14 +709,14 @@ def _validate_data(args: argparse.Namespace) -> None:
         raise ArgsError(f"--split {args.split!r} leaves no validation documents; give a non-zero second weight or --eval-iters 0")
 
 
-def _check_data_path(data_path: Sequence[str]) -> None:
+def _check_data_path(data_path: Sequence[str], flag: str = "--data-path") -> None:
     tokens = [t for item in data_path for t in item.split()]
     prefixes = tokens[1::2] if len(tokens) % 2 == 0 and all(map(is_number, tokens[0::2])) else tokens
     for prefix in prefixes:
         missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
         if missing:
             hint = f" (give the prefix without the extension: {prefix[:-4]})" if prefix.endswith((".bin", ".idx")) else ""
-            raise ArgsError(f"--data-path {prefix}: {', '.join(missing)} not found{hint}; build it with cdp-preprocess")
+            raise ArgsError(f"{flag} {prefix}: {', '.join(missing)} not found{hint}; build it with cdp-preprocess")
 
 
 def _validate_checkpoints(args: argparse.Namespace) -> None:

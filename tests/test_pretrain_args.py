@@ -245,6 +245,46 @@ def test_missing_data_path_and_bad_data():
     assert "SentencePieceTokenizer" in error(TINY + " --lr 1e-3 --tokenizer-type SentencePieceTokenizer")
 
 
+def test_train_and_valid_data_of_their_own(tmp_path):
+    """Megatron-LM's --train-data-path / --valid-data-path instead of --data-path and --split."""
+    for name in ("tr", "va"):
+        for ext in (".bin", ".idx"):
+            (tmp_path / (name + ext)).write_bytes(b"")
+    tr, va = tmp_path / "tr", tmp_path / "va"
+    data = TINY.replace("--mock-data", "--tokenizer-type ByteTokenizer --lr 1e-3")
+    args = parse(f"{data} --train-data-path {tr} --valid-data-path 1 {va}")
+    assert (args.train_data_path, args.valid_data_path, args.data_path, args.split) == ([str(tr)], ["1", str(va)],
+                                                                                           None, None)
+    assert parse(f"{data} --data-path {tr}").split == "969, 30, 1"  # Megatron-LM's default
+    assert parse(f"{data} --train-data-path {tr} --eval-iters 0").valid_data_path is None
+    # the quick start's corpus and --split give way to the user's data
+    quick = parse(f"--quickstart --train-data-path {tr} --valid-data-path {va}")
+    assert quick.data_path is None and quick.split is None and quick.target is not None
+    assert parse("--quickstart --mock-data").data_path is None
+    for extra, message in (
+        (f"--data-path {tr} --train-data-path {tr}", "give --data-path with --split, or --train-data-path and "
+                                                     "--valid-data-path, not both"),
+        (f"--valid-data-path {va}", "--valid-data-path needs --train-data-path (the training data)"),
+        (f"--train-data-path {tr}", "--train-data-path without --valid-data-path: give the validation data, or "
+                                    "--eval-iters 0"),
+        (f"--train-data-path {tr} --valid-data-path {va} --split 1,1,0",
+         "--split divides --data-path; with --train-data-path and --valid-data-path leave it out"),
+        (f"--train-data-path {tr} --valid-data-path {va} --eval-iters 0",
+         "--valid-data-path is not read with --eval-iters 0; give --eval-iters N or leave it out"),
+        (f"--train-data-path {tr} --valid-data-path {tmp_path / 'nope'}",
+         f"--valid-data-path {tmp_path / 'nope'}: {tmp_path / 'nope'}.bin, {tmp_path / 'nope'}.idx not found; "
+         "build it with cdp-preprocess"),
+        ("--train-data-path --valid-data-path x", "--train-data-path is empty; give a cdp-preprocess prefix"),
+        (f"--train-data-path {tr} --valid-data-path {va} --mock-data", "or --mock-data, not both"),
+        (f"--train-data-path {tr} --valid-data-path {va} --test-data-path {va}",
+         "--test-data-path is a Megatron-LM flag cdp-pretrain does not support (cdp-pretrain evaluates no test "
+         "split; give --train-data-path and --valid-data-path)"),
+    ):
+        assert message in error(f"{data} {extra}"), extra
+    assert error(f"{TINY.replace('--mock-data', '--lr 1e-3')} --train-data-path {tr} --eval-iters 0") == (
+        "--tokenizer-type is required with --train-data-path (ByteTokenizer, GPT2BPETokenizer or HuggingFaceTokenizer)")
+
+
 def test_required_model_flags():
     assert "--num-layers is required" in error("--mock-data --lr 1e-3")
 

@@ -134,6 +134,29 @@ def test_plain_mock_run_metrics_and_loss_decrease(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
 
+def test_validation_data_of_its_own(tmp_path):
+    """--train-data-path / --valid-data-path (Megatron-LM's): the validation loss is the
+    --valid-data-path's, and the training does not depend on it."""
+    from cdp_megatron.data.preprocess import preprocess
+
+    docs = [f"Scene {i}. " + " ".join(f"word{(i * 7 + j) % 23}" for j in range(40)) for i in range(30)]
+    prefixes = {}
+    for name, texts in (("tr", docs), ("va", [d.upper()[::-1] for d in docs])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in texts))
+        prefixes[name] = preprocess(tmp_path / f"{name}.jsonl", tmp_path / name, "ByteTokenizer",
+                                    append_eod=True).output_prefixes["text"]
+    data = TINY.replace("--mock-data --vocab-size 255", "--tokenizer-type ByteTokenizer")
+    runs = {}
+    for valid in ("va", "tr"):
+        out = ok(run(f"{data} --train-iters 4 --lr 1e-3 --eval-interval 4 --eval-iters 1 --metrics-file {valid}.jsonl "
+                     f"--train-data-path {prefixes['tr']} --valid-data-path {prefixes[valid]}", tmp_path))
+        assert f"  data: train {prefixes['tr']}, valid {prefixes[valid]};" in out
+        runs[valid] = records(tmp_path / f"{valid}.jsonl")
+    assert train_losses(tmp_path / "va.jsonl") == train_losses(tmp_path / "tr.jsonl")
+    val = {k: [r["val_loss"] for r in rows if r.get("eval")] for k, rows in runs.items()}
+    assert len(val["va"]) == len(val["tr"]) == 1 and abs(val["va"][0] - val["tr"][0]) > 0.01, val
+
+
 def test_cdp_base_example_spec(tmp_path):
     """examples/base.json as shipped, resolved at the shape, batch and duration of the flags."""
     out = ok(run(f"{TINY} --train-iters 20 --eval-interval 20 --eval-iters 1 --cdp-base {BASE} "
