@@ -44,7 +44,9 @@ from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 from cdp_megatron.convert import layer_ranges
-from cdp_megatron.pretrain_args import PROG, QUICKSTART_DATA_PREFIX, ArgsError, owned_flags_table, parse_args
+from cdp_megatron.pretrain_args import (
+    PROG, QUICKSTART_DATA_PREFIX, ROTARY_DEFAULTS, ArgsError, owned_flags_table, parse_args,
+)
 
 __all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_DIVERGED"]
 
@@ -184,6 +186,14 @@ def _build_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
     return train, (valid if want_valid else None)
 
 
+def _rotary_description(args: argparse.Namespace) -> str:
+    """The start-up line's note on rotary positions that are not Megatron's defaults."""
+    if args.position_embedding_type != "rope" or all(getattr(args, k) == v for k, v in ROTARY_DEFAULTS.items()):
+        return ""
+    part = f", {args.rotary_percent:.0%} of each head" if args.rotary_percent != 1 else ""
+    return f", rope base {args.rotary_base}{part}"
+
+
 def _data_description(args: argparse.Namespace) -> str:
     if args.mock_data:
         return "mock (random tokens)"
@@ -264,6 +274,10 @@ _MODEL_FIELDS = (
     ("position_embedding_type", "--position-embedding-type"),
     ("untie_embeddings_and_output_weights", "--untie-embeddings-and-output-weights"),
 )
+# The rotary positions: no tensor holds them, so a change would load without a word and train
+# another function. Compared on a resume, not with --finetune (a new rope base on a trained
+# model's weights is the usual way to a longer context). Records saved before them: defaults.
+_ROTARY_FIELDS = (("rotary_base", "--rotary-base"), ("rotary_percent", "--rotary-percent"))
 _GROUP_FIELDS = ("lr", "min_lr", "weight_decay", "eps", "beta1", "beta2")
 _PLAIN = "global"  # the record key of a plain run's hyperparameters (Megatron's flags)
 # The schedule every group shares (Megatron's OptimizerParamScheduler). A plain run's scheduler
@@ -289,7 +303,8 @@ def resume_record(args: argparse.Namespace) -> dict:
     else:
         groups = {_PLAIN: [args.lr, args.min_lr, args.weight_decay, args.adam_eps, args.adam_beta1, args.adam_beta2]}
     schedule = {name: getattr(args, name) for name, _ in _SCHEDULE_FIELDS}
-    return {"model": model, "hyperparameters": groups, "schedule": schedule}
+    positions = {name: getattr(args, name) for name, _ in _ROTARY_FIELDS}
+    return {"model": model, "hyperparameters": groups, "schedule": schedule, "positions": positions}
 
 
 def _number(value: Any) -> str:
@@ -340,8 +355,15 @@ def resume_mismatch(saved: Any, current: dict, tensor_parallel: int = 1, weights
                     f"{divisor}: on TP {tensor_parallel} it pads the vocabulary to the checkpoint's "
                     f"{was['padded_vocab_size']}")
         return f"the checkpoint is of another model ({shape}); {_RESUME_HINT}"
-    if weights_only:  # --finetune: the run's own hyperparameters and schedule
+    if weights_only:  # --finetune: the run's own hyperparameters, schedule and positions
         return None
+    positions = saved.get("positions") or ROTARY_DEFAULTS
+    moved = [(flag, positions.get(name), current["positions"][name]) for name, flag in _ROTARY_FIELDS
+             if positions.get(name) != current["positions"][name]]
+    if moved:
+        what = "; ".join(f"{flag} {_number(old)} there, {_number(new)} here" for flag, old, new in moved)
+        return (f"the checkpoint was trained with other rotary positions ({what}); resume with the flags it was "
+                "saved with, or start from its weights with --finetune")
     have, want = saved["hyperparameters"], current["hyperparameters"]
     if (_PLAIN in have) != (_PLAIN in want):
         kind = ["a plain run (global hyperparameters)", "a Complete(d)P run (--cdp-base or --cdp-config)"]
@@ -538,7 +560,7 @@ class _Run:
             f"({'nccl' if self.device == 'cuda' else 'gloo'}), {layout}",
             f"  model: {args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} heads "
             f"({args.num_query_groups} query groups), ffn {args.ffn_hidden_size}, vocab {args.padded_vocab_size} "
-            f"(padded from {args.unpadded_vocab_size}), seq {args.seq_length}",
+            f"(padded from {args.unpadded_vocab_size}), seq {args.seq_length}{_rotary_description(args)}",
             f"  batch: {args.global_batch_size} samples = {args.num_microbatches} micro batches x "
             f"{args.micro_batch_size} x DP {args.data_parallel_size}; {args.train_iters} iterations "
             f"({args.train_iters * args.global_batch_size * args.seq_length} tokens)",
@@ -610,7 +632,8 @@ class _Run:
         if args.fp8_format:
             overrides["fp8"] = args.fp8_format
         config = gpt_config(shape, init_method_std=args.init_method_std, **overrides)
-        chunks = build_gpt_model(shape, target=args.target, config=config, use_te=use_te, init_seed=args.seed)
+        chunks = build_gpt_model(shape, target=args.target, config=config, use_te=use_te, init_seed=args.seed,
+                                 rotary_base=args.rotary_base, rotary_percent=args.rotary_percent)
         self.param_infos = classify_model(chunks)
         print_summary(self.param_infos, args.target)
         model = wrap_ddp(chunks, config, use_distributed_optimizer=args.use_distributed_optimizer,

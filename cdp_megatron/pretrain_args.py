@@ -93,8 +93,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--reset-attention-mask": "not supported",
     "--distributed-backend": "the backend is detected (nccl on GPU, gloo on CPU)",
     "--kv-channels": "the head dimension is --hidden-size / --num-attention-heads",
-    "--rotary-percent": "not supported",
-    "--rotary-base": "not supported (10000)",
     "--rotary-seq-len-interpolation-factor": "not supported",
     "--use-rotary-position-embeddings": "give --position-embedding-type rope",
     "--no-position-embedding": "give --position-embedding-type rope or learned_absolute",
@@ -265,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--qk-layernorm", action="store_true", default=None, help="norms on queries and keys")
     g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"),
                    help="default learned_absolute")
+    g.add_argument("--rotary-base", type=int, default=ROTARY_DEFAULTS["rotary_base"],
+                   help="base of the rotary frequencies (default 10000)")
+    g.add_argument("--rotary-percent", type=float, default=ROTARY_DEFAULTS["rotary_percent"],
+                   help="fraction of each head's dimensions that is rotated (default 1.0)")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None,
                    help="separate output layer")
     g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false", default=None,
@@ -392,6 +394,7 @@ def quickstart_base_spec() -> str:
 
 
 DEFAULT_SPLIT = "969, 30, 1"  # Megatron-LM's
+ROTARY_DEFAULTS = {"rotary_base": 10000, "rotary_percent": 1.0}  # Megatron-LM's and GPTModel's
 # The flags that choose the data: a user's replace the quick start's (see parse_args).
 _DATA_FLAGS = ("--data-path", "--train-data-path", "--valid-data-path", "--mock-data")
 
@@ -540,6 +543,23 @@ def _validate(args: argparse.Namespace) -> None:
     _finish_schedule(args)
 
 
+def _validate_rotary(args: argparse.Namespace) -> None:
+    changed = [f"--{name.replace('_', '-')}" for name, default in ROTARY_DEFAULTS.items()
+               if getattr(args, name) != default]
+    if changed and args.position_embedding_type != "rope":
+        raise ArgsError(f"{' and '.join(changed)} appl{'y' if len(changed) > 1 else 'ies'} to rotary positions; "
+                        f"give --position-embedding-type rope or leave {'them' if len(changed) > 1 else 'it'} out")
+    if args.rotary_base < 1:
+        raise ArgsError(f"--rotary-base must be > 0, got {args.rotary_base}")
+    if not (math.isfinite(args.rotary_percent) and 0 < args.rotary_percent <= 1):
+        raise ArgsError(f"--rotary-percent must be in (0, 1], got {args.rotary_percent}")
+    head_dim = args.hidden_size // args.num_attention_heads
+    rotated = int(head_dim * args.rotary_percent)  # as megatron's RotaryEmbedding cuts it
+    if rotated < 2 or rotated % 2:
+        raise ArgsError(f"--rotary-percent {args.rotary_percent:g} rotates {rotated} of the head's {head_dim} "
+                        "dimensions; rotary pairs need an even number >= 2")
+
+
 def _validate_model(args: argparse.Namespace) -> None:
     for name in ("normalization", "position_embedding_type"):
         if getattr(args, name) is None:
@@ -564,6 +584,7 @@ def _validate_model(args: argparse.Namespace) -> None:
         args.max_position_embeddings = args.seq_length
     if args.max_position_embeddings < args.seq_length:
         raise ArgsError(f"--max-position-embeddings {args.max_position_embeddings} is less than --seq-length {args.seq_length}")
+    _validate_rotary(args)
     if args.fp8_format and args.transformer_impl != "transformer_engine":
         raise ArgsError("--fp8-format needs --transformer-impl transformer_engine")
     if args.transformer_impl == "transformer_engine":

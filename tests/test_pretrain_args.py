@@ -285,6 +285,26 @@ def test_train_and_valid_data_of_their_own(tmp_path):
         "--tokenizer-type is required with --train-data-path (ByteTokenizer, GPT2BPETokenizer or HuggingFaceTokenizer)")
 
 
+def test_rotary_base_and_percent():
+    args = parse(TINY + " --lr 1e-3")
+    assert (args.rotary_base, args.rotary_percent) == (10000, 1.0)  # Megatron-LM's defaults
+    args = parse(TINY + " --lr 1e-3 --rotary-base 500000 --rotary-percent 0.5")
+    assert (args.rotary_base, args.rotary_percent) == (500000, 0.5)
+    learned = TINY.replace("--position-embedding-type rope", "--position-embedding-type learned_absolute")
+    assert parse(learned + " --lr 1e-3").rotary_base == 10000
+    assert error(learned + " --lr 1e-3 --rotary-base 5") == (
+        "--rotary-base applies to rotary positions; give --position-embedding-type rope or leave it out")
+    assert error(learned + " --lr 1e-3 --rotary-base 5 --rotary-percent 0.5") == (
+        "--rotary-base and --rotary-percent apply to rotary positions; give --position-embedding-type rope or "
+        "leave them out")
+    assert parse(TINY + " --lr 1e-3 --rotary-percent 0.3").rotary_percent == 0.3  # head dim 16: int(4.8) = 4 rotated
+    assert error(TINY + " --lr 1e-3 --rotary-percent 0.2") == (
+        "--rotary-percent 0.2 rotates 3 of the head's 16 dimensions; rotary pairs need an even number >= 2")
+    assert error(TINY + " --lr 1e-3 --rotary-percent 0") == "--rotary-percent must be in (0, 1], got 0.0"
+    assert error(TINY + " --lr 1e-3 --rotary-percent 1.5") == "--rotary-percent must be in (0, 1], got 1.5"
+    assert error(TINY + " --lr 1e-3 --rotary-base 0") == "--rotary-base must be > 0, got 0"
+
+
 def test_required_model_flags():
     assert "--num-layers is required" in error("--mock-data --lr 1e-3")
 

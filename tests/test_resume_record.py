@@ -155,6 +155,26 @@ def test_the_schedule_is_recorded_and_a_changed_one_is_named(tmp_path):
     assert resume_mismatch(old, record(f"{plain} --train-iters 20 --lr-warmup-iters 4")) is None
 
 
+def test_rotary_positions_are_recorded_and_a_change_is_refused_except_for_finetune():
+    # No tensor holds the rope base: Megatron would load the weights and train another function.
+    plain = f"{TINY} --lr 1e-3 --train-iters 20"
+    saved = record(f"{plain} --rotary-base 500000")
+    assert saved["positions"] == {"rotary_base": 500000, "rotary_percent": 1.0}
+    assert resume_mismatch(saved, record(f"{plain} --rotary-base 500000")) is None
+    message = ("the checkpoint was trained with other rotary positions (--rotary-base 500000 there, 10000 here; "
+               "--rotary-percent 1 there, 0.5 here); resume with the flags it was saved with, or start from its "
+               "weights with --finetune")
+    now = record(f"{plain} --rotary-percent 0.5")
+    assert resume_mismatch(saved, now) == message
+    assert resume_mismatch(saved, now, weights_only=True) is None  # a new rope base for a longer context
+    # records saved before the positions were in them had Megatron's defaults
+    old = {k: v for k, v in saved.items() if k != "positions"}
+    assert resume_mismatch(old, record(plain)) is None
+    assert resume_mismatch(old, record(f"{plain} --rotary-base 500000")) == (
+        "the checkpoint was trained with other rotary positions (--rotary-base 10000 there, 500000 here); resume "
+        "with the flags it was saved with, or start from its weights with --finetune")
+
+
 def test_layers_that_differ_are_named_as_runs():
     saved = record(f"{TINY.replace('--num-layers 2', '--num-layers 4')} --train-iters 20 --cdp-base {BASE}")
     now = json.loads(json.dumps(saved))

@@ -250,6 +250,8 @@ def build_gpt_model(
     use_te: bool = False,
     init: str = "auto",
     init_seed: int = 1234,
+    rotary_base: int = 10000,
+    rotary_percent: float = 1.0,
 ) -> list[GPTModel]:
     """Build this rank's GPTModel chunks (one per virtual pipeline stage).
 
@@ -260,6 +262,8 @@ def build_gpt_model(
     init: "target" (redraw every weight with the target's init std, TP/PP-invariant),
         "megatron" (keep Megatron's init), or "auto": "megatron" for an sp target without
         init multipliers (bit-identical to unpatched Megatron), else "target".
+    rotary_base, rotary_percent: GPTModel's (``--rotary-base``, ``--rotary-percent``), for
+        rope positions.
     Requires torch.distributed and ``initialize_model_parallel``. The chunks are on the
     current CUDA device when there is one, else on the CPU.
     """
@@ -295,6 +299,8 @@ def build_gpt_model(
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
                 share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
                 position_embedding_type=shape.position_embedding_type,
+                rotary_base=rotary_base,
+                rotary_percent=rotary_percent,
                 vp_stage=stage,
             )
         )

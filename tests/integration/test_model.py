@@ -311,6 +311,21 @@ def test_summary_ranges_read_as_cdp_convert_reads_them(megatron_1proc, capsys):
     assert lines[-1] == "(a..b: first layer .. last layer; a..b*: lowest .. highest, not monotone over the layers)"
 
 
+def test_rotary_base_and_percent_reach_the_model(megatron_1proc):
+    from cdp_megatron.integration import build_gpt_model, lm_loss
+
+    target = tiny_target()  # head dim 16
+    (default,) = build_gpt_model(target=target)
+    (model,) = build_gpt_model(target=target, rotary_base=500, rotary_percent=0.5)
+    for chunk, base, dim in ((default, 10000, 16), (model, 500, 8)):
+        expected = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        torch.testing.assert_close(chunk.rotary_pos_emb.inv_freq.cpu(), expected)
+    # the same weights (the init does not depend on the positions), another function
+    assert all(torch.equal(a, b) for a, b in zip(default.parameters(), model.parameters()))
+    tokens = _tokens()
+    assert not torch.allclose(lm_loss(default, tokens), lm_loss(model, tokens))
+
+
 def test_transformer_engine_spec(megatron_1proc):
     pytest.importorskip("transformer_engine")
     from cdp_megatron.integration import ResidualScaledTransformerLayer, build_gpt_model, classify_model

@@ -193,6 +193,19 @@ def test_checkpoint_without_resume_record_is_refused_in_one_line(spec20, tmp_pat
     assert "starting at iteration 2" in out
 
 
+def test_rotary_base_reaches_the_model_and_a_resume_with_another_is_refused(tmp_path):
+    plain = TINY + " --lr 3e-3 --eval-iters 0 --train-iters 2"
+    ok(run(plain + " --rotary-base 100 --save ck --metrics-file a.jsonl", tmp_path))
+    ok(run(plain + " --metrics-file b.jsonl", tmp_path))
+    # the same initial weights (--seed), other positions: another loss from the first step
+    assert train_losses(tmp_path / "a.jsonl")[1] != train_losses(tmp_path / "b.jsonl")[1]
+    refused = run(plain.replace("--train-iters 2", "--train-iters 4") + " --load ck", tmp_path)
+    assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == (
+        "cdp-pretrain: error: --load ck/iter_0000002: the checkpoint was trained with other rotary positions "
+        "(--rotary-base 100 there, 10000 here); resume with the flags it was saved with, or start from its weights "
+        "with --finetune"), refused.stdout[-4000:]
+
+
 def test_plain_resume_keeps_the_schedule_or_refuses_another(tmp_path):
     """A plain run resumed with another warmup, decay or decay style is refused in one line
     (Megatron's scheduler would take the checkpoint's values in place of the flags' without a
