@@ -100,7 +100,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--squared-relu": "not supported",
     "--openai-gelu": "not supported",
     "--apply-query-key-layer-scaling": "not supported",
-    "--attention-softmax-in-fp32": "not supported",
     "--qk-l2-norm": "give --qk-layernorm",
     "--multi-latent-attention": "not supported",
     "--ckpt-format": "checkpoints are always torch_dist (dist_checkpointing)",
@@ -171,6 +170,7 @@ ACCEPTED_NO_OP_FLAGS: dict[str, str] = {
     "--use-cpu-initialization": "weights are always initialised on the CPU (TP-invariant)",
     "--calculate-per-token-loss": "the loss is always averaged over the tokens of the global batch",
     "--log-throughput": "tokens/s is always logged",
+    "--attention-softmax-in-fp32": "the attention softmax is always computed in fp32 (megatron-core's default)",
 }
 
 # The flags whose values Complete(d)P owns (with --cdp-config/--cdp-base): namespace attribute

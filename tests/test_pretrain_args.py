@@ -107,7 +107,8 @@ def test_sequence_parallel_needs_fused_norms():
 
 
 def test_accepted_no_op_flags():
-    parse(TINY + " --lr 1e-3 --use-mcore-models --calculate-per-token-loss")
+    parse(TINY + " --lr 1e-3 --use-mcore-models --calculate-per-token-loss --log-throughput "
+          "--attention-softmax-in-fp32")
 
 
 def test_fully_reshardable_checkpoint_flags():

@@ -311,6 +311,17 @@ def test_summary_ranges_read_as_cdp_convert_reads_them(megatron_1proc, capsys):
     assert lines[-1] == "(a..b: first layer .. last layer; a..b*: lowest .. highest, not monotone over the layers)"
 
 
+def test_what_accepted_no_op_flags_rely_on(megatron_1proc):
+    # cdp-pretrain accepts --attention-softmax-in-fp32 and --use-cpu-initialization as no-ops
+    # because the model config already does what they ask.
+    from types import SimpleNamespace
+
+    from cdp_megatron.integration import gpt_config
+
+    config = gpt_config(SimpleNamespace(**TINY_SHAPE))
+    assert config.attention_softmax_in_fp32 is True and config.use_cpu_initialization is True
+
+
 def test_rotary_base_and_percent_reach_the_model(megatron_1proc):
     from cdp_megatron.integration import build_gpt_model, lm_loss
 
