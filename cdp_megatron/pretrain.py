@@ -186,6 +186,29 @@ def _build_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
     return train, (valid if want_valid else None)
 
 
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TransformerConfig fields cdp-pretrain's flags set (on top of ``gpt_config``'s)."""
+    import torch
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    overrides: dict[str, Any] = dict(
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        layernorm_epsilon=args.norm_epsilon,
+        sequence_parallel=args.sequence_parallel,
+        calculate_per_token_loss=True,
+        bf16=args.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+    )
+    if args.fp8_format:
+        overrides["fp8"] = args.fp8_format
+    return overrides
+
+
 def _rotary_description(args: argparse.Namespace) -> str:
     """The start-up line's note on rotary positions that are not Megatron's defaults."""
     if args.position_embedding_type != "rope" or all(getattr(args, k) == v for k, v in ROTARY_DEFAULTS.items()):
@@ -555,6 +578,11 @@ class _Run:
             layout += f", overlapped {' and '.join(overlapped)}"
             if args.ddp_bucket_size:
                 layout += f" (buckets of {args.ddp_bucket_size} elements)"
+        if args.recompute_granularity == "selective":
+            layout += ", recomputing the core attention"
+        elif args.recompute_granularity == "full":
+            layout += (f", recomputing whole layers ({args.recompute_method}, {args.recompute_num_layers} "
+                       f"layer{'s' if args.recompute_num_layers > 1 else ''})")
         lines = [
             f"{PROG}: {args.world_size} process(es) on {self.device} "
             f"({'nccl' if self.device == 'cuda' else 'gloo'}), {layout}",
@@ -591,8 +619,6 @@ class _Run:
 
     # ----------------------------------------------------------------------- model, optimizer
     def _build_model(self):
-        import torch
-
         from cdp_megatron.integration.classify import classify_model, print_summary
         from cdp_megatron.integration.model import build_gpt_model, gpt_config, wrap_ddp
 
@@ -618,20 +644,7 @@ class _Run:
             position_embedding_type=args.position_embedding_type,
             untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         )
-        dtype = torch.bfloat16 if args.bf16 else torch.float32
-        overrides: dict[str, Any] = dict(
-            hidden_dropout=args.hidden_dropout,
-            attention_dropout=args.attention_dropout,
-            layernorm_epsilon=args.norm_epsilon,
-            sequence_parallel=args.sequence_parallel,
-            calculate_per_token_loss=True,
-            bf16=args.bf16,
-            params_dtype=dtype,
-            pipeline_dtype=dtype,
-        )
-        if args.fp8_format:
-            overrides["fp8"] = args.fp8_format
-        config = gpt_config(shape, init_method_std=args.init_method_std, **overrides)
+        config = gpt_config(shape, init_method_std=args.init_method_std, **config_overrides(args))
         chunks = build_gpt_model(shape, target=args.target, config=config, use_te=use_te, init_seed=args.seed,
                                  rotary_base=args.rotary_base, rotary_percent=args.rotary_percent)
         self.param_infos = classify_model(chunks)

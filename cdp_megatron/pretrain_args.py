@@ -57,10 +57,8 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--expert-model-parallel-size": "mixture-of-experts models are not supported",
     "--expert-tensor-parallel-size": "mixture-of-experts models are not supported",
     "--context-parallel-size": "context parallelism is not supported",
-    "--recompute-granularity": "activation recomputation is not supported",
-    "--recompute-method": "activation recomputation is not supported",
-    "--recompute-num-layers": "activation recomputation is not supported",
-    "--recompute-activations": "activation recomputation is not supported",
+    "--recompute-modules": "selective recomputation recomputes the core attention (megatron-core's default)",
+    "--distribute-saved-activations": "not supported",
     "--use-flash-attn": "attention backends are chosen by --transformer-impl",
     "--attention-backend": "attention backends are chosen by --transformer-impl",
     "--use-legacy-models": "only megatron.core models exist here",
@@ -286,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, help="interleaved pipeline (VPP)")
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="recompute the core attention in the backward (= --recompute-granularity selective)")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"),
+                   help="full: recompute whole layers (with --recompute-method and --recompute-num-layers); "
+                   "selective: the core attention")
+    g.add_argument("--recompute-method", choices=("uniform", "block"),
+                   help="with full: uniform (layers in chunks of N) or block (the first N layers of each "
+                   "pipeline stage)")
+    g.add_argument("--recompute-num-layers", type=int, metavar="N", help="with full: see --recompute-method")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state over DP")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="overlap the data-parallel gradient reduction with the backward, a bucket at a time")
@@ -529,6 +536,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise ArgsError("--cdp-z-loss must be a finite number")
     _validate_model(args)
     _validate_parallel_and_batch(args)
+    _validate_recompute(args)
     _validate_data(args)
     _validate_checkpoints(args)
     args.target = None
@@ -541,6 +549,32 @@ def _validate(args: argparse.Namespace) -> None:
             if getattr(args, name, None) is None and name in CDP_OWNED_FLAGS:
                 setattr(args, name, value)
     _finish_schedule(args)
+
+
+def _validate_recompute(args: argparse.Namespace) -> None:
+    """Megatron-LM's activation recomputation flags, checked as megatron-core's
+    TransformerConfig would check them (which would stop with a traceback)."""
+    if args.recompute_activations:
+        if args.recompute_granularity == "full":
+            raise ArgsError("--recompute-activations is --recompute-granularity selective; give one of them")
+        args.recompute_granularity = "selective"
+    given = [f for f, v in (("--recompute-method", args.recompute_method),
+                            ("--recompute-num-layers", args.recompute_num_layers)) if v is not None]
+    if args.recompute_granularity != "full":
+        if given:
+            raise ArgsError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --recompute-granularity full "
+                            f"({'selective recomputation recomputes the core attention' if args.recompute_granularity else 'none given'})")
+        return
+    if args.recompute_method is None or args.recompute_num_layers is None:
+        raise ArgsError("--recompute-granularity full needs --recompute-method uniform|block and "
+                        "--recompute-num-layers N (uniform: layers per recomputed chunk; block: recomputed layers "
+                        "of each pipeline stage)")
+    per_chunk = args.num_layers // args.pipeline_model_parallel_size
+    if args.num_layers_per_virtual_pipeline_stage:
+        per_chunk = args.num_layers_per_virtual_pipeline_stage
+    if not 1 <= args.recompute_num_layers <= per_chunk:
+        raise ArgsError(f"--recompute-num-layers {args.recompute_num_layers}: give 1..{per_chunk} (the layers of each "
+                        "model chunk)")
 
 
 def _validate_rotary(args: argparse.Namespace) -> None:

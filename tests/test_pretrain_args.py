@@ -137,7 +137,7 @@ def test_comm_overlap_flags():
 
 
 # ------------------------------------------------------------------------------ refusals
-@pytest.mark.parametrize("flag", ["--num-experts 8", "--recompute-granularity full", "--context-parallel-size 2",
+@pytest.mark.parametrize("flag", ["--num-experts 8", "--recompute-modules mlp", "--context-parallel-size 2",
                                   "--fp16", "--use-flash-attn", "--moe-router-topk 2", "--align-param-gather"])
 def test_unsupported_megatron_flags_are_named(flag):
     name = flag.split()[0]
@@ -146,7 +146,7 @@ def test_unsupported_megatron_flags_are_named(flag):
 
 
 def test_unsupported_list_has_the_common_ones():
-    for name in ("--num-experts", "--recompute-granularity", "--context-parallel-size", "--fp16", "--use-flash-attn"):
+    for name in ("--num-experts", "--recompute-modules", "--context-parallel-size", "--fp16", "--use-flash-attn"):
         assert name in UNSUPPORTED_MEGATRON_FLAGS
 
 
@@ -304,6 +304,40 @@ def test_rotary_base_and_percent():
     assert error(TINY + " --lr 1e-3 --rotary-percent 0") == "--rotary-percent must be in (0, 1], got 0.0"
     assert error(TINY + " --lr 1e-3 --rotary-percent 1.5") == "--rotary-percent must be in (0, 1], got 1.5"
     assert error(TINY + " --lr 1e-3 --rotary-base 0") == "--rotary-base must be > 0, got 0"
+
+
+def test_activation_recomputation_flags():
+    lr = TINY + " --lr 1e-3"
+    args = parse(lr)
+    assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == (None, None, None)
+    assert parse(lr + " --recompute-activations").recompute_granularity == "selective"  # as in Megatron-LM
+    args = parse(lr + " --recompute-granularity full --recompute-method block --recompute-num-layers 2")
+    assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == ("full", "block", 2)
+    deep = lr.replace("--num-layers 2", "--num-layers 8")
+    assert parse(deep + " --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 2 "
+                 "--recompute-granularity full --recompute-method uniform --recompute-num-layers 2",
+                 world_size=2).recompute_num_layers == 2
+    for extra, message in (
+        ("--recompute-granularity full", "--recompute-granularity full needs --recompute-method uniform|block and "
+         "--recompute-num-layers N (uniform: layers per recomputed chunk; block: recomputed layers of each pipeline "
+         "stage)"),
+        ("--recompute-granularity full --recompute-method uniform", "--recompute-granularity full needs"),
+        ("--recompute-method block", "--recompute-method applies to --recompute-granularity full (none given)"),
+        ("--recompute-activations --recompute-num-layers 1 --recompute-method block",
+         "--recompute-method and --recompute-num-layers apply to --recompute-granularity full (selective "
+         "recomputation recomputes the core attention)"),
+        ("--recompute-activations --recompute-granularity full",
+         "--recompute-activations is --recompute-granularity selective; give one of them"),
+        ("--recompute-granularity full --recompute-method block --recompute-num-layers 3",
+         "--recompute-num-layers 3: give 1..2 (the layers of each model chunk)"),
+        ("--recompute-granularity full --recompute-method block --recompute-num-layers 0",
+         "--recompute-num-layers 0: give 1..2"),
+        ("--recompute-modules mlp", "--recompute-modules is a Megatron-LM flag cdp-pretrain does not support"),
+    ):
+        assert message in error(f"{lr} {extra}"), extra
+    assert "give 1..2 (the layers of each model chunk)" in error(
+        deep + " --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 2 --recompute-granularity "
+        "full --recompute-method uniform --recompute-num-layers 3", world_size=2)
 
 
 def test_required_model_flags():

@@ -137,6 +137,39 @@ def test_residual_multiplier_scales_branch_and_bias(megatron_1proc):
         torch.testing.assert_close(captured[(n, "out")], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("recompute", [dict(recompute_granularity="full", recompute_method="uniform",
+                                            recompute_num_layers=1),
+                                       dict(recompute_granularity="full", recompute_method="block",
+                                            recompute_num_layers=2),
+                                       dict(recompute_granularity="selective")])
+def test_recomputation_reruns_the_forward_and_gives_the_same_gradients(megatron_1proc, recompute):
+    """--recompute-* (cdp-pretrain passes these TransformerConfig fields): megatron re-runs the
+    layers (or the core attention) in the backward, and the residual-scaled layers, dropout
+    included, give bit-identical gradients."""
+    from cdp_megatron.integration import build_gpt_model, gpt_config, lm_loss
+
+    target = tiny_target(multipliers={"type": {"attention": {"residual": 0.5}}, "depth": {"residual": [1.0, 2.0]}})
+    grads, calls = [], []
+    for fields in ({}, recompute):
+        config = gpt_config(target.shape, init_method_std=0.02, hidden_dropout=0.1, attention_dropout=0.1, **fields)
+        (model,) = build_gpt_model(target=target, config=config)
+        count = {"layer": 0, "core_attention": 0}
+        for layer in model.decoder.layers:
+            layer.register_forward_hook(lambda *a: count.__setitem__("layer", count["layer"] + 1))
+            layer.self_attention.core_attention.register_forward_hook(
+                lambda *a: count.__setitem__("core_attention", count["core_attention"] + 1))
+        _reseed()
+        lm_loss(model, _tokens()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        calls.append(count)
+    assert calls[0] == {"layer": 2, "core_attention": 2}
+    if recompute["recompute_granularity"] == "full":
+        assert calls[1]["layer"] == 4  # every layer's forward ran again in the backward
+    else:
+        assert calls[1] == {"layer": 2, "core_attention": 4}
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_residual_multiplier_follows_global_layer(megatron_1proc):
     from cdp_megatron.integration import build_gpt_model
 

@@ -206,6 +206,21 @@ def test_rotary_base_reaches_the_model_and_a_resume_with_another_is_refused(tmp_
         "with --finetune"), refused.stdout[-4000:]
 
 
+@pytest.mark.parametrize("recompute", ["--recompute-granularity full --recompute-method uniform --recompute-num-layers 1",
+                                       "--recompute-activations"])
+def test_activation_recomputation_gives_the_same_losses(spec20, reference, tmp_path, recompute):
+    # with dropout on (0.1): the recomputed forward must draw the same dropout masks
+    # (that megatron recomputes with these fields, and exactly: test_model's recomputation test)
+    from cdp_megatron.pretrain import config_overrides
+    from cdp_megatron.pretrain_args import parse_args
+
+    fields = config_overrides(parse_args(shlex.split(cdp20(spec20) + " " + recompute), world_size=1))
+    assert fields["recompute_granularity"] == ("full" if "full" in recompute else "selective")
+    out = ok(run(cdp20(spec20) + f" {recompute} --metrics-file m.jsonl", tmp_path))
+    assert "recomputing " in next(line for line in out.splitlines() if line.startswith("cdp-pretrain: 1 process"))
+    assert train_losses(tmp_path / "m.jsonl") == reference
+
+
 def test_plain_resume_keeps_the_schedule_or_refuses_another(tmp_path):
     """A plain run resumed with another warmup, decay or decay style is refused in one line
     (Megatron's scheduler would take the checkpoint's values in place of the flags' without a
