@@ -82,6 +82,10 @@ def train_losses(path: Path) -> dict[int, float]:
     return {r["iteration"]: r["lm_loss"] for r in records(path) if "lm_loss" in r and not r.get("eval")}
 
 
+def grad_norms(path: Path) -> dict[int, float]:
+    return {r["iteration"]: r["grad_norm"] for r in records(path) if "grad_norm" in r and not r.get("eval")}
+
+
 @pytest.fixture(scope="module")
 def spec20(tmp_path_factory) -> Path:
     """examples/base.json with its base batch and duration set to the tiny runs' (8 x 32
@@ -155,6 +159,26 @@ def test_validation_data_of_its_own(tmp_path):
     assert train_losses(tmp_path / "va.jsonl") == train_losses(tmp_path / "tr.jsonl")
     val = {k: [r["val_loss"] for r in rows if r.get("eval")] for k, rows in runs.items()}
     assert len(val["va"]) == len(val["tr"]) == 1 and abs(val["va"][0] - val["tr"][0]) > 0.01, val
+
+
+def test_grad_norm_counts_every_segment_of_a_fused_tensor_once(tmp_path):
+    """The printed grad norm (Megatron's, over the optimizer's main params) when q, k and v have
+    their own groups, each a view into the fused linear_qkv, equals the norm of the run where
+    they share one group: the first step's gradients do not depend on the lrs (same init)."""
+    raw = json.loads(BASE.read_text())
+    raw.pop("$schema", None)
+    raw["base"].update(parameterisation="sp", global_batch_size=8, seq_length=32, train_iters=1)
+    raw["multipliers"] = {}
+    (tmp_path / "one.json").write_text(json.dumps(raw))
+    raw["multipliers"] = {"type": {"q": {"lr": 2.0}, "v": {"lr": 0.5}, "mlp_gate": {"lr": 3.0}}}
+    (tmp_path / "split.json").write_text(json.dumps(raw))
+    norms = {}
+    for name in ("one", "split"):
+        out = ok(run(f"{TINY} --train-iters 1 --eval-iters 0 --hidden-dropout 0 --attention-dropout 0 "
+                     f"--cdp-base {name}.json --metrics-file {name}.jsonl", tmp_path))
+        norms[name] = records(tmp_path / f"{name}.jsonl")[0]["grad_norm"]
+        assert ("q           weight" in out) and norms[name] > 0
+    assert math.isclose(norms["split"], norms["one"], rel_tol=1e-6), norms
 
 
 def test_cdp_base_example_spec(tmp_path):
@@ -487,20 +511,25 @@ def _assert_close(losses: dict[int, float], reference: dict[int, float], iterati
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_two_process_layouts_match_one_process(layout, spec20, reference_no_dropout, tmp_path):
+def test_two_process_layouts_match_one_process(layout, spec20, reference_no_dropout, reference_no_dropout_file,
+                                              tmp_path):
     ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file m.jsonl " + LAYOUTS[layout],
            tmp_path, nproc=2))
     _assert_close(train_losses(tmp_path / "m.jsonl"), reference_no_dropout, range(1, 21))
+    # the printed grad norm too (TP/PP/DP-sharded, each tensor counted once)
+    _assert_close(grad_norms(tmp_path / "m.jsonl"), grad_norms(reference_no_dropout_file), range(1, 21))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(FOUR_PROCESS_LAYOUTS))
-def test_four_process_layouts_match_one_process(layout, spec20, reference_no_dropout, tmp_path):
+def test_four_process_layouts_match_one_process(layout, spec20, reference_no_dropout, reference_no_dropout_file,
+                                               tmp_path):
     """(TP, PP, DP) = (2, 2, 1) and (2, 1, 2) on 4 gloo processes, examples/base.json's per-type
-    and per-depth multipliers: the 20 losses equal the 1-process run's within 1e-5."""
+    and per-depth multipliers: the 20 losses and grad norms equal the 1-process run's within 1e-5."""
     ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file m.jsonl "
            + FOUR_PROCESS_LAYOUTS[layout], tmp_path, nproc=4, timeout=900))
     _assert_close(train_losses(tmp_path / "m.jsonl"), reference_no_dropout, range(1, 21))
+    _assert_close(grad_norms(tmp_path / "m.jsonl"), grad_norms(reference_no_dropout_file), range(1, 21))
 
 
 def four_layers(spec20) -> str:
