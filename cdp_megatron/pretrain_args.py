@@ -144,6 +144,13 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--yaml-cfg": "give the flags",
     "--use-mup": "Complete(d)P is applied by --cdp-config/--cdp-base; megatron's muP would compound",
     "--test-data-path": "cdp-pretrain evaluates no test split; give --train-data-path and --valid-data-path",
+    "--use-checkpoint-args": "give the flags: --load compares the model, hyperparameters and schedule with "
+                             "the checkpoint's and names any difference",
+    "--init-method-xavier-uniform": "weights are drawn from a normal of std --init-method-std (or the spec's per "
+                                    "type)",
+    "--fp32-residual-connection": "not supported",
+    "--tensorboard-queue-size": "TensorBoard scalars are flushed at every log line",
+    "--log-timers-to-tensorboard": "not supported (iteration times are logged as train/tokens_per_s)",
     "--decoder-seq-length": "give --seq-length",
     "--encoder-seq-length": "give --seq-length",
     "--sft": "not supported",
@@ -169,6 +176,8 @@ ACCEPTED_NO_OP_FLAGS: dict[str, str] = {
     "--calculate-per-token-loss": "the loss is always averaged over the tokens of the global batch",
     "--log-throughput": "tokens/s is always logged",
     "--attention-softmax-in-fp32": "the attention softmax is always computed in fp32 (megatron-core's default)",
+    "--no-create-attention-mask-in-dataloader": "the data loader never makes an attention mask (the model's "
+                                                "causal mask is used)",
 }
 
 # The flags whose values Complete(d)P owns (with --cdp-config/--cdp-base): namespace attribute

@@ -108,7 +108,7 @@ def test_sequence_parallel_needs_fused_norms():
 
 def test_accepted_no_op_flags():
     parse(TINY + " --lr 1e-3 --use-mcore-models --calculate-per-token-loss --log-throughput "
-          "--attention-softmax-in-fp32")
+          "--attention-softmax-in-fp32 --no-create-attention-mask-in-dataloader")
 
 
 def test_fully_reshardable_checkpoint_flags():
@@ -138,7 +138,8 @@ def test_comm_overlap_flags():
 
 # ------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize("flag", ["--num-experts 8", "--recompute-modules mlp", "--context-parallel-size 2",
-                                  "--fp16", "--use-flash-attn", "--moe-router-topk 2", "--align-param-gather"])
+                                  "--fp16", "--use-flash-attn", "--moe-router-topk 2", "--align-param-gather",
+                                  "--use-checkpoint-args", "--tensorboard-queue-size 5"])
 def test_unsupported_megatron_flags_are_named(flag):
     name = flag.split()[0]
     message = error(TINY + " --lr 1e-3 " + flag)
