@@ -6,7 +6,9 @@ whose methods do nothing). Per iteration the loop calls :meth:`Metrics.iteration
 
 - a human log line (iteration, lm loss, z loss, lr, grad norm, tokens/s, elapsed),
 - TensorBoard scalars under ``--tensorboard-dir`` (``train/lm_loss``, ``train/z_loss``,
-  ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``; x axis: iteration),
+  ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``, the same values as the JSONL
+  record; at evaluations ``valid/lm_loss``, and ``valid/lm_loss_ppl`` with
+  ``log_validation_ppl``; x axis: iteration),
 - one JSON object in ``--metrics-file`` (schema below),
 
 and a tqdm progress bar advances every iteration when stdout is a terminal (log lines are
@@ -109,6 +111,7 @@ class Metrics:
         records up to that iteration (those of a lost continuation are dropped) and grows
         from there; 0 starts a new file.
     progress: show a tqdm bar; default: when ``stream`` is a terminal and tqdm is installed.
+    log_validation_ppl: also write the validation perplexity to TensorBoard.
     """
 
     def __init__(
@@ -122,8 +125,10 @@ class Metrics:
         enabled: bool = True,
         progress: bool | None = None,
         stream: TextIO | None = None,
+        log_validation_ppl: bool = False,
     ) -> None:
         self.enabled = enabled
+        self.log_validation_ppl = log_validation_ppl
         self.train_iters = train_iters
         self.log_interval = log_interval
         self.stream = stream if stream is not None else sys.stdout
@@ -248,6 +253,8 @@ class Metrics:
         self._write({k: _json_float(v) if isinstance(v, float) else v for k, v in record.items()})
         if self._tb is not None and math.isfinite(val_loss):
             self._tb.add_scalar("valid/lm_loss", val_loss, iteration)
+            if self.log_validation_ppl and math.isfinite(ppl):
+                self._tb.add_scalar("valid/lm_loss_ppl", ppl, iteration)
             self._tb.flush()
         return record
 

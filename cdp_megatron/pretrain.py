@@ -913,6 +913,7 @@ class _Run:
             log_interval=args.log_interval,
             metrics_file=args.metrics_file,
             tensorboard_dir=args.tensorboard_dir,
+            log_validation_ppl=args.log_validation_ppl_to_tensorboard,
             resume_from=start_iteration,
             enabled=self.rank == 0,
         )

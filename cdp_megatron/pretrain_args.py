@@ -137,7 +137,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--tensorboard-log-interval": "TensorBoard scalars are written every --log-interval",
     "--log-params-norm": "not supported",
     "--log-num-zeros-in-grad": "not supported",
-    "--log-validation-ppl-to-tensorboard": "not supported",
     "--wandb-project": "use --tensorboard-dir or --metrics-file",
     "--wandb-exp-name": "use --tensorboard-dir or --metrics-file",
     "--wandb-save-dir": "use --tensorboard-dir or --metrics-file",
@@ -376,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=100, help="validation batches per evaluation (0: none)")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--tensorboard-dir", help="write TensorBoard scalars here")
+    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
+                   help="also write the validation perplexity (valid/lm_loss_ppl)")
 
     g = p.add_argument_group("cdp-megatron")
     cdp = g.add_mutually_exclusive_group()
@@ -786,6 +787,8 @@ def _check_data_path(data_path: Sequence[str], flag: str = "--data-path") -> Non
 def _validate_checkpoints(args: argparse.Namespace) -> None:
     if args.save_interval is not None and not args.save:
         raise ArgsError("--save-interval needs --save")
+    if args.log_validation_ppl_to_tensorboard and not args.tensorboard_dir:
+        raise ArgsError("--log-validation-ppl-to-tensorboard needs --tensorboard-dir")
     # Every output is tried before the run starts: a --save that cannot be made would
     # otherwise fail at the first checkpoint, after the training it was meant to keep.
     for flag, folder in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir)):

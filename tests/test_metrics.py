@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
+
+import pytest
 
 from cdp_megatron.metrics import Metrics
 
@@ -80,3 +83,34 @@ def test_inactive_on_other_ranks(tmp_path):
     assert _step(m, 1) is None
     m.close()
     assert out.getvalue() == "" and not (tmp_path / "m.jsonl").exists()
+
+
+def tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_are_the_records_values(tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("torch")
+    m = Metrics(train_iters=4, log_interval=2, metrics_file=tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb",
+                stream=io.StringIO(), log_validation_ppl=True)
+    for i in range(1, 5):
+        _step(m, i, loss=float(i))
+    m.evaluation(4, 1.5, 0.02)
+    m.close()
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    tb = tensorboard_scalars(tmp_path / "tb")
+    for key in ("lm_loss", "z_loss", "lr", "grad_norm", "tokens_per_s"):
+        assert tb[f"train/{key}"] == pytest.approx({r["iteration"]: r[key] for r in rows if not r.get("eval")}), key
+    assert tb["train/lm_loss"] == {2: 1.5, 4: 3.5}  # window means, at the logged iterations
+    assert tb["valid/lm_loss"] == {4: 1.5} and tb["valid/lm_loss_ppl"] == pytest.approx({4: math.exp(1.5)})
+    # without the flag: no perplexity
+    m = Metrics(train_iters=1, tensorboard_dir=tmp_path / "tb2", stream=io.StringIO())
+    _step(m, 1)
+    m.evaluation(1, 1.5, 0.02)
+    m.close()
+    assert "valid/lm_loss_ppl" not in tensorboard_scalars(tmp_path / "tb2")

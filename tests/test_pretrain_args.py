@@ -341,6 +341,12 @@ def test_activation_recomputation_flags():
         "full --recompute-method uniform --recompute-num-layers 3", world_size=2)
 
 
+def test_validation_perplexity_needs_tensorboard():
+    assert parse(TINY + " --lr 1e-3 --tensorboard-dir tb --log-validation-ppl-to-tensorboard").log_validation_ppl_to_tensorboard
+    assert error(TINY + " --lr 1e-3 --log-validation-ppl-to-tensorboard") == (
+        "--log-validation-ppl-to-tensorboard needs --tensorboard-dir")
+
+
 def test_required_model_flags():
     assert "--num-layers is required" in error("--mock-data --lr 1e-3")
 

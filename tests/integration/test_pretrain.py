@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from ..test_metrics import tensorboard_scalars
+
 pytestmark = pytest.mark.megatron
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,7 +115,8 @@ def reference(spec20, tmp_path_factory) -> dict[int, float]:
 # ------------------------------------------------------------------------ one process
 def test_plain_mock_run_metrics_and_loss_decrease(tmp_path):
     out = ok(run(TINY + " --train-iters 12 --lr 3e-3 --lr-warmup-iters 2 --lr-decay-style cosine "
-                 "--eval-interval 6 --eval-iters 2 --metrics-file m.jsonl --tensorboard-dir tb", tmp_path))
+                 "--eval-interval 6 --eval-iters 2 --metrics-file m.jsonl --tensorboard-dir tb "
+                 "--log-validation-ppl-to-tensorboard", tmp_path))
     assert "hyperparameters (plain Megatron): lr 0.003" in out
     assert " iteration 12/12 |" in out and "tokens/s:" in out and "grad norm:" in out
     assert "first iteration done" in out
@@ -136,6 +139,9 @@ def test_plain_mock_run_metrics_and_loss_decrease(tmp_path):
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3
     assert evals[1]["val_loss"] < losses[0]
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+    tb = tensorboard_scalars(tmp_path / "tb")
+    assert tb["train/lm_loss"] == pytest.approx({r["iteration"]: r["lm_loss"] for r in train})
+    assert tb["valid/lm_loss_ppl"] == pytest.approx({r["iteration"]: math.exp(r["val_loss"]) for r in evals})
 
 
 def test_validation_data_of_its_own(tmp_path):
