@@ -44,6 +44,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -217,6 +218,28 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
+def per_trial_tensorboard(trainer_args: Sequence[str], trial_dir: Path) -> tuple[list[str], Path | None]:
+    """The proxy flags with ``--tensorboard-dir DIR`` turned into ``DIR/<study>/trial_<n>``
+    (``<study>/trial_<n>``: the last two parts of ``trial_dir``), so that every trial is a run
+    of its own in ``tensorboard --logdir DIR`` instead of all trials' curves in one; and that
+    folder (None without the flag)."""
+    args, folder = list(trainer_args), None
+    for i, token in enumerate(args):
+        flag, eq, value = token.partition("=")
+        if flag != "--tensorboard-dir":
+            continue
+        if not eq:
+            if i + 1 >= len(args):
+                break
+            value = args[i + 1]
+        folder = Path(value) / trial_dir.parent.name / trial_dir.name
+        if eq:
+            args[i] = f"--tensorboard-dir={folder}"
+        else:
+            args[i + 1] = str(folder)
+    return args, folder
+
+
 def run_proxy(
     command: Sequence[str],
     trainer_args: Sequence[str],
@@ -234,6 +257,9 @@ def run_proxy(
     for stale in (metrics_path, log_path):  # cdp-pretrain appends to --metrics-file
         stale.unlink(missing_ok=True)
     spec_path.write_text(spec_text)
+    trainer_args, tensorboard = per_trial_tensorboard(trainer_args, trial_dir)
+    if tensorboard is not None:  # a trial run again (its worker was killed): only its last run's events
+        shutil.rmtree(tensorboard, ignore_errors=True)
     cmd = [*command, *trainer_args, "--cdp-base", str(spec_path), "--metrics-file", str(metrics_path)]
     files = {"dir": str(trial_dir), "spec": str(spec_path), "metrics": str(metrics_path), "log": str(log_path)}
     start = time.monotonic()

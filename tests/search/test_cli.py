@@ -21,7 +21,7 @@ from optuna.trial import TrialState  # noqa: E402
 from cdp_megatron import convert  # noqa: E402
 from cdp_megatron.search import best_trial  # noqa: E402
 from cdp_megatron.search.cli import CONFIG_ATTR, main, open_storage  # noqa: E402
-from cdp_megatron.search.objective import counts_toward_budget  # noqa: E402
+from cdp_megatron.search.objective import counts_toward_budget, per_trial_tensorboard  # noqa: E402
 from cdp_megatron.search.spaces import PAPER_GRID, SearchSpace, project, to_spec  # noqa: E402
 from cdp_megatron.spec import load_spec  # noqa: E402
 from ._procs import processes_mentioning  # noqa: E402
@@ -115,6 +115,20 @@ def test_study_names_never_share_a_trial_folder_or_leave_the_output_dir(tmp_path
     assert not (tmp_path / "trial_00000").exists()
     for folder in folders:
         assert sorted(p.name for p in (out / folder).iterdir()) == ["trial_00000", "trial_00001"]
+
+
+def test_each_trial_gets_its_own_tensorboard_folder(tmp_path, capsys):
+    # --tensorboard-dir in the proxy flags once sent every trial's curves into one TensorBoard run.
+    tb = tmp_path / "tb"
+    assert main(_args(tmp_path, "--base", EXAMPLE, "--study", "s", "--trials", "2", "--quiet",
+                      proxy=("--train-iters", "4", f"--tensorboard-dir={tb}"))) == 0
+    capsys.readouterr()
+    for n in (0, 1):
+        command = shlex.split((tmp_path / "out" / "s" / f"trial_{n:05d}" / "log.txt").read_text().splitlines()[0][2:])
+        assert f"--tensorboard-dir={tb / 's' / f'trial_{n:05d}'}" in command
+    assert per_trial_tensorboard(["--tensorboard-dir", "tb", "--lr", "1"], Path("out/kron-lr/trial_00007")) == (
+        ["--tensorboard-dir", str(Path("tb/kron-lr/trial_00007")), "--lr", "1"], Path("tb/kron-lr/trial_00007"))
+    assert per_trial_tensorboard(["--lr", "1"], Path("out/s/trial_00000")) == (["--lr", "1"], None)
 
 
 def test_two_workers_share_one_sqlite_study(tmp_path, capsys):
