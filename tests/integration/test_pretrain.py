@@ -486,6 +486,10 @@ LAYOUTS = {
     "PP2": "--pipeline-model-parallel-size 2",
     "TP2-distopt": "--tensor-model-parallel-size 2 --use-distributed-optimizer",
     "PP2-distopt": "--pipeline-model-parallel-size 2 --use-distributed-optimizer",
+    # activation recomputation across a pipeline and under TP
+    "PP2-recompute-full": "--pipeline-model-parallel-size 2 --recompute-granularity full --recompute-method block "
+                          "--recompute-num-layers 1",
+    "TP2-recompute-selective": "--tensor-model-parallel-size 2 --recompute-activations",
 }
 FOUR_PROCESS_LAYOUTS = {
     "TP2PP2": "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2",
