@@ -57,6 +57,11 @@ class RunError(ArgsError):
     """Bad input found after start-up (data, checkpoint): one line, exit code 2."""
 
 
+class _DataError(RunError):
+    """Bad data found by one rank in its own samples: that rank prints it (rank 0 may never
+    read those samples; torchrun then stops the others)."""
+
+
 def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -78,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _Run(args).run()
     except RunError as e:
-        if _is_rank0():
+        if _is_rank0() or isinstance(e, _DataError):
             print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
 
@@ -226,15 +231,28 @@ def _data_description(args: argparse.Namespace) -> str:
     return f"train {' '.join(args.train_data_path)}{valid}"
 
 
-def _micro_batches(dataset: Any, start: int, args: argparse.Namespace, dp_rank: int, device: str) -> Iterator[dict]:
-    """This rank's micro batches of the global batch starting at sample ``start``."""
+def _micro_batches(dataset: Any, start: int, args: argparse.Namespace, dp_rank: int, device: str,
+                   what: str = "training") -> Iterator[dict]:
+    """This rank's micro batches of the global batch starting at sample ``start``.
+
+    A token id outside the tokenizer's vocabulary (data tokenized with another tokenizer, or
+    a --vocab-size too small for it) stops the run with one line naming the sample; the
+    embedding would otherwise fail with an index error, or a device-side assert on a GPU."""
     import torch
 
     m, dp = args.micro_batch_size, args.data_parallel_size
+    vocab = args.unpadded_vocab_size
     for k in range(args.num_microbatches):
         first = start + k * m * dp + dp_rank * m
         samples = [dataset[first + j] for j in range(m)]
         batch = {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        top = torch.maximum(batch["tokens"].amax(dim=1), batch["labels"].amax(dim=1))
+        if int(top.max()) >= vocab:
+            j = int(torch.argmax(top))
+            bad = int(top[j])
+            tokenizer = f"--tokenizer-type {args.tokenizer_type}" if args.tokenizer_type else "--vocab-size"
+            raise _DataError(f"{what} sample {first + j} holds token id {bad}, outside the {vocab} ids of {tokenizer}: "
+                             "the data was tokenized with another tokenizer (or --vocab-size is too small)")
         if device == "cuda":
             batch = {key: value.cuda(non_blocking=True) for key, value in batch.items()}
         yield batch
@@ -819,7 +837,8 @@ class _Run:
 
     # ---------------------------------------------------------------------------- training
     def _iterators(self, dataset: Any, start: int):
-        iterators = [_micro_batches(dataset, start, self.args, self.dp_rank, self.device) for _ in self.model]
+        what = "training" if dataset is self.train_data else "validation"
+        iterators = [_micro_batches(dataset, start, self.args, self.dp_rank, self.device, what) for _ in self.model]
         return iterators if len(iterators) > 1 else iterators[0]
 
     def _step(self, iteration: int) -> tuple[float, float, float | None]:

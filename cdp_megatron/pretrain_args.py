@@ -347,12 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--valid-data-path", nargs="*", help="validation data of its own, with --train-data-path")
     g.add_argument("--data-cache-path", help="where the dataset index caches go")
     g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document labels")
-    g.add_argument("--tokenizer-type", help="GPT2BPETokenizer, ByteTokenizer or HuggingFaceTokenizer")
+    g.add_argument("--tokenizer-type", help="GPT2BPETokenizer, ByteTokenizer, HuggingFaceTokenizer or NullTokenizer "
+                   "(with --vocab-size)")
     g.add_argument("--vocab-file")
     g.add_argument("--merge-file")
     g.add_argument("--tokenizer-model", help="HuggingFaceTokenizer directory or tokenizer.json")
-    g.add_argument("--vocab-size", type=int, help="with --mock-data and no tokenizer: ids 0..N-1 plus "
-                   "an end-of-document id N (Megatron-LM's NullTokenizer)")
+    g.add_argument("--vocab-size", type=int, help="with --tokenizer-type NullTokenizer (data tokenized elsewhere), "
+                   "or with --mock-data and no tokenizer: ids 0..N-1 plus an end-of-document id N")
     g.add_argument("--mock-data", action="store_true", help="random tokens (tests, benchmarks)")
 
     g = p.add_argument_group("checkpoints, evaluation, logging (Megatron-LM)")
@@ -737,15 +738,18 @@ def _validate_data(args: argparse.Namespace) -> None:
         raise ArgsError("--valid-data-path is not read with --eval-iters 0; give --eval-iters N or leave it out")
     if not args.mock_data and not args.data_path and not per_split:
         raise ArgsError("--data-path is required (a cdp-preprocess prefix), or --mock-data / --quickstart")
-    if args.vocab_size is not None and (not args.mock_data or args.tokenizer_type):
-        raise ArgsError("--vocab-size is only used with --mock-data and no --tokenizer-type")
+    null = args.tokenizer_type == "NullTokenizer"
+    if args.vocab_size is not None and not null and (not args.mock_data or args.tokenizer_type):
+        raise ArgsError("--vocab-size is only used with --tokenizer-type NullTokenizer, or with --mock-data and no "
+                        "--tokenizer-type")
     if (args.data_path or per_split) and not args.tokenizer_type:
         flag = "--data-path" if args.data_path else "--train-data-path"
-        raise ArgsError(f"--tokenizer-type is required with {flag} (ByteTokenizer, GPT2BPETokenizer or HuggingFaceTokenizer)")
+        raise ArgsError(f"--tokenizer-type is required with {flag} (ByteTokenizer, GPT2BPETokenizer, HuggingFaceTokenizer, or NullTokenizer with --vocab-size)")
     args.tokenizer = None
     if args.tokenizer_type:
         try:
-            args.tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
+            args.tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model,
+                                             vocab_size=args.vocab_size if null else None)
         except (TokenizerError, OSError) as e:
             raise ArgsError(str(e)) from None
         vocab = args.tokenizer.vocab_size

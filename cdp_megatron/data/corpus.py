@@ -241,6 +241,9 @@ def prepare_corpus(
     if tokenizer_type is not None:  # a bad tokenizer fails before anything is written
         from cdp_megatron.data.tokenizers import build_tokenizer
 
+        if tokenizer_type == "NullTokenizer":
+            raise CorpusError("--tokenizer-type NullTokenizer reads token ids, and the corpus is text; give "
+                              "ByteTokenizer, GPT2BPETokenizer or HuggingFaceTokenizer")
         build_tokenizer(tokenizer_type, vocab_file, merge_file, tokenizer_model)
     documents = load_shakespeare(unit=unit, order=order, seed=seed, plays=plays)
     jsonl = Path(output_dir) / f"{name}.jsonl"

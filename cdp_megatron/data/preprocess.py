@@ -154,6 +154,8 @@ class _Encoder:
             except (UnicodeError, TypeError):
                 self._check_unicode(line_no, value)
                 raise
+            except TokenizerError as exc:  # NullTokenizer: not an id, or one outside --vocab-size
+                raise PreprocessError(f"{self.source}:{line_no}: {exc}") from None
             if ids and self.append_eod:
                 ids.append(tokenizer.eod)
             docs.append(ids)
@@ -205,6 +207,7 @@ def preprocess(
     vocab_file: str | None = None,
     merge_file: str | None = None,
     tokenizer_model: str | None = None,
+    vocab_size: int | None = None,
     json_keys: Sequence[str] = ("text",),
     append_eod: bool = False,
     workers: int = 1,
@@ -251,6 +254,7 @@ def preprocess(
         vocab_file=vocab_file,
         merge_file=merge_file,
         tokenizer_model=tokenizer_model,
+        vocab_size=vocab_size,
     )
     tokenizer = build_tokenizer(**tokenizer_args)  # fails fast, before any file is created
     if append_eod:
@@ -436,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("tokenizer")
     add_tokenizer_arguments(group, required=True)
     group.add_argument(
+        "--vocab-size", type=int, help="NullTokenizer: the input is space-separated ids 0..N-1 (N is the "
+        "end-of-document id)"
+    )
+    group.add_argument(
         "--append-eod", action="store_true", help="append the end-of-document id to every document"
     )
     group = parser.add_argument_group("output data")
@@ -476,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             vocab_file=args.vocab_file,
             merge_file=args.merge_file,
             tokenizer_model=args.tokenizer_model,
+            vocab_size=args.vocab_size,
             json_keys=args.json_keys,
             append_eod=args.append_eod,
             workers=args.workers,

@@ -35,13 +35,14 @@ __all__ = [
     "ByteTokenizer",
     "GPT2BPETokenizer",
     "HuggingFaceTokenizer",
+    "NullTokenizer",
     "TokenizerError",
     "build_tokenizer",
     "default_gpt2_files",
     "padded_vocab_size",
 ]
 
-SUPPORTED_TOKENIZER_TYPES = ("GPT2BPETokenizer", "ByteTokenizer", "HuggingFaceTokenizer")
+SUPPORTED_TOKENIZER_TYPES = ("GPT2BPETokenizer", "ByteTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 
 # Megatron-LM --tokenizer-type names we know but do not implement: named in the error message
 # so that a user coming from Megatron-LM sees it is a deliberate gap, not a typo.
@@ -53,7 +54,6 @@ _MEGATRON_ONLY_TYPES = (
     "Llama2Tokenizer",
     "TikTokenizer",
     "MultimodalTokenizer",
-    "NullTokenizer",
     "NullMultimodalTokenizer",
     "SFTTokenizer",
 )
@@ -97,6 +97,48 @@ class ByteTokenizer:
     def detokenize(self, ids: Iterable[int]) -> str:
         """Decode the bytes; end-of-document ids are dropped, invalid UTF-8 becomes U+FFFD."""
         return bytes(int(i) for i in ids if int(i) != 256).decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Null tokenizer (data tokenized elsewhere)
+
+
+class NullTokenizer:
+    """Megatron-LM's ``NullTokenizer``: ids 0..N-1 given as text of space-separated integers,
+    and an end-of-document id N (``vocab_size`` N + 1), for datasets tokenized elsewhere.
+
+    ``tokenize("5 17 3")`` is ``[5, 17, 3]``; an id outside 0..N-1 or a word that is not an
+    integer raises :class:`TokenizerError` (Megatron-LM would write it and fail, or index out
+    of the embedding, at training time).
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise TokenizerError(f"NullTokenizer needs --vocab-size N >= 1 (ids 0..N-1), got {vocab_size}")
+        self._ids = vocab_size
+        self.unique_identifiers = OrderedDict([("class", type(self).__name__), ("vocab_size", vocab_size)])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._ids + 1
+
+    @property
+    def eod(self) -> int:
+        return self._ids
+
+    def tokenize(self, text: str) -> list[int]:
+        try:
+            ids = [int(word) for word in text.split()]
+        except ValueError:
+            word = next(w for w in text.split() if not w.lstrip("-").isdigit())
+            raise TokenizerError(f"NullTokenizer reads space-separated ids; {word[:20]!r} is not one") from None
+        bad = next((i for i in ids if not 0 <= i < self._ids), None)
+        if bad is not None:
+            raise TokenizerError(f"NullTokenizer: id {bad} is outside 0..{self._ids - 1} (--vocab-size {self._ids})")
+        return ids
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,13 +448,22 @@ def build_tokenizer(
     vocab_file: str | Path | None = None,
     merge_file: str | Path | None = None,
     tokenizer_model: str | Path | None = None,
+    vocab_size: int | None = None,
 ):
-    """Build a tokenizer from Megatron-LM's ``--tokenizer-type`` and file flags.
+    """Build a tokenizer from Megatron-LM's ``--tokenizer-type``, file flags and, for
+    ``NullTokenizer`` only, ``--vocab-size``.
 
     Raises:
-        TokenizerError: unknown type (the message lists the supported ones), a file flag that
-            the type does not use, or missing files.
+        TokenizerError: unknown type (the message lists the supported ones), a file flag or
+            ``vocab_size`` that the type does not use, or missing files.
     """
+    if tokenizer_type == "NullTokenizer":
+        _refuse(tokenizer_type, vocab_file=vocab_file, merge_file=merge_file, tokenizer_model=tokenizer_model)
+        if vocab_size is None:
+            raise TokenizerError("NullTokenizer needs --vocab-size N (ids 0..N-1; N is the end-of-document id)")
+        return NullTokenizer(vocab_size)
+    if vocab_size is not None:
+        raise TokenizerError(f"--vocab-size is only used with --tokenizer-type NullTokenizer, not {tokenizer_type}")
     if tokenizer_type == "GPT2BPETokenizer":
         _refuse(tokenizer_type, tokenizer_model=tokenizer_model)
         return GPT2BPETokenizer(vocab_file, merge_file)

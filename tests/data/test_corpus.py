@@ -85,6 +85,9 @@ def test_bad_tokenizer_writes_nothing(tmp_path, capsys):
     assert main(["--output-dir", str(tmp_path / "c"), "--tokenizer-type", "Nope"]) == 2
     assert "unknown --tokenizer-type 'Nope'" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+    assert main(["--output-dir", str(tmp_path / "c"), "--tokenizer-type", "NullTokenizer"]) == 2
+    assert "NullTokenizer reads token ids, and the corpus is text" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 def test_output_dir_that_cannot_be_made_is_refused_first(tmp_path, capsys):

@@ -138,6 +138,21 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, content, message
     _fails_cleanly(tmp_path, capsys, argv, message)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_null_tokenizer_writes_the_ids_and_refuses_one_outside_the_vocabulary(tmp_path, capsys, workers):
+    (tmp_path / "in.jsonl").write_text('{"text": "1 2 3"}\n{"text": "70000 0"}\n', encoding="utf-8")
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--tokenizer-type", "NullTokenizer", "--append-eod",
+            "--workers", str(workers)]
+    assert main([*argv, "--output-prefix", str(tmp_path / "ok" / "ids"), "--vocab-size", "100000"]) == 0
+    assert _read(tmp_path / "ok" / "ids_text_document") == [[1, 2, 3, 100000], [70000, 0, 100000]]
+    capsys.readouterr()
+    for path in (tmp_path / "ok").iterdir():
+        path.unlink()
+    (tmp_path / "ok").rmdir()
+    _fails_cleanly(tmp_path, capsys, [*argv, "--output-prefix", str(tmp_path / "new" / "ids"), "--vocab-size", "1000"],
+                   r"in.jsonl:2: NullTokenizer: id 70000 is outside 0..999 \(--vocab-size 1000\)$")
+
+
 def test_unknown_tokenizer_exits_2(tmp_path, capsys):
     (tmp_path / "in.jsonl").write_text('{"text": "ok"}\n', encoding="utf-8")
     argv = [

@@ -9,6 +9,7 @@ from cdp_megatron.data.tokenizers import (
     ByteTokenizer,
     GPT2BPETokenizer,
     HuggingFaceTokenizer,
+    NullTokenizer,
     TokenizerError,
     build_tokenizer,
     default_gpt2_files,
@@ -127,6 +128,26 @@ def test_factory_unknown_type_lists_supported():
         TokenizerError, match="Megatron-LM tokenizer that cdp-megatron does not support"
     ):
         build_tokenizer("SentencePieceTokenizer")
+
+
+def test_null_tokenizer_reads_ids_as_megatron_lm_does():
+    tok = build_tokenizer("NullTokenizer", vocab_size=1000)
+    assert isinstance(tok, NullTokenizer)
+    assert (tok.vocab_size, tok.eod) == (1001, 1000)  # ids 0..999, end-of-document 1000
+    assert tok.tokenize("5 17  3\n999") == [5, 17, 3, 999] and tok.detokenize([5, 17]) == "5 17"
+    with pytest.raises(TokenizerError, match=r"^NullTokenizer: id 1000 is outside 0..999 \(--vocab-size 1000\)$"):
+        tok.tokenize("1 1000")
+    with pytest.raises(TokenizerError, match="NullTokenizer reads space-separated ids; 'x1' is not one"):
+        tok.tokenize("1 x1")
+    with pytest.raises(TokenizerError, match=r"outside 0..999"):
+        tok.tokenize("-1")
+    with pytest.raises(TokenizerError, match="NullTokenizer needs --vocab-size N"):
+        build_tokenizer("NullTokenizer")
+    with pytest.raises(TokenizerError, match="--vocab-size is only used with --tokenizer-type NullTokenizer, not "
+                                             "ByteTokenizer"):
+        build_tokenizer("ByteTokenizer", vocab_size=5)
+    with pytest.raises(TokenizerError, match="NullTokenizer does not use --vocab-file"):
+        build_tokenizer("NullTokenizer", vocab_file="v.json", vocab_size=5)
 
 
 def test_factory_refuses_unused_files():

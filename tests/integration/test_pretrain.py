@@ -144,17 +144,25 @@ def test_plain_mock_run_metrics_and_loss_decrease(tmp_path):
     assert tb["valid/lm_loss_ppl"] == pytest.approx({r["iteration"]: math.exp(r["val_loss"]) for r in evals})
 
 
-def test_validation_data_of_its_own(tmp_path):
-    """--train-data-path / --valid-data-path (Megatron-LM's): the validation loss is the
-    --valid-data-path's, and the training does not depend on it."""
+@pytest.fixture(scope="module")
+def byte_corpus(tmp_path_factory) -> dict[str, str]:
+    """Two small ByteTokenizer datasets (ids 0..255, end-of-document 256): "tr" and "va"."""
     from cdp_megatron.data.preprocess import preprocess
 
+    root = tmp_path_factory.mktemp("byte_corpus")
     docs = [f"Scene {i}. " + " ".join(f"word{(i * 7 + j) % 23}" for j in range(40)) for i in range(30)]
     prefixes = {}
     for name, texts in (("tr", docs), ("va", [d.upper()[::-1] for d in docs])):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in texts))
-        prefixes[name] = preprocess(tmp_path / f"{name}.jsonl", tmp_path / name, "ByteTokenizer",
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in texts))
+        prefixes[name] = preprocess(root / f"{name}.jsonl", root / name, "ByteTokenizer",
                                     append_eod=True).output_prefixes["text"]
+    return prefixes
+
+
+def test_validation_data_of_its_own(byte_corpus, tmp_path):
+    """--train-data-path / --valid-data-path (Megatron-LM's): the validation loss is the
+    --valid-data-path's, and the training does not depend on it."""
+    prefixes = byte_corpus
     data = TINY.replace("--mock-data --vocab-size 255", "--tokenizer-type ByteTokenizer")
     runs = {}
     for valid in ("va", "tr"):
@@ -185,6 +193,25 @@ def test_grad_norm_counts_every_segment_of_a_fused_tensor_once(tmp_path):
         norms[name] = records(tmp_path / f"{name}.jsonl")[0]["grad_norm"]
         assert ("q           weight" in out) and norms[name] > 0
     assert math.isclose(norms["split"], norms["one"], rel_tol=1e-6), norms
+
+
+def test_null_tokenizer_reads_data_tokenized_elsewhere(byte_corpus, tmp_path):
+    """--tokenizer-type NullTokenizer --vocab-size 256 reads the byte dataset as ids 0..255 with
+    end-of-document 256, exactly as ByteTokenizer does: the same run. A --vocab-size too small
+    for the data stops at the first batch with one line, not an index error in the embedding."""
+    common = (TINY.replace("--mock-data --vocab-size 255", "") + f" --data-path {byte_corpus['tr']} --lr 1e-3 "
+              "--train-iters 3 --eval-iters 0 --split 1,0,0")
+    ok(run(common + " --tokenizer-type ByteTokenizer --metrics-file byte.jsonl", tmp_path))
+    out = ok(run(common + " --tokenizer-type NullTokenizer --vocab-size 256 --metrics-file null.jsonl", tmp_path))
+    assert "vocab 384 (padded from 257)" in out
+    assert train_losses(tmp_path / "null.jsonl") == train_losses(tmp_path / "byte.jsonl")
+    small = run(common + " --tokenizer-type NullTokenizer --vocab-size 100", tmp_path)
+    assert small.returncode == 2 and "Traceback" not in small.stdout, small.stdout[-3000:]
+    last = small.stdout.strip().splitlines()[-1]
+    assert last.startswith("cdp-pretrain: error: training sample ") and last.endswith(
+        ", outside the 101 ids of --tokenizer-type NullTokenizer: the data was tokenized with another tokenizer "
+        "(or --vocab-size is too small)"), last
+    assert int(last.split("holds token id ")[1].split(",")[0]) > 100
 
 
 def test_cdp_base_example_spec(tmp_path):
