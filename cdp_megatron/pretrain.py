@@ -59,7 +59,12 @@ class RunError(ArgsError):
 
 class _DataError(RunError):
     """Bad data found by one rank in its own samples: that rank prints it (rank 0 may never
-    read those samples; torchrun then stops the others)."""
+    read those samples; torchrun then stops the others), unless it is a tensor-parallel copy
+    (``report`` False: TP ranks read the same samples)."""
+
+    def __init__(self, message: str, report: bool = True) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def _is_rank0() -> bool:
@@ -83,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _Run(args).run()
     except RunError as e:
-        if _is_rank0() or isinstance(e, _DataError):
+        if _is_rank0() or (isinstance(e, _DataError) and e.report):
             print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
 
@@ -251,8 +256,11 @@ def _micro_batches(dataset: Any, start: int, args: argparse.Namespace, dp_rank: 
             j = int(torch.argmax(top))
             bad = int(top[j])
             tokenizer = f"--tokenizer-type {args.tokenizer_type}" if args.tokenizer_type else "--vocab-size"
+            from megatron.core import parallel_state
+
             raise _DataError(f"{what} sample {first + j} holds token id {bad}, outside the {vocab} ids of {tokenizer}: "
-                             "the data was tokenized with another tokenizer (or --vocab-size is too small)")
+                             "the data was tokenized with another tokenizer (or --vocab-size is too small)",
+                             report=parallel_state.get_tensor_model_parallel_rank() == 0)
         if device == "cuda":
             batch = {key: value.cuda(non_blocking=True) for key, value in batch.items()}
         yield batch
