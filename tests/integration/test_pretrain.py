@@ -616,6 +616,10 @@ OVERLAP_LAYOUTS = {
     "DP2-overlap": OVERLAP,
     "DP2-distopt-overlap-param-gather": "--use-distributed-optimizer --overlap-param-gather" + OVERLAP,
     "PP2-overlap": "--pipeline-model-parallel-size 2" + OVERLAP,
+    # the recomputed forward runs the param-gather pre-hooks a second time
+    "DP2-distopt-overlap-param-gather-recompute": "--use-distributed-optimizer --overlap-param-gather "
+                                                  "--recompute-granularity full --recompute-method uniform "
+                                                  "--recompute-num-layers 1" + OVERLAP,
 }
 
 
