@@ -764,7 +764,7 @@ def _validate_data(args: argparse.Namespace) -> None:
             _check_data_path(getattr(args, flag), f"--{flag.replace('_', '-')}")
     if per_split:
         return
-    if args.data_path and args.data_path != [QUICKSTART_DATA_PREFIX]:  # the quick start makes its own
+    if args.data_path and not (args.quickstart and args.data_path == [QUICKSTART_DATA_PREFIX]):  # made at run time
         _check_data_path(args.data_path)
     if args.split is None:
         args.split = DEFAULT_SPLIT

@@ -263,6 +263,9 @@ def test_train_and_valid_data_of_their_own(tmp_path):
     quick = parse(f"--quickstart --train-data-path {tr} --valid-data-path {va}")
     assert quick.data_path is None and quick.split is None and quick.target is not None
     assert parse("--quickstart --mock-data").data_path is None
+    # the quick start's own path is made at run time; given without --quickstart it must exist
+    assert "data/shakespeare_text_document.bin, data/shakespeare_text_document.idx not found" in error(
+        f"{data} --data-path data/shakespeare_text_document")
     for extra, message in (
         (f"--data-path {tr} --train-data-path {tr}", "give --data-path with --split, or --train-data-path and "
                                                      "--valid-data-path, not both"),
