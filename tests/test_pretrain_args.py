@@ -247,7 +247,7 @@ def test_missing_data_path_and_bad_data():
     assert "SentencePieceTokenizer" in error(TINY + " --lr 1e-3 --tokenizer-type SentencePieceTokenizer")
 
 
-def test_train_and_valid_data_of_their_own(tmp_path):
+def test_train_and_valid_data_of_their_own(tmp_path, monkeypatch):
     """Megatron-LM's --train-data-path / --valid-data-path instead of --data-path and --split."""
     for name in ("tr", "va"):
         for ext in (".bin", ".idx"):
@@ -264,6 +264,7 @@ def test_train_and_valid_data_of_their_own(tmp_path):
     assert quick.data_path is None and quick.split is None and quick.target is not None
     assert parse("--quickstart --mock-data").data_path is None
     # the quick start's own path is made at run time; given without --quickstart it must exist
+    monkeypatch.chdir(tmp_path)
     assert "data/shakespeare_text_document.bin, data/shakespeare_text_document.idx not found" in error(
         f"{data} --data-path data/shakespeare_text_document")
     for extra, message in (
