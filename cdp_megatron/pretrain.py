@@ -256,11 +256,11 @@ def _micro_batches(dataset: Any, start: int, args: argparse.Namespace, dp_rank: 
             j = int(torch.argmax(top))
             bad = int(top[j])
             tokenizer = f"--tokenizer-type {args.tokenizer_type}" if args.tokenizer_type else "--vocab-size"
-            from megatron.core import parallel_state
+            from cdp_megatron.integration.training import tensor_parallel_rank
 
             raise _DataError(f"{what} sample {first + j} holds token id {bad}, outside the {vocab} ids of {tokenizer}: "
                              "the data was tokenized with another tokenizer (or --vocab-size is too small)",
-                             report=parallel_state.get_tensor_model_parallel_rank() == 0)
+                             report=tensor_parallel_rank() == 0)
         if device == "cuda":
             batch = {key: value.cuda(non_blocking=True) for key, value in batch.items()}
         yield batch

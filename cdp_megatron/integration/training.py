@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 __all__ = [
     "data_parallel_rank",
+    "tensor_parallel_rank",
     "model_parallel_is_initialized",
     "model_parallel_world_sizes",
     "destroy_model_parallel",
@@ -50,6 +51,13 @@ def data_parallel_rank() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_rank()
+
+
+def tensor_parallel_rank() -> int:
+    """This rank's index in its tensor-parallel group (megatron's ``parallel_state``)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
 
 
 def model_parallel_is_initialized() -> bool:
