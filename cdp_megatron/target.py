@@ -262,6 +262,22 @@ def _beta_warning(g: Globals, factor: float) -> list[str]:
     ]
 
 
+def _shortest_horizon(shape: Shape, mult: Any, i: int, one_minus_base: float, factor: float) -> str:
+    """The fix for a beta pushed below 0: (1 - beta) = (1 - base) x m_B / m_D x multipliers must
+    stay <= 1 for every group, so the run needs at least the worst group's (1 - beta) times its
+    iterations (at the same batch); a smaller batch or beta multiplier does the same."""
+    hp = f"beta{i}"
+    worst = max(
+        one_minus_base * factor * mult.type_mult(t if p == "weight" else f"{t}.bias", hp) * mult.depth_mult(hp, layer)
+        * mult.layer_mult(t if p == "weight" else f"{t}.bias", hp, layer)
+        for t, layer, p in shape.groups()
+    )
+    iters = math.ceil(shape.train_tokens / shape.batch_tokens * worst)  # m_D counts tokens, not rounded iterations
+    return (f"train for at least {iters} iterations at this batch (now {shape.train_iters}), "
+            f"use a smaller batch, or lower the beta{i} multiplier (m_B: tokens per step, m_D: training tokens, each "
+            "over the base)")
+
+
 def _where(key: str, layer: int | None) -> str:
     return key if layer is None else f"{key} layer {layer}"
 
@@ -377,13 +393,13 @@ def resolve(spec: Spec, shape: Shape | None = None) -> Target:
             one_minus = combine(f"beta{i}", 1 - b, sde.one_minus_beta, 1.0)
             beta = 1 - one_minus
             if not 0 <= beta < 1:  # also a (1 - beta) so small that beta rounds to exactly 1.0
-                shown, fix = ("1.0 (rounded)", "raise") if beta == 1 else (f"{beta:g}", "lower")
-                raise SpecError(
-                    f"{_where(key, layer)}: beta{i} = 1 - {one_minus:g} = {shown} is outside [0, 1) after scaling "
-                    f"1 - beta{i} = {1 - b:g} by m_B / m_D = {sde.one_minus_beta:g} and the multipliers; {fix} the "
-                    f"beta{i} multiplier or the batch/token ratio (m_B: tokens per step, m_D: training tokens, each "
-                    "over the base)"
-                )
+                head = (f"{_where(key, layer)}: beta{i} = 1 - {one_minus:g} = "
+                        f"{'1.0 (rounded)' if beta == 1 else f'{beta:g}'} is outside [0, 1) after scaling 1 - beta{i} = "
+                        f"{1 - b:g} by m_B / m_D = {sde.one_minus_beta:g} and the multipliers")
+                if beta == 1:
+                    raise SpecError(f"{head}; raise the beta{i} multiplier or the batch/token ratio (m_B: tokens per "
+                                    "step, m_D: training tokens, each over the base)")
+                raise SpecError(f"{head}; {_shortest_horizon(shape, mult, i, 1 - b, sde.one_minus_beta)}")
             betas.append(beta)
         init_std = None
         if is_random_init(type_, param):

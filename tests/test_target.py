@@ -449,14 +449,32 @@ def test_far_moved_betas_warn(mB, mD, factor):
 
 
 def test_betas_pushed_below_zero_name_the_ratio():
-    # m_B / m_D = 16: (1 - 0.9) x 16 = 1.6, beta1 = -0.6
+    # m_B / m_D = 16: (1 - 0.9) x 16 = 1.6, beta1 = -0.6; the base's 100 iterations x 0.5 / 8 = 6.25 now, and
+    # 6.25 x 1.6 = 10 iterations make (1 - beta1) = 1
     with pytest.raises(SpecError) as e:
         at(make_spec(), mB=8, mD=0.5)
     assert str(e.value) == (
         "embedding: beta1 = 1 - 1.6 = -0.6 is outside [0, 1) after scaling 1 - beta1 = 0.1 by m_B / m_D = 16 and the "
-        "multipliers; lower the beta1 multiplier or the batch/token ratio (m_B: tokens per step, m_D: training tokens, "
-        "each over the base)"
+        "multipliers; train for at least 10 iterations at this batch (now 6), use a smaller batch, or lower the beta1 "
+        "multiplier (m_B: tokens per step, m_D: training tokens, each over the base)"
     )
+
+
+def test_betas_pushed_below_zero_name_the_shortest_run_that_fits():
+    # The fix names the worst group: beta1's type multiplier 3 on q makes (1 - beta1) = 0.1 x 2 x 3 = 0.6 at
+    # m_B / m_D = 2 (fine), and x 2 more on layer 2 = 1.2 (beta1 -0.2): the run needs 1.2x its iterations.
+    spec = make_spec(multipliers={"type": {"q": {"beta1": 3.0}}, "layer": {"q": {"beta1": [1.0, 2.0, 1.0, 1.0]}}})
+    shape = scaled_shape(spec.base.shape, batch=2, tokens=1)
+    with pytest.raises(SpecError) as e:
+        resolve(spec, shape)
+    need = math.ceil(shape.train_iters * 1.2)
+    assert f"beta1 = 1 - 1.2 = -0.2 is outside [0, 1)" in str(e.value)
+    assert f"train for at least {need} iterations at this batch (now {shape.train_iters})" in str(e.value)
+    # ... and that many iterations resolve (every beta1 >= 0); one fewer does not
+    ok = resolve(spec, scaled_shape(spec.base.shape, batch=2, train_iters=need))
+    assert min(g.beta1 for g in ok.groups) >= 0
+    with pytest.raises(SpecError):
+        resolve(spec, scaled_shape(spec.base.shape, batch=2, train_iters=need - 1))
 
 
 def test_warmup_that_rounds_to_the_whole_run_is_an_error():
