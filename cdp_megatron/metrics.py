@@ -6,7 +6,8 @@ whose methods do nothing). Per iteration the loop calls :meth:`Metrics.iteration
 
 - a human log line (iteration, lm loss, z loss, lr, grad norm, tokens/s, elapsed),
 - TensorBoard scalars under ``--tensorboard-dir`` (``train/lm_loss``, ``train/z_loss``,
-  ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``, the same values as the JSONL
+  ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``, and ``train/params_norm`` /
+  ``train/num_zeros_in_grad`` when they are logged, the same values as the JSONL
   record; at evaluations ``valid/lm_loss``, and ``valid/lm_loss_ppl`` with
   ``log_validation_ppl``; x axis: iteration),
 - one JSON object in ``--metrics-file`` (schema below),
@@ -26,7 +27,11 @@ logged iteration             ``iteration``, ``consumed_samples``, ``consumed_tok
                              multiplier 1 has now), ``grad_norm`` (this iteration, before
                              clipping), ``iteration_time_s`` (mean; ``optimizer_step_s``
                              the optimizer's share of it), ``tokens_per_s``,
-                             ``elapsed_s`` (since the process started)
+                             ``elapsed_s`` (since the process started); with
+                             ``--log-params-norm`` ``params_norm`` (the L2 norm of all
+                             weights after this iteration's update), with
+                             ``--log-num-zeros-in-grad`` ``num_zeros_in_grad`` (gradient
+                             elements that are exactly 0 this iteration)
 evaluation                   ``eval: true``, ``iteration``, ``val_loss`` (cross-entropy, the
                              token mean over ``--eval-iters`` batches), ``val_z_loss``,
                              ``elapsed_s``
@@ -85,6 +90,8 @@ def format_log_line(record: dict, train_iters: int) -> str:
         f" grad norm: {record['grad_norm']:.4f} |"
         f" tokens/s: {record['tokens_per_s']:.0f} |"
         f" iter time: {1000 * record['iteration_time_s']:.1f} ms"
+        + (f" | params norm: {record['params_norm']:.4f}" if record.get("params_norm") is not None else "")
+        + (f" | num zeros: {record['num_zeros_in_grad']}" if record.get("num_zeros_in_grad") is not None else "")
     )
 
 
@@ -182,6 +189,11 @@ class Metrics:
         return time.time() - PROCESS_START
 
     # ------------------------------------------------------------------------------ records
+    def logs_at(self, iteration: int) -> bool:
+        """Whether ``iteration`` gets a record (every rank answers the same: values that take a
+        collective, such as the params norm, are computed at these iterations only)."""
+        return iteration % self.log_interval == 0 or iteration == self.train_iters
+
     def iteration(
         self,
         iteration: int,
@@ -195,10 +207,13 @@ class Metrics:
         consumed_samples: int,
         consumed_tokens: int,
         tokens: int,
+        params_norm: float | None = None,
+        num_zeros_in_grad: int | None = None,
     ) -> dict | None:
         """Record one finished iteration; returns the emitted record at log points, else None.
 
         tokens: tokens of this iteration (global batch x sequence length).
+        params_norm / num_zeros_in_grad: recorded when given (at the log points).
         """
         if math.isfinite(lm_loss):
             self.last_finite_loss, self.last_finite_iteration = float(lm_loss), iteration
@@ -211,7 +226,7 @@ class Metrics:
             {"lm_loss": lm_loss, "z_loss": z_loss, "time": iteration_time_s, "tokens": tokens,
              "optimizer": optimizer_step_s}
         )
-        if iteration % self.log_interval and iteration != self.train_iters:
+        if not self.logs_at(iteration):
             return None
         window, self._window = self._window, []
         seconds = sum(w["time"] for w in window)
@@ -231,12 +246,16 @@ class Metrics:
             "tokens_per_s": sum(w["tokens"] for w in window) / seconds if seconds > 0 else 0.0,
             "elapsed_s": self.elapsed(),
         }
+        if params_norm is not None:
+            record["params_norm"] = float(params_norm)
+        if num_zeros_in_grad is not None:
+            record["num_zeros_in_grad"] = int(num_zeros_in_grad)
         self.print(format_log_line({**record, "grad_norm": grad_norm if grad_norm is not None else float("nan")},
                                    self.train_iters))
         self._write({k: _json_float(v) if isinstance(v, float) else v for k, v in record.items()})
         if self._tb is not None:
-            for key in ("lm_loss", "z_loss", "lr", "grad_norm", "tokens_per_s"):
-                value = _finite_or_none(record[key])
+            for key in ("lm_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "params_norm", "num_zeros_in_grad"):
+                value = _finite_or_none(record.get(key))
                 if value is not None:
                     self._tb.add_scalar(f"train/{key}", value, iteration)
             self._tb.flush()

@@ -487,6 +487,46 @@ class _ExitSignal:
             self._previous = None
 
 
+class _ManualGC:
+    """Megatron-LM's ``--manual-gc``: Python's automatic garbage collection is off for the
+    training loop (a collection pauses one rank at a random point, and every other rank
+    waits for it in the next collective), and ``gc.collect()`` runs at the same points on
+    every rank: at the start, every ``--manual-gc-interval`` iterations (0: never), and
+    before and after each evaluation unless ``--no-manual-gc-eval``. ``stop()`` turns the
+    automatic collection back on. Inactive without ``--manual-gc``."""
+
+    def __init__(self, enabled: bool, interval: int = 0, around_eval: bool = True) -> None:
+        self.enabled, self.interval, self.around_eval = enabled, interval, around_eval
+        self._was_enabled = False
+
+    def start(self) -> None:
+        import gc
+
+        if self.enabled:
+            self._was_enabled = gc.isenabled()
+            gc.disable()
+            gc.collect()
+
+    def after_iteration(self, iteration: int) -> None:
+        import gc
+
+        if self.enabled and self.interval and iteration % self.interval == 0:
+            gc.collect()
+
+    def evaluation(self) -> None:
+        """Call before and after an evaluation."""
+        import gc
+
+        if self.enabled and self.around_eval:
+            gc.collect()
+
+    def stop(self) -> None:
+        import gc
+
+        if self.enabled and self._was_enabled:
+            gc.enable()
+
+
 def _die_like_a_killed_process() -> None:
     """Exit at once as a SIGKILL would (no cleanup, exit code 137), taking along the helper
     processes that dist_checkpointing started (its spawn-context Manager would otherwise
@@ -701,6 +741,7 @@ class _Run:
             bf16=args.bf16,
             params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
             use_distributed_optimizer=args.use_distributed_optimizer,
+            log_num_zeros_in_grad=args.log_num_zeros_in_grad,
         )
 
     def _build_optimizer(self):
@@ -856,13 +897,20 @@ class _Run:
         losses = self._schedule(self.train_data, self.consumed_samples, forward_only=False)
         self._synchronize()
         started = time.perf_counter()
-        update_successful, grad_norm, _ = self.optimizer.step()
+        update_successful, grad_norm, num_zeros = self.optimizer.step()
         if update_successful:
             self.scheduler.step(increment=1)
         self._synchronize()
         self.optimizer_step_s = time.perf_counter() - started
+        self.num_zeros_in_grad = int(num_zeros) if self.args.log_num_zeros_in_grad and num_zeros is not None else None
         lm_loss, z_loss = _global_loss(losses, self.device)
         return lm_loss, z_loss, None if grad_norm is None else float(grad_norm)
+
+    def _params_norm(self) -> float:
+        from cdp_megatron.integration.training import params_norm, synced_params
+
+        with synced_params(self.model):  # the latest weights under --overlap-param-gather
+            return params_norm(self.model)
 
     def _schedule(self, dataset, start_sample: int, *, forward_only: bool) -> list:
         """One global batch through Megatron's pipeline schedule (losses per micro batch)."""
@@ -949,7 +997,9 @@ class _Run:
         iteration = start_iteration
         exit_code = EXIT_OK
         self._exit_signal = _ExitSignal(enabled=args.exit_signal_handler)
+        manual_gc = _ManualGC(args.manual_gc, args.manual_gc_interval, args.manual_gc_eval)
         try:
+            manual_gc.start()
             for model_chunk in self.model:
                 model_chunk.train()
             phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
@@ -985,11 +1035,16 @@ class _Run:
                     consumed_samples=self.consumed_samples,
                     consumed_tokens=self.consumed_tokens,
                     tokens=tokens_per_iteration,
+                    params_norm=self._params_norm() if args.log_params_norm and metrics.logs_at(iteration) else None,
+                    num_zeros_in_grad=self.num_zeros_in_grad,
                 )
+                manual_gc.after_iteration(iteration)
                 done = iteration == args.train_iters
                 stop, urgent = self._stop_reason(iteration, done)
                 if self.valid_data is not None and (iteration % args.eval_interval == 0 or done) and not urgent:
+                    manual_gc.evaluation()
                     val_loss, val_z = self._evaluate()
+                    manual_gc.evaluation()
                     metrics.evaluation(iteration, val_loss, val_z)
                 if args.save and ((args.save_interval and iteration % args.save_interval == 0) or done or stop):
                     self._save_checkpoint(iteration)
@@ -999,6 +1054,7 @@ class _Run:
         finally:
             metrics.close()
             self._exit_signal.restore()
+            manual_gc.stop()
         if exit_code == EXIT_OK and args.quickstart and first_loss is not None:
             went_down = last_loss < first_loss
             if self.rank == 0:

@@ -132,11 +132,8 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--enable-cuda-graph": "CUDA graphs are not supported",
     "--tp-comm-overlap": "not supported",
     "--defer-embedding-wgrad-compute": "not supported",
-    "--manual-gc": "not supported",
     "--timing-log-level": "not supported",
     "--tensorboard-log-interval": "TensorBoard scalars are written every --log-interval",
-    "--log-params-norm": "not supported",
-    "--log-num-zeros-in-grad": "not supported",
     "--wandb-project": "use --tensorboard-dir or --metrics-file",
     "--wandb-exp-name": "use --tensorboard-dir or --metrics-file",
     "--wandb-save-dir": "use --tensorboard-dir or --metrics-file",
@@ -159,6 +156,16 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--fp8-amax-compute-algo": "only --fp8-format is supported",
     "--fp8-param-gather": "only --fp8-format is supported",
     "--fp4-format": "not supported",
+    "--override-opt-param-scheduler": "--load resumes on the checkpoint's schedule and refuses flags that change it",
+    "--use-checkpoint-opt-param-scheduler": "--load resumes on the checkpoint's schedule and refuses flags that "
+                                            "change it",
+    "--checkpoint-activations": "give --recompute-activations",
+    "--model-parallel-size": "give --tensor-model-parallel-size",
+    "--batch-size": "give --micro-batch-size",
+    "--padded-vocab-size": "the vocabulary is padded by --make-vocab-size-divisible-by",
+    "--embedding-init-method-std": "per-type init stds come from --cdp-config/--cdp-base",
+    "--head-lr-mult": "per-type learning rates come from --cdp-config/--cdp-base",
+    "--no-check-for-nan-in-loss-and-grad": "a NaN or inf loss always stops the run (exit code 3)",
 }
 UNSUPPORTED_MEGATRON_PREFIXES: tuple[str, ...] = (
     "--moe-", "--mtp-", "--mamba-", "--hybrid-", "--cuda-graph-", "--recompute-", "--tp-comm-",
@@ -324,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-signal-handler", action="store_true", help="on SIGTERM (a job's time limit or "
                    "preemption), stop at the end of the iteration and save with --save, instead of dying")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--manual-gc", action="store_true",
+                   help="turn Python's automatic garbage collection off (its pauses stall every rank's collectives) "
+                   "and collect at chosen points: every --manual-gc-interval iterations and around evaluations")
+    g.add_argument("--manual-gc-interval", type=int, default=0, metavar="N",
+                   help="with --manual-gc: collect every N iterations (default 0: never during training)")
+    g.add_argument("--no-manual-gc-eval", dest="manual_gc_eval", action="store_false",
+                   help="with --manual-gc: do not collect before and after each evaluation")
     g.add_argument("--optimizer", choices=("adam",), default="adam", help="AdamW (the only choice)")
     g.add_argument("--lr", type=float, help="peak learning rate (required without --cdp-*)")
     g.add_argument("--min-lr", type=float, help="default 0")
@@ -364,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true", help="with --load: take only the model's weights (not "
                    "the optimizer, schedule, RNG or data position) and start at iteration 0 with this run's "
                    "hyperparameters")
-    g.add_argument("--save-interval", type=int, help="iterations between saves (and at the end)")
+    g.add_argument("--save-interval", "--persistent-save-interval", type=int,
+                   help="iterations between saves (and at the end)")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="with --use-distributed-optimizer: save its state so the checkpoint resumes "
                    "on any TP/PP/DP layout (gathers the state over DP while saving); default: it "
@@ -378,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", help="write TensorBoard scalars here")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
                    help="also write the validation perplexity (valid/lm_loss_ppl)")
+    g.add_argument("--log-params-norm", action="store_true",
+                   help="log the L2 norm of all weights (params norm) at every --log-interval")
+    g.add_argument("--log-num-zeros-in-grad", action="store_true",
+                   help="log how many gradient elements are exactly 0 (num zeros) at every --log-interval")
 
     g = p.add_argument_group("cdp-megatron")
     cdp = g.add_mutually_exclusive_group()
@@ -394,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "other flags override its settings")
     for flag in ACCEPTED_NO_OP_FLAGS:
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    # torch.distributed.launch passes it to every process (torchrun sets $LOCAL_RANK, which
+    # is what cdp-pretrain reads; launch sets it too)
+    p.add_argument("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)
     return p
 
 
@@ -441,7 +463,18 @@ def _flag_name(token: str) -> str:
     return token.split("=", 1)[0]
 
 
-def _check_extras(extras: Sequence[str]) -> None:
+def megatron_lm_flags() -> frozenset[str]:
+    """Every flag name of Megatron-LM's argument parser (megatron_lm_flags.txt)."""
+    text = (Path(__file__).resolve().parent / "megatron_lm_flags.txt").read_text(encoding="utf-8")
+    return frozenset(line.strip() for line in text.splitlines() if line.startswith("--"))
+
+
+def _check_extras(extras: Sequence[str], parser: argparse.ArgumentParser) -> None:
+    """One line for the first flag argparse did not take: a Megatron-LM flag we do not
+    implement (with the reason where we have one), or an unknown flag with the closest of
+    ours (a typo must not read as a missing feature, nor the other way round)."""
+    import difflib
+
     for token in extras:
         if not token.startswith("-"):
             raise ArgsError(f"unexpected argument {token!r} (flags take the form --name value)")
@@ -449,7 +482,13 @@ def _check_extras(extras: Sequence[str]) -> None:
         if flag in UNSUPPORTED_MEGATRON_FLAGS or flag.startswith(UNSUPPORTED_MEGATRON_PREFIXES):
             why = UNSUPPORTED_MEGATRON_FLAGS.get(flag) or "not supported"
             raise ArgsError(f"{flag} is a Megatron-LM flag cdp-pretrain does not support ({why})")
-        raise ArgsError(f"unknown flag {flag} (see cdp-pretrain --help)")
+        if flag in megatron_lm_flags():
+            raise ArgsError(f"{flag} is a Megatron-LM flag cdp-pretrain does not support (see cdp-pretrain --help for "
+                            "the supported ones)")
+        ours = [o for action in parser._actions if action.help != argparse.SUPPRESS for o in action.option_strings]
+        close = difflib.get_close_matches(flag, ours, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ArgsError(f"unknown flag {flag}{hint} (see cdp-pretrain --help)")
 
 
 def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None) -> argparse.Namespace:
@@ -474,7 +513,7 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None)
             del quickstart[i:i + 2]
         argv = quickstart + argv
     args, extras = parser.parse_known_args(argv)
-    _check_extras(extras)
+    _check_extras(extras, parser)
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args.world_size = world_size
@@ -548,6 +587,7 @@ def _validate(args: argparse.Namespace) -> None:
     _validate_model(args)
     _validate_parallel_and_batch(args)
     _validate_recompute(args)
+    _validate_gc(args)
     _validate_data(args)
     _validate_checkpoints(args)
     args.target = None
@@ -586,6 +626,16 @@ def _validate_recompute(args: argparse.Namespace) -> None:
     if not 1 <= args.recompute_num_layers <= per_chunk:
         raise ArgsError(f"--recompute-num-layers {args.recompute_num_layers}: give 1..{per_chunk} (the layers of each "
                         "model chunk)")
+
+
+def _validate_gc(args: argparse.Namespace) -> None:
+    _positive(args, "manual_gc_interval", allow_zero=True)
+    if not args.manual_gc:
+        given = [f for f, v in (("--manual-gc-interval", args.manual_gc_interval), ("--no-manual-gc-eval",
+                                                                                   not args.manual_gc_eval)) if v]
+        if given:
+            raise ArgsError(f"{given[0]} applies with --manual-gc (Python's automatic collection is on without it); "
+                            "add --manual-gc or drop the flag")
 
 
 def _validate_rotary(args: argparse.Namespace) -> None:

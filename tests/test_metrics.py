@@ -114,3 +114,34 @@ def test_tensorboard_scalars_are_the_records_values(tmp_path):
     m.evaluation(1, 1.5, 0.02)
     m.close()
     assert "valid/lm_loss_ppl" not in tensorboard_scalars(tmp_path / "tb2")
+
+
+def test_params_norm_and_zero_counts_when_given(tmp_path):
+    """--log-params-norm / --log-num-zeros-in-grad: in the record, the log line and TensorBoard
+    at the logged iterations; absent (not null) from the records of a run without them."""
+    out = io.StringIO()
+    m = Metrics(train_iters=4, log_interval=2, metrics_file=tmp_path / "m.jsonl", stream=out,
+                tensorboard_dir=tmp_path / "tb" if _has_tensorboard() else None)
+    assert [m.logs_at(i) for i in range(1, 5)] == [False, True, False, True]
+    for i in range(1, 5):
+        m.iteration(i, lm_loss=2.0, z_loss=0.01, lr=1e-3, grad_norm=0.5, iteration_time_s=0.5, consumed_samples=8 * i,
+                    consumed_tokens=256 * i, tokens=256, params_norm=10.0 + i if m.logs_at(i) else None,
+                    num_zeros_in_grad=100 * i)
+    m.close()
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [(r["params_norm"], r["num_zeros_in_grad"]) for r in rows] == [(12.0, 200), (14.0, 400)]
+    assert "| params norm: 12.0000 | num zeros: 200" in out.getvalue()
+    if _has_tensorboard():
+        tb = tensorboard_scalars(tmp_path / "tb")
+        assert tb["train/params_norm"] == {2: 12.0, 4: 14.0} and tb["train/num_zeros_in_grad"] == {2: 200, 4: 400}
+    m = Metrics(train_iters=1, metrics_file=tmp_path / "plain.jsonl", stream=out)
+    _step(m, 1)
+    m.close()
+    record = json.loads((tmp_path / "plain.jsonl").read_text())
+    assert "params_norm" not in record and "num_zeros_in_grad" not in record
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("tensorboard", "torch"))

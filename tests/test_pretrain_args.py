@@ -151,6 +151,56 @@ def test_unsupported_list_has_the_common_ones():
         assert name in UNSUPPORTED_MEGATRON_FLAGS
 
 
+def test_megatron_lm_flags_we_lack_are_named_and_typos_get_the_closest_flag():
+    # a real Megatron-LM flag without a reason of its own: named as a Megatron-LM flag, not "unknown"
+    assert error(TINY + " --lr 1e-3 --log-memory-to-tensorboard") == (
+        "--log-memory-to-tensorboard is a Megatron-LM flag cdp-pretrain does not support (see cdp-pretrain --help "
+        "for the supported ones)")
+    assert error(TINY + " --lr 1e-3 --override-opt-param-scheduler").startswith(
+        "--override-opt-param-scheduler is a Megatron-LM flag cdp-pretrain does not support (--load resumes")
+    # a typo: the closest supported flag (hidden ones, such as the no-op flags, are not offered)
+    assert error(TINY + " --lr 1e-3 --lr-decay-sytle cosine") == (
+        "unknown flag --lr-decay-sytle; did you mean --lr-decay-style? (see cdp-pretrain --help)")
+    assert error(TINY + " --lr 1e-3 --xyz 1") == "unknown flag --xyz (see cdp-pretrain --help)"
+
+
+def test_flag_names_are_megatron_lms():
+    """Every flag cdp-pretrain takes or refuses by name is Megatron-LM's (a misspelt name would
+    never match a user's script), except our own and names of other Megatron-LM releases."""
+    from cdp_megatron.pretrain_args import ACCEPTED_NO_OP_FLAGS, megatron_lm_flags
+
+    known = megatron_lm_flags()
+    assert len(known) > 500 and "--num-layers" in known
+    ours = {o for action in build_parser()._actions for o in action.option_strings}
+    assert ours - known == {"-h", "--help", "--cdp-config", "--cdp-base", "--cdp-z-loss", "--metrics-file",
+                            "--quickstart", "--local_rank"}
+    other_releases = {"--align-param-gather", "--use-custom-fsdp", "--use-mup"}
+    assert set(UNSUPPORTED_MEGATRON_FLAGS) - known == other_releases
+    assert set(ACCEPTED_NO_OP_FLAGS) <= known
+
+
+def test_manual_gc_flags():
+    args = parse(TINY + " --lr 1e-3")
+    assert (args.manual_gc, args.manual_gc_interval, args.manual_gc_eval) == (False, 0, True)
+    args = parse(TINY + " --lr 1e-3 --manual-gc --manual-gc-interval 50 --no-manual-gc-eval")
+    assert (args.manual_gc, args.manual_gc_interval, args.manual_gc_eval) == (True, 50, False)
+    assert error(TINY + " --lr 1e-3 --manual-gc-interval 50") == (
+        "--manual-gc-interval applies with --manual-gc (Python's automatic collection is on without it); add "
+        "--manual-gc or drop the flag")
+    assert error(TINY + " --lr 1e-3 --no-manual-gc-eval").startswith("--no-manual-gc-eval applies with --manual-gc")
+    assert error(TINY + " --lr 1e-3 --manual-gc --manual-gc-interval -5") == "--manual-gc-interval must be >= 0, got -5"
+
+
+def test_logging_flags_and_launcher_arguments(tmp_path):
+    args = parse(TINY + " --lr 1e-3 --log-params-norm --log-num-zeros-in-grad")
+    assert args.log_params_norm and args.log_num_zeros_in_grad
+    # torch.distributed.launch passes --local-rank (old: --local_rank) to every process
+    assert parse(TINY + " --lr 1e-3 --local-rank 1").local_rank == 1
+    assert parse(TINY + " --lr 1e-3 --local_rank=0").local_rank == 0
+    # Megatron-LM's newer name of --save-interval
+    assert parse(TINY + f" --lr 1e-3 --save {tmp_path / 'ck'} --persistent-save-interval 5").save_interval == 5
+
+
 def test_unknown_flags_and_abbreviations_fail():
     assert "unknown flag --foo" in error(TINY + " --lr 1e-3 --foo 3")
     # allow_abbrev=False: a prefix of a real flag is not accepted.

@@ -36,6 +36,7 @@ __all__ = [
     "finalize_model_grads",
     "use_megatron_grad_finalization",
     "synced_params",
+    "params_norm",
     "optimizer_config",
     "plain_optimizer",
 ]
@@ -229,6 +230,33 @@ def synced_params(model_chunks: Sequence[Any]) -> Iterator[None]:
     finally:
         for chunk in hooked:
             chunk.enable_forward_pre_hook()
+
+
+def params_norm(model_chunks: Sequence[Any]) -> float:
+    """The L2 norm of all the model's weights (``--log-params-norm``), the same on every rank
+    and every TP/PP/DP layout: each rank sums the squares of its parameters in fp32, counting
+    a tensor that is not split over TP on TP rank 0 only and the last pipeline stage's copy of
+    tied embeddings not at all (Megatron's ``param_is_not_tensor_parallel_duplicate`` and
+    ``param_is_not_shared``), and the sums are added over the model-parallel group (TP x PP);
+    data-parallel replicas hold the same weights. With ``--bf16`` these are the bf16 weights
+    the model computes with (Megatron-LM takes the fp32 main copies). Call it inside
+    :func:`synced_params`."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    squares = []
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            if param_is_not_shared(param) and param_is_not_tensor_parallel_duplicate(param):
+                squares.append(torch.linalg.vector_norm(param.detach(), dtype=torch.float32).square())
+    device = squares[0].device if squares else ("cuda" if torch.cuda.is_available() else "cpu")
+    total = torch.stack(squares).sum().reshape(1) if squares else torch.zeros(1, device=device)
+    group = parallel_state.get_model_parallel_group()
+    if torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(total, group=group)
+    return float(total.sqrt())
 
 
 # ================================================================================ optimizer

@@ -284,6 +284,33 @@ def test_tied_output_copy_equals_embedding_on_pp2():
     assert embedding.std().item() == pytest.approx(0.02, rel=0.05)
 
 
+def _params_norm_worker(tp: int, pp: int, tied: bool) -> float:
+    from cdp_megatron.integration import build_gpt_model, initialize_model_parallel
+    from cdp_megatron.integration.training import params_norm
+
+    if (tp, pp) != (1, 1):
+        initialize_model_parallel(tp, pp)
+    target = tiny_target(multipliers=INIT_MULTIPLIERS, num_layers=4, untie_embeddings_and_output_weights=not tied)
+    return params_norm(build_gpt_model(target=target))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_params_norm_counts_every_weight_once_on_any_layout(megatron_1proc, tied):
+    """--log-params-norm: the norm of all weights, by hand on 1 process, and the same on TP=2
+    (norm weights are on both ranks) and PP=2 (with tied embeddings the last stage holds a
+    copy of the embedding); the init is TP/PP-invariant, so the weights are the same."""
+    from cdp_megatron.integration import build_gpt_model
+    from cdp_megatron.integration.training import params_norm
+
+    target = tiny_target(multipliers=INIT_MULTIPLIERS, num_layers=4, untie_embeddings_and_output_weights=not tied)
+    chunks = build_gpt_model(target=target)
+    by_hand = math.sqrt(sum(float(p.detach().double().square().sum()) for c in chunks for p in c.parameters()))
+    assert params_norm(chunks) == pytest.approx(by_hand, rel=1e-6)
+    for tp, pp in ((2, 1), (1, 2)):
+        norms = run_distributed(_params_norm_worker, tp * pp, tp, pp, tied)
+        assert norms == pytest.approx([by_hand] * len(norms), rel=1e-6), (tp, pp)
+
+
 # --- (c) logit multiplier -------------------------------------------------------------------
 def test_completep_output_multiplier(megatron_1proc):
     from cdp_megatron.integration import apply_output_mult, build_gpt_model, causal_attention_mask

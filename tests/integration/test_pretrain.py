@@ -88,6 +88,25 @@ def grad_norms(path: Path) -> dict[int, float]:
     return {r["iteration"]: r["grad_norm"] for r in records(path) if "grad_norm" in r and not r.get("eval")}
 
 
+def logged(path: Path, key: str) -> dict[int, float]:
+    """``key`` of every training record (--log-params-norm: params_norm, --log-num-zeros-in-grad:
+    num_zeros_in_grad); every record must have it."""
+    return {r["iteration"]: r[key] for r in records(path) if not r.get("eval")}
+
+
+# the logged values that every layout must reproduce: losses, grad and params norms, zero-grad counts
+LOG_NORMS = " --log-params-norm --log-num-zeros-in-grad"
+
+
+def assert_same_run(path: Path, reference: Path, iterations) -> None:
+    _assert_close(train_losses(path), train_losses(reference), iterations)
+    # the printed norms (TP/PP/DP-sharded, each tensor counted once), and the zero counts exactly
+    _assert_close(grad_norms(path), grad_norms(reference), iterations)
+    _assert_close(logged(path, "params_norm"), logged(reference, "params_norm"), iterations)
+    zeros, reference_zeros = logged(path, "num_zeros_in_grad"), logged(reference, "num_zeros_in_grad")
+    assert [zeros[i] for i in iterations] == [reference_zeros[i] for i in iterations]
+
+
 @pytest.fixture(scope="module")
 def spec20(tmp_path_factory) -> Path:
     """examples/base.json with its base batch and duration set to the tiny runs' (8 x 32
@@ -212,6 +231,43 @@ def test_null_tokenizer_reads_data_tokenized_elsewhere(byte_corpus, tmp_path):
         ", outside the 101 ids of --tokenizer-type NullTokenizer: the data was tokenized with another tokenizer "
         "(or --vocab-size is too small)"), last
     assert int(last.split("holds token id ")[1].split(",")[0]) > 100
+
+
+# Counts the process's gc.disable() and gc.collect() calls into $GC_LOG at exit (on PYTHONPATH,
+# Python imports it at start-up).
+_GC_SPY = """
+import atexit, gc, os
+_calls = []
+_collect, _disable = gc.collect, gc.disable
+def _counted_collect(*args, **kwargs):
+    _calls.append("collect")
+    return _collect(*args, **kwargs)
+def _counted_disable():
+    _calls.append("disable")
+    _disable()
+gc.collect, gc.disable = _counted_collect, _counted_disable
+atexit.register(lambda: open(os.environ["GC_LOG"], "w").write(" ".join(_calls)))
+"""
+
+
+def test_manual_gc_collects_at_the_chosen_points_and_changes_no_loss(spec20, reference, tmp_path):
+    """--manual-gc: automatic collection off, gc.collect() at the start, every
+    --manual-gc-interval iterations and around each evaluation (not with --no-manual-gc-eval);
+    the losses are the run's without it."""
+    (tmp_path / "spy").mkdir()
+    (tmp_path / "spy" / "sitecustomize.py").write_text(_GC_SPY)
+    counts = {}
+    for name, flags in (("off", ""), ("on", " --manual-gc --manual-gc-interval 3"),
+                        ("no-eval", " --manual-gc --manual-gc-interval 3 --no-manual-gc-eval")):
+        env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "spy"), str(REPO)]), "GC_LOG": str(tmp_path / name)}
+        ok(run(cdp20(spec20) + f" --metrics-file {name}.jsonl" + flags, tmp_path, env=env))
+        assert train_losses(tmp_path / f"{name}.jsonl") == reference, name
+        calls = (tmp_path / name).read_text().split()
+        counts[name] = (calls.count("disable"), calls.count("collect"))
+    # 20 iterations, evaluations at 10 and 20: 1 at the start + 6 (3, 6, .., 18) + 2 x 2 around them
+    assert counts["on"][0] == counts["off"][0] + 1
+    assert counts["on"][1] - counts["off"][1] == 1 + 6 + 4
+    assert counts["no-eval"][1] - counts["off"][1] == 1 + 6
 
 
 def test_cdp_base_example_spec(tmp_path):
@@ -528,7 +584,7 @@ FOUR_PROCESS_LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference_no_dropout_file(spec20, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("reference_no_dropout")
-    ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file ref.jsonl", tmp))
+    ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file ref.jsonl" + LOG_NORMS, tmp))
     return tmp / "ref.jsonl"
 
 
@@ -550,11 +606,9 @@ def _assert_close(losses: dict[int, float], reference: dict[int, float], iterati
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_two_process_layouts_match_one_process(layout, spec20, reference_no_dropout, reference_no_dropout_file,
                                               tmp_path):
-    ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file m.jsonl " + LAYOUTS[layout],
-           tmp_path, nproc=2))
-    _assert_close(train_losses(tmp_path / "m.jsonl"), reference_no_dropout, range(1, 21))
-    # the printed grad norm too (TP/PP/DP-sharded, each tensor counted once)
-    _assert_close(grad_norms(tmp_path / "m.jsonl"), grad_norms(reference_no_dropout_file), range(1, 21))
+    ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file m.jsonl " + LAYOUTS[layout]
+           + LOG_NORMS, tmp_path, nproc=2))
+    assert_same_run(tmp_path / "m.jsonl", reference_no_dropout_file, range(1, 21))
 
 
 @pytest.mark.slow
@@ -562,11 +616,30 @@ def test_two_process_layouts_match_one_process(layout, spec20, reference_no_drop
 def test_four_process_layouts_match_one_process(layout, spec20, reference_no_dropout, reference_no_dropout_file,
                                                tmp_path):
     """(TP, PP, DP) = (2, 2, 1) and (2, 1, 2) on 4 gloo processes, examples/base.json's per-type
-    and per-depth multipliers: the 20 losses and grad norms equal the 1-process run's within 1e-5."""
+    and per-depth multipliers: the 20 losses, grad and params norms equal the 1-process run's
+    within 1e-5, and the counts of zero gradients exactly."""
     ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file m.jsonl "
-           + FOUR_PROCESS_LAYOUTS[layout], tmp_path, nproc=4, timeout=900))
-    _assert_close(train_losses(tmp_path / "m.jsonl"), reference_no_dropout, range(1, 21))
-    _assert_close(grad_norms(tmp_path / "m.jsonl"), grad_norms(reference_no_dropout_file), range(1, 21))
+           + FOUR_PROCESS_LAYOUTS[layout] + LOG_NORMS, tmp_path, nproc=4, timeout=900))
+    assert_same_run(tmp_path / "m.jsonl", reference_no_dropout_file, range(1, 21))
+
+
+@pytest.mark.slow
+def test_tied_embeddings_on_a_pipeline_match_one_process(spec20, tmp_path):
+    """Tied embeddings on PP=2 with the distributed optimizer: the last stage holds a copy of
+    the embedding (its gradient is all-reduced with the first stage's, and the norms count
+    it once); every logged value equals the 1-process run's. (With --cdp-base: the init of
+    plain Megatron, as Megatron-LM's, depends on the pipeline layout.)"""
+    raw = json.loads(spec20.read_text())
+    raw["base"]["untie_embeddings_and_output_weights"] = False
+    (tmp_path / "tied.json").write_text(json.dumps(raw))
+    tied = (cdp20(tmp_path / "tied.json").replace(" --untie-embeddings-and-output-weights", "")
+            + " --train-iters 10 --eval-iters 0 --hidden-dropout 0 --attention-dropout 0 --metrics-file m.jsonl"
+            + LOG_NORMS)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "pp2").mkdir()
+    ok(run(tied, tmp_path / "one"))
+    ok(run(tied + " --pipeline-model-parallel-size 2 --use-distributed-optimizer", tmp_path / "pp2", nproc=2))
+    assert_same_run(tmp_path / "pp2" / "m.jsonl", tmp_path / "one" / "m.jsonl", range(1, 11))
 
 
 def four_layers(spec20) -> str:
@@ -628,10 +701,11 @@ OVERLAP_LAYOUTS = {
 def test_overlapped_communication_matches_one_process(layout, spec20, reference_no_dropout, reference_no_dropout_file,
                                                       tmp_path):
     out = ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file m.jsonl "
-                 + OVERLAP_LAYOUTS[layout], tmp_path, nproc=2))
+                 + OVERLAP_LAYOUTS[layout] + LOG_NORMS, tmp_path, nproc=2))
     overlapped = "overlapped grad reduce and param gather" if "param-gather" in layout else "overlapped grad reduce"
     assert f"{overlapped} (buckets of 20000 elements)" in out
-    _assert_close(train_losses(tmp_path / "m.jsonl"), reference_no_dropout, range(1, 21))
+    # the params norm too: under --overlap-param-gather it is taken after the pending all-gather
+    assert_same_run(tmp_path / "m.jsonl", reference_no_dropout_file, range(1, 21))
     val, val_reference = val_losses(tmp_path / "m.jsonl"), val_losses(reference_no_dropout_file)
     assert sorted(val) == sorted(val_reference) == [10, 20]
     _assert_close(val, val_reference, [10, 20])
