@@ -214,6 +214,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
     )
+    if args.recompute_modules is not None:
+        overrides["recompute_modules"] = list(args.recompute_modules)
     if args.fp8_format:
         overrides["fp8"] = args.fp8_format
     return overrides
@@ -645,7 +647,10 @@ class _Run:
             if args.ddp_bucket_size:
                 layout += f" (buckets of {args.ddp_bucket_size} elements)"
         if args.recompute_granularity == "selective":
-            layout += ", recomputing the core attention"
+            names = {"core_attn": "the core attention", "mlp": "the MLP", "layernorm": "the norms"}
+            modules = [names[m] for m in args.recompute_modules or ["core_attn"]]
+            layout += ", recomputing " + (", ".join(modules[:-1]) + " and " + modules[-1] if len(modules) > 1
+                                          else modules[0])
         elif args.recompute_granularity == "full":
             layout += (f", recomputing whole layers ({args.recompute_method}, {args.recompute_num_layers} "
                        f"layer{'s' if args.recompute_num_layers > 1 else ''})")

@@ -57,7 +57,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--expert-model-parallel-size": "mixture-of-experts models are not supported",
     "--expert-tensor-parallel-size": "mixture-of-experts models are not supported",
     "--context-parallel-size": "context parallelism is not supported",
-    "--recompute-modules": "selective recomputation recomputes the core attention (megatron-core's default)",
     "--distribute-saved-activations": "not supported",
     "--use-flash-attn": "attention backends are chosen by --transformer-impl",
     "--attention-backend": "attention backends are chosen by --transformer-impl",
@@ -308,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with full: uniform (layers in chunks of N) or block (the first N layers of each "
                    "pipeline stage)")
     g.add_argument("--recompute-num-layers", type=int, metavar="N", help="with full: see --recompute-method")
+    g.add_argument("--recompute-modules", nargs="*", choices=RECOMPUTE_MODULES, metavar="MODULE",
+                   help="with selective: what each layer recomputes, any of core_attn (the default), mlp, layernorm")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state over DP")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="overlap the data-parallel gradient reduction with the backward, a bucket at a time")
@@ -434,6 +435,8 @@ def quickstart_base_spec() -> str:
 
 
 DEFAULT_SPLIT = "969, 30, 1"  # Megatron-LM's
+# --recompute-modules of a dense GPT model (megatron-core's others are for MoE and MLA layers)
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 ROTARY_DEFAULTS = {"rotary_base": 10000, "rotary_percent": 1.0}  # Megatron-LM's and GPTModel's
 # The flags that choose the data: a user's replace the quick start's (see parse_args).
 _DATA_FLAGS = ("--data-path", "--train-data-path", "--valid-data-path", "--mock-data")
@@ -611,10 +614,20 @@ def _validate_recompute(args: argparse.Namespace) -> None:
         args.recompute_granularity = "selective"
     given = [f for f, v in (("--recompute-method", args.recompute_method),
                             ("--recompute-num-layers", args.recompute_num_layers)) if v is not None]
+    if args.recompute_modules is not None:
+        if args.recompute_granularity != "selective":
+            raise ArgsError("--recompute-modules applies to --recompute-granularity selective (or "
+                            "--recompute-activations); full recomputation recomputes whole layers")
+        if not args.recompute_modules:
+            raise ArgsError(f"--recompute-modules is empty; give one or more of {', '.join(RECOMPUTE_MODULES)}")
+        if "layernorm" in args.recompute_modules and args.fp8_format:
+            raise ArgsError("--recompute-modules layernorm does not work with --fp8-format (megatron-core refuses it "
+                            "with FP8's delayed scaling); recompute core_attn or mlp")
+        args.recompute_modules = list(dict.fromkeys(args.recompute_modules))
     if args.recompute_granularity != "full":
         if given:
             raise ArgsError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --recompute-granularity full "
-                            f"({'selective recomputation recomputes the core attention' if args.recompute_granularity else 'none given'})")
+                            f"({'selective recomputation recomputes parts of every layer: --recompute-modules' if args.recompute_granularity else 'none given'})")
         return
     if args.recompute_method is None or args.recompute_num_layers is None:
         raise ArgsError("--recompute-granularity full needs --recompute-method uniform|block and "

@@ -19,6 +19,10 @@ dist_opt_step_state         ``DistributedOptimizer._set_main_param_and_optimizer
                             the distributed optimizer's ``fully_reshardable`` checkpoints
                             (resume on another TP/PP layout) load into torch's Adam, whose
                             per-parameter ``step`` upstream expects in the saved state
+checkpoint_without_output_  ``megatron.core.tensor_parallel.random.CheckpointWithoutOutput.
+fp8                         __init__``: norm recomputation (``recompute_modules``
+                            "layernorm") took Transformer Engine's FP8 branch, a NameError
+                            where Transformer Engine is not installed
 ==========================  ===============================================================
 
 Only the megatron-core versions in ``SUPPORTED_MEGATRON_CORE`` are accepted; another version
@@ -48,7 +52,7 @@ __all__ = [
 SUPPORTED_MEGATRON_CORE = ("0.16.1", "0.19.2")
 ALLOW_UNTESTED_ENV = "CDP_ALLOW_UNTESTED_MEGATRON"
 # Order matters only for remove_all (reverse order).
-PATCH_MODULES = ("param_group_identity", "carrier_param_groups", "dist_opt_step_state")
+PATCH_MODULES = ("param_group_identity", "carrier_param_groups", "dist_opt_step_state", "checkpoint_without_output_fp8")
 
 
 class PatchError(RuntimeError):

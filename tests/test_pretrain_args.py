@@ -137,7 +137,7 @@ def test_comm_overlap_flags():
 
 
 # ------------------------------------------------------------------------------ refusals
-@pytest.mark.parametrize("flag", ["--num-experts 8", "--recompute-modules mlp", "--context-parallel-size 2",
+@pytest.mark.parametrize("flag", ["--num-experts 8", "--recompute-modules-x", "--context-parallel-size 2",
                                   "--fp16", "--use-flash-attn", "--moe-router-topk 2", "--align-param-gather",
                                   "--use-checkpoint-args", "--tensorboard-queue-size 5"])
 def test_unsupported_megatron_flags_are_named(flag):
@@ -147,7 +147,7 @@ def test_unsupported_megatron_flags_are_named(flag):
 
 
 def test_unsupported_list_has_the_common_ones():
-    for name in ("--num-experts", "--recompute-modules", "--context-parallel-size", "--fp16", "--use-flash-attn"):
+    for name in ("--num-experts", "--context-parallel-size", "--fp16", "--use-flash-attn"):
         assert name in UNSUPPORTED_MEGATRON_FLAGS
 
 
@@ -367,6 +367,9 @@ def test_activation_recomputation_flags():
     args = parse(lr)
     assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == (None, None, None)
     assert parse(lr + " --recompute-activations").recompute_granularity == "selective"  # as in Megatron-LM
+    assert parse(lr + " --recompute-activations").recompute_modules is None  # megatron-core's default: core_attn
+    args = parse(lr + " --recompute-granularity selective --recompute-modules mlp layernorm mlp")
+    assert args.recompute_modules == ["mlp", "layernorm"]
     args = parse(lr + " --recompute-granularity full --recompute-method block --recompute-num-layers 2")
     assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == ("full", "block", 2)
     deep = lr.replace("--num-layers 2", "--num-layers 8")
@@ -381,19 +384,38 @@ def test_activation_recomputation_flags():
         ("--recompute-method block", "--recompute-method applies to --recompute-granularity full (none given)"),
         ("--recompute-activations --recompute-num-layers 1 --recompute-method block",
          "--recompute-method and --recompute-num-layers apply to --recompute-granularity full (selective "
-         "recomputation recomputes the core attention)"),
+         "recomputation recomputes parts of every layer: --recompute-modules)"),
         ("--recompute-activations --recompute-granularity full",
          "--recompute-activations is --recompute-granularity selective; give one of them"),
         ("--recompute-granularity full --recompute-method block --recompute-num-layers 3",
          "--recompute-num-layers 3: give 1..2 (the layers of each model chunk)"),
         ("--recompute-granularity full --recompute-method block --recompute-num-layers 0",
          "--recompute-num-layers 0: give 1..2"),
-        ("--recompute-modules mlp", "--recompute-modules is a Megatron-LM flag cdp-pretrain does not support"),
+        ("--recompute-modules mlp", "--recompute-modules applies to --recompute-granularity selective (or "
+         "--recompute-activations); full recomputation recomputes whole layers"),
+        ("--recompute-granularity full --recompute-method block --recompute-num-layers 1 --recompute-modules mlp",
+         "--recompute-modules applies to --recompute-granularity selective"),
+        ("--recompute-activations --recompute-modules", "--recompute-modules is empty; give one or more of core_attn, "
+         "mlp, layernorm"),
+        ("--recompute-activations --recompute-modules moe", "argument --recompute-modules: invalid choice: 'moe'"),
     ):
         assert message in error(f"{lr} {extra}"), extra
     assert "give 1..2 (the layers of each model chunk)" in error(
         deep + " --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 2 --recompute-granularity "
         "full --recompute-method uniform --recompute-num-layers 3", world_size=2)
+
+
+def test_layernorm_recomputation_is_refused_with_fp8(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec  # Transformer Engine "installed", as FP8 needs it
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a))
+    fp8 = TINY + " --lr 1e-3 --transformer-impl transformer_engine --fp8-format hybrid --recompute-activations"
+    assert parse(fp8 + " --recompute-modules core_attn mlp").recompute_modules == ["core_attn", "mlp"]
+    assert error(fp8 + " --recompute-modules mlp layernorm") == (
+        "--recompute-modules layernorm does not work with --fp8-format (megatron-core refuses it with FP8's delayed "
+        "scaling); recompute core_attn or mlp")
 
 
 def test_validation_perplexity_needs_tensorboard():

@@ -267,6 +267,9 @@ def build_gpt_model(
     Requires torch.distributed and ``initialize_model_parallel``. The chunks are on the
     current CUDA device when there is one, else on the CPU.
     """
+    from cdp_megatron import patches
+
+    patches.apply_all()  # also the model's (norm recomputation without Transformer Engine)
     if shape is None:
         if target is None:
             raise ValueError("build_gpt_model needs a shape or a target")

@@ -141,11 +141,18 @@ def test_residual_multiplier_scales_branch_and_bias(megatron_1proc):
                                             recompute_num_layers=1),
                                        dict(recompute_granularity="full", recompute_method="block",
                                             recompute_num_layers=2),
-                                       dict(recompute_granularity="selective")])
+                                       dict(recompute_granularity="selective"),
+                                       dict(recompute_granularity="selective", recompute_modules=["mlp"]),
+                                       dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
+                                       dict(recompute_granularity="selective",
+                                            recompute_modules=["core_attn", "mlp", "layernorm"])],
+                         ids=["full-uniform", "full-block", "selective", "mlp", "layernorm", "all-modules"])
 def test_recomputation_reruns_the_forward_and_gives_the_same_gradients(megatron_1proc, recompute):
     """--recompute-* (cdp-pretrain passes these TransformerConfig fields): megatron re-runs the
-    layers (or the core attention) in the backward, and the residual-scaled layers, dropout
-    included, give bit-identical gradients."""
+    layers (or the core attention, MLP or norms of --recompute-modules) in the backward, and
+    the residual-scaled layers, dropout included, give bit-identical gradients (with the norms
+    recomputed, equal within float rounding: the recomputed norm's backward runs from a hook,
+    so the residual stream's gradient terms are added in another order)."""
     from cdp_megatron.integration import build_gpt_model, gpt_config, lm_loss
 
     target = tiny_target(multipliers={"type": {"attention": {"residual": 0.5}}, "depth": {"residual": [1.0, 2.0]}})
@@ -153,21 +160,29 @@ def test_recomputation_reruns_the_forward_and_gives_the_same_gradients(megatron_
     for fields in ({}, recompute):
         config = gpt_config(target.shape, init_method_std=0.02, hidden_dropout=0.1, attention_dropout=0.1, **fields)
         (model,) = build_gpt_model(target=target, config=config)
-        count = {"layer": 0, "core_attention": 0}
+        count = dict.fromkeys(("layer", "core_attention", "mlp", "input_layernorm", "pre_mlp_layernorm"), 0)
         for layer in model.decoder.layers:
-            layer.register_forward_hook(lambda *a: count.__setitem__("layer", count["layer"] + 1))
-            layer.self_attention.core_attention.register_forward_hook(
-                lambda *a: count.__setitem__("core_attention", count["core_attention"] + 1))
+            for name in count:
+                module = layer if name == "layer" else layer.self_attention.core_attention if name == "core_attention" \
+                    else getattr(layer, name)
+                module.register_forward_hook(lambda *a, name=name: count.__setitem__(name, count[name] + 1))
         _reseed()
         lm_loss(model, _tokens()).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
         calls.append(count)
-    assert calls[0] == {"layer": 2, "core_attention": 2}
+    assert set(calls[0].values()) == {2}  # 2 layers, each module once
     if recompute["recompute_granularity"] == "full":
-        assert calls[1]["layer"] == 4  # every layer's forward ran again in the backward
+        assert set(calls[1].values()) == {4}  # every layer's forward ran again in the backward
     else:
-        assert calls[1] == {"layer": 2, "core_attention": 4}
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+        modules = recompute.get("recompute_modules", ["core_attn"])  # megatron-core's default
+        again = {"core_attention": "core_attn" in modules, "mlp": "mlp" in modules,
+                 "input_layernorm": "layernorm" in modules, "pre_mlp_layernorm": "layernorm" in modules}
+        assert calls[1] == {"layer": 2, **{name: 4 if twice else 2 for name, twice in again.items()}}
+    if "layernorm" in recompute.get("recompute_modules", []):
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_residual_multiplier_follows_global_layer(megatron_1proc):

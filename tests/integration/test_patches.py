@@ -9,7 +9,12 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from cdp_megatron import patches  # noqa: E402
-from cdp_megatron.patches import carrier_param_groups, dist_opt_step_state, param_group_identity  # noqa: E402
+from cdp_megatron.patches import (  # noqa: E402
+    carrier_param_groups,
+    checkpoint_without_output_fp8,
+    dist_opt_step_state,
+    param_group_identity,
+)
 
 pytestmark = pytest.mark.megatron
 
@@ -27,8 +32,10 @@ def restore_patch_state():
 def _bindings():
     from megatron.core import optimizer as opt_pkg
     from megatron.core.optimizer import distrib_optimizer, optimizer
+    from megatron.core.tensor_parallel import random
 
     return {
+        "checkpoint_without_output": random.CheckpointWithoutOutput.__dict__["__init__"],
         "pkg.keys": opt_pkg.param_group_identifier_keys,
         "optimizer.keys": optimizer.param_group_identifier_keys,
         "distrib.keys": distrib_optimizer.param_group_identifier_keys,
@@ -60,7 +67,8 @@ def test_untested_version_is_refused_unless_allowed(monkeypatch):
 
 
 # --- apply / remove round trips ------------------------------------------------------------------
-@pytest.mark.parametrize("module", [param_group_identity, carrier_param_groups, dist_opt_step_state], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("module", [param_group_identity, carrier_param_groups, dist_opt_step_state,
+                                    checkpoint_without_output_fp8], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_apply_remove_round_trip(module):
     patches.remove_all()
     original = _bindings()
@@ -214,3 +222,18 @@ def test_step_state_patch_copies_the_moments_and_keeps_step():
         assert state["step"] is fake.step  # put back even when the copy fails
     finally:
         dist_opt_step_state.remove()
+
+
+# --- norm recomputation without Transformer Engine ------------------------------------------------
+def test_norm_checkpoint_takes_the_fp8_branch_only_with_transformer_engine(monkeypatch):
+    """Upstream's CheckpointWithoutOutput() sets fp8 = (False is not None) = True, the branch that
+    calls Transformer Engine; patched, that stays so only where Transformer Engine is importable."""
+    from megatron.core.tensor_parallel import random
+
+    patches.remove_all()
+    assert random.CheckpointWithoutOutput().fp8 is True  # the upstream bug, whatever is installed
+    checkpoint_without_output_fp8.apply()
+    monkeypatch.setattr(random, "HAVE_TE", False)
+    assert random.CheckpointWithoutOutput().fp8 is False
+    monkeypatch.setattr(random, "HAVE_TE", True)
+    assert random.CheckpointWithoutOutput().fp8 is True  # upstream's value: TE says whether FP8 is on

@@ -100,11 +100,15 @@ LOG_NORMS = " --log-params-norm --log-num-zeros-in-grad"
 
 def assert_same_run(path: Path, reference: Path, iterations) -> None:
     _assert_close(train_losses(path), train_losses(reference), iterations)
-    # the printed norms (TP/PP/DP-sharded, each tensor counted once), and the zero counts exactly
+    # the printed norms (TP/PP/DP-sharded, each tensor counted once), and the zero counts (~10^4,
+    # mostly the embedding rows of tokens not in the batch) within 0.1%: a sum that cancels
+    # to exactly 0 in one order of float additions may not in another, but a tensor counted
+    # twice (or a shard missed) would change the count by far more
     _assert_close(grad_norms(path), grad_norms(reference), iterations)
     _assert_close(logged(path, "params_norm"), logged(reference, "params_norm"), iterations)
     zeros, reference_zeros = logged(path, "num_zeros_in_grad"), logged(reference, "num_zeros_in_grad")
-    assert [zeros[i] for i in iterations] == [reference_zeros[i] for i in iterations]
+    for i in iterations:
+        assert abs(zeros[i] - reference_zeros[i]) <= max(2, 1e-3 * reference_zeros[i]), (i, zeros[i], reference_zeros[i])
 
 
 @pytest.fixture(scope="module")
@@ -319,9 +323,13 @@ def test_rotary_base_reaches_the_model_and_a_resume_with_another_is_refused(tmp_
         "with --finetune"), refused.stdout[-4000:]
 
 
-@pytest.mark.parametrize("recompute", ["--recompute-granularity full --recompute-method uniform --recompute-num-layers 1",
-                                       "--recompute-activations"])
-def test_activation_recomputation_gives_the_same_losses(spec20, reference, tmp_path, recompute):
+@pytest.mark.parametrize("recompute, printed", [
+    ("--recompute-granularity full --recompute-method uniform --recompute-num-layers 1",
+     "recomputing whole layers (uniform, 1 layer)"),
+    ("--recompute-activations", "recomputing the core attention"),
+    ("--recompute-granularity selective --recompute-modules mlp layernorm", "recomputing the MLP and the norms"),
+], ids=["full", "selective", "modules"])
+def test_activation_recomputation_gives_the_same_losses(spec20, reference, tmp_path, recompute, printed):
     # with dropout on (0.1): the recomputed forward must draw the same dropout masks
     # (that megatron recomputes with these fields, and exactly: test_model's recomputation test)
     from cdp_megatron.pretrain import config_overrides
@@ -329,9 +337,13 @@ def test_activation_recomputation_gives_the_same_losses(spec20, reference, tmp_p
 
     fields = config_overrides(parse_args(shlex.split(cdp20(spec20) + " " + recompute), world_size=1))
     assert fields["recompute_granularity"] == ("full" if "full" in recompute else "selective")
+    assert fields.get("recompute_modules") == (["mlp", "layernorm"] if "modules" in recompute else None)
     out = ok(run(cdp20(spec20) + f" {recompute} --metrics-file m.jsonl", tmp_path))
-    assert "recomputing " in next(line for line in out.splitlines() if line.startswith("cdp-pretrain: 1 process"))
-    assert train_losses(tmp_path / "m.jsonl") == reference
+    assert printed in next(line for line in out.splitlines() if line.startswith("cdp-pretrain: 1 process"))
+    if "layernorm" in recompute:  # equal within float rounding (test_model's recomputation test says why)
+        _assert_close(train_losses(tmp_path / "m.jsonl"), reference, range(1, 21))
+    else:
+        assert train_losses(tmp_path / "m.jsonl") == reference
 
 
 def test_plain_resume_keeps_the_schedule_or_refuses_another(tmp_path):
@@ -572,7 +584,8 @@ LAYOUTS = {
     # activation recomputation across a pipeline and under TP
     "PP2-recompute-full": "--pipeline-model-parallel-size 2 --recompute-granularity full --recompute-method block "
                           "--recompute-num-layers 1",
-    "TP2-recompute-selective": "--tensor-model-parallel-size 2 --recompute-activations",
+    "TP2-recompute-selective": "--tensor-model-parallel-size 2 --recompute-activations --recompute-modules core_attn "
+                               "mlp layernorm",
 }
 FOUR_PROCESS_LAYOUTS = {
     "TP2PP2": "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2",
@@ -617,7 +630,7 @@ def test_four_process_layouts_match_one_process(layout, spec20, reference_no_dro
                                                tmp_path):
     """(TP, PP, DP) = (2, 2, 1) and (2, 1, 2) on 4 gloo processes, examples/base.json's per-type
     and per-depth multipliers: the 20 losses, grad and params norms equal the 1-process run's
-    within 1e-5, and the counts of zero gradients exactly."""
+    within 1e-5, and the counts of zero gradients within 0.1%."""
     ok(run(cdp20(spec20) + " --hidden-dropout 0 --attention-dropout 0 --metrics-file m.jsonl "
            + FOUR_PROCESS_LAYOUTS[layout] + LOG_NORMS, tmp_path, nproc=4, timeout=900))
     assert_same_run(tmp_path / "m.jsonl", reference_no_dropout_file, range(1, 21))
