@@ -314,8 +314,8 @@ def format_table(t: Target, explain: bool = False, per_layer: bool = False) -> s
         rows.append((type_, param, lay, *cells))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines += ["", fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*row) for row in rows]
+    lines += ["", fmt.format(*head).rstrip(), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*row).rstrip() for row in rows]
     note = range_legend([cell for row in rows for cell in row[3:]])
     if note:
         lines.append(f"({note}; --per-layer lists every layer)")
@@ -338,7 +338,8 @@ def format_table(t: Target, explain: bool = False, per_layer: bool = False) -> s
                               *(_fmt(f[k]) for k in ("base", "sde", "cdp", "type", "depth"))))
         ew = [max(len(h), *(len(row[i]) for row in erows)) for i, h in enumerate(eh)]
         efmt = "  ".join(f"{{:<{w}}}" for w in ew)
-        lines += [efmt.format(*eh), efmt.format(*("-" * w for w in ew))] + [efmt.format(*row) for row in erows]
+        lines += [efmt.format(*eh).rstrip(), efmt.format(*("-" * w for w in ew))]
+        lines += [efmt.format(*row).rstrip() for row in erows]
     return "\n".join(lines)
 
 

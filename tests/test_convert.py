@@ -666,3 +666,10 @@ def test_ffn_ratio_change_warns(capsys):
     assert "ffn_hidden_size / hidden_size changes" in warnings[0] and f"--ffn-hidden-size {want}" in warnings[0]
     rc, out, _ = run_main(capsys, EXAMPLE, "--width", "2x", "--ffn-hidden-size", str(want), "--format", "json")
     assert rc == 0 and json.loads(out)["warnings"] == []
+
+
+@pytest.mark.parametrize("flags", [(), ("--explain",), ("--per-layer",)], ids=["table", "explain", "per-layer"])
+def test_table_lines_have_no_trailing_spaces(capsys, flags):
+    rc, out, _ = run_main(capsys, str(EXAMPLE), "--width", "2x", "--depth", "2x", *flags)
+    assert rc == 0
+    assert [line for line in out.splitlines() if line != line.rstrip()] == []
