@@ -362,11 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--valid-data-path", nargs="*", help="validation data of its own, with --train-data-path")
     g.add_argument("--data-cache-path", help="where the dataset index caches go")
     g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document labels")
-    g.add_argument("--tokenizer-type", help="GPT2BPETokenizer, ByteTokenizer, HuggingFaceTokenizer or NullTokenizer "
-                   "(with --vocab-size)")
+    g.add_argument("--tokenizer-type", help="GPT2BPETokenizer, ByteTokenizer, HuggingFaceTokenizer, "
+                   "GPTSentencePieceTokenizer, Llama2Tokenizer or NullTokenizer (with --vocab-size)")
     g.add_argument("--vocab-file")
     g.add_argument("--merge-file")
-    g.add_argument("--tokenizer-model", help="HuggingFaceTokenizer directory or tokenizer.json")
+    g.add_argument("--tokenizer-model", help="HuggingFaceTokenizer: a directory or tokenizer.json; "
+                   "GPTSentencePieceTokenizer / Llama2Tokenizer: the SentencePiece model file")
     g.add_argument("--vocab-size", type=int, help="with --tokenizer-type NullTokenizer (data tokenized elsewhere), "
                    "or with --mock-data and no tokenizer: ids 0..N-1 plus an end-of-document id N")
     g.add_argument("--mock-data", action="store_true", help="random tokens (tests, benchmarks)")
@@ -807,7 +808,8 @@ def _validate_data(args: argparse.Namespace) -> None:
                         "--tokenizer-type")
     if (args.data_path or per_split) and not args.tokenizer_type:
         flag = "--data-path" if args.data_path else "--train-data-path"
-        raise ArgsError(f"--tokenizer-type is required with {flag} (ByteTokenizer, GPT2BPETokenizer, HuggingFaceTokenizer, or NullTokenizer with --vocab-size)")
+        raise ArgsError(f"--tokenizer-type is required with {flag} (ByteTokenizer, GPT2BPETokenizer, HuggingFaceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer, or "
+                        "NullTokenizer with --vocab-size)")
     args.tokenizer = None
     if args.tokenizer_type:
         try:

@@ -243,7 +243,8 @@ def prepare_corpus(
 
         if tokenizer_type == "NullTokenizer":
             raise CorpusError("--tokenizer-type NullTokenizer reads token ids, and the corpus is text; give "
-                              "ByteTokenizer, GPT2BPETokenizer or HuggingFaceTokenizer")
+                              "ByteTokenizer, GPT2BPETokenizer, HuggingFaceTokenizer, GPTSentencePieceTokenizer or "
+                              "Llama2Tokenizer")
         build_tokenizer(tokenizer_type, vocab_file, merge_file, tokenizer_model)
     documents = load_shakespeare(unit=unit, order=order, seed=seed, plays=plays)
     jsonl = Path(output_dir) / f"{name}.jsonl"

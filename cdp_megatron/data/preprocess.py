@@ -409,7 +409,8 @@ def add_tokenizer_arguments(group: argparse._ActionsContainer, *, required: bool
     )
     group.add_argument(
         "--tokenizer-model",
-        help="HuggingFaceTokenizer: a local directory with tokenizer.json, or the file",
+        help="HuggingFaceTokenizer: a local directory with tokenizer.json, or the file; GPTSentencePieceTokenizer / "
+        "Llama2Tokenizer: the SentencePiece model file",
     )
 
 

@@ -18,6 +18,13 @@ So an instance can be passed to ``GPTDatasetConfig(tokenizer=...)`` as it is.
 ``ByteTokenizer``        none: 256 byte ids plus end-of-document 256 (vocab size 257)
 ``HuggingFaceTokenizer`` ``--tokenizer-model``: a local directory holding tokenizer.json, or
                          the tokenizer.json file itself (never downloaded)
+``GPTSentencePieceTokenizer`` ``--tokenizer-model``: a SentencePiece model file (e.g.
+                         tokenizer.model; needs the ``sentencepiece`` package); end of
+                         document: the model's eos piece
+``Llama2Tokenizer``      the same, and every document starts with the model's bos piece
+                         (Megatron-LM's Llama-2 tokenizer)
+``NullTokenizer``        ``--vocab-size N``: text of space-separated ids 0..N-1 (tokenized
+                         elsewhere), end of document N
 =======================  ==================================================================
 """
 
@@ -34,7 +41,9 @@ __all__ = [
     "SUPPORTED_TOKENIZER_TYPES",
     "ByteTokenizer",
     "GPT2BPETokenizer",
+    "GPTSentencePieceTokenizer",
     "HuggingFaceTokenizer",
+    "Llama2Tokenizer",
     "NullTokenizer",
     "TokenizerError",
     "build_tokenizer",
@@ -42,7 +51,8 @@ __all__ = [
     "padded_vocab_size",
 ]
 
-SUPPORTED_TOKENIZER_TYPES = ("GPT2BPETokenizer", "ByteTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+SUPPORTED_TOKENIZER_TYPES = ("GPT2BPETokenizer", "ByteTokenizer", "HuggingFaceTokenizer", "GPTSentencePieceTokenizer",
+                             "Llama2Tokenizer", "NullTokenizer")
 
 # Megatron-LM --tokenizer-type names we know but do not implement: named in the error message
 # so that a user coming from Megatron-LM sees it is a deliberate gap, not a typo.
@@ -50,8 +60,6 @@ _MEGATRON_ONLY_TYPES = (
     "BertWordPieceLowerCase",
     "BertWordPieceCase",
     "SentencePieceTokenizer",
-    "GPTSentencePieceTokenizer",
-    "Llama2Tokenizer",
     "TikTokenizer",
     "MultimodalTokenizer",
     "NullMultimodalTokenizer",
@@ -426,6 +434,65 @@ class HuggingFaceTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+class GPTSentencePieceTokenizer:
+    """Megatron-LM's ``GPTSentencePieceTokenizer``: a SentencePiece model file, with the
+    model's own ids (``vocab_size`` its piece count), end of document = its eos piece, and
+    ``tokenize`` adding nothing. :class:`Llama2Tokenizer` puts the bos piece first.
+
+    Args:
+        model_file: the SentencePiece model (``--tokenizer-model``, e.g. tokenizer.model).
+    """
+
+    add_bos = False
+
+    def __init__(self, model_file: str | Path) -> None:
+        name = type(self).__name__
+        path = Path(model_file)
+        if not path.is_file():
+            raise TokenizerError(f"{name}: --tokenizer-model {path} is not a file (give the SentencePiece model, e.g. "
+                                 "tokenizer.model)")
+        try:
+            import sentencepiece
+        except ImportError as exc:
+            raise TokenizerError(f"{name} needs the 'sentencepiece' package: pip install sentencepiece") from exc
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except Exception as exc:  # sentencepiece raises OSError/RuntimeError for a file that is not a model
+            raise TokenizerError(f"{name}: cannot load {path} as a SentencePiece model ({exc})") from None
+        for piece, needed in (("eos", True), ("bos", self.add_bos)):
+            if needed and getattr(self._sp, f"{piece}_id")() < 0:
+                use = "the end of document" if piece == "eos" else "the start of every document"
+                raise TokenizerError(f"{name}: {path} has no {piece} piece ({piece}_id -1), which is {use}")
+        self.path = path
+        self.unique_identifiers = OrderedDict([("class", name), ("tokenizer_path", [str(path)])])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def eod(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def bos(self) -> int:
+        return self._sp.bos_id()
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = self._sp.encode(text)
+        return [self._sp.bos_id(), *ids] if self.add_bos else ids
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+class Llama2Tokenizer(GPTSentencePieceTokenizer):
+    """Megatron-LM's ``Llama2Tokenizer``: :class:`GPTSentencePieceTokenizer` whose ``tokenize``
+    puts the model's bos piece first (so every document of cdp-preprocess starts with it)."""
+
+    add_bos = True
+
+
 def _configured_eos(directory: Path) -> str | None:
     config = directory / "tokenizer_config.json"
     if not config.is_file():
@@ -483,6 +550,13 @@ def build_tokenizer(
                 "tokenizer.json)"
             )
         return HuggingFaceTokenizer(tokenizer_model)
+    if tokenizer_type in ("GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        _refuse(tokenizer_type, vocab_file=vocab_file, merge_file=merge_file)
+        if tokenizer_model is None:
+            raise TokenizerError(f"{tokenizer_type} needs --tokenizer-model (the SentencePiece model file, e.g. "
+                                 "tokenizer.model)")
+        cls = GPTSentencePieceTokenizer if tokenizer_type == "GPTSentencePieceTokenizer" else Llama2Tokenizer
+        return cls(tokenizer_model)
     supported = ", ".join(SUPPORTED_TOKENIZER_TYPES)
     if tokenizer_type in _MEGATRON_ONLY_TYPES:
         raise TokenizerError(

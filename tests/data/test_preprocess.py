@@ -153,6 +153,22 @@ def test_null_tokenizer_writes_the_ids_and_refuses_one_outside_the_vocabulary(tm
                    r"in.jsonl:2: NullTokenizer: id 70000 is outside 0..999 \(--vocab-size 1000\)$")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_llama2_tokenizer_documents_start_with_bos_and_end_with_eod(tmp_path, capsys, workers):
+    from ..data.test_tokenizers import train_sentencepiece
+
+    model = train_sentencepiece(tmp_path / "sp")
+    source = _jsonl(tmp_path / "in.jsonl", DOCS[:6])
+    argv = ["--input", str(source), "--output-prefix", str(tmp_path / "out" / "c"), "--tokenizer-type",
+            "Llama2Tokenizer", "--tokenizer-model", model, "--append-eod", "--workers", str(workers)]
+    assert main(argv) == 0
+    from cdp_megatron.data.tokenizers import build_tokenizer
+
+    tok = build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model=model)
+    assert _read(tmp_path / "out" / "c_text_document") == [[1, *tok.tokenize(d), tok.eod] for d in DOCS[:6]]
+    assert "(Llama2Tokenizer)" in capsys.readouterr().out
+
+
 def test_unknown_tokenizer_exits_2(tmp_path, capsys):
     (tmp_path / "in.jsonl").write_text('{"text": "ok"}\n', encoding="utf-8")
     argv = [

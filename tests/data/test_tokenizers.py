@@ -167,3 +167,60 @@ def test_factory_refuses_unused_files():
 )
 def test_padded_vocab_size(vocab, divisible_by, tp, padded):
     assert padded_vocab_size(vocab, divisible_by, tp) == padded
+
+
+# --- SentencePiece (GPTSentencePieceTokenizer, Llama2Tokenizer) ------------------------------
+SP_TEXT = [f"To be, or not to be, that is the question {i}: whether 'tis nobler in the mind to suffer." for i in range(300)]
+
+
+def train_sentencepiece(path, **options) -> str:
+    """A 200-piece SentencePiece model of SP_TEXT at ``path`` (unk 0, bos 1, eos 2 unless given)."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(SP_TEXT), model_prefix=str(path), vocab_size=200,
+                                             model_type="bpe", minloglevel=2, **options)
+    return f"{path}.model"
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> str:
+    return train_sentencepiece(tmp_path_factory.mktemp("sp") / "tok")
+
+
+def test_gpt_sentencepiece_is_the_model_with_eos_as_end_of_document(sp_model):
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
+    tok = build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model=sp_model)
+    assert (tok.vocab_size, tok.eod, tok.bos) == (200, 2, 1) == (sp.get_piece_size(), sp.eos_id(), sp.bos_id())
+    text = "whether 'tis nobler to be"
+    assert tok.tokenize(text) == sp.encode(text) and 1 not in tok.tokenize(text)  # no bos added
+    assert tok.detokenize(tok.tokenize(text)) == text
+    assert tok.unique_identifiers == {"class": "GPTSentencePieceTokenizer", "tokenizer_path": [sp_model]}
+
+
+def test_llama2_tokenizer_puts_bos_first(sp_model):
+    gpt = build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model=sp_model)
+    llama = build_tokenizer("Llama2Tokenizer", tokenizer_model=sp_model)
+    text = "To be, or not to be"
+    assert llama.tokenize(text) == [1, *gpt.tokenize(text)]  # as Megatron-LM's tokenize(s, bos=True)
+    assert (llama.vocab_size, llama.eod) == (gpt.vocab_size, gpt.eod)
+    assert llama.detokenize(llama.tokenize(text)) == text
+
+
+def test_sentencepiece_errors_name_the_fix(sp_model, tmp_path):
+    with pytest.raises(TokenizerError, match="^GPTSentencePieceTokenizer needs --tokenizer-model"):
+        build_tokenizer("GPTSentencePieceTokenizer")
+    with pytest.raises(TokenizerError, match="^--tokenizer-type Llama2Tokenizer does not use --vocab-file"):
+        build_tokenizer("Llama2Tokenizer", vocab_file="v.json", tokenizer_model=sp_model)
+    with pytest.raises(TokenizerError, match="is not a file"):
+        build_tokenizer("Llama2Tokenizer", tokenizer_model=str(tmp_path))
+    (tmp_path / "x.model").write_text("not a model")
+    with pytest.raises(TokenizerError, match="cannot load .*x.model as a SentencePiece model"):
+        build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model=str(tmp_path / "x.model"))
+    no_eos = train_sentencepiece(tmp_path / "no_eos", eos_id=-1)
+    with pytest.raises(TokenizerError, match=r"has no eos piece \(eos_id -1\), which is the end of document"):
+        build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model=no_eos)
+    no_bos = train_sentencepiece(tmp_path / "no_bos", bos_id=-1)
+    assert build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model=no_bos).eod == 2
+    with pytest.raises(TokenizerError, match=r"has no bos piece \(bos_id -1\), which is the start of every document"):
+        build_tokenizer("Llama2Tokenizer", tokenizer_model=no_bos)
