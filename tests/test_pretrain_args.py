@@ -338,8 +338,8 @@ def test_train_and_valid_data_of_their_own(tmp_path, monkeypatch):
     ):
         assert message in error(f"{data} {extra}"), extra
     assert error(f"{TINY.replace('--mock-data', '--lr 1e-3')} --train-data-path {tr} --eval-iters 0") == (
-        "--tokenizer-type is required with --train-data-path (ByteTokenizer, GPT2BPETokenizer, HuggingFaceTokenizer, or "
-        "NullTokenizer with --vocab-size)")
+        "--tokenizer-type is required with --train-data-path (ByteTokenizer, GPT2BPETokenizer, HuggingFaceTokenizer, "
+        "GPTSentencePieceTokenizer, Llama2Tokenizer, or NullTokenizer with --vocab-size)")
 
 
 def test_rotary_base_and_percent():
