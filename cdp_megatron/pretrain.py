@@ -221,6 +221,15 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _decay_description(args: argparse.Namespace) -> str:
+    """The start-up line's lr decay: the style, and WSD's final decay."""
+    if args.lr_decay_style != "WSD":
+        return f"{args.lr_decay_style} decay"
+    start = args.lr_decay_iters - args.lr_wsd_decay_iters
+    return (f"WSD decay (the peak lr up to iteration {start}, then {args.lr_wsd_decay_style} to the min lr at "
+            f"{args.lr_decay_iters})")
+
+
 def _rotary_description(args: argparse.Namespace) -> str:
     """The start-up line's note on rotary positions that are not Megatron's defaults."""
     if args.position_embedding_type != "rope" or all(getattr(args, k) == v for k, v in ROTARY_DEFAULTS.items()):
@@ -339,6 +348,9 @@ _SCHEDULE_FIELDS = (
     ("lr_decay_iters", "--lr-decay-iters"),
     ("lr_decay_style", "--lr-decay-style"),
     ("lr_warmup_init", "--lr-warmup-init"),
+    # megatron-core's scheduler keeps neither in its state: a resume with others would load silently
+    ("lr_wsd_decay_style", "--lr-wsd-decay-style"),
+    ("lr_wsd_decay_iters", "--lr-wsd-decay-iters"),
 )
 
 
@@ -682,8 +694,8 @@ class _Run:
             lines += [f"  warning: {w}" for w in t.warnings]
         else:
             lines.append(
-                f"  hyperparameters (plain Megatron): lr {args.lr:g}, min lr {args.min_lr:g}, {args.lr_decay_style} "
-                f"decay, warmup {args.lr_warmup_iters}, weight decay {args.weight_decay:g}, betas "
+                f"  hyperparameters (plain Megatron): lr {args.lr:g}, min lr {args.min_lr:g}, {_decay_description(args)}, "
+                f"warmup {args.lr_warmup_iters}, weight decay {args.weight_decay:g}, betas "
                 f"({args.adam_beta1:g}, {args.adam_beta2:g}), eps {args.adam_eps:g}, init std {args.init_method_std:g}"
             )
         print("\n".join(lines), flush=True)
@@ -776,6 +788,8 @@ class _Run:
             lr_decay_iters=args.lr_decay_iters,
             lr_decay_style=args.lr_decay_style,
             weight_decay=args.weight_decay,
+            wsd_decay_iters=args.lr_wsd_decay_iters,
+            lr_wsd_decay_style=args.lr_wsd_decay_style,
         )
 
     # ------------------------------------------------------------------------- checkpoints

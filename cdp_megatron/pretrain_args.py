@@ -67,9 +67,7 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--decoupled-min-lr": "per-group learning rates come from --cdp-config/--cdp-base",
     "--lr-decay-samples": "give --lr-decay-iters",
     "--lr-warmup-samples": "give --lr-warmup-iters or --lr-warmup-fraction",
-    "--lr-wsd-decay-style": "WSD schedules are not supported",
-    "--lr-wsd-decay-iters": "WSD schedules are not supported",
-    "--lr-wsd-decay-samples": "WSD schedules are not supported",
+    "--lr-wsd-decay-samples": "give --lr-wsd-decay-iters",
     "--start-weight-decay": "weight-decay schedules are not supported; give --weight-decay",
     "--end-weight-decay": "weight-decay schedules are not supported; give --weight-decay",
     "--weight-decay-incr-style": "weight-decay schedules are not supported",
@@ -342,8 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=("adam",), default="adam", help="AdamW (the only choice)")
     g.add_argument("--lr", type=float, help="peak learning rate (required without --cdp-*)")
     g.add_argument("--min-lr", type=float, help="default 0")
-    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root"),
-                   help="default linear (Megatron-LM); Complete(d)P specs use cosine")
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"),
+                   help="default linear (Megatron-LM); Complete(d)P specs use cosine; WSD: warmup, stable, then "
+                   "--lr-wsd-decay-style over the last --lr-wsd-decay-iters of --lr-decay-iters")
+    g.add_argument("--lr-wsd-decay-style", choices=WSD_DECAY_STYLES,
+                   help="with WSD: the shape of the final decay (default exponential, Megatron-LM's)")
+    g.add_argument("--lr-wsd-decay-iters", type=int, metavar="N",
+                   help="with WSD: iterations of the final decay, which ends at --lr-decay-iters")
     g.add_argument("--lr-decay-iters", type=int, help="default --train-iters")
     g.add_argument("--lr-warmup-iters", type=int, help="default 0")
     g.add_argument("--lr-warmup-fraction", type=float, help="warmup as a fraction of --lr-decay-iters")
@@ -436,6 +439,7 @@ def quickstart_base_spec() -> str:
 
 
 DEFAULT_SPLIT = "969, 30, 1"  # Megatron-LM's
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")  # megatron-core's, Megatron-LM's default first
 # --recompute-modules of a dense GPT model (megatron-core's others are for MoE and MLA layers)
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 ROTARY_DEFAULTS = {"rotary_base": 10000, "rotary_percent": 1.0}  # Megatron-LM's and GPTModel's
@@ -1005,6 +1009,30 @@ def _finish_schedule(args: argparse.Namespace) -> None:
         )
     if args.min_lr > args.lr:
         raise ArgsError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    _finish_wsd(args)
+
+
+def _finish_wsd(args: argparse.Namespace) -> None:
+    """WSD (megatron-core's OptimizerParamScheduler): warmup, then the peak lr, then the last
+    --lr-wsd-decay-iters of --lr-decay-iters decay to --min-lr. Both WSD fields are None for
+    the other styles (so that the resume record compares equal to those saved before WSD)."""
+    wsd_flags = [f for f, v in (("--lr-wsd-decay-style", args.lr_wsd_decay_style),
+                                ("--lr-wsd-decay-iters", args.lr_wsd_decay_iters)) if v is not None]
+    if args.lr_decay_style != "WSD":
+        if wsd_flags:
+            raise ArgsError(f"{wsd_flags[0]} applies with --lr-decay-style WSD (the decay style is "
+                            f"{args.lr_decay_style}); add --lr-decay-style WSD or drop the flag")
+        return
+    room = args.lr_decay_iters - args.lr_warmup_iters
+    if args.lr_wsd_decay_iters is None:
+        raise ArgsError(f"--lr-decay-style WSD needs --lr-wsd-decay-iters N: the iterations of the final decay, 1..{room} "
+                        "(they end at --lr-decay-iters)")
+    if not 1 <= args.lr_wsd_decay_iters <= room:
+        raise ArgsError(f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters}: give 1..{room}, the iterations after the "
+                        f"{args.lr_warmup_iters} of warmup up to --lr-decay-iters {args.lr_decay_iters} (a decay "
+                        "that starts during the warmup would jump)")
+    if args.lr_wsd_decay_style is None:
+        args.lr_wsd_decay_style = WSD_DECAY_STYLES[0]
 
 
 def owned_flags_table(args: argparse.Namespace) -> str:

@@ -179,6 +179,32 @@ def test_flag_names_are_megatron_lms():
     assert set(ACCEPTED_NO_OP_FLAGS) <= known
 
 
+def test_wsd_schedule_flags():
+    lr = TINY + " --lr 1e-3 --lr-warmup-iters 4"
+    args = parse(lr + " --lr-decay-style WSD --lr-wsd-decay-iters 6")
+    assert (args.lr_decay_style, args.lr_wsd_decay_style, args.lr_wsd_decay_iters) == ("WSD", "exponential", 6)
+    assert parse(lr + " --lr-decay-style WSD --lr-wsd-decay-iters 16 --lr-wsd-decay-style minus_sqrt").lr_wsd_decay_style \
+        == "minus_sqrt"
+    args = parse(lr + " --lr-decay-style cosine")
+    assert (args.lr_wsd_decay_style, args.lr_wsd_decay_iters) == (None, None)  # as records saved before WSD
+    assert error(lr + " --lr-decay-style WSD") == (
+        "--lr-decay-style WSD needs --lr-wsd-decay-iters N: the iterations of the final decay, 1..16 (they end at "
+        "--lr-decay-iters)")
+    assert error(lr + " --lr-decay-style WSD --lr-wsd-decay-iters 17") == (
+        "--lr-wsd-decay-iters 17: give 1..16, the iterations after the 4 of warmup up to --lr-decay-iters 20 (a decay "
+        "that starts during the warmup would jump)")
+    assert error(lr + " --lr-wsd-decay-iters 5") == (
+        "--lr-wsd-decay-iters applies with --lr-decay-style WSD (the decay style is linear); add --lr-decay-style WSD "
+        "or drop the flag")
+    assert "--lr-wsd-decay-samples is a Megatron-LM flag cdp-pretrain does not support (give --lr-wsd-decay-iters)" \
+        in error(lr + " --lr-wsd-decay-samples 100")
+    # Complete(d)P owns the schedule (cosine)
+    assert "--lr-decay-style WSD conflicts with --cdp-base" in error(
+        TINY + f" --cdp-base {BASE} --lr-decay-style WSD --lr-wsd-decay-iters 5")
+    assert error(TINY + f" --cdp-base {BASE} --lr-wsd-decay-iters 5").startswith(
+        "--lr-wsd-decay-iters applies with --lr-decay-style WSD (the decay style is cosine)")
+
+
 def test_manual_gc_flags():
     args = parse(TINY + " --lr 1e-3")
     assert (args.manual_gc, args.manual_gc_interval, args.manual_gc_eval) == (False, 0, True)

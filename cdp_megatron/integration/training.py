@@ -278,11 +278,15 @@ def plain_optimizer(
     lr_decay_iters: int,
     lr_decay_style: str,
     weight_decay: float,
+    wsd_decay_iters: int | None = None,
+    lr_wsd_decay_style: str | None = None,
 ) -> tuple[Any, Any]:
     """Plain Megatron (runs without ``--cdp-*``): ``get_megatron_optimizer(config, model)`` and
     an ``OptimizerParamScheduler`` with Megatron-LM's schedule (linear warmup from
     ``init_lr`` to ``max_lr`` over ``lr_warmup_iters``, then ``lr_decay_style`` to ``min_lr``
-    at ``lr_decay_iters``) and a constant weight decay. Returns (optimizer, scheduler).
+    at ``lr_decay_iters``; "WSD": the peak lr until the last ``wsd_decay_iters`` before
+    ``lr_decay_iters``, which decay in ``lr_wsd_decay_style``) and a constant weight decay.
+    Returns (optimizer, scheduler).
 
     As in Megatron-LM (and unlike the scheduler's own default), loading a checkpoint whose
     schedule differs from these values fails (``AssertionError``) instead of replacing them
@@ -300,6 +304,8 @@ def plain_optimizer(
         lr_warmup_steps=lr_warmup_iters,
         lr_decay_steps=lr_decay_iters,
         lr_decay_style=lr_decay_style,
+        wsd_decay_steps=wsd_decay_iters,
+        lr_wsd_decay_style=lr_wsd_decay_style,
         start_wd=weight_decay,
         end_wd=weight_decay,
         wd_incr_steps=lr_decay_iters,

@@ -381,6 +381,34 @@ def test_plain_resume_keeps_the_schedule_or_refuses_another(tmp_path):
         and "3" in last and "2" in last and "warmup" in last, last
 
 
+def test_wsd_schedule_and_a_resume_with_another_decay_is_refused(tmp_path):
+    """--lr-decay-style WSD: warmup, the peak lr, then the last --lr-wsd-decay-iters decay to the
+    min lr (megatron-core's scheduler; the lr printed for iteration i is the one it trained
+    with, the schedule at step i - 1). Its scheduler does not keep the WSD fields in its state:
+    the resume record does, so a resume with another final decay is refused."""
+    wsd = (TINY + " --lr 1e-3 --min-lr 1e-4 --eval-iters 0 --train-iters 12 --lr-warmup-iters 2 --lr-decay-style WSD "
+           "--lr-wsd-decay-iters 4")
+    out = ok(run(wsd + " --lr-wsd-decay-style cosine --metrics-file m.jsonl --save ck --exit-interval 6", tmp_path))
+    assert "WSD decay (the peak lr up to iteration 8, then cosine to the min lr at 12)" in out
+    ok(run(wsd + " --lr-wsd-decay-style cosine --metrics-file m.jsonl --load ck", tmp_path))  # iterations 7..12
+    lrs = {r["iteration"]: r["lr"] for r in records(tmp_path / "m.jsonl")}
+
+    def by_hand(step):
+        if step < 2:
+            return 1e-3 * step / 2  # linear warmup from 0
+        if step <= 8:
+            return 1e-3
+        return 1e-4 + 0.5 * (1 + math.cos(math.pi * (step - 8) / 4)) * (1e-3 - 1e-4)
+
+    assert lrs == pytest.approx({i: by_hand(i - 1) for i in range(1, 13)}, rel=1e-12)
+    refused = run(wsd + " --lr-wsd-decay-style cosine --lr-wsd-decay-iters 6 --load ck --ckpt-step 6", tmp_path)
+    assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1].endswith(
+        "the checkpoint was trained on another lr schedule (--lr-wsd-decay-iters 4 there, 6 here); resume with the "
+        "flags it was saved with, or --save to a new folder"), refused.stdout[-4000:]
+    refused = run(wsd + " --load ck --ckpt-step 6", tmp_path)  # the default final decay is exponential
+    assert refused.returncode == 2 and "(--lr-wsd-decay-style cosine there, exponential here)" in refused.stdout
+
+
 def test_resume_with_another_sequence_length_counts_the_tokens_trained(tmp_path):
     """A plain run may resume on shorter sequences (rope, the same --max-position-embeddings):
     the consumed tokens go on from the checkpoint's count (they were samples x the new
