@@ -5,12 +5,14 @@ whose methods do nothing). Per iteration the loop calls :meth:`Metrics.iteration
 ``log_interval`` iterations (and at the last one) it emits
 
 - a human log line (iteration, lm loss, z loss, lr, grad norm, tokens/s, elapsed),
-- TensorBoard scalars under ``--tensorboard-dir`` (``train/lm_loss``, ``train/z_loss``,
-  ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``, and ``train/params_norm`` /
-  ``train/num_zeros_in_grad`` when they are logged, the same values as the JSONL
-  record; at evaluations ``valid/lm_loss``, and ``valid/lm_loss_ppl`` with
-  ``log_validation_ppl``; x axis: iteration),
 - one JSON object in ``--metrics-file`` (schema below),
+
+and, as Megatron-LM does, every ``tensorboard_log_interval`` iterations (default 1: every
+one) TensorBoard scalars under ``--tensorboard-dir`` of that iteration itself (not means
+over a window): ``train/lm_loss``, ``train/z_loss``, ``train/lr``, ``train/grad_norm``,
+``train/tokens_per_s``, and ``train/params_norm`` / ``train/num_zeros_in_grad`` when they
+are logged; at evaluations ``valid/lm_loss``, and ``valid/lm_loss_ppl`` with
+``log_validation_ppl`` (x axis: iteration);
 
 and a tqdm progress bar advances every iteration when stdout is a terminal (log lines are
 then written above it).
@@ -119,6 +121,8 @@ class Metrics:
         from there; 0 starts a new file.
     progress: show a tqdm bar; default: when ``stream`` is a terminal and tqdm is installed.
     log_validation_ppl: also write the validation perplexity to TensorBoard.
+    tensorboard_log_interval: iterations between TensorBoard points (each the iteration's own
+        values).
     """
 
     def __init__(
@@ -133,8 +137,11 @@ class Metrics:
         progress: bool | None = None,
         stream: TextIO | None = None,
         log_validation_ppl: bool = False,
+        tensorboard_log_interval: int = 1,
     ) -> None:
         self.enabled = enabled
+        # the same on every rank (values that take a collective are computed where they are wanted)
+        self._tensorboard_every = tensorboard_log_interval if tensorboard_dir else None
         self.log_validation_ppl = log_validation_ppl
         self.train_iters = train_iters
         self.log_interval = log_interval
@@ -190,9 +197,14 @@ class Metrics:
 
     # ------------------------------------------------------------------------------ records
     def logs_at(self, iteration: int) -> bool:
-        """Whether ``iteration`` gets a record (every rank answers the same: values that take a
-        collective, such as the params norm, are computed at these iterations only)."""
+        """Whether ``iteration`` gets a log line and a metrics record."""
         return iteration % self.log_interval == 0 or iteration == self.train_iters
+
+    def wants_values_at(self, iteration: int) -> bool:
+        """Whether ``iteration`` is logged anywhere: a record, or a TensorBoard point. Every rank
+        answers the same, so values that take a collective (the params norm) are computed at
+        these iterations only."""
+        return self.logs_at(iteration) or bool(self._tensorboard_every and iteration % self._tensorboard_every == 0)
 
     def iteration(
         self,
@@ -213,7 +225,7 @@ class Metrics:
         """Record one finished iteration; returns the emitted record at log points, else None.
 
         tokens: tokens of this iteration (global batch x sequence length).
-        params_norm / num_zeros_in_grad: recorded when given (at the log points).
+        params_norm / num_zeros_in_grad: recorded when given (where ``wants_values_at``).
         """
         if math.isfinite(lm_loss):
             self.last_finite_loss, self.last_finite_iteration = float(lm_loss), iteration
@@ -226,6 +238,16 @@ class Metrics:
             {"lm_loss": lm_loss, "z_loss": z_loss, "time": iteration_time_s, "tokens": tokens,
              "optimizer": optimizer_step_s}
         )
+        if self._tb is not None and iteration % self._tensorboard_every == 0:
+            point = {"lm_loss": lm_loss, "z_loss": z_loss, "lr": lr, "grad_norm": grad_norm,
+                     "tokens_per_s": tokens / iteration_time_s if iteration_time_s > 0 else None,
+                     "params_norm": params_norm, "num_zeros_in_grad": num_zeros_in_grad}
+            for key, value in point.items():
+                value = _finite_or_none(value)
+                if value is not None:
+                    self._tb.add_scalar(f"train/{key}", value, iteration)
+            if self.logs_at(iteration):  # on disk by the time the log line shows
+                self._tb.flush()
         if not self.logs_at(iteration):
             return None
         window, self._window = self._window, []
@@ -253,12 +275,6 @@ class Metrics:
         self.print(format_log_line({**record, "grad_norm": grad_norm if grad_norm is not None else float("nan")},
                                    self.train_iters))
         self._write({k: _json_float(v) if isinstance(v, float) else v for k, v in record.items()})
-        if self._tb is not None:
-            for key in ("lm_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "params_norm", "num_zeros_in_grad"):
-                value = _finite_or_none(record.get(key))
-                if value is not None:
-                    self._tb.add_scalar(f"train/{key}", value, iteration)
-            self._tb.flush()
         return record
 
     def evaluation(self, iteration: int, val_loss: float, val_z_loss: float) -> dict | None:

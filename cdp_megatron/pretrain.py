@@ -1008,6 +1008,7 @@ class _Run:
             metrics_file=args.metrics_file,
             tensorboard_dir=args.tensorboard_dir,
             log_validation_ppl=args.log_validation_ppl_to_tensorboard,
+            tensorboard_log_interval=args.tensorboard_log_interval,
             resume_from=start_iteration,
             enabled=self.rank == 0,
         )
@@ -1054,7 +1055,7 @@ class _Run:
                     consumed_samples=self.consumed_samples,
                     consumed_tokens=self.consumed_tokens,
                     tokens=tokens_per_iteration,
-                    params_norm=self._params_norm() if args.log_params_norm and metrics.logs_at(iteration) else None,
+                    params_norm=self._params_norm() if args.log_params_norm and metrics.wants_values_at(iteration) else None,
                     num_zeros_in_grad=self.num_zeros_in_grad,
                 )
                 manual_gc.after_iteration(iteration)

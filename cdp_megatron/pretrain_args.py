@@ -130,7 +130,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--tp-comm-overlap": "not supported",
     "--defer-embedding-wgrad-compute": "not supported",
     "--timing-log-level": "not supported",
-    "--tensorboard-log-interval": "TensorBoard scalars are written every --log-interval",
     "--wandb-project": "use --tensorboard-dir or --metrics-file",
     "--wandb-exp-name": "use --tensorboard-dir or --metrics-file",
     "--wandb-save-dir": "use --tensorboard-dir or --metrics-file",
@@ -396,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=100, help="validation batches per evaluation (0: none)")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--tensorboard-dir", help="write TensorBoard scalars here")
+    g.add_argument("--tensorboard-log-interval", type=int, metavar="N",
+                   help="a TensorBoard point (that iteration's values) every N iterations (default 1, Megatron-LM's)")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
                    help="also write the validation perplexity (valid/lm_loss_ppl)")
     g.add_argument("--log-params-norm", action="store_true",
@@ -582,7 +583,8 @@ def _validate(args: argparse.Namespace) -> None:
               "global_batch_size", "train_iters", "train_samples", "num_query_groups", "ffn_hidden_size",
               "max_position_embeddings", "tensor_model_parallel_size", "pipeline_model_parallel_size",
               "num_layers_per_virtual_pipeline_stage", "log_interval", "eval_interval", "save_interval",
-              "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size", "ckpt_step")
+              "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size", "ckpt_step",
+              "tensorboard_log_interval")
     _positive(args, "eval_iters", "lr_warmup_iters", "cdp_z_loss", allow_zero=True)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0 <= getattr(args, name) < 1:
@@ -862,6 +864,10 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
         raise ArgsError("--save-interval needs --save")
     if args.log_validation_ppl_to_tensorboard and not args.tensorboard_dir:
         raise ArgsError("--log-validation-ppl-to-tensorboard needs --tensorboard-dir")
+    if args.tensorboard_log_interval is not None and not args.tensorboard_dir:
+        raise ArgsError("--tensorboard-log-interval needs --tensorboard-dir")
+    if args.tensorboard_log_interval is None:
+        args.tensorboard_log_interval = 1
     # Every output is tried before the run starts: a --save that cannot be made would
     # otherwise fail at the first checkpoint, after the training it was meant to keep.
     for flag, folder in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir)):

@@ -93,7 +93,10 @@ def tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
-def test_tensorboard_scalars_are_the_records_values(tmp_path):
+def test_tensorboard_points_are_each_iterations_own_values(tmp_path):
+    """As in Megatron-LM: a TensorBoard point every --tensorboard-log-interval iterations (default
+    1) with that iteration's values, where the log line and the metrics file have means over
+    the --log-interval window."""
     pytest.importorskip("tensorboard")
     pytest.importorskip("torch")
     m = Metrics(train_iters=4, log_interval=2, metrics_file=tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb",
@@ -103,17 +106,27 @@ def test_tensorboard_scalars_are_the_records_values(tmp_path):
     m.evaluation(4, 1.5, 0.02)
     m.close()
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["lm_loss"] for r in rows if not r.get("eval")] == [1.5, 3.5]  # window means
     tb = tensorboard_scalars(tmp_path / "tb")
-    for key in ("lm_loss", "z_loss", "lr", "grad_norm", "tokens_per_s"):
-        assert tb[f"train/{key}"] == pytest.approx({r["iteration"]: r[key] for r in rows if not r.get("eval")}), key
-    assert tb["train/lm_loss"] == {2: 1.5, 4: 3.5}  # window means, at the logged iterations
+    assert tb["train/lm_loss"] == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}  # each iteration's own
+    assert tb["train/z_loss"] == pytest.approx(dict.fromkeys(range(1, 5), 0.01))
+    assert tb["train/lr"] == pytest.approx(dict.fromkeys(range(1, 5), 1e-3))
+    assert tb["train/grad_norm"] == dict.fromkeys(range(1, 5), 0.5)
+    assert tb["train/tokens_per_s"] == dict.fromkeys(range(1, 5), 512.0)  # 256 tokens in 0.5 s
     assert tb["valid/lm_loss"] == {4: 1.5} and tb["valid/lm_loss_ppl"] == pytest.approx({4: math.exp(1.5)})
-    # without the flag: no perplexity
-    m = Metrics(train_iters=1, tensorboard_dir=tmp_path / "tb2", stream=io.StringIO())
-    _step(m, 1)
-    m.evaluation(1, 1.5, 0.02)
+    # every 2nd iteration: the iteration's value at 2 and 4, not the window's mean; no perplexity without the flag
+    m = Metrics(train_iters=4, log_interval=4, tensorboard_dir=tmp_path / "tb2", stream=io.StringIO(),
+                tensorboard_log_interval=2)
+    assert [m.wants_values_at(i) for i in range(1, 5)] == [False, True, False, True]
+    for i in range(1, 5):
+        _step(m, i, loss=float(i))
+    m.evaluation(4, 1.5, 0.02)
     m.close()
-    assert "valid/lm_loss_ppl" not in tensorboard_scalars(tmp_path / "tb2")
+    tb = tensorboard_scalars(tmp_path / "tb2")
+    assert tb["train/lm_loss"] == {2: 2.0, 4: 4.0} and "valid/lm_loss_ppl" not in tb
+    # without TensorBoard only the log points want values (on every rank alike)
+    m = Metrics(train_iters=5, log_interval=2, enabled=False, tensorboard_dir=None)
+    assert [m.wants_values_at(i) for i in range(1, 6)] == [False, True, False, True, True]
 
 
 def test_params_norm_and_zero_counts_when_given(tmp_path):
@@ -125,7 +138,7 @@ def test_params_norm_and_zero_counts_when_given(tmp_path):
     assert [m.logs_at(i) for i in range(1, 5)] == [False, True, False, True]
     for i in range(1, 5):
         m.iteration(i, lm_loss=2.0, z_loss=0.01, lr=1e-3, grad_norm=0.5, iteration_time_s=0.5, consumed_samples=8 * i,
-                    consumed_tokens=256 * i, tokens=256, params_norm=10.0 + i if m.logs_at(i) else None,
+                    consumed_tokens=256 * i, tokens=256, params_norm=10.0 + i if m.wants_values_at(i) else None,
                     num_zeros_in_grad=100 * i)
     m.close()
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
@@ -133,7 +146,8 @@ def test_params_norm_and_zero_counts_when_given(tmp_path):
     assert "| params norm: 12.0000 | num zeros: 200" in out.getvalue()
     if _has_tensorboard():
         tb = tensorboard_scalars(tmp_path / "tb")
-        assert tb["train/params_norm"] == {2: 12.0, 4: 14.0} and tb["train/num_zeros_in_grad"] == {2: 200, 4: 400}
+        assert tb["train/params_norm"] == {i: 10.0 + i for i in range(1, 5)}  # every iteration is a TensorBoard point
+        assert tb["train/num_zeros_in_grad"] == {i: 100 * i for i in range(1, 5)}
     m = Metrics(train_iters=1, metrics_file=tmp_path / "plain.jsonl", stream=out)
     _step(m, 1)
     m.close()

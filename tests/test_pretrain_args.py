@@ -444,6 +444,14 @@ def test_layernorm_recomputation_is_refused_with_fp8(monkeypatch):
         "scaling); recompute core_attn or mlp")
 
 
+def test_tensorboard_log_interval_needs_tensorboard():
+    assert parse(TINY + " --lr 1e-3 --tensorboard-dir tb").tensorboard_log_interval == 1  # Megatron-LM's default
+    assert parse(TINY + " --lr 1e-3 --tensorboard-dir tb --tensorboard-log-interval 10").tensorboard_log_interval == 10
+    assert error(TINY + " --lr 1e-3 --tensorboard-log-interval 10") == "--tensorboard-log-interval needs --tensorboard-dir"
+    assert error(TINY + " --lr 1e-3 --tensorboard-dir tb --tensorboard-log-interval 0") == (
+        "--tensorboard-log-interval must be > 0, got 0")
+
+
 def test_validation_perplexity_needs_tensorboard():
     assert parse(TINY + " --lr 1e-3 --tensorboard-dir tb --log-validation-ppl-to-tensorboard").log_validation_ppl_to_tensorboard
     assert error(TINY + " --lr 1e-3 --log-validation-ppl-to-tensorboard") == (

@@ -167,6 +167,19 @@ def test_plain_mock_run_metrics_and_loss_decrease(tmp_path):
     assert tb["valid/lm_loss_ppl"] == pytest.approx({r["iteration"]: math.exp(r["val_loss"]) for r in evals})
 
 
+def test_tensorboard_points_at_their_own_interval(tmp_path):
+    """--tensorboard-log-interval 3 with --log-interval 4: TensorBoard gets iterations 3, 6, 9, 12
+    (with the params norm, computed there too), the metrics file 4, 8, 12."""
+    ok(run(TINY + " --train-iters 12 --lr 3e-3 --eval-iters 0 --log-interval 4 --tensorboard-log-interval 3 "
+           "--tensorboard-dir tb --metrics-file m.jsonl --log-params-norm", tmp_path))
+    rows = records(tmp_path / "m.jsonl")
+    assert [r["iteration"] for r in rows] == [4, 8, 12]
+    tb = tensorboard_scalars(tmp_path / "tb")
+    assert sorted(tb["train/lm_loss"]) == sorted(tb["train/params_norm"]) == [3, 6, 9, 12]
+    assert tb["train/params_norm"][12] == pytest.approx(rows[-1]["params_norm"])
+    assert tb["train/lr"][12] == pytest.approx(rows[-1]["lr"])
+
+
 @pytest.fixture(scope="module")
 def byte_corpus(tmp_path_factory) -> dict[str, str]:
     """Two small ByteTokenizer datasets (ids 0..255, end-of-document 256): "tr" and "va"."""
