@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute the core attention in the backward (= --recompute-granularity selective)")
     g.add_argument("--recompute-granularity", choices=("full", "selective"),
                    help="full: recompute whole layers (with --recompute-method and --recompute-num-layers); "
-                   "selective: the core attention")
+                   "selective: the core attention, or what --recompute-modules names")
     g.add_argument("--recompute-method", choices=("uniform", "block"),
                    help="with full: uniform (layers in chunks of N) or block (the first N layers of each "
                    "pipeline stage)")
