@@ -10,8 +10,8 @@ whose methods do nothing). Per iteration the loop calls :meth:`Metrics.iteration
 and, as Megatron-LM does, every ``tensorboard_log_interval`` iterations (default 1: every
 one) TensorBoard scalars under ``--tensorboard-dir`` of that iteration itself (not means
 over a window): ``train/lm_loss``, ``train/z_loss``, ``train/lr``, ``train/grad_norm``,
-``train/tokens_per_s``, and ``train/params_norm`` / ``train/num_zeros_in_grad`` when they
-are logged; at evaluations ``valid/lm_loss``, and ``valid/lm_loss_ppl`` with
+``train/tokens_per_s``, and ``train/tflops_per_gpu``, ``train/params_norm`` /
+``train/num_zeros_in_grad`` when they are logged; at evaluations ``valid/lm_loss``, and ``valid/lm_loss_ppl`` with
 ``log_validation_ppl`` (x axis: iteration);
 
 and a tqdm progress bar advances every iteration when stdout is a terminal (log lines are
@@ -30,6 +30,9 @@ logged iteration             ``iteration``, ``consumed_samples``, ``consumed_tok
                              clipping), ``iteration_time_s`` (mean; ``optimizer_step_s``
                              the optimizer's share of it), ``tokens_per_s``,
                              ``elapsed_s`` (since the process started); with
+                             ``--log-throughput`` ``tflops_per_gpu`` (the model's
+                             FLOPs, counted as Megatron-LM counts them, per second and
+                             process, in 10^12); with
                              ``--log-params-norm`` ``params_norm`` (the L2 norm of all
                              weights after this iteration's update), with
                              ``--log-num-zeros-in-grad`` ``num_zeros_in_grad`` (gradient
@@ -55,11 +58,43 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["Metrics", "format_log_line", "PROCESS_START"]
+__all__ = ["Metrics", "format_log_line", "gpt_flops_per_iteration", "PROCESS_START"]
 
 # Wall-clock origin for ``elapsed_s``: when this module was first imported (the entry point
 # imports it first thing), close enough to the process start for start-up timings.
 PROCESS_START = time.time()
+
+
+def gpt_flops_per_iteration(
+    *,
+    global_batch_size: int,
+    seq_length: int,
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+    ffn_hidden_size: int,
+    swiglu: bool,
+    padded_vocab_size: int,
+) -> float:
+    """Floating-point operations of one training iteration of a dense GPT model, counted as
+    Megatron-LM counts them for ``--log-throughput`` (``num_floating_point_operations``):
+    every GEMM 3 times (forward, weight and data gradients) at 2 per multiply-add, per token
+
+    - attention: 6 (h (q + k + v) + q s + q h), with q = h (the heads' width), k = v =
+      h x groups / heads, and the causal half of the s x s scores (QK^T and its product with V),
+    - MLP: 6 h ffn x (3 with SwiGLU, else 2),
+    - logits: 6 h V (the padded vocabulary),
+
+    times layers (attention and MLP) and global batch x sequence length. Norms, softmax,
+    embeddings lookups and the optimizer are not counted."""
+    head_dim = hidden_size / num_attention_heads
+    q = head_dim * num_attention_heads
+    kv = head_dim * num_query_groups
+    attention = 6 * (hidden_size * (q + 2 * kv) + q * seq_length + q * hidden_size)
+    mlp = 6 * hidden_size * ffn_hidden_size * (3 if swiglu else 2)
+    logits = 6 * hidden_size * padded_vocab_size
+    return float(global_batch_size * seq_length * (num_layers * (attention + mlp) + logits))
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -92,6 +127,8 @@ def format_log_line(record: dict, train_iters: int) -> str:
         f" grad norm: {record['grad_norm']:.4f} |"
         f" tokens/s: {record['tokens_per_s']:.0f} |"
         f" iter time: {1000 * record['iteration_time_s']:.1f} ms"
+        + (f" | throughput per GPU: {record['tflops_per_gpu']:.1f} TFLOP/s" if record.get("tflops_per_gpu") is not None
+           else "")
         + (f" | params norm: {record['params_norm']:.4f}" if record.get("params_norm") is not None else "")
         + (f" | num zeros: {record['num_zeros_in_grad']}" if record.get("num_zeros_in_grad") is not None else "")
     )
@@ -123,6 +160,9 @@ class Metrics:
     log_validation_ppl: also write the validation perplexity to TensorBoard.
     tensorboard_log_interval: iterations between TensorBoard points (each the iteration's own
         values).
+    flops_per_iteration, world_size: with ``--log-throughput``, the model's floating-point
+        operations per iteration (:func:`gpt_flops_per_iteration`) and the processes they
+        are shared by: records get ``tflops_per_gpu``.
     """
 
     def __init__(
@@ -138,8 +178,11 @@ class Metrics:
         stream: TextIO | None = None,
         log_validation_ppl: bool = False,
         tensorboard_log_interval: int = 1,
+        flops_per_iteration: float | None = None,
+        world_size: int = 1,
     ) -> None:
         self.enabled = enabled
+        self.flops_per_iteration, self.world_size = flops_per_iteration, world_size
         # the same on every rank (values that take a collective are computed where they are wanted)
         self._tensorboard_every = tensorboard_log_interval if tensorboard_dir else None
         self.log_validation_ppl = log_validation_ppl
@@ -241,6 +284,7 @@ class Metrics:
         if self._tb is not None and iteration % self._tensorboard_every == 0:
             point = {"lm_loss": lm_loss, "z_loss": z_loss, "lr": lr, "grad_norm": grad_norm,
                      "tokens_per_s": tokens / iteration_time_s if iteration_time_s > 0 else None,
+                     "tflops_per_gpu": self._tflops_per_gpu(1, iteration_time_s),
                      "params_norm": params_norm, "num_zeros_in_grad": num_zeros_in_grad}
             for key, value in point.items():
                 value = _finite_or_none(value)
@@ -268,6 +312,8 @@ class Metrics:
             "tokens_per_s": sum(w["tokens"] for w in window) / seconds if seconds > 0 else 0.0,
             "elapsed_s": self.elapsed(),
         }
+        if self.flops_per_iteration is not None:
+            record["tflops_per_gpu"] = self._tflops_per_gpu(len(window), seconds)
         if params_norm is not None:
             record["params_norm"] = float(params_norm)
         if num_zeros_in_grad is not None:
@@ -276,6 +322,11 @@ class Metrics:
                                    self.train_iters))
         self._write({k: _json_float(v) if isinstance(v, float) else v for k, v in record.items()})
         return record
+
+    def _tflops_per_gpu(self, iterations: int, seconds: float) -> float | None:
+        if self.flops_per_iteration is None or seconds <= 0:
+            return None
+        return self.flops_per_iteration * iterations / seconds / self.world_size / 1e12
 
     def evaluation(self, iteration: int, val_loss: float, val_z_loss: float) -> dict | None:
         """Record a validation result."""

@@ -221,6 +221,18 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _flops_per_iteration(args: argparse.Namespace) -> float:
+    """--log-throughput: the model's FLOPs per iteration, as Megatron-LM counts them."""
+    from cdp_megatron.metrics import gpt_flops_per_iteration
+
+    return gpt_flops_per_iteration(
+        global_batch_size=args.global_batch_size, seq_length=args.seq_length, num_layers=args.num_layers,
+        hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups, ffn_hidden_size=args.ffn_hidden_size, swiglu=bool(args.swiglu),
+        padded_vocab_size=args.padded_vocab_size,
+    )
+
+
 def _decay_description(args: argparse.Namespace) -> str:
     """The start-up line's lr decay: the style, and WSD's final decay."""
     if args.lr_decay_style != "WSD":
@@ -1009,6 +1021,8 @@ class _Run:
             tensorboard_dir=args.tensorboard_dir,
             log_validation_ppl=args.log_validation_ppl_to_tensorboard,
             tensorboard_log_interval=args.tensorboard_log_interval,
+            flops_per_iteration=_flops_per_iteration(args) if args.log_throughput else None,
+            world_size=args.world_size,
             resume_from=start_iteration,
             enabled=self.rank == 0,
         )

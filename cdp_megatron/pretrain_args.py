@@ -176,7 +176,6 @@ ACCEPTED_NO_OP_FLAGS: dict[str, str] = {
     "--use-mcore-models": "cdp-pretrain always builds megatron.core models",
     "--use-cpu-initialization": "weights are always initialised on the CPU (TP-invariant)",
     "--calculate-per-token-loss": "the loss is always averaged over the tokens of the global batch",
-    "--log-throughput": "tokens/s is always logged",
     "--attention-softmax-in-fp32": "the attention softmax is always computed in fp32 (megatron-core's default)",
     "--no-create-attention-mask-in-dataloader": "the data loader never makes an attention mask (the model's "
                                                 "causal mask is used)",
@@ -399,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a TensorBoard point (that iteration's values) every N iterations (default 1, Megatron-LM's)")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
                    help="also write the validation perplexity (valid/lm_loss_ppl)")
+    g.add_argument("--log-throughput", action="store_true",
+                   help="also log the throughput per GPU in TFLOP/s (the model's FLOPs counted as Megatron-LM counts "
+                   "them); tokens/s is always logged")
     g.add_argument("--log-params-norm", action="store_true",
                    help="log the L2 norm of all weights (params norm) at every --log-interval")
     g.add_argument("--log-num-zeros-in-grad", action="store_true",

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from cdp_megatron.metrics import Metrics
+from cdp_megatron.metrics import Metrics, gpt_flops_per_iteration
 
 
 class _Terminal(io.StringIO):
@@ -159,3 +159,32 @@ def _has_tensorboard() -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(m) is not None for m in ("tensorboard", "torch"))
+
+
+def test_flops_per_iteration_as_megatron_lm_counts_them():
+    """By hand, per token (x 6: three GEMMs per weight, two FLOPs per multiply-add), for hidden
+    64, 4 heads, seq 32, SwiGLU ffn 176, padded vocabulary 256, 2 layers, batch 8:
+    attention 6 (64 (64 + 64 + 64) + 64 x 32 + 64 x 64) = 110592 a layer, MLP 6 x 64 x 176 x 3
+    = 202752 a layer, logits 6 x 64 x 256 = 98304; (2 (110592 + 202752) + 98304) x 8 x 32."""
+    shape = dict(global_batch_size=8, seq_length=32, num_layers=2, hidden_size=64, num_attention_heads=4,
+                 num_query_groups=4, ffn_hidden_size=176, swiglu=True, padded_vocab_size=256)
+    assert gpt_flops_per_iteration(**shape) == (2 * (110592 + 202752) + 98304) * 8 * 32 == 185_597_952
+    # GQA with 2 groups: k and v are 32 wide, 6 (64 (64 + 32 + 32) + 2048 + 4096) = 86016; no SwiGLU: x 2
+    gqa = {**shape, "num_query_groups": 2, "swiglu": False}
+    assert gpt_flops_per_iteration(**gqa) == (2 * (86016 + 6 * 64 * 176 * 2) + 98304) * 8 * 32
+
+
+def test_throughput_per_gpu_in_the_record_and_the_log_line(tmp_path):
+    out = io.StringIO()
+    m = Metrics(train_iters=2, log_interval=2, metrics_file=tmp_path / "m.jsonl", stream=out,
+                flops_per_iteration=4e12, world_size=4)
+    for i in (1, 2):
+        _step(m, i)  # 0.5 s an iteration
+    m.close()
+    record = json.loads((tmp_path / "m.jsonl").read_text())
+    assert record["tflops_per_gpu"] == pytest.approx(4e12 / 0.5 / 4 / 1e12)  # 2.0
+    assert "| throughput per GPU: 2.0 TFLOP/s" in out.getvalue()
+    m = Metrics(train_iters=1, metrics_file=tmp_path / "plain.jsonl", stream=out)
+    _step(m, 1)
+    m.close()
+    assert "tflops_per_gpu" not in json.loads((tmp_path / "plain.jsonl").read_text())

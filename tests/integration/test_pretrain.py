@@ -169,13 +169,23 @@ def test_plain_mock_run_metrics_and_loss_decrease(tmp_path):
 
 def test_tensorboard_points_at_their_own_interval(tmp_path):
     """--tensorboard-log-interval 3 with --log-interval 4: TensorBoard gets iterations 3, 6, 9, 12
-    (with the params norm, computed there too), the metrics file 4, 8, 12."""
-    ok(run(TINY + " --train-iters 12 --lr 3e-3 --eval-iters 0 --log-interval 4 --tensorboard-log-interval 3 "
-           "--tensorboard-dir tb --metrics-file m.jsonl --log-params-norm", tmp_path))
+    (with the params norm, computed there too), the metrics file 4, 8, 12; --log-throughput."""
+    from cdp_megatron.metrics import gpt_flops_per_iteration
+
+    out = ok(run(TINY + " --train-iters 12 --lr 3e-3 --eval-iters 0 --log-interval 4 --tensorboard-log-interval 3 "
+                 "--tensorboard-dir tb --metrics-file m.jsonl --log-params-norm --log-throughput", tmp_path))
     rows = records(tmp_path / "m.jsonl")
     assert [r["iteration"] for r in rows] == [4, 8, 12]
+    # --log-throughput: the model's FLOPs (TINY's shape) per second of the window's mean iteration
+    flops = gpt_flops_per_iteration(global_batch_size=8, seq_length=32, num_layers=2, hidden_size=64,
+                                    num_attention_heads=4, num_query_groups=4, ffn_hidden_size=176, swiglu=True,
+                                    padded_vocab_size=256)
+    for r in rows:
+        assert r["tflops_per_gpu"] == pytest.approx(flops / r["iteration_time_s"] / 1e12, rel=1e-9)
+    assert any(" iteration 12/12 " in line and "| throughput per GPU: " in line for line in out.splitlines())
     tb = tensorboard_scalars(tmp_path / "tb")
-    assert sorted(tb["train/lm_loss"]) == sorted(tb["train/params_norm"]) == [3, 6, 9, 12]
+    assert sorted(tb["train/lm_loss"]) == sorted(tb["train/params_norm"]) == sorted(tb["train/tflops_per_gpu"]) \
+        == [3, 6, 9, 12]
     assert tb["train/params_norm"][12] == pytest.approx(rows[-1]["params_norm"])
     assert tb["train/lr"][12] == pytest.approx(rows[-1]["lr"])
 
