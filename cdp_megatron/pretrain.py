@@ -825,6 +825,11 @@ class _Run:
         except CheckpointError as e:
             raise RunError(f"--load {args.load}: {e}") from None
         if path is None:
+            if args.finetune:  # random weights are never what a fine-tune means
+                raise RunError(f"--finetune --load {args.load}: no checkpoint there; give the folder of the run to "
+                               "fine-tune from")
+            if args.exit_on_missing_checkpoint:
+                raise RunError(f"--load {args.load}: no checkpoint there (--exit-on-missing-checkpoint)")
             self._print(f"--load {args.load}: no checkpoint there; starting from scratch")
             return 0
         extras = saved_extras(path)

@@ -102,8 +102,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--auto-detect-ckpt-format": "checkpoints are always torch_dist (dist_checkpointing)",
     "--async-save": "checkpoints are saved synchronously",
     "--non-persistent-save-interval": "not supported",
-    "--no-load-optim": "not supported (--finetune loads the weights only)",
-    "--no-load-rng": "not supported (--finetune loads the weights only)",
     "--no-save-optim": "not supported",
     "--no-save-rng": "not supported",
     "--pretrained-checkpoint": "not supported",
@@ -381,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true", help="with --load: take only the model's weights (not "
                    "the optimizer, schedule, RNG or data position) and start at iteration 0 with this run's "
                    "hyperparameters")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="with --load: stop (exit 2) when there is no checkpoint, instead of starting from scratch")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="with --finetune (which loads neither the optimizer nor the RNG state): accepted, as in "
+                   "Megatron-LM's fine-tuning scripts")
+    g.add_argument("--no-load-rng", action="store_true", help="with --finetune: see --no-load-optim")
     g.add_argument("--save-interval", "--persistent-save-interval", type=int,
                    help="iterations between saves (and at the end)")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
@@ -886,6 +890,12 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
         raise ArgsError("--ckpt-step needs --load (the folder that holds the checkpoints)")
     if args.finetune and not args.load:
         raise ArgsError("--finetune needs --load (the folder whose weights it starts from)")
+    if args.exit_on_missing_checkpoint and not args.load:
+        raise ArgsError("--exit-on-missing-checkpoint needs --load")
+    for flag, given in (("--no-load-optim", args.no_load_optim), ("--no-load-rng", args.no_load_rng)):
+        if given and not args.finetune:
+            raise ArgsError(f"{flag} without --finetune is not supported (a resume restores the optimizer and RNG "
+                            "exactly); give --finetune to take the weights only, or drop the flag")
     if args.finetune and args.save and os.path.realpath(args.save) == os.path.realpath(args.load):
         # a requeued job would take its own latest checkpoint's weights and start over at iteration 0
         raise ArgsError(f"--finetune with --save {args.save}, the --load folder: a restarted job would start over "

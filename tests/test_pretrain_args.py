@@ -206,6 +206,17 @@ def test_wsd_schedule_flags():
         "--lr-wsd-decay-iters applies with --lr-decay-style WSD (the decay style is cosine)")
 
 
+def test_checkpoint_loading_flags_of_fine_tuning_scripts():
+    args = parse(TINY + " --lr 1e-3 --load ck --save ft --finetune --no-load-optim --no-load-rng")
+    assert args.finetune and args.no_load_optim and args.no_load_rng  # what --finetune does anyway
+    assert error(TINY + " --lr 1e-3 --load ck --no-load-optim") == (
+        "--no-load-optim without --finetune is not supported (a resume restores the optimizer and RNG exactly); give "
+        "--finetune to take the weights only, or drop the flag")
+    assert error(TINY + " --lr 1e-3 --load ck --no-load-rng").startswith("--no-load-rng without --finetune")
+    assert parse(TINY + " --lr 1e-3 --load ck --exit-on-missing-checkpoint").exit_on_missing_checkpoint
+    assert error(TINY + " --lr 1e-3 --exit-on-missing-checkpoint") == "--exit-on-missing-checkpoint needs --load"
+
+
 def test_manual_gc_flags():
     args = parse(TINY + " --lr 1e-3")
     assert (args.manual_gc, args.manual_gc_interval, args.manual_gc_eval) == (False, 0, True)

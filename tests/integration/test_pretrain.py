@@ -622,6 +622,16 @@ def test_crash_during_save_leaves_previous_checkpoint(spec20, reference, tmp_pat
 def test_load_without_checkpoint_starts_fresh(tmp_path):
     out = ok(run(TINY + " --train-iters 2 --lr 1e-3 --eval-iters 0 --load nothing-here", tmp_path))
     assert "no checkpoint there" in out and "starting at iteration 0" in out
+    # ... unless asked not to, or fine-tuning (random weights are not a fine-tune)
+    for flags, line in ((" --exit-on-missing-checkpoint",
+                         "cdp-pretrain: error: --load nothing-here: no checkpoint there (--exit-on-missing-checkpoint)"),
+                        (" --finetune --no-load-optim --no-load-rng",
+                         "cdp-pretrain: error: --finetune --load nothing-here: no checkpoint there; give the folder of "
+                         "the run to fine-tune from")):
+        refused = run(TINY + " --train-iters 2 --lr 1e-3 --eval-iters 0 --load nothing-here --metrics-file m.jsonl"
+                      + flags, tmp_path)
+        assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == line, refused.stdout[-3000:]
+        assert not (tmp_path / "m.jsonl").exists()
 
 
 # ---------------------------------------------------------------------- two processes
