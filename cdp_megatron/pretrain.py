@@ -180,6 +180,7 @@ def _build_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
             num_samples=(args.train_iters * gbs, args.eval_iters * gbs if want_valid else 0, 0),
             **paths,
             data_cache_path=args.data_cache_path,
+            mmap_bin_files=args.mmap_bin_files,
             eod_mask_loss=args.eod_mask_loss,
             create_attention_mask=False,
         )

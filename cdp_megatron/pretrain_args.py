@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--valid-data-path", nargs="*", help="validation data of its own, with --train-data-path")
     g.add_argument("--data-cache-path", help="where the dataset index caches go")
     g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document labels")
+    g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
+                   help="read the .bin files with file reads instead of memory maps (e.g. on some network file "
+                   "systems)")
     g.add_argument("--tokenizer-type", help="GPT2BPETokenizer, ByteTokenizer, HuggingFaceTokenizer, "
                    "GPTSentencePieceTokenizer, Llama2Tokenizer or NullTokenizer (with --vocab-size)")
     g.add_argument("--vocab-file")
@@ -812,6 +815,8 @@ def _validate_data(args: argparse.Namespace) -> None:
         raise ArgsError("--train-data-path without --valid-data-path: give the validation data, or --eval-iters 0")
     if args.valid_data_path is not None and args.eval_iters == 0:
         raise ArgsError("--valid-data-path is not read with --eval-iters 0; give --eval-iters N or leave it out")
+    if args.mock_data and not args.mmap_bin_files:
+        raise ArgsError("--no-mmap-bin-files applies to datasets on disk, not --mock-data; drop the flag")
     if not args.mock_data and not args.data_path and not per_split:
         raise ArgsError("--data-path is required (a cdp-preprocess prefix), or --mock-data / --quickstart")
     null = args.tokenizer_type == "NullTokenizer"

@@ -206,6 +206,12 @@ def test_wsd_schedule_flags():
         "--lr-wsd-decay-iters applies with --lr-decay-style WSD (the decay style is cosine)")
 
 
+def test_no_mmap_bin_files_needs_data_on_disk():
+    assert parse(TINY + " --lr 1e-3").mmap_bin_files
+    assert error(TINY + " --lr 1e-3 --no-mmap-bin-files") == (
+        "--no-mmap-bin-files applies to datasets on disk, not --mock-data; drop the flag")
+
+
 def test_checkpoint_loading_flags_of_fine_tuning_scripts():
     args = parse(TINY + " --lr 1e-3 --load ck --save ft --finetune --no-load-optim --no-load-rng")
     assert args.finetune and args.no_load_optim and args.no_load_rng  # what --finetune does anyway

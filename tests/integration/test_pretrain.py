@@ -221,6 +221,24 @@ def test_validation_data_of_its_own(byte_corpus, tmp_path):
     assert len(val["va"]) == len(val["tr"]) == 1 and abs(val["va"][0] - val["tr"][0]) > 0.01, val
 
 
+def test_no_mmap_bin_files_reads_the_same_samples(byte_corpus):
+    """--no-mmap-bin-files (Megatron-LM's): megatron's file reader instead of the memory map,
+    the same samples."""
+    from cdp_megatron.pretrain import _build_datasets
+    from cdp_megatron.pretrain_args import parse_args
+
+    data = TINY.replace("--mock-data --vocab-size 255", "--tokenizer-type ByteTokenizer")
+    samples, readers = [], []
+    for flag in ("", " --no-mmap-bin-files"):
+        args = parse_args(shlex.split(f"{data} --train-iters 4 --lr 1e-3 --eval-iters 0 --train-data-path "
+                                      f"{byte_corpus['tr']}{flag}"), world_size=1)
+        train, _ = _build_datasets(args)
+        readers.append(type(train.dataset.bin_reader).__name__)
+        samples.append([train[i]["tokens"].tolist() for i in range(8)])
+    assert readers == ["_MMapBinReader", "_FileBinReader"]
+    assert samples[0] == samples[1]
+
+
 def test_grad_norm_counts_every_segment_of_a_fused_tensor_once(tmp_path):
     """The printed grad norm (Megatron's, over the optimizer's main params) when q, k and v have
     their own groups, each a view into the fused linear_qkv, equals the norm of the run where
