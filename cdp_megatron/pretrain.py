@@ -43,6 +43,7 @@ from functools import partial
 from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
+from cdp_megatron.argtypes import is_number
 from cdp_megatron.convert import layer_ranges
 from cdp_megatron.pretrain_args import (
     PROG, QUICKSTART_DATA_PREFIX, ROTARY_DEFAULTS, ArgsError, owned_flags_table, parse_args,
@@ -254,10 +255,18 @@ def _rotary_description(args: argparse.Namespace) -> str:
 def _data_description(args: argparse.Namespace) -> str:
     if args.mock_data:
         return "mock (random tokens)"
+
+    def paths(words: list[str], source: str | None) -> str:
+        if source is None:
+            return " ".join(words)
+        prefixes = len(words) // 2 if len(words) % 2 == 0 and all(map(is_number, words[0::2])) else len(words)
+        return f"{prefixes} prefix{'es' if prefixes != 1 else ''} from {source}"
+
     if args.train_data_path is None:
-        return f"{' '.join(args.data_path)} (split {args.split})"
-    valid = f", valid {' '.join(args.valid_data_path)}" if args.valid_data_path else ""
-    return f"train {' '.join(args.train_data_path)}{valid}"
+        return f"{paths(args.data_path, args.data_args_path)} (split {args.split})"
+    source = args.per_split_data_args_path
+    valid = f", valid {paths(args.valid_data_path, source)}" if args.valid_data_path else ""
+    return f"train {paths(args.train_data_path, source)}{valid}"
 
 
 def _micro_batches(dataset: Any, start: int, args: argparse.Namespace, dp_rank: int, device: str,

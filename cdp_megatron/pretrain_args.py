@@ -359,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-data-path", nargs="*", help="training data of its own (prefix or 'w1 p1 w2 p2'), "
                    "instead of --data-path and --split")
     g.add_argument("--valid-data-path", nargs="*", help="validation data of its own, with --train-data-path")
+    g.add_argument("--data-args-path", metavar="FILE",
+                   help="a file holding what --data-path would (for blends too long for a command line)")
+    g.add_argument("--per-split-data-args-path", metavar="JSON",
+                   help='a JSON file {"train": [...], "valid": [...]} holding what --train-data-path and '
+                   "--valid-data-path would")
     g.add_argument("--data-cache-path", help="where the dataset index caches go")
     g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document labels")
     g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
@@ -454,7 +459,8 @@ WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")  # megatron
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 ROTARY_DEFAULTS = {"rotary_base": 10000, "rotary_percent": 1.0}  # Megatron-LM's and GPTModel's
 # The flags that choose the data: a user's replace the quick start's (see parse_args).
-_DATA_FLAGS = ("--data-path", "--train-data-path", "--valid-data-path", "--mock-data")
+_DATA_FLAGS = ("--data-path", "--train-data-path", "--valid-data-path", "--mock-data", "--data-args-path",
+               "--per-split-data-args-path")
 
 
 def quickstart_argv() -> list[str]:
@@ -796,9 +802,56 @@ def _validate_parallel_and_batch(args: argparse.Namespace) -> None:
             raise ArgsError(f"--train-samples {args.train_samples} is less than one global batch ({args.global_batch_size})")
 
 
+def _read_data_args(args: argparse.Namespace) -> None:
+    """Megatron-LM's --data-args-path (a file holding --data-path's words) and
+    --per-split-data-args-path (JSON with "train", "valid" and "test" lists) into the flags."""
+    if args.data_args_path is not None:
+        if args.data_path is not None or args.per_split_data_args_path is not None:
+            raise ArgsError("give --data-args-path or --data-path / --per-split-data-args-path, not both")
+        try:
+            args.data_path = Path(args.data_args_path).read_text(encoding="utf-8").split()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ArgsError(f"--data-args-path {args.data_args_path}: cannot read it ({e.__class__.__name__})") from None
+        if not args.data_path:
+            raise ArgsError(f"--data-args-path {args.data_args_path}: the file is empty; write the prefixes (or "
+                            "'w1 p1 w2 p2') in it")
+    path = args.per_split_data_args_path
+    if path is None:
+        return
+    where = f"--per-split-data-args-path {path}"
+    if args.train_data_path is not None or args.valid_data_path is not None or args.data_path is not None:
+        raise ArgsError(f"give {where.split()[0]} or --train-data-path / --valid-data-path / --data-path, not both")
+    import json
+
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ArgsError(f"{where}: cannot read it ({e.__class__.__name__})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArgsError(f"{where}: not JSON ({e})") from None
+    if not isinstance(raw, dict) or set(raw) - {"train", "valid", "test"}:
+        extra = sorted(set(raw) - {"train", "valid", "test"}) if isinstance(raw, dict) else None
+        raise ArgsError(f"{where}: give an object with \"train\" and \"valid\" lists"
+                        + (f" (unknown keys: {', '.join(extra)})" if extra else ""))
+    if raw.get("test"):
+        raise ArgsError(f"{where}: \"test\" data is not read (cdp-pretrain evaluates no test split); leave it out")
+    for key in ("train", "valid"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            value = value.split()
+        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+            raise ArgsError(f"{where}: \"{key}\" must be a list of prefixes (or of weights and prefixes)")
+        setattr(args, f"{key}_data_path", [str(v) for v in value])
+    if args.train_data_path is None:
+        raise ArgsError(f"{where}: no \"train\" list (the training data)")
+
+
 def _validate_data(args: argparse.Namespace) -> None:
     from cdp_megatron.data.tokenizers import TokenizerError, build_tokenizer, padded_vocab_size
 
+    _read_data_args(args)
     per_split = args.train_data_path is not None or args.valid_data_path is not None
     for flag in ("data_path", "train_data_path", "valid_data_path"):
         if getattr(args, flag) == []:

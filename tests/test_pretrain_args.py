@@ -206,6 +206,45 @@ def test_wsd_schedule_flags():
         "--lr-wsd-decay-iters applies with --lr-decay-style WSD (the decay style is cosine)")
 
 
+def _prefix(tmp_path, name):
+    for ext in (".bin", ".idx"):
+        (tmp_path / f"{name}{ext}").write_bytes(b"")
+    return str(tmp_path / name)
+
+
+def test_data_paths_from_files(tmp_path):
+    """Megatron-LM's --data-args-path (the words of --data-path in a file) and
+    --per-split-data-args-path (JSON lists for train and valid)."""
+    a, b = _prefix(tmp_path, "a"), _prefix(tmp_path, "b")
+    data = TINY.replace("--mock-data", "--lr 1e-3 --tokenizer-type ByteTokenizer")
+    (tmp_path / "blend.txt").write_text(f"0.7 {a}\n0.3 {b}\n")
+    assert parse(f"{data} --data-args-path {tmp_path / 'blend.txt'}").data_path == ["0.7", a, "0.3", b]
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["0.5", a, "0.5", b], "valid": b}))
+    args = parse(f"{data} --per-split-data-args-path {tmp_path / 'splits.json'}")
+    assert (args.train_data_path, args.valid_data_path) == (["0.5", a, "0.5", b], [b])
+    for content, message in (
+        ("", "the file is empty"),
+    ):
+        (tmp_path / "bad.txt").write_text(content)
+        assert message in error(f"{data} --data-args-path {tmp_path / 'bad.txt'}")
+    assert "cannot read it (FileNotFoundError)" in error(f"{data} --data-args-path {tmp_path / 'nope.txt'}")
+    assert "give --data-args-path or --data-path" in error(f"{data} --data-args-path {tmp_path / 'blend.txt'} "
+                                                           f"--data-path {a}")
+    for content, message in (
+        ("{", "not JSON"),
+        ('{"train": ["x"], "validation": ["y"]}', 'give an object with "train" and "valid" lists (unknown keys: '
+                                                  'validation)'),
+        ('{"valid": ["y"]}', 'no "train" list'),
+        ('{"train": [["x"]]}', '"train" must be a list of prefixes'),
+        (json.dumps({"train": [a], "valid": [b], "test": [b]}), '"test" data is not read'),
+    ):
+        (tmp_path / "bad.json").write_text(content)
+        assert message in error(f"{data} --per-split-data-args-path {tmp_path / 'bad.json'}"), content
+    # the prefixes are checked as the flags' are
+    (tmp_path / "missing.json").write_text(json.dumps({"train": [str(tmp_path / "c")], "valid": [b]}))
+    assert "c.bin, " in error(f"{data} --per-split-data-args-path {tmp_path / 'missing.json'}")
+
+
 def test_no_mmap_bin_files_needs_data_on_disk():
     assert parse(TINY + " --lr 1e-3").mmap_bin_files
     assert error(TINY + " --lr 1e-3 --no-mmap-bin-files") == (

@@ -219,6 +219,13 @@ def test_validation_data_of_its_own(byte_corpus, tmp_path):
     assert train_losses(tmp_path / "va.jsonl") == train_losses(tmp_path / "tr.jsonl")
     val = {k: [r["val_loss"] for r in rows if r.get("eval")] for k, rows in runs.items()}
     assert len(val["va"]) == len(val["tr"]) == 1 and abs(val["va"][0] - val["tr"][0]) > 0.01, val
+    # the same from a --per-split-data-args-path file (Megatron-LM's, for long blends)
+    (tmp_path / "splits.json").write_text(json.dumps({"train": [prefixes["tr"]], "valid": [prefixes["va"]]}))
+    out = ok(run(f"{data} --train-iters 4 --lr 1e-3 --eval-interval 4 --eval-iters 1 --metrics-file file.jsonl "
+                 "--per-split-data-args-path splits.json", tmp_path))
+    assert "  data: train 1 prefix from splits.json, valid 1 prefix from splits.json;" in out
+    assert train_losses(tmp_path / "file.jsonl") == train_losses(tmp_path / "va.jsonl")
+    assert val_losses(tmp_path / "file.jsonl") == val_losses(tmp_path / "va.jsonl")
 
 
 def test_no_mmap_bin_files_reads_the_same_samples(byte_corpus):
