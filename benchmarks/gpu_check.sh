@@ -6,7 +6,11 @@
 #   2. benchmarks/optimizer_overhead.py at 16 layers x 1024, every group distinct vs global
 #      HPs and vs Megatron's own optimizer: bf16 with the distributed optimizer at 8 x 512
 #      tokens per step (the worst small-step ratio measured before), fp32 at 4 x 64 and
-#      8 x 512, and --lr-only at 8 x 512.
+#      8 x 512, and --lr-only at 8 x 512;
+#   3. last (least telling for the ratio): a short bf16 cdp-pretrain run on CUDA with the
+#      logging of the newer Megatron-LM flags (--log-params-norm, --log-num-zeros-in-grad,
+#      --log-throughput), norm/MLP recomputation (--recompute-modules) and --manual-gc, none
+#      of which has run on a GPU yet.
 #
 # Usage: benchmarks/gpu_check.sh [OUT_DIR] [WHEELS_DIR]
 #   OUT_DIR     logs and summary.txt (default: $OUT if set, else runs/gpu-check)
@@ -86,5 +90,12 @@ check bench_bf16_distopt_8x512 "${BENCH[@]}" --batch 8 --seq 512 --bf16 --dist-o
 check bench_fp32_4x64 "${BENCH[@]}"
 check bench_fp32_8x512 "${BENCH[@]}" --batch 8 --seq 512
 check bench_lr_only_8x512 "${BENCH[@]}" --batch 8 --seq 512 --lr-only
+check pretrain_bf16_logging_recompute "$PY" -m cdp_megatron.pretrain --mock-data --vocab-size 1000 --num-layers 4 \
+  --hidden-size 256 --num-attention-heads 4 --seq-length 256 --micro-batch-size 4 --train-iters 20 --lr 1e-3 \
+  --eval-iters 0 --log-interval 10 --bf16 --disable-bias-linear --swiglu --normalization RMSNorm \
+  --log-params-norm --log-num-zeros-in-grad --log-throughput --recompute-activations \
+  --recompute-modules core_attn mlp layernorm --manual-gc --manual-gc-interval 10 \
+  --metrics-file "$OUT_DIR/pretrain_metrics.jsonl"
+grep -h "iteration 20/20" "$OUT_DIR/pretrain_bf16_logging_recompute.log" 2>/dev/null | sed 's/^/  /' | tee -a "$SUMMARY"
 say "gpu_check: $FAILED check(s) failed or not run; logs in $OUT_DIR"
 exit "$FAILED"
