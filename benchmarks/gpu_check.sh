@@ -23,7 +23,8 @@
 # seconds, default 150, cut to what is left of the budget). A check that fails or runs out of
 # time is reported in the summary and the others still run; one left no time is reported as
 # not run. Exit status: the number of checks that failed or did not run (0: all passed). BENCH_SHAPE replaces the benchmarks' model flags
-# (default "--layers 16 --hidden 1024 --steps 30"); GPU_CHECK_ON_CPU=1 runs the script
+# (default "--layers 16 --hidden 1024 --steps 30"), PRETRAIN_SHAPE the last check's model flags
+# (default "--num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 256"); GPU_CHECK_ON_CPU=1 runs the script
 # without a GPU, to try the script itself (the figures then are CPU figures).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -90,8 +91,9 @@ check bench_bf16_distopt_8x512 "${BENCH[@]}" --batch 8 --seq 512 --bf16 --dist-o
 check bench_fp32_4x64 "${BENCH[@]}"
 check bench_fp32_8x512 "${BENCH[@]}" --batch 8 --seq 512
 check bench_lr_only_8x512 "${BENCH[@]}" --batch 8 --seq 512 --lr-only
-check pretrain_bf16_logging_recompute "$PY" -m cdp_megatron.pretrain --mock-data --vocab-size 1000 --num-layers 4 \
-  --hidden-size 256 --num-attention-heads 4 --seq-length 256 --micro-batch-size 4 --train-iters 20 --lr 1e-3 \
+read -r -a PRETRAIN_SHAPE <<<"${PRETRAIN_SHAPE:---num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 256}"
+check pretrain_bf16_logging_recompute "$PY" -m cdp_megatron.pretrain --mock-data --vocab-size 1000 "${PRETRAIN_SHAPE[@]}" \
+  --micro-batch-size 4 --train-iters 20 --lr 1e-3 \
   --eval-iters 0 --log-interval 10 --bf16 --disable-bias-linear --swiglu --normalization RMSNorm \
   --log-params-norm --log-num-zeros-in-grad --log-throughput --recompute-activations \
   --recompute-modules core_attn mlp layernorm --manual-gc --manual-gc-interval 10 \

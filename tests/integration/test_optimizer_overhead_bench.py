@@ -55,7 +55,7 @@ def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
 
 
 def test_gpu_check_runs_each_check_within_its_limit_and_the_whole_within_its_budget(tmp_path):
-    # five checks of up to 8 s each (the benchmarks take longer) cannot all fit in 30 s with the set-up
+    # six checks of up to 8 s each (the benchmarks take longer) cannot all fit in 30 s with the set-up
     start = time.monotonic()
     proc = _gpu_check(tmp_path, GPU_CHECK_ON_CPU="1", GPU_CHECK_BUDGET="30", CHECK_TIMEOUT="8")
     wall = time.monotonic() - start
@@ -63,7 +63,8 @@ def test_gpu_check_runs_each_check_within_its_limit_and_the_whole_within_its_bud
     lines = re.findall(r"^== (\w+): (ok|FAILED, exit 124 \(over (\d+) s\)|NOT RUN \(the 30 s budget is spent\))",
                        summary, re.M)
     assert [name for name, *_ in lines] == ["grouped_adam_tests", "bench_bf16_distopt_8x512", "bench_fp32_4x64",
-                                            "bench_fp32_8x512", "bench_lr_only_8x512"], summary
+                                            "bench_fp32_8x512", "bench_lr_only_8x512",
+                                            "pretrain_bf16_logging_recompute"], summary
     assert lines[-1][1].startswith("NOT RUN"), summary
     assert all(int(limit) <= 8 for *_, limit in lines if limit), summary
     assert wall < 30 + 8, summary  # the budget, and the last check's few seconds of grace
@@ -74,10 +75,13 @@ def test_gpu_check_runs_each_check_within_its_limit_and_the_whole_within_its_bud
 @pytest.mark.slow
 def test_gpu_check_runs_every_check_on_a_tiny_model(tmp_path):
     proc = _gpu_check(tmp_path, GPU_CHECK_ON_CPU="1", CHECK_TIMEOUT="300",
-                      BENCH_SHAPE="--layers 2 --hidden 64 --steps 2 --warmup 1 --seq 16")
+                      BENCH_SHAPE="--layers 2 --hidden 64 --steps 2 --warmup 1 --seq 16",
+                      PRETRAIN_SHAPE="--num-layers 2 --hidden-size 64 --num-attention-heads 2 --seq-length 32")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     summary = (tmp_path / "out" / "summary.txt").read_text()
-    assert len(re.findall(r"^== \w+: ok \(\d+ s\)$", summary, re.M)) == 5, summary
+    assert len(re.findall(r"^== \w+: ok \(\d+ s\)$", summary, re.M)) == 6, summary
+    # the cdp-pretrain check: its last log line, with the logging the GPU run is there to try
+    assert re.search(r"^  +iteration 20/20 .*throughput per GPU: .* params norm: .* num zeros: ", summary, re.M), summary
     assert re.search(r"^  \d+ passed", summary, re.M), summary  # the grouped Adam tests
     assert len(re.findall(r"train step from its parts \(distinct / plain\): \d", summary)) == 4, summary
     for name in ("grouped_adam_tests", "bench_fp32_4x64", "bench_bf16_distopt_8x512"):
