@@ -33,6 +33,7 @@ from cdp_megatron.metrics import Metrics  # imported first: its PROCESS_START ti
 
 import argparse
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -536,29 +537,21 @@ class _ManualGC:
         self._was_enabled = False
 
     def start(self) -> None:
-        import gc
-
         if self.enabled:
             self._was_enabled = gc.isenabled()
             gc.disable()
             gc.collect()
 
     def after_iteration(self, iteration: int) -> None:
-        import gc
-
         if self.enabled and self.interval and iteration % self.interval == 0:
             gc.collect()
 
     def evaluation(self) -> None:
         """Call before and after an evaluation."""
-        import gc
-
         if self.enabled and self.around_eval:
             gc.collect()
 
     def stop(self) -> None:
-        import gc
-
         if self.enabled and self._was_enabled:
             gc.enable()
 
