@@ -11,8 +11,8 @@ and, as Megatron-LM does, every ``tensorboard_log_interval`` iterations (default
 one) TensorBoard scalars under ``--tensorboard-dir`` of that iteration itself (not means
 over a window): ``train/lm_loss``, ``train/z_loss``, ``train/lr``, ``train/grad_norm``,
 ``train/tokens_per_s``, and ``train/tflops_per_gpu``, ``train/params_norm`` /
-``train/num_zeros_in_grad`` when they are logged; at evaluations ``valid/lm_loss``, and ``valid/lm_loss_ppl`` with
-``log_validation_ppl`` (x axis: iteration);
+``train/num_zeros_in_grad`` when they are logged; at evaluations ``valid/lm_loss``, and
+``valid/lm_loss_ppl`` with ``log_validation_ppl`` (x axis: iteration);
 
 and a tqdm progress bar advances every iteration when stdout is a terminal (log lines are
 then written above it).
