@@ -71,9 +71,10 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--start-weight-decay": "weight-decay schedules are not supported; give --weight-decay",
     "--end-weight-decay": "weight-decay schedules are not supported; give --weight-decay",
     "--weight-decay-incr-style": "weight-decay schedules are not supported",
-    "--override-opt_param-scheduler": "--load resumes on the checkpoint's schedule and refuses flags that change it",
-    "--use-checkpoint-opt_param-scheduler": "--load resumes on the checkpoint's schedule and refuses flags that "
-                                            "change it",
+    # both spellings (Megatron-LM accepts either)
+    **dict.fromkeys(("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                     "--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler"),
+                    "--load resumes on the checkpoint's schedule and refuses flags that change it"),
     "--no-align-grad-reduce": "not supported (grad reductions are aligned across pipeline stages)",
     "--align-param-gather": "not supported",
     "--overlap-param-gather-with-optimizer-step": "not supported",
@@ -150,9 +151,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--fp8-amax-compute-algo": "only --fp8-format is supported",
     "--fp8-param-gather": "only --fp8-format is supported",
     "--fp4-format": "not supported",
-    "--override-opt-param-scheduler": "--load resumes on the checkpoint's schedule and refuses flags that change it",
-    "--use-checkpoint-opt-param-scheduler": "--load resumes on the checkpoint's schedule and refuses flags that "
-                                            "change it",
     "--checkpoint-activations": "give --recompute-activations",
     "--model-parallel-size": "give --tensor-model-parallel-size",
     "--batch-size": "give --micro-batch-size",
