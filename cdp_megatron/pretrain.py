@@ -44,10 +44,9 @@ from functools import partial
 from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
-from cdp_megatron.argtypes import is_number
 from cdp_megatron.convert import layer_ranges
 from cdp_megatron.pretrain_args import (
-    PROG, QUICKSTART_DATA_PREFIX, ROTARY_DEFAULTS, ArgsError, owned_flags_table, parse_args,
+    PROG, QUICKSTART_DATA_PREFIX, ROTARY_DEFAULTS, ArgsError, data_prefixes, owned_flags_table, parse_args,
 )
 
 __all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_DIVERGED"]
@@ -260,7 +259,7 @@ def _data_description(args: argparse.Namespace) -> str:
     def paths(words: list[str], source: str | None) -> str:
         if source is None:
             return " ".join(words)
-        prefixes = len(words) // 2 if len(words) % 2 == 0 and all(map(is_number, words[0::2])) else len(words)
+        prefixes = len(data_prefixes(words))
         return f"{prefixes} prefix{'es' if prefixes != 1 else ''} from {source}"
 
     if args.train_data_path is None:

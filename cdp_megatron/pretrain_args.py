@@ -818,7 +818,7 @@ def _read_data_args(args: argparse.Namespace) -> None:
         return
     where = f"--per-split-data-args-path {path}"
     if args.train_data_path is not None or args.valid_data_path is not None or args.data_path is not None:
-        raise ArgsError(f"give {where.split()[0]} or --train-data-path / --valid-data-path / --data-path, not both")
+        raise ArgsError("give --per-split-data-args-path or --train-data-path / --valid-data-path / --data-path, not both")
     import json
 
     try:
@@ -911,10 +911,15 @@ def _validate_data(args: argparse.Namespace) -> None:
         raise ArgsError(f"--split {args.split!r} leaves no validation documents; give a non-zero second weight or --eval-iters 0")
 
 
-def _check_data_path(data_path: Sequence[str], flag: str = "--data-path") -> None:
+def data_prefixes(data_path: Sequence[str]) -> list[str]:
+    """The prefixes of a --data-path value: 'p1 p2' or a blend 'w1 p1 w2 p2' (items may hold
+    several words, as a quoted blend does)."""
     tokens = [t for item in data_path for t in item.split()]
-    prefixes = tokens[1::2] if len(tokens) % 2 == 0 and all(map(is_number, tokens[0::2])) else tokens
-    for prefix in prefixes:
+    return tokens[1::2] if len(tokens) % 2 == 0 and all(map(is_number, tokens[0::2])) else tokens
+
+
+def _check_data_path(data_path: Sequence[str], flag: str = "--data-path") -> None:
+    for prefix in data_prefixes(data_path):
         missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
         if missing:
             hint = f" (give the prefix without the extension: {prefix[:-4]})" if prefix.endswith((".bin", ".idx")) else ""
