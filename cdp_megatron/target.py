@@ -262,16 +262,23 @@ def _beta_warning(g: Globals, factor: float) -> list[str]:
     ]
 
 
+def _spec_key(type_: str, param: str) -> str:
+    """The spec's multiplier key of a group: its type, or "<type>.bias"."""
+    return type_ if param == "weight" else f"{type_}.bias"
+
+
+def _searched(mult: Any, key: str, hp: str, layer: int | None) -> tuple[float, float]:
+    """The searched multipliers of ``hp`` for the group ``key`` at ``layer``: (type, depth x layer)."""
+    return mult.type_mult(key, hp), mult.depth_mult(hp, layer) * mult.layer_mult(key, hp, layer)
+
+
 def _shortest_horizon(shape: Shape, mult: Any, i: int, one_minus_base: float, factor: float) -> str:
     """The fix for a beta pushed below 0: (1 - beta) = (1 - base) x m_B / m_D x multipliers must
     stay <= 1 for every group, so the run needs at least the worst group's (1 - beta) times its
     iterations (at the same batch); a smaller batch or beta multiplier does the same."""
     hp = f"beta{i}"
-    worst = max(
-        one_minus_base * factor * mult.type_mult(t if p == "weight" else f"{t}.bias", hp) * mult.depth_mult(hp, layer)
-        * mult.layer_mult(t if p == "weight" else f"{t}.bias", hp, layer)
-        for t, layer, p in shape.groups()
-    )
+    worst = max(one_minus_base * factor * math.prod(_searched(mult, _spec_key(t, p), hp, layer))
+                for t, layer, p in shape.groups())
     iters = math.ceil(shape.train_tokens / shape.batch_tokens * worst)  # m_D counts tokens, not rounded iterations
     return (f"train for at least {iters} iterations at this batch (now {shape.train_iters}), "
             f"use a smaller batch, or lower the beta{i} multiplier (m_B: tokens per step, m_D: training tokens, each "
@@ -295,7 +302,7 @@ def _unused_multipliers(spec: Spec, shape: Shape) -> list[str]:
     """Warnings for type / layer multipliers that address a parameter this model lacks
     (they are valid spec keys, so not an error, but they change nothing)."""
     groups = {(t, p) for t, _, p in shape.groups()}
-    present = {t if p == "weight" else f"{t}.bias" for t, p in groups} | set(BLOCKS)
+    present = {_spec_key(t, p) for t, p in groups} | set(BLOCKS)
     absent_type = {
         "position_embedding": "position_embedding_type is rope",
         "mlp_gate": "swiglu is false",
@@ -371,10 +378,10 @@ def resolve(spec: Spec, shape: Shape | None = None) -> Target:
     groups = []
     for type_, layer, param in shape.groups():
         cls = param_class(type_, param)
-        key = type_ if param == "weight" else f"{type_}.bias"
+        key = _spec_key(type_, param)
 
         def searched(hp: str) -> tuple[float, float]:
-            return mult.type_mult(key, hp), mult.depth_mult(hp, layer) * mult.layer_mult(key, hp, layer)
+            return _searched(mult, key, hp, layer)
 
         factors: dict[str, dict[str, float]] = {}
 
