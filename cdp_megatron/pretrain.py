@@ -220,6 +220,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["recompute_modules"] = list(args.recompute_modules)
     if args.fp8_format:
         overrides["fp8"] = args.fp8_format
+    if args.attention_backend != "auto":
+        overrides["attention_backend"] = args.attention_backend  # gpt_config takes the name
     return overrides
 
 
@@ -685,7 +687,8 @@ class _Run:
             f"({'nccl' if self.device == 'cuda' else 'gloo'}), {layout}",
             f"  model: {args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} heads "
             f"({args.num_query_groups} query groups), ffn {args.ffn_hidden_size}, vocab {args.padded_vocab_size} "
-            f"(padded from {args.unpadded_vocab_size}), seq {args.seq_length}{_rotary_description(args)}",
+            f"(padded from {args.unpadded_vocab_size}), seq {args.seq_length}{_rotary_description(args)}"
+            + ("" if args.attention_backend == "auto" else f", attention backend {args.attention_backend}"),
             f"  batch: {args.global_batch_size} samples = {args.num_microbatches} micro batches x "
             f"{args.micro_batch_size} x DP {args.data_parallel_size}; {args.train_iters} iterations "
             f"({args.train_iters * args.global_batch_size * args.seq_length} tokens)",

@@ -59,7 +59,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--context-parallel-size": "context parallelism is not supported",
     "--distribute-saved-activations": "not supported",
     "--use-flash-attn": "attention backends are chosen by --transformer-impl",
-    "--attention-backend": "attention backends are chosen by --transformer-impl",
     "--use-legacy-models": "only megatron.core models exist here",
     "--spec": "the layer spec comes from --transformer-impl",
     "--rampup-batch-size": "the batch size is fixed (the SDE rules assume it)",
@@ -116,13 +115,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--optimizer-cpu-offload": "not supported",
     "--grad-reduce-in-bf16": "gradients are reduced in fp32",
     "--accumulate-allreduce-grads-in-fp32": "gradients are always accumulated in fp32",
-    "--no-gradient-accumulation-fusion": "fusions are chosen per device",
-    "--no-masked-softmax-fusion": "fusions are chosen per device",
-    "--no-bias-gelu-fusion": "fusions are chosen per device",
-    "--no-bias-swiglu-fusion": "fusions are chosen per device",
-    "--no-bias-dropout-fusion": "fusions are chosen per device",
-    "--no-rope-fusion": "fusions are chosen per device",
-    "--no-persist-layer-norm": "fusions are chosen per device",
     "--cross-entropy-loss-fusion": "the loss (with z-loss) is computed by cdp-pretrain",
     "--cross-entropy-fusion-impl": "the loss (with z-loss) is computed by cdp-pretrain",
     "--enable-cuda-graph": "CUDA graphs are not supported",
@@ -167,6 +159,9 @@ UNSUPPORTED_MEGATRON_PREFIXES: tuple[str, ...] = (
     "--dist-ckpt-", "--ckpt-", "--heterogeneous-", "--num-experts",
 )
 
+# Megatron-LM's --attention-backend values (megatron.core.transformer.enums.AttnBackend).
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "flash", "fused", "unfused", "local")
+
 # Megatron-LM flags whose meaning is already cdp-pretrain's behaviour: accepted, no effect.
 ACCEPTED_NO_OP_FLAGS: dict[str, str] = {
     "--use-mcore-models": "cdp-pretrain always builds megatron.core models",
@@ -175,6 +170,12 @@ ACCEPTED_NO_OP_FLAGS: dict[str, str] = {
     "--attention-softmax-in-fp32": "the attention softmax is always computed in fp32 (megatron-core's default)",
     "--no-create-attention-mask-in-dataloader": "the data loader never makes an attention mask (the model's "
                                                 "causal mask is used)",
+    # megatron-core's TransformerConfig has every one of these off by default, and
+    # cdp-pretrain turns none of them on (Megatron-LM's defaults turn them on)
+    **dict.fromkeys(("--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
+                     "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
+                     "--no-persist-layer-norm"),
+                    "cdp-pretrain turns on none of megatron-core's optional fusions (its default)"),
 }
 
 # The flags whose values Complete(d)P owns (with --cdp-config/--cdp-base): namespace attribute
@@ -282,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pad the vocabulary to a multiple of this times the TP size (default 128)")
     g.add_argument("--transformer-impl", choices=("local", "transformer_engine"),
                    help="default: transformer_engine when it is installed and a GPU is present, else local")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                   help="auto (default): Transformer Engine's choice, or megatron's DotProductAttention with "
+                   "--transformer-impl local; flash, fused, unfused: that Transformer Engine backend (implies "
+                   "--transformer-impl transformer_engine); local: megatron's DotProductAttention (implies "
+                   "--transformer-impl local)")
     g.add_argument("--fp8-format", choices=("e4m3", "hybrid"), help="FP8 (needs transformer_engine)")
     g.add_argument("--bf16", action="store_true", help="bf16 model with fp32 main parameters")
 
@@ -492,25 +498,40 @@ def megatron_lm_flags() -> frozenset[str]:
 
 
 def _check_extras(extras: Sequence[str], parser: argparse.ArgumentParser) -> None:
-    """One line for the first flag argparse did not take: a Megatron-LM flag we do not
+    """One line for the flags argparse did not take: each a Megatron-LM flag we do not
     implement (with the reason where we have one), or an unknown flag with the closest of
-    ours (a typo must not read as a missing feature, nor the other way round)."""
+    ours (a typo must not read as a missing feature, nor the other way round). All of them
+    at once, so a ported Megatron-LM script is fixed in one pass, not one flag per try."""
+    if extras and not extras[0].startswith("-"):
+        raise ArgsError(f"unexpected argument {extras[0]!r} (flags take the form --name value)")
+    # the tokens after a flag argparse did not take are that flag's values
+    flags = list(dict.fromkeys(_flag_name(token) for token in extras if token.startswith("-")))
+    problems = [(flag, *_extra_flag_problem(flag, parser)) for flag in flags]
+    if len(problems) == 1:
+        flag, megatron, why = problems[0]
+        raise ArgsError(f"{flag} is a Megatron-LM flag cdp-pretrain does not support "
+                        f"({why or 'see cdp-pretrain --help for the supported ones'})" if megatron
+                        else f"unknown flag {flag}{f'; did you mean {why}?' if why else ''} (see cdp-pretrain --help)")
+    if problems:
+        parts = [(f"{flag}: not supported, {why}" if why else f"{flag}: a Megatron-LM flag, not supported")
+                 if megatron else f"{flag}: unknown{f', did you mean {why}?' if why else ''}"
+                 for flag, megatron, why in problems]
+        raise ArgsError(f"{len(problems)} flags cdp-pretrain does not take (see cdp-pretrain --help): "
+                        + "; ".join(parts))
+
+
+def _extra_flag_problem(flag: str, parser: argparse.ArgumentParser) -> tuple[bool, str | None]:
+    """(True, the reason or None) for a Megatron-LM flag we do not implement, else
+    (False, the closest of our flags or None)."""
     import difflib
 
-    for token in extras:
-        if not token.startswith("-"):
-            raise ArgsError(f"unexpected argument {token!r} (flags take the form --name value)")
-        flag = _flag_name(token)
-        if flag in UNSUPPORTED_MEGATRON_FLAGS or flag.startswith(UNSUPPORTED_MEGATRON_PREFIXES):
-            why = UNSUPPORTED_MEGATRON_FLAGS.get(flag) or "not supported"
-            raise ArgsError(f"{flag} is a Megatron-LM flag cdp-pretrain does not support ({why})")
-        if flag in megatron_lm_flags():
-            raise ArgsError(f"{flag} is a Megatron-LM flag cdp-pretrain does not support (see cdp-pretrain --help for "
-                            "the supported ones)")
-        ours = [o for action in parser._actions if action.help != argparse.SUPPRESS for o in action.option_strings]
-        close = difflib.get_close_matches(flag, ours, n=1, cutoff=0.75)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise ArgsError(f"unknown flag {flag}{hint} (see cdp-pretrain --help)")
+    if flag in UNSUPPORTED_MEGATRON_FLAGS or flag.startswith(UNSUPPORTED_MEGATRON_PREFIXES):
+        return True, UNSUPPORTED_MEGATRON_FLAGS.get(flag)
+    if flag in megatron_lm_flags():
+        return True, None
+    ours = [o for action in parser._actions if action.help != argparse.SUPPRESS for o in action.option_strings]
+    close = difflib.get_close_matches(flag, ours, n=1, cutoff=0.75)
+    return False, close[0] if close else None
 
 
 def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None) -> argparse.Namespace:
@@ -713,6 +734,7 @@ def _validate_model(args: argparse.Namespace) -> None:
     if args.max_position_embeddings < args.seq_length:
         raise ArgsError(f"--max-position-embeddings {args.max_position_embeddings} is less than --seq-length {args.seq_length}")
     _validate_rotary(args)
+    _validate_attention_backend(args)
     if args.fp8_format and args.transformer_impl != "transformer_engine":
         raise ArgsError("--fp8-format needs --transformer-impl transformer_engine")
     if args.transformer_impl == "transformer_engine":
@@ -720,6 +742,51 @@ def _validate_model(args: argparse.Namespace) -> None:
 
         if importlib.util.find_spec("transformer_engine") is None:
             raise ArgsError("--transformer-impl transformer_engine: Transformer Engine is not installed; use --transformer-impl local")
+
+
+# The NVTE_* switches megatron-core's LanguageModule sets for each --attention-backend (and
+# asserts, with a traceback, when the environment already holds another value).
+_ATTENTION_ENV_NAMES = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+_ATTENTION_ENV: dict[str, tuple[int, int, int]] = {
+    "auto": (1, 1, 1), "flash": (1, 0, 0), "fused": (0, 1, 0), "unfused": (0, 0, 1), "local": (0, 0, 0),
+}
+
+
+def _check_attention_env(backend: str) -> None:
+    """One line, not megatron-core's assertion, when NVTE_* in the environment clash with the backend."""
+    def clashes(values: tuple[int, ...]) -> list[tuple[str, str, int]]:
+        return [(name, os.environ[name], v) for name, v in zip(_ATTENTION_ENV_NAMES, values)
+                if os.environ.get(name) not in (None, str(v))]
+
+    found = clashes(_ATTENTION_ENV[backend])
+    if found:
+        name, value, expected = found[0]
+        fits = [b for b, values in _ATTENTION_ENV.items() if not clashes(values)]
+        hint = f"give --attention-backend {fits[0]}, or unset {name}" if fits else f"unset {name}"
+        raise ArgsError(f"the environment sets {name}={value}, which --attention-backend {backend} needs to be "
+                        f"{expected} (megatron-core stops on the clash): {hint}")
+
+
+def _validate_attention_backend(args: argparse.Namespace) -> None:
+    """Megatron-LM's --attention-backend: flash, fused and unfused are Transformer Engine's
+    (megatron's TEDotProductAttention sets NVTE_* from it), local is the local spec's
+    DotProductAttention (Megatron-LM: "only supported with --spec local"); each implies its
+    --transformer-impl, and one given that contradicts it is refused."""
+    backend = args.attention_backend
+    _check_attention_env(backend)
+    if backend == "auto":
+        return
+    impl = "local" if backend == "local" else "transformer_engine"
+    if args.transformer_impl not in (None, impl):
+        raise ArgsError(f"--attention-backend {backend} needs --transformer-impl {impl}, not {args.transformer_impl}"
+                        f"{' (give --attention-backend local or auto)' if impl == 'transformer_engine' else ''}")
+    if args.transformer_impl is None and impl == "transformer_engine":
+        import importlib.util
+
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ArgsError(f"--attention-backend {backend} is a Transformer Engine backend, and Transformer Engine "
+                            "is not installed; give --attention-backend local or auto")
+    args.transformer_impl = impl
 
 
 def _validate_parallel_and_batch(args: argparse.Namespace) -> None:

@@ -165,6 +165,87 @@ def test_megatron_lm_flags_we_lack_are_named_and_typos_get_the_closest_flag():
     assert error(TINY + " --lr 1e-3 --xyz 1") == "unknown flag --xyz (see cdp-pretrain --help)"
 
 
+def test_every_flag_not_taken_is_named_in_one_line():
+    # a ported script learns all its unsupported flags at once; a flag's values are skipped and
+    # a flag given twice is named once
+    assert error(TINY + " --lr 1e-3 --rampup-batch-size 16 16 5859375 --fp16 --lr-decay-sytle cosine "
+                 "--log-memory-to-tensorboard --xyz 1 --moe-router-topk 2 --fp16") == (
+        "6 flags cdp-pretrain does not take (see cdp-pretrain --help): "
+        "--rampup-batch-size: not supported, the batch size is fixed (the SDE rules assume it); "
+        "--fp16: not supported, use --bf16 (no fp16 loss scaling); "
+        "--lr-decay-sytle: unknown, did you mean --lr-decay-style?; "
+        "--log-memory-to-tensorboard: a Megatron-LM flag, not supported; "
+        "--xyz: unknown; "
+        "--moe-router-topk: a Megatron-LM flag, not supported")
+    # one flag keeps its own sentence; a stray value before any flag is named as such
+    assert error(TINY + " --lr 1e-3 --moe-router-topk 2") == (
+        "--moe-router-topk is a Megatron-LM flag cdp-pretrain does not support (see cdp-pretrain --help for the "
+        "supported ones)")
+    assert error(TINY + " --lr 1e-3 stray --fp16") == (
+        "unexpected argument 'stray' (flags take the form --name value)")
+
+
+FUSION_SWITCHES = ("--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
+                   "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
+                   "--no-persist-layer-norm")
+
+
+def test_fusion_switches_are_accepted_no_ops():
+    # megatron-core's fusions are off and cdp-pretrain turns none on (test_model pins both)
+    switches = {flag[2:].replace("-", "_") for flag in FUSION_SWITCHES}
+    args = {k: v for k, v in vars(parse(TINY + " --lr 1e-3 " + " ".join(FUSION_SWITCHES))).items()
+            if k not in switches}
+    assert args == {k: v for k, v in vars(parse(TINY + " --lr 1e-3")).items() if k not in switches}
+
+
+@pytest.fixture
+def no_nvte(monkeypatch):
+    for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        monkeypatch.delenv(name, raising=False)  # megatron-core sets them when a test builds a model
+    return monkeypatch
+
+
+def test_attention_backend(no_nvte):
+    import importlib.util
+
+    assert (parse(TINY + " --lr 1e-3").attention_backend, parse(TINY + " --lr 1e-3").transformer_impl) == ("auto", None)
+    args = parse(TINY + " --lr 1e-3 --attention-backend local")
+    assert (args.attention_backend, args.transformer_impl) == ("local", "local")
+    assert parse(TINY + " --lr 1e-3 --attention-backend auto --transformer-impl local").transformer_impl == "local"
+    assert error(TINY + " --lr 1e-3 --attention-backend flash --transformer-impl local") == (
+        "--attention-backend flash needs --transformer-impl transformer_engine, not local (give --attention-backend "
+        "local or auto)")
+    assert error(TINY + " --lr 1e-3 --attention-backend xla").startswith("argument --attention-backend: invalid choice")
+    if importlib.util.find_spec("transformer_engine") is None:
+        assert error(TINY + " --lr 1e-3 --attention-backend fused") == (
+            "--attention-backend fused is a Transformer Engine backend, and Transformer Engine is not installed; "
+            "give --attention-backend local or auto")
+    else:
+        assert parse(TINY + " --lr 1e-3 --attention-backend fused").transformer_impl == "transformer_engine"
+    assert error(TINY + " --lr 1e-3 --attention-backend local --transformer-impl transformer_engine") == (
+        "--attention-backend local needs --transformer-impl local, not transformer_engine")
+
+
+def test_attention_backend_clashing_with_the_environment(no_nvte):
+    # megatron-core would stop on an assertion when it builds the model; this is one line first
+    no_nvte.setenv("NVTE_FLASH_ATTN", "0")
+    assert error(TINY + " --lr 1e-3") == (
+        "the environment sets NVTE_FLASH_ATTN=0, which --attention-backend auto needs to be 1 (megatron-core stops "
+        "on the clash): give --attention-backend fused, or unset NVTE_FLASH_ATTN")
+    assert parse(TINY + " --lr 1e-3 --attention-backend local").attention_backend == "local"
+    no_nvte.setenv("NVTE_FUSED_ATTN", "1")
+    assert error(TINY + " --lr 1e-3 --attention-backend local").endswith(
+        "give --attention-backend fused, or unset NVTE_FUSED_ATTN")
+    no_nvte.setenv("NVTE_UNFUSED_ATTN", "1")  # no backend fits (0, 1, 1)
+    assert error(TINY + " --lr 1e-3 --attention-backend local").endswith(
+        "(megatron-core stops on the clash): unset NVTE_FUSED_ATTN")
+    no_nvte.setenv("NVTE_FLASH_ATTN", "yes")
+    assert error(TINY + " --lr 1e-3").endswith("(megatron-core stops on the clash): unset NVTE_FLASH_ATTN")
+    no_nvte.delenv("NVTE_UNFUSED_ATTN")
+    no_nvte.setenv("NVTE_FLASH_ATTN", "1")
+    assert parse(TINY + " --lr 1e-3").attention_backend == "auto"
+
+
 def test_flag_names_are_megatron_lms():
     """Every flag cdp-pretrain takes or refuses by name is Megatron-LM's (a misspelt name would
     never match a user's script), except our own and names of other Megatron-LM releases."""

@@ -82,7 +82,8 @@ def gpt_config(shape: Any, *, init_method_std: float = 0.02, **overrides: Any) -
     normalization, swiglu, qk_layernorm, add_bias_linear (spec.Shape / target.shape).
     Dropout is off; fusions that need CUDA kernels and batched p2p are off on a CPU (gloo);
     ``use_cpu_initialization`` is on (Megatron then draws the full tensor and splits it: TP-invariant init).
-    ``overrides`` are TransformerConfig fields and win.
+    ``overrides`` are TransformerConfig fields and win; ``attention_backend`` may be given by
+    name ("auto", "flash", "fused", "unfused", "local"; megatron's AttnBackend).
     """
     on_cpu = not torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
@@ -123,6 +124,10 @@ def gpt_config(shape: Any, *, init_method_std: float = 0.02, **overrides: Any) -
             batch_p2p_comm=False,
         )
     kwargs.update(overrides)
+    if isinstance(kwargs.get("attention_backend"), str):
+        from megatron.core.transformer.enums import AttnBackend
+
+        kwargs["attention_backend"] = AttnBackend[kwargs["attention_backend"]]
     config = TransformerConfig(**kwargs)
     check_config(config)
     return config

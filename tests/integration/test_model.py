@@ -5,6 +5,7 @@ Megatron, refusal of use_mup and of a target that does not match the model."""
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -395,6 +396,47 @@ def test_what_accepted_no_op_flags_rely_on(megatron_1proc):
 
     config = gpt_config(SimpleNamespace(**TINY_SHAPE))
     assert config.attention_softmax_in_fp32 is True and config.use_cpu_initialization is True
+
+
+FUSIONS = ("masked_softmax_fusion", "bias_activation_fusion", "bias_dropout_fusion", "persist_layer_norm",
+           "apply_rope_fusion", "gradient_accumulation_fusion")
+
+
+def test_no_fusion_is_turned_on_on_a_gpu_either(megatron_1proc, monkeypatch):
+    # cdp-pretrain accepts Megatron-LM's --no-*-fusion switches as no-ops because gpt_config
+    # leaves every optional fusion off on a GPU too (megatron-core's defaults)
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from cdp_megatron.integration import gpt_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # gpt_config's GPU branch
+    config = gpt_config(SimpleNamespace(**TINY_SHAPE))
+    assert config.batch_p2p_comm is True  # the GPU branch was taken (the CPU one turns it off)
+    defaults = TransformerConfig.__dataclass_fields__
+    assert {name: getattr(config, name) for name in FUSIONS} == dict.fromkeys(FUSIONS, False)
+    assert {name: defaults[name].default for name in FUSIONS} == dict.fromkeys(FUSIONS, False)
+
+
+def test_attention_backend_by_name(megatron_1proc, monkeypatch):
+    # gpt_config takes --attention-backend's name; megatron-core sets TE's NVTE_* switches from
+    # it (for the whole process: cleared before each build); local and auto are the same
+    # DotProductAttention on the local spec
+    from megatron.core.transformer.enums import AttnBackend
+
+    from cdp_megatron.integration import build_gpt_model, gpt_config, lm_loss
+
+    names = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+    target = tiny_target()
+    losses = {}
+    for backend in ("local", "auto"):
+        for name in names:
+            monkeypatch.delenv(name, raising=False)
+        config = gpt_config(target.shape, attention_backend=backend)
+        assert config.attention_backend is AttnBackend[backend]
+        (model,) = build_gpt_model(target=target, config=config)
+        assert [os.environ[name] for name in names] == ["0" if backend == "local" else "1"] * 3
+        losses[backend] = lm_loss(model, _tokens())
+    assert torch.equal(losses["local"], losses["auto"])
 
 
 def test_rotary_base_and_percent_reach_the_model(megatron_1proc):

@@ -55,7 +55,9 @@ def _command(args: str | list, nproc: int, env: dict | None,
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
                "-m", "cdp_megatron.pretrain", *argv]
-    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # NVTE_*: megatron-core sets them in this process's environment when a test here builds a model
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK") and not k.startswith("NVTE_")}
     full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")])
     full_env.setdefault("OMP_NUM_THREADS", "1" if nproc > 1 else "2")
     full_env.update(env or {})
@@ -392,6 +394,16 @@ def test_activation_recomputation_gives_the_same_losses(spec20, reference, tmp_p
         _assert_close(train_losses(tmp_path / "m.jsonl"), reference, range(1, 21))
     else:
         assert train_losses(tmp_path / "m.jsonl") == reference
+
+
+def test_local_attention_backend_is_the_local_spec(spec20, reference, tmp_path):
+    # --attention-backend local implies --transformer-impl local, which CPU runs use anyway:
+    # the same model, the same losses, and the backend named at start-up
+    out = ok(run(cdp20(spec20) + " --attention-backend local --metrics-file m.jsonl", tmp_path))
+    assert "attention backend local" in next(line for line in out.splitlines() if line.startswith("  model:"))
+    assert train_losses(tmp_path / "m.jsonl") == reference
+    out = run(cdp20(spec20) + " --attention-backend local", tmp_path, env={"NVTE_FLASH_ATTN": "1"})
+    assert out.returncode == 2 and "the environment sets NVTE_FLASH_ATTN=1" in out.stdout
 
 
 def test_plain_resume_keeps_the_schedule_or_refuses_another(tmp_path):
