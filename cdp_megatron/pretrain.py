@@ -110,6 +110,11 @@ def _init_distributed(args: argparse.Namespace) -> str:
             port = sock.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = "nccl" if device == "cuda" else "gloo"
+    if args.distributed_backend not in (None, backend):
+        raise RunError(f"--distributed-backend {args.distributed_backend}: this run is on a "
+                       f"{'GPU' if device == 'cuda' else 'CPU'}, where cdp-pretrain uses {backend}; give "
+                       f"--distributed-backend {backend} or leave it out")
     if device == "cpu":
         cpu_runner.activate(device_kwargs=True)
         # The shim keeps the "CUDA" RNG streams in the one CPU generator, so megatron's
@@ -271,34 +276,134 @@ def _data_description(args: argparse.Namespace) -> str:
     return f"train {paths(args.train_data_path, source)}{valid}"
 
 
-def _micro_batches(dataset: Any, start: int, args: argparse.Namespace, dp_rank: int, device: str,
-                   what: str = "training") -> Iterator[dict]:
-    """This rank's micro batches of the global batch starting at sample ``start``.
+_BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def _first_sample(start: int, k: int, args: argparse.Namespace, dp_rank: int) -> int:
+    """The first sample of this rank's micro batch ``k`` of the global batch at ``start``
+    (Megatron-LM's 'single' sampler: each data-parallel rank its slice, in order)."""
+    return start + k * args.micro_batch_size * args.data_parallel_size + dp_rank * args.micro_batch_size
+
+
+def _collate(samples: Sequence[dict]) -> dict:
+    import torch
+
+    return {key: torch.stack([s[key] for s in samples]) for key in _BATCH_KEYS}
+
+
+def _checked(batch: dict, first: int, args: argparse.Namespace, device: str, what: str) -> dict:
+    """The micro batch on ``device``, after the token-id check.
 
     A token id outside the tokenizer's vocabulary (data tokenized with another tokenizer, or
     a --vocab-size too small for it) stops the run with one line naming the sample; the
     embedding would otherwise fail with an index error, or a device-side assert on a GPU."""
     import torch
 
-    m, dp = args.micro_batch_size, args.data_parallel_size
     vocab = args.unpadded_vocab_size
-    for k in range(args.num_microbatches):
-        first = start + k * m * dp + dp_rank * m
-        samples = [dataset[first + j] for j in range(m)]
-        batch = {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask", "position_ids")}
-        top = torch.maximum(batch["tokens"].amax(dim=1), batch["labels"].amax(dim=1))
-        if int(top.max()) >= vocab:
-            j = int(torch.argmax(top))
-            bad = int(top[j])
-            tokenizer = f"--tokenizer-type {args.tokenizer_type}" if args.tokenizer_type else "--vocab-size"
-            from cdp_megatron.integration.training import tensor_parallel_rank
+    top = torch.maximum(batch["tokens"].amax(dim=1), batch["labels"].amax(dim=1))
+    if int(top.max()) >= vocab:
+        j = int(torch.argmax(top))
+        bad = int(top[j])
+        tokenizer = f"--tokenizer-type {args.tokenizer_type}" if args.tokenizer_type else "--vocab-size"
+        from cdp_megatron.integration.training import tensor_parallel_rank
 
-            raise _DataError(f"{what} sample {first + j} holds token id {bad}, outside the {vocab} ids of {tokenizer}: "
-                             "the data was tokenized with another tokenizer (or --vocab-size is too small)",
-                             report=tensor_parallel_rank() == 0)
-        if device == "cuda":
-            batch = {key: value.cuda(non_blocking=True) for key, value in batch.items()}
-        yield batch
+        raise _DataError(f"{what} sample {first + j} holds token id {bad}, outside the {vocab} ids of {tokenizer}: "
+                         "the data was tokenized with another tokenizer (or --vocab-size is too small)",
+                         report=tensor_parallel_rank() == 0)
+    if device == "cuda":
+        batch = {key: value.cuda(non_blocking=True) for key, value in batch.items()}
+    return batch
+
+
+def _micro_batches(dataset: Any, start: int, args: argparse.Namespace, dp_rank: int, device: str,
+                   what: str = "training") -> Iterator[dict]:
+    """This rank's micro batches of the global batch starting at sample ``start``, read here."""
+    m = args.micro_batch_size
+    for k in range(args.num_microbatches):
+        first = _first_sample(start, k, args, dp_rank)
+        yield _checked(_collate([dataset[first + j] for j in range(m)]), first, args, device, what)
+
+
+class _IndexedSamples:
+    """A dataset's samples with their index (a worker's micro batch says where it starts)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, index: int) -> tuple[int, dict]:
+        return index, self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class _RankBatches:
+    """The DataLoader's batch sampler: this rank's micro batches (lists of sample indices) of
+    every global batch from sample ``start`` to the end of training, in training order."""
+
+    def __init__(self, start: int, args: argparse.Namespace, dp_rank: int) -> None:
+        self.start, self.args, self.dp_rank = start, args, dp_rank
+        self.end = args.train_iters * args.global_batch_size  # samples of the whole run
+
+    def __iter__(self) -> Iterator[list[int]]:
+        args = self.args
+        for start in range(self.start, self.end, args.global_batch_size):
+            for k in range(args.num_microbatches):
+                first = _first_sample(start, k, args, self.dp_rank)
+                yield list(range(first, first + args.micro_batch_size))
+
+    def __len__(self) -> int:
+        return (self.end - self.start) // self.args.global_batch_size * self.args.num_microbatches
+
+
+def _collate_indexed(items: Sequence[tuple[int, dict]]) -> tuple[int, dict]:
+    return items[0][0], _collate([sample for _, sample in items])
+
+
+def _init_worker(worker_id: int) -> None:
+    """A forked DataLoader worker: SIGTERM kills it again (the training process's
+    --exit-signal-handler is for the training process) and its garbage is collected
+    (--manual-gc disables that in the training process)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    gc.enable()
+
+
+class _TrainLoader:
+    """``--num-workers N``: this rank's training micro batches read by N DataLoader worker
+    processes ahead of the step. The same samples in the same order as :func:`_micro_batches`
+    reads them (each micro batch's first index is checked against it), so the losses do not
+    change; validation samples are still read in the training process."""
+
+    def __init__(self, dataset: Any, start: int, args: argparse.Namespace, dp_rank: int, device: str) -> None:
+        import torch.utils.data
+
+        self.args, self.dp_rank, self.device = args, dp_rank, device
+        self._loader = torch.utils.data.DataLoader(
+            _IndexedSamples(dataset), batch_sampler=_RankBatches(start, args, dp_rank),
+            num_workers=args.num_workers, collate_fn=_collate_indexed, pin_memory=device == "cuda",
+            worker_init_fn=_init_worker,
+            # the workers' base seed from a generator of its own: drawn from torch's default one it
+            # would shift the dropout masks (on a CPU the shim keeps megatron's RNG streams there)
+            generator=torch.Generator().manual_seed(args.seed))
+        self._iterator = iter(self._loader)
+
+    def global_batch(self, start: int) -> list[dict]:
+        """This rank's micro batches of the global batch at sample ``start`` (the next one)."""
+        batches = []
+        for k in range(self.args.num_microbatches):
+            first, batch = next(self._iterator)
+            expected = _first_sample(start, k, self.args, self.dp_rank)
+            if first != expected:
+                raise RuntimeError(f"the data loader gave sample {first} where training is at sample {expected}")
+            batches.append(_checked(batch, first, self.args, self.device, "training"))
+        return batches
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        self._iterator = None
+        self._loader = None
 
 
 # ==================================================================================== loss
@@ -573,6 +678,7 @@ class _Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.phases: dict[str, float] = {}
+        self._train_loader: _TrainLoader | None = None  # --num-workers: made at the first step
 
     # ------------------------------------------------------------------------- start-up
     def run(self) -> int:
@@ -692,8 +798,10 @@ class _Run:
             f"  batch: {args.global_batch_size} samples = {args.num_microbatches} micro batches x "
             f"{args.micro_batch_size} x DP {args.data_parallel_size}; {args.train_iters} iterations "
             f"({args.train_iters * args.global_batch_size * args.seq_length} tokens)",
-            f"  data: {_data_description(args)}; "
-            f"z-loss {args.cdp_z_loss:g}",
+            f"  data: {_data_description(args)}"
+            + (f", training samples read by {args.num_workers} worker process{'es' if args.num_workers > 1 else ''}"
+               if args.num_workers else "")
+            + f"; z-loss {args.cdp_z_loss:g}",
         ]
         if args.ddp_bucket_size and not args.overlap_grad_reduce:
             lines.append("  note: --ddp-bucket-size has no effect without --overlap-grad-reduce (one bucket)")
@@ -927,8 +1035,16 @@ class _Run:
 
     # ---------------------------------------------------------------------------- training
     def _iterators(self, dataset: Any, start: int):
-        what = "training" if dataset is self.train_data else "validation"
-        iterators = [_micro_batches(dataset, start, self.args, self.dp_rank, self.device, what) for _ in self.model]
+        """One iterator over this rank's micro batches per model chunk (the same batches)."""
+        if dataset is self.train_data and self.args.num_workers:
+            if self._train_loader is None:
+                self._train_loader = _TrainLoader(dataset, start, self.args, self.dp_rank, self.device)
+            batches = self._train_loader.global_batch(start)
+            iterators = [iter(batches) for _ in self.model]
+        else:
+            what = "training" if dataset is self.train_data else "validation"
+            iterators = [_micro_batches(dataset, start, self.args, self.dp_rank, self.device, what)
+                         for _ in self.model]
         return iterators if len(iterators) > 1 else iterators[0]
 
     def _step(self, iteration: int) -> tuple[float, float, float | None]:
@@ -1096,6 +1212,8 @@ class _Run:
                     metrics.print(f"exiting at iteration {iteration} ({stop})")
                     break
         finally:
+            if self._train_loader is not None:
+                self._train_loader.close()
             metrics.close()
             self._exit_signal.restore()
             manual_gc.stop()

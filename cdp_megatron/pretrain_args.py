@@ -82,11 +82,8 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--decoder-last-pipeline-num-layers": "uneven pipeline stages are not supported",
     "--account-for-embedding-in-pipeline-split": "uneven pipeline stages are not supported",
     "--account-for-loss-in-pipeline-split": "uneven pipeline stages are not supported",
-    "--num-workers": "samples are read in the training process",
-    "--dataloader-type": "samples are read in order (Megatron's 'single')",
     "--reset-position-ids": "not supported",
     "--reset-attention-mask": "not supported",
-    "--distributed-backend": "the backend is detected (nccl on GPU, gloo on CPU)",
     "--kv-channels": "the head dimension is --hidden-size / --num-attention-heads",
     "--rotary-seq-len-interpolation-factor": "not supported",
     "--use-rotary-position-embeddings": "give --position-embedding-type rope",
@@ -316,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddp-bucket-size", type=int,
                    help="elements per gradient bucket (default Megatron's: max(40M, 1M x DP) with "
                    "--overlap-grad-reduce, one bucket without)")
+    g.add_argument("--distributed-backend", choices=("nccl", "gloo"),
+                   help="default: nccl on a GPU, gloo on a CPU (the only pairs supported: another is refused)")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
 
     g = p.add_argument_group("training (Megatron-LM)")
@@ -382,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, help="with --tokenizer-type NullTokenizer (data tokenized elsewhere), "
                    "or with --mock-data and no tokenizer: ids 0..N-1 plus an end-of-document id N")
     g.add_argument("--mock-data", action="store_true", help="random tokens (tests, benchmarks)")
+    g.add_argument("--num-workers", type=int, default=0,
+                   help="processes that read the training samples ahead of the step (default 0: read in the "
+                   "training process; Megatron-LM's default is 2); the samples and their order do not change")
+    g.add_argument("--dataloader-type", choices=("single", "cyclic", "external"), default="single",
+                   help="single (the default, Megatron-LM's): samples in order, each data-parallel rank its "
+                   "slice of the global batch; cyclic and external are not supported")
 
     g = p.add_argument_group("checkpoints, evaluation, logging (Megatron-LM)")
     g.add_argument("--save", help="checkpoint directory")
@@ -619,7 +624,7 @@ def _validate(args: argparse.Namespace) -> None:
               "num_layers_per_virtual_pipeline_stage", "log_interval", "eval_interval", "save_interval",
               "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size", "ckpt_step",
               "tensorboard_log_interval")
-    _positive(args, "eval_iters", "lr_warmup_iters", "cdp_z_loss", allow_zero=True)
+    _positive(args, "eval_iters", "lr_warmup_iters", "cdp_z_loss", "num_workers", allow_zero=True)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0 <= getattr(args, name) < 1:
             raise ArgsError(f"--{name.replace('_', '-')} must be in [0, 1)")
@@ -916,6 +921,9 @@ def _read_data_args(args: argparse.Namespace) -> None:
 def _validate_data(args: argparse.Namespace) -> None:
     from cdp_megatron.data.tokenizers import TokenizerError, build_tokenizer, padded_vocab_size
 
+    if args.dataloader_type != "single":
+        raise ArgsError(f"--dataloader-type {args.dataloader_type} is not supported: samples are read in order, "
+                        "as Megatron-LM's 'single' reads them (give --dataloader-type single or leave it out)")
     _read_data_args(args)
     per_split = args.train_data_path is not None or args.valid_data_path is not None
     for flag in ("data_path", "train_data_path", "valid_data_path"):

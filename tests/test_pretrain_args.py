@@ -185,6 +185,17 @@ def test_every_flag_not_taken_is_named_in_one_line():
         "unexpected argument 'stray' (flags take the form --name value)")
 
 
+def test_data_loader_flags():
+    assert (parse(TINY + " --lr 1e-3").num_workers, parse(TINY + " --lr 1e-3 --num-workers 4").num_workers) == (0, 4)
+    assert error(TINY + " --lr 1e-3 --num-workers -1") == "--num-workers must be >= 0, got -1"
+    assert parse(TINY + " --lr 1e-3 --dataloader-type single").dataloader_type == "single"
+    assert error(TINY + " --lr 1e-3 --dataloader-type cyclic") == (
+        "--dataloader-type cyclic is not supported: samples are read in order, as Megatron-LM's 'single' reads "
+        "them (give --dataloader-type single or leave it out)")
+    # checked against the device when the run starts (test_pretrain)
+    assert parse(TINY + " --lr 1e-3 --distributed-backend nccl").distributed_backend == "nccl"
+
+
 FUSION_SWITCHES = ("--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
                    "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
                    "--no-persist-layer-norm")

@@ -278,13 +278,17 @@ def test_null_tokenizer_reads_data_tokenized_elsewhere(byte_corpus, tmp_path):
     out = ok(run(common + " --tokenizer-type NullTokenizer --vocab-size 256 --metrics-file null.jsonl", tmp_path))
     assert "vocab 384 (padded from 257)" in out
     assert train_losses(tmp_path / "null.jsonl") == train_losses(tmp_path / "byte.jsonl")
-    small = run(common + " --tokenizer-type NullTokenizer --vocab-size 100", tmp_path)
-    assert small.returncode == 2 and "Traceback" not in small.stdout, small.stdout[-3000:]
-    last = small.stdout.strip().splitlines()[-1]
+    lines = []
+    for workers in (0, 1):  # read here, and by a DataLoader worker
+        small = run(common + f" --tokenizer-type NullTokenizer --vocab-size 100 --num-workers {workers}", tmp_path)
+        assert small.returncode == 2 and "Traceback" not in small.stdout, small.stdout[-3000:]
+        lines.append(small.stdout.strip().splitlines()[-1])
+    last = lines[0]
     assert last.startswith("cdp-pretrain: error: training sample ") and last.endswith(
         ", outside the 101 ids of --tokenizer-type NullTokenizer: the data was tokenized with another tokenizer "
         "(or --vocab-size is too small)"), last
     assert int(last.split("holds token id ")[1].split(",")[0]) > 100
+    assert lines[1] == last
 
 
 # Counts the process's gc.disable() and gc.collect() calls into $GC_LOG at exit (on PYTHONPATH,
@@ -322,6 +326,49 @@ def test_manual_gc_collects_at_the_chosen_points_and_changes_no_loss(spec20, ref
     assert counts["on"][0] == counts["off"][0] + 1
     assert counts["on"][1] - counts["off"][1] == 1 + 6 + 4
     assert counts["no-eval"][1] - counts["off"][1] == 1 + 6
+
+
+# Appends the target functions of the multiprocessing processes each Python process started to
+# $PROCESS_LOG at its exit (DataLoader workers are such processes; so is what a checkpoint
+# save may start).
+_PROCESS_SPY = """
+import atexit, multiprocessing.process, os
+_started = []
+_start = multiprocessing.process.BaseProcess.start
+def _counted_start(self):
+    _started.append(getattr(self._target, "__qualname__", "?"))
+    _start(self)
+multiprocessing.process.BaseProcess.start = _counted_start
+atexit.register(lambda: open(os.environ["PROCESS_LOG"], "a").write("".join(name + "\\n" for name in _started)))
+"""
+
+
+def _workers_started(log: Path) -> int:
+    names = log.read_text().split() if log.exists() else []
+    log.unlink(missing_ok=True)
+    return names.count("_worker_loop")  # torch.utils.data's worker function
+
+
+def test_data_loader_workers_read_the_same_samples(spec20, reference, tmp_path):
+    """--num-workers N: N worker processes read the training samples, the same samples in the
+    same order (the dropout masks too: the loader draws from a generator of its own), before
+    and after a resume."""
+    (tmp_path / "spy").mkdir()
+    (tmp_path / "spy" / "sitecustomize.py").write_text(_PROCESS_SPY)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "spy"), str(REPO)]), "PROCESS_LOG": str(tmp_path / "n")}
+    out = ok(run(cdp20(spec20) + " --num-workers 2 --save ckpt --exit-interval 10 --metrics-file m.jsonl", tmp_path,
+                 env=env))
+    assert "training samples read by 2 worker processes" in next(l for l in out.splitlines() if "  data:" in l)
+    assert _workers_started(tmp_path / "n") == 2
+    ok(run(cdp20(spec20) + " --num-workers 1 --load ckpt --metrics-file m.jsonl", tmp_path, env=env))
+    assert _workers_started(tmp_path / "n") == 1
+    assert train_losses(tmp_path / "m.jsonl") == reference
+    refused = run(cdp20(spec20) + " --distributed-backend nccl", tmp_path)
+    assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == (
+        "cdp-pretrain: error: --distributed-backend nccl: this run is on a CPU, where cdp-pretrain uses gloo; give "
+        "--distributed-backend gloo or leave it out"), refused.stdout[-3000:]
+    ok(run(cdp20(spec20) + " --distributed-backend gloo --exit-interval 1", tmp_path, env=env))
+    assert _workers_started(tmp_path / "n") == 0
 
 
 def test_cdp_base_example_spec(tmp_path):
@@ -674,7 +721,7 @@ def test_load_without_checkpoint_starts_fresh(tmp_path):
 # ---------------------------------------------------------------------- two processes
 LAYOUTS = {
     "DP2": "",
-    "DP2-distopt": "--use-distributed-optimizer",
+    "DP2-distopt": "--use-distributed-optimizer --num-workers 1",  # each DP rank's slice, read by a worker
     "TP2": "--tensor-model-parallel-size 2",
     "PP2": "--pipeline-model-parallel-size 2",
     "TP2-distopt": "--tensor-model-parallel-size 2 --use-distributed-optimizer",
@@ -770,7 +817,8 @@ VPP = " --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["", "--use-distributed-optimizer"], ids=["plain", "distopt"])
+# plain: the two model chunks of a rank share the micro batches a DataLoader worker read
+@pytest.mark.parametrize("optimizer", ["--num-workers 1", "--use-distributed-optimizer"], ids=["plain", "distopt"])
 def test_virtual_pipeline_matches_one_process(optimizer, spec20, reference_four_layers_file, tmp_path):
     ok(run(four_layers(spec20) + VPP + optimizer, tmp_path, nproc=2))
     _assert_close(train_losses(tmp_path / "m.jsonl"), train_losses(reference_four_layers_file), range(1, 21))
