@@ -264,11 +264,13 @@ class Metrics:
         tokens: int,
         params_norm: float | None = None,
         num_zeros_in_grad: int | None = None,
+        memory: dict[str, float] | None = None,
     ) -> dict | None:
         """Record one finished iteration; returns the emitted record at log points, else None.
 
         tokens: tokens of this iteration (global batch x sequence length).
         params_norm / num_zeros_in_grad: recorded when given (where ``wants_values_at``).
+        memory: written to TensorBoard (``memory/<name>``) at its points when given.
         """
         if math.isfinite(lm_loss):
             self.last_finite_loss, self.last_finite_iteration = float(lm_loss), iteration
@@ -290,6 +292,8 @@ class Metrics:
                 value = _finite_or_none(value)
                 if value is not None:
                     self._tb.add_scalar(f"train/{key}", value, iteration)
+            for key, value in (memory or {}).items():
+                self._tb.add_scalar(f"memory/{key}", value, iteration)
             if self.logs_at(iteration):  # on disk by the time the log line shows
                 self._tb.flush()
         if not self.logs_at(iteration):

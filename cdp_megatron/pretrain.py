@@ -230,6 +230,24 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+# --log-memory-to-tensorboard: torch.cuda.memory_stats() keys -> TensorBoard names (memory/...),
+# the four Megatron-LM writes (mem-reserved-bytes, mem-allocated-bytes, ...)
+GPU_MEMORY_STATS = {
+    "reserved_bytes.all.current": "reserved_bytes",
+    "allocated_bytes.all.current": "allocated_bytes",
+    "allocated_bytes.all.peak": "max_allocated_bytes",
+    "allocation.all.current": "allocation_count",
+}
+
+
+def _gpu_memory() -> dict[str, float]:
+    """This process's GPU memory now (--log-memory-to-tensorboard)."""
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    return {name: float(stats.get(key, 0)) for key, name in GPU_MEMORY_STATS.items()}
+
+
 def _flops_per_iteration(args: argparse.Namespace) -> float:
     """--log-throughput: the model's FLOPs per iteration, as Megatron-LM counts them."""
     from cdp_megatron.metrics import gpt_flops_per_iteration
@@ -710,6 +728,9 @@ class _Run:
         from cdp_megatron.integration import training
 
         args = self.args
+        if args.log_memory_to_tensorboard and self.device != "cuda":
+            raise RunError("--log-memory-to-tensorboard writes GPU memory (torch.cuda.memory_stats), and this run is "
+                           "on a CPU; leave it out")
         self.rank = torch.distributed.get_rank()
         self.dp_rank = training.data_parallel_rank()
         if args.quickstart and args.data_path == [QUICKSTART_DATA_PREFIX]:
@@ -1197,6 +1218,7 @@ class _Run:
                     tokens=tokens_per_iteration,
                     params_norm=self._params_norm() if args.log_params_norm and metrics.wants_values_at(iteration) else None,
                     num_zeros_in_grad=self.num_zeros_in_grad,
+                    memory=_gpu_memory() if args.log_memory_to_tensorboard and self.rank == 0 else None,
                 )
                 manual_gc.after_iteration(iteration)
                 done = iteration == args.train_iters

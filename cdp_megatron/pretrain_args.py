@@ -167,6 +167,10 @@ ACCEPTED_NO_OP_FLAGS: dict[str, str] = {
     "--attention-softmax-in-fp32": "the attention softmax is always computed in fp32 (megatron-core's default)",
     "--no-create-attention-mask-in-dataloader": "the data loader never makes an attention mask (the model's "
                                                 "causal mask is used)",
+    "--no-async-tensor-model-parallel-allreduce": "Megatron-LM ignores it too (deprecated there)",
+    "--no-overlap-p2p-communication": "pipeline sends and receives are not overlapped with compute "
+                                      "(megatron-core's default)",
+    "--no-log-loss-scale-to-tensorboard": "there is no loss scale (no fp16)",
     # megatron-core's TransformerConfig has every one of these off by default, and
     # cdp-pretrain turns none of them on (Megatron-LM's defaults turn them on)
     **dict.fromkeys(("--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
@@ -422,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-throughput", action="store_true",
                    help="also log the throughput per GPU in TFLOP/s (the model's FLOPs counted as Megatron-LM counts "
                    "them); tokens/s is always logged")
+    g.add_argument("--log-memory-to-tensorboard", action="store_true",
+                   help="also write rank 0's GPU memory (torch.cuda.memory_stats: reserved, allocated, peak "
+                   "allocated bytes and the allocation count) at each TensorBoard point (needs a GPU)")
     g.add_argument("--log-params-norm", action="store_true",
                    help="log the L2 norm of all weights (params norm) at every --log-interval")
     g.add_argument("--log-num-zeros-in-grad", action="store_true",
@@ -1006,6 +1013,8 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
         raise ArgsError("--save-interval needs --save")
     if args.log_validation_ppl_to_tensorboard and not args.tensorboard_dir:
         raise ArgsError("--log-validation-ppl-to-tensorboard needs --tensorboard-dir")
+    if args.log_memory_to_tensorboard and not args.tensorboard_dir:
+        raise ArgsError("--log-memory-to-tensorboard needs --tensorboard-dir")
     if args.tensorboard_log_interval is not None and not args.tensorboard_dir:
         raise ArgsError("--tensorboard-log-interval needs --tensorboard-dir")
     if args.tensorboard_log_interval is None:

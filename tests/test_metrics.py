@@ -155,6 +155,23 @@ def test_params_norm_and_zero_counts_when_given(tmp_path):
     assert "params_norm" not in record and "num_zeros_in_grad" not in record
 
 
+def test_memory_at_the_tensorboard_points(tmp_path):
+    """--log-memory-to-tensorboard: memory/<name> at each TensorBoard point, nowhere else."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("torch")
+    m = Metrics(train_iters=4, log_interval=4, metrics_file=tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb",
+                stream=io.StringIO(), tensorboard_log_interval=2)
+    for i in range(1, 5):
+        m.iteration(i, lm_loss=2.0, z_loss=0.01, lr=1e-3, grad_norm=0.5, iteration_time_s=0.5, consumed_samples=8 * i,
+                    consumed_tokens=256 * i, tokens=256,
+                    memory={"reserved_bytes": float(2**30 * i), "allocation_count": 100.0 * i})
+    m.close()
+    tb = tensorboard_scalars(tmp_path / "tb")
+    assert tb["memory/reserved_bytes"] == {2: 2.0**31, 4: 2.0**32}
+    assert tb["memory/allocation_count"] == {2: 200.0, 4: 400.0}
+    assert "memory" not in (tmp_path / "m.jsonl").read_text()
+
+
 def _has_tensorboard() -> bool:
     import importlib.util
 

@@ -108,7 +108,9 @@ def test_sequence_parallel_needs_fused_norms():
 
 def test_accepted_no_op_flags():
     parse(TINY + " --lr 1e-3 --use-mcore-models --calculate-per-token-loss "
-          "--attention-softmax-in-fp32 --no-create-attention-mask-in-dataloader")
+          "--attention-softmax-in-fp32 --no-create-attention-mask-in-dataloader "
+          "--no-async-tensor-model-parallel-allreduce --no-overlap-p2p-communication "
+          "--no-log-loss-scale-to-tensorboard")
     assert parse(TINY + " --lr 1e-3 --log-throughput").log_throughput  # a real flag now: TFLOP/s per GPU
 
 
@@ -154,8 +156,8 @@ def test_unsupported_list_has_the_common_ones():
 
 def test_megatron_lm_flags_we_lack_are_named_and_typos_get_the_closest_flag():
     # a real Megatron-LM flag without a reason of its own: named as a Megatron-LM flag, not "unknown"
-    assert error(TINY + " --lr 1e-3 --log-memory-to-tensorboard") == (
-        "--log-memory-to-tensorboard is a Megatron-LM flag cdp-pretrain does not support (see cdp-pretrain --help "
+    assert error(TINY + " --lr 1e-3 --log-world-size-to-tensorboard") == (
+        "--log-world-size-to-tensorboard is a Megatron-LM flag cdp-pretrain does not support (see cdp-pretrain --help "
         "for the supported ones)")
     assert error(TINY + " --lr 1e-3 --override-opt-param-scheduler").startswith(
         "--override-opt-param-scheduler is a Megatron-LM flag cdp-pretrain does not support (--load resumes")
@@ -169,12 +171,12 @@ def test_every_flag_not_taken_is_named_in_one_line():
     # a ported script learns all its unsupported flags at once; a flag's values are skipped and
     # a flag given twice is named once
     assert error(TINY + " --lr 1e-3 --rampup-batch-size 16 16 5859375 --fp16 --lr-decay-sytle cosine "
-                 "--log-memory-to-tensorboard --xyz 1 --moe-router-topk 2 --fp16") == (
+                 "--log-world-size-to-tensorboard --xyz 1 --moe-router-topk 2 --fp16") == (
         "6 flags cdp-pretrain does not take (see cdp-pretrain --help): "
         "--rampup-batch-size: not supported, the batch size is fixed (the SDE rules assume it); "
         "--fp16: not supported, use --bf16 (no fp16 loss scaling); "
         "--lr-decay-sytle: unknown, did you mean --lr-decay-style?; "
-        "--log-memory-to-tensorboard: a Megatron-LM flag, not supported; "
+        "--log-world-size-to-tensorboard: a Megatron-LM flag, not supported; "
         "--xyz: unknown; "
         "--moe-router-topk: a Megatron-LM flag, not supported")
     # one flag keeps its own sentence; a stray value before any flag is named as such
@@ -183,6 +185,12 @@ def test_every_flag_not_taken_is_named_in_one_line():
         "supported ones)")
     assert error(TINY + " --lr 1e-3 stray --fp16") == (
         "unexpected argument 'stray' (flags take the form --name value)")
+
+
+def test_log_memory_to_tensorboard_needs_the_folder():
+    assert error(TINY + " --lr 1e-3 --log-memory-to-tensorboard") == (
+        "--log-memory-to-tensorboard needs --tensorboard-dir")
+    assert parse(TINY + " --lr 1e-3 --log-memory-to-tensorboard --tensorboard-dir tb").log_memory_to_tensorboard
 
 
 def test_data_loader_flags():

@@ -403,8 +403,8 @@ FUSIONS = ("masked_softmax_fusion", "bias_activation_fusion", "bias_dropout_fusi
 
 
 def test_no_fusion_is_turned_on_on_a_gpu_either(megatron_1proc, monkeypatch):
-    # cdp-pretrain accepts Megatron-LM's --no-*-fusion switches as no-ops because gpt_config
-    # leaves every optional fusion off on a GPU too (megatron-core's defaults)
+    # cdp-pretrain accepts Megatron-LM's --no-*-fusion switches and --no-overlap-p2p-communication
+    # as no-ops because gpt_config leaves these off on a GPU too (megatron-core's defaults)
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from cdp_megatron.integration import gpt_config
@@ -415,6 +415,7 @@ def test_no_fusion_is_turned_on_on_a_gpu_either(megatron_1proc, monkeypatch):
     defaults = TransformerConfig.__dataclass_fields__
     assert {name: getattr(config, name) for name in FUSIONS} == dict.fromkeys(FUSIONS, False)
     assert {name: defaults[name].default for name in FUSIONS} == dict.fromkeys(FUSIONS, False)
+    assert config.overlap_p2p_comm is False  # --no-overlap-p2p-communication
 
 
 def test_attention_backend_by_name(megatron_1proc, monkeypatch):

@@ -371,6 +371,24 @@ def test_data_loader_workers_read_the_same_samples(spec20, reference, tmp_path):
     assert _workers_started(tmp_path / "n") == 0
 
 
+def test_log_memory_to_tensorboard(spec20, tmp_path, monkeypatch):
+    """A CPU run refuses it in one line (there is no GPU memory to log); on a GPU the four
+    torch.cuda.memory_stats() values Megatron-LM writes (benchmarks/gpu_check.sh runs it)."""
+    import torch
+
+    from cdp_megatron.pretrain import _gpu_memory
+
+    refused = run(cdp20(spec20) + " --log-memory-to-tensorboard --tensorboard-dir tb", tmp_path)
+    assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == (
+        "cdp-pretrain: error: --log-memory-to-tensorboard writes GPU memory (torch.cuda.memory_stats), and this run "
+        "is on a CPU; leave it out"), refused.stdout[-3000:]
+    stats = {"reserved_bytes.all.current": 4096, "allocated_bytes.all.current": 2048,
+             "allocated_bytes.all.peak": 3072, "allocation.all.current": 7, "active.all.current": 5}
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda: stats)
+    assert _gpu_memory() == {"reserved_bytes": 4096.0, "allocated_bytes": 2048.0, "max_allocated_bytes": 3072.0,
+                             "allocation_count": 7.0}
+
+
 def test_cdp_base_example_spec(tmp_path):
     """examples/base.json as shipped, resolved at the shape, batch and duration of the flags."""
     out = ok(run(f"{TINY} --train-iters 20 --eval-interval 20 --eval-iters 1 --cdp-base {BASE} "
