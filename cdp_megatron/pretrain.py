@@ -841,7 +841,7 @@ class _Run:
         else:
             lines.append(
                 f"  hyperparameters (plain Megatron): lr {args.lr:g}, min lr {args.min_lr:g}, {_decay_description(args)}, "
-                f"warmup {args.lr_warmup_iters}, weight decay {args.weight_decay:g}, betas "
+                f"warmup {_number(args.lr_warmup_iters)}, weight decay {args.weight_decay:g}, betas "
                 f"({args.adam_beta1:g}, {args.adam_beta2:g}), eps {args.adam_eps:g}, init std {args.init_method_std:g}"
             )
         print("\n".join(lines), flush=True)

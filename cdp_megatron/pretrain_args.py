@@ -516,8 +516,8 @@ def _check_extras(extras: Sequence[str], parser: argparse.ArgumentParser) -> Non
     at once, so a ported Megatron-LM script is fixed in one pass, not one flag per try."""
     if extras and not extras[0].startswith("-"):
         raise ArgsError(f"unexpected argument {extras[0]!r} (flags take the form --name value)")
-    # the tokens after a flag argparse did not take are that flag's values
-    flags = list(dict.fromkeys(_flag_name(token) for token in extras if token.startswith("-")))
+    # the tokens after a flag argparse did not take are that flag's values (-1 too)
+    flags = list(dict.fromkeys(_flag_name(token) for token in extras if token.startswith("-") and not is_number(token)))
     problems = [(flag, *_extra_flag_problem(flag, parser)) for flag in flags]
     if len(problems) == 1:
         flag, megatron, why = problems[0]
@@ -1157,12 +1157,17 @@ def _finish_schedule(args: argparse.Namespace) -> None:
     if args.lr_warmup_iters is not None and args.lr_warmup_fraction is not None:
         raise ArgsError("give only one of --lr-warmup-iters and --lr-warmup-fraction")
     if args.lr_warmup_fraction is not None:
-        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
+        # As Megatron-LM: the fraction of the decay, not rounded (its scheduler counts samples,
+        # fraction x decay iterations x batch; with ours counting iterations, a warmup that is
+        # not a whole number of iterations gives the same lrs)
+        warmup = args.lr_warmup_fraction * args.lr_decay_iters
+        whole = round(warmup)  # 0.3 x 10 is 3.0000000000000004 in floats
+        args.lr_warmup_iters = whole if math.isclose(warmup, whole, rel_tol=1e-9, abs_tol=1e-12) else warmup
     if args.lr_warmup_iters is None:
         args.lr_warmup_iters = 0
     if args.lr_warmup_iters >= args.lr_decay_iters:  # Megatron's scheduler asserts warmup < decay
         if args.lr_warmup_fraction is not None:
-            given = f"--lr-warmup-fraction {args.lr_warmup_fraction:g} gives {args.lr_warmup_iters} warmup iterations, which is"
+            given = f"--lr-warmup-fraction {args.lr_warmup_fraction:g} gives {args.lr_warmup_iters:g} warmup iterations, which is"
             fix = "use a fraction below 1"
         else:
             given, fix = f"--lr-warmup-iters {args.lr_warmup_iters} is", f"give at most {args.lr_decay_iters - 1}"
@@ -1186,13 +1191,13 @@ def _finish_wsd(args: argparse.Namespace) -> None:
             raise ArgsError(f"{wsd_flags[0]} applies with --lr-decay-style WSD (the decay style is "
                             f"{args.lr_decay_style}); add --lr-decay-style WSD or drop the flag")
         return
-    room = args.lr_decay_iters - args.lr_warmup_iters
+    room = math.floor(args.lr_decay_iters - args.lr_warmup_iters)  # (--lr-warmup-fraction: not whole)
     if args.lr_wsd_decay_iters is None:
         raise ArgsError(f"--lr-decay-style WSD needs --lr-wsd-decay-iters N: the iterations of the final decay, 1..{room} "
                         "(they end at --lr-decay-iters)")
     if not 1 <= args.lr_wsd_decay_iters <= room:
         raise ArgsError(f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters}: give 1..{room}, the iterations after the "
-                        f"{args.lr_warmup_iters} of warmup up to --lr-decay-iters {args.lr_decay_iters} (a decay "
+                        f"{args.lr_warmup_iters:.6g} of warmup up to --lr-decay-iters {args.lr_decay_iters} (a decay "
                         "that starts during the warmup would jump)")
     if args.lr_wsd_decay_style is None:
         args.lr_wsd_decay_style = WSD_DECAY_STYLES[0]

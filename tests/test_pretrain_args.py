@@ -86,6 +86,9 @@ def test_layout_batch_and_schedule():
     # Megatron-LM: the warmup fraction is of the decay iterations, not of training
     decay = parse(TINY + " --lr 1e-3 --lr-decay-iters 10 --lr-warmup-fraction 0.3")
     assert (decay.train_iters, decay.lr_decay_iters, decay.lr_warmup_iters) == (20, 10, 3)
+    assert isinstance(decay.lr_warmup_iters, int)  # 0.3 x 10 is 3.0000000000000004 in floats
+    # not rounded to whole iterations, as Megatron-LM (test_pretrain checks the lrs)
+    assert parse(TINY + " --lr 1e-3 --lr-warmup-fraction 0.125").lr_warmup_iters == 2.5
     assert parse(TINY + " --lr 1e-3 --lr-warmup-iters 19").lr_warmup_iters == 19  # the longest warmup there is
     samples = parse(TINY.replace("--train-iters 20", "--train-samples 100") + " --lr 1e-3")
     assert samples.train_iters == 12

@@ -274,7 +274,7 @@ def plain_optimizer(
     init_lr: float,
     max_lr: float,
     min_lr: float,
-    lr_warmup_iters: int,
+    lr_warmup_iters: float,
     lr_decay_iters: int,
     lr_decay_style: str,
     weight_decay: float,
@@ -283,7 +283,8 @@ def plain_optimizer(
 ) -> tuple[Any, Any]:
     """Plain Megatron (runs without ``--cdp-*``): ``get_megatron_optimizer(config, model)`` and
     an ``OptimizerParamScheduler`` with Megatron-LM's schedule (linear warmup from
-    ``init_lr`` to ``max_lr`` over ``lr_warmup_iters``, then ``lr_decay_style`` to ``min_lr``
+    ``init_lr`` to ``max_lr`` over ``lr_warmup_iters``, a whole number or not as Megatron-LM's
+    ``--lr-warmup-fraction`` gives it, then ``lr_decay_style`` to ``min_lr``
     at ``lr_decay_iters``; "WSD": the peak lr until the last ``wsd_decay_iters`` before
     ``lr_decay_iters``, which decay in ``lr_wsd_decay_style``) and a constant weight decay.
     Returns (optimizer, scheduler).

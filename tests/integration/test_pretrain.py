@@ -506,6 +506,24 @@ def test_plain_resume_keeps_the_schedule_or_refuses_another(tmp_path):
         and "3" in last and "2" in last and "warmup" in last, last
 
 
+def test_warmup_fraction_is_megatron_lms(tmp_path):
+    """--lr-warmup-fraction 0.125 of 20 iterations is a warmup of 2.5 iterations, as in
+    Megatron-LM (whose scheduler counts samples: 0.125 x 20 x the batch), not 2: the lrs are
+    its formula's (the lr printed for iteration i is the schedule at step i - 1)."""
+    out = ok(run(TINY + " --lr 1e-3 --min-lr 1e-4 --train-iters 20 --eval-iters 0 --lr-warmup-fraction 0.125 "
+                 "--metrics-file m.jsonl",
+                 tmp_path))
+    assert "linear decay, warmup 2.5," in out
+    lrs = {r["iteration"]: r["lr"] for r in records(tmp_path / "m.jsonl")}
+
+    def by_hand(step):
+        if step <= 2.5:
+            return 1e-3 * step / 2.5
+        return 1e-3 - (1e-3 - 1e-4) * (step - 2.5) / (20 - 2.5)
+
+    assert lrs == pytest.approx({i: by_hand(i - 1) for i in range(1, 21)}, rel=1e-12)
+
+
 def test_wsd_schedule_and_a_resume_with_another_decay_is_refused(tmp_path):
     """--lr-decay-style WSD: warmup, the peak lr, then the last --lr-wsd-decay-iters decay to the
     min lr (megatron-core's scheduler; the lr printed for iteration i is the one it trained
