@@ -84,7 +84,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--account-for-loss-in-pipeline-split": "uneven pipeline stages are not supported",
     "--reset-position-ids": "not supported",
     "--reset-attention-mask": "not supported",
-    "--kv-channels": "the head dimension is --hidden-size / --num-attention-heads",
     "--rotary-seq-len-interpolation-factor": "not supported",
     "--use-rotary-position-embeddings": "give --position-embedding-type rope",
     "--no-position-embedding": "give --position-embedding-type rope or learned_absolute",
@@ -259,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group-query-attention", action="store_true", help="grouped-query attention")
     g.add_argument("--num-query-groups", type=int, help="key/value heads (default: heads, or 1 with "
                    "--group-query-attention as in Megatron-LM)")
+    g.add_argument("--kv-channels", type=int, metavar="N",
+                   help="the head dimension; only --hidden-size / --num-attention-heads (the default) is supported")
     g.add_argument("--ffn-hidden-size", type=int, help="MLP width (default 4*hidden, with --swiglu "
                    "int(4*hidden*2/3/64)*64 as in Megatron-LM)")
     g.add_argument("--seq-length", type=int, help="tokens per sample (required)")
@@ -732,6 +733,10 @@ def _validate_model(args: argparse.Namespace) -> None:
     heads = args.num_attention_heads
     if args.hidden_size % heads:
         raise ArgsError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {heads}")
+    if args.kv_channels is not None and args.kv_channels != args.hidden_size // heads:
+        raise ArgsError(f"--kv-channels {args.kv_channels}: only heads of --hidden-size / --num-attention-heads = "
+                        f"{args.hidden_size // heads} channels are supported (the model and the Complete(d)P "
+                        "shape take the head dimension from these two); drop the flag or give it that value")
     if args.num_query_groups is None:
         args.num_query_groups = 1 if args.group_query_attention else heads
     if heads % args.num_query_groups:

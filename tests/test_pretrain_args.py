@@ -196,6 +196,15 @@ def test_log_memory_to_tensorboard_needs_the_folder():
     assert parse(TINY + " --lr 1e-3 --log-memory-to-tensorboard --tensorboard-dir tb").log_memory_to_tensorboard
 
 
+def test_kv_channels_only_as_the_default():
+    # Megatron-LM's Llama scripts give --kv-channels 128 with 4096 / 32: accepted when it is that
+    assert parse(TINY + " --lr 1e-3 --kv-channels 16").kv_channels == 16  # 64 / 4
+    assert error(TINY + " --lr 1e-3 --kv-channels 32") == (
+        "--kv-channels 32: only heads of --hidden-size / --num-attention-heads = 16 channels are supported (the "
+        "model and the Complete(d)P shape take the head dimension from these two); drop the flag or give it that "
+        "value")
+
+
 def test_data_loader_flags():
     assert (parse(TINY + " --lr 1e-3").num_workers, parse(TINY + " --lr 1e-3 --num-workers 4").num_workers) == (0, 4)
     assert error(TINY + " --lr 1e-3 --num-workers -1") == "--num-workers must be >= 0, got -1"
