@@ -58,7 +58,7 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--expert-tensor-parallel-size": "mixture-of-experts models are not supported",
     "--context-parallel-size": "context parallelism is not supported",
     "--distribute-saved-activations": "not supported",
-    "--use-flash-attn": "attention backends are chosen by --transformer-impl",
+    "--use-flash-attn": "give --attention-backend flash (Megatron-LM's newer flag)",
     "--use-legacy-models": "only megatron.core models exist here",
     "--spec": "the layer spec comes from --transformer-impl",
     "--rampup-batch-size": "the batch size is fixed (the SDE rules assume it)",
@@ -93,8 +93,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--apply-query-key-layer-scaling": "not supported",
     "--qk-l2-norm": "give --qk-layernorm",
     "--multi-latent-attention": "not supported",
-    "--ckpt-format": "checkpoints are always torch_dist (dist_checkpointing)",
-    "--use-dist-ckpt": "checkpoints are always torch_dist (dist_checkpointing)",
     "--auto-detect-ckpt-format": "checkpoints are always torch_dist (dist_checkpointing)",
     "--async-save": "checkpoints are saved synchronously",
     "--non-persistent-save-interval": "not supported",
@@ -167,6 +165,7 @@ ACCEPTED_NO_OP_FLAGS: dict[str, str] = {
     "--no-create-attention-mask-in-dataloader": "the data loader never makes an attention mask (the model's "
                                                 "causal mask is used)",
     "--no-async-tensor-model-parallel-allreduce": "Megatron-LM ignores it too (deprecated there)",
+    "--use-dist-ckpt": "checkpoints are always torch_dist (dist_checkpointing)",
     "--no-overlap-p2p-communication": "pipeline sends and receives are not overlapped with compute "
                                       "(megatron-core's default)",
     "--no-log-loss-scale-to-tensorboard": "there is no loss scale (no fp16)",
@@ -396,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints, evaluation, logging (Megatron-LM)")
     g.add_argument("--save", help="checkpoint directory")
     g.add_argument("--load", help="resume from the latest checkpoint here (none: start fresh)")
+    g.add_argument("--ckpt-format", choices=("torch_dist", "torch", "zarr", "torch_dcp", "fsdp_dtensor"),
+                   default="torch_dist", help="torch_dist (the default, Megatron-LM's): megatron's dist_checkpointing, "
+                   "the only format supported")
     g.add_argument("--ckpt-step", type=int, help="with --load: resume from the checkpoint of this iteration "
                    "instead of the latest")
     g.add_argument("--finetune", action="store_true", help="with --load: take only the model's weights (not "
@@ -1014,6 +1016,9 @@ def _check_data_path(data_path: Sequence[str], flag: str = "--data-path") -> Non
 
 
 def _validate_checkpoints(args: argparse.Namespace) -> None:
+    if args.ckpt_format != "torch_dist":
+        raise ArgsError(f"--ckpt-format {args.ckpt_format} is not supported: checkpoints are saved and loaded with "
+                        "megatron's dist_checkpointing (give --ckpt-format torch_dist or leave it out)")
     if args.save_interval is not None and not args.save:
         raise ArgsError("--save-interval needs --save")
     if args.log_validation_ppl_to_tensorboard and not args.tensorboard_dir:

@@ -196,6 +196,16 @@ def test_log_memory_to_tensorboard_needs_the_folder():
     assert parse(TINY + " --lr 1e-3 --log-memory-to-tensorboard --tensorboard-dir tb").log_memory_to_tensorboard
 
 
+def test_checkpoint_format_only_torch_dist():
+    assert parse(TINY + " --lr 1e-3 --ckpt-format torch_dist --use-dist-ckpt").ckpt_format == "torch_dist"
+    assert error(TINY + " --lr 1e-3 --ckpt-format torch") == (
+        "--ckpt-format torch is not supported: checkpoints are saved and loaded with megatron's dist_checkpointing "
+        "(give --ckpt-format torch_dist or leave it out)")
+    # the rest of the --ckpt- family stays refused by name
+    assert error(TINY + " --lr 1e-3 --ckpt-fully-parallel-save").startswith(
+        "--ckpt-fully-parallel-save is a Megatron-LM flag cdp-pretrain does not support")
+
+
 def test_kv_channels_only_as_the_default():
     # Megatron-LM's Llama scripts give --kv-channels 128 with 4096 / 32: accepted when it is that
     assert parse(TINY + " --lr 1e-3 --kv-channels 16").kv_channels == 16  # 64 / 4
