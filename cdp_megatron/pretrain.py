@@ -187,6 +187,7 @@ def _build_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
             **paths,
             data_cache_path=args.data_cache_path,
             mmap_bin_files=args.mmap_bin_files,
+            num_dataset_builder_threads=args.num_dataset_builder_threads,
             eod_mask_loss=args.eod_mask_loss,
             create_attention_mask=False,
         )

@@ -388,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=0,
                    help="processes that read the training samples ahead of the step (default 0: read in the "
                    "training process; Megatron-LM's default is 2); the samples and their order do not change")
+    g.add_argument("--num-dataset-builder-threads", type=int, default=1, metavar="N",
+                   help="threads that build the datasets of a --data-path blend's prefixes at start-up (default 1, "
+                   "Megatron-LM's); the same samples")
     g.add_argument("--dataloader-type", choices=("single", "cyclic", "external"), default="single",
                    help="single (the default, Megatron-LM's): samples in order, each data-parallel rank its "
                    "slice of the global batch; cyclic and external are not supported")
@@ -633,7 +636,7 @@ def _validate(args: argparse.Namespace) -> None:
               "max_position_embeddings", "tensor_model_parallel_size", "pipeline_model_parallel_size",
               "num_layers_per_virtual_pipeline_stage", "log_interval", "eval_interval", "save_interval",
               "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size", "ckpt_step",
-              "tensorboard_log_interval")
+              "tensorboard_log_interval", "num_dataset_builder_threads")
     _positive(args, "eval_iters", "lr_warmup_iters", "cdp_z_loss", "num_workers", allow_zero=True)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0 <= getattr(args, name) < 1:

@@ -218,6 +218,8 @@ def test_kv_channels_only_as_the_default():
 def test_data_loader_flags():
     assert (parse(TINY + " --lr 1e-3").num_workers, parse(TINY + " --lr 1e-3 --num-workers 4").num_workers) == (0, 4)
     assert error(TINY + " --lr 1e-3 --num-workers -1") == "--num-workers must be >= 0, got -1"
+    assert parse(TINY + " --lr 1e-3 --num-dataset-builder-threads 4").num_dataset_builder_threads == 4
+    assert error(TINY + " --lr 1e-3 --num-dataset-builder-threads 0") == "--num-dataset-builder-threads must be > 0, got 0"
     assert parse(TINY + " --lr 1e-3 --dataloader-type single").dataloader_type == "single"
     assert error(TINY + " --lr 1e-3 --dataloader-type cyclic") == (
         "--dataloader-type cyclic is not supported: samples are read in order, as Megatron-LM's 'single' reads "

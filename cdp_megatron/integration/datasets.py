@@ -249,6 +249,7 @@ def build_gpt_datasets(
     eod_mask_loss: bool = False,
     create_attention_mask: bool = True,
     mmap_bin_files: bool = True,
+    num_dataset_builder_threads: int = 1,
     is_built_on_rank: Callable[[], bool] | None = None,
 ) -> TrainValidTestDatasets:
     """The train/valid/test datasets for a training loop, as Megatron-LM's pretrain_gpt builds them.
@@ -273,6 +274,8 @@ def build_gpt_datasets(
             same names.
         create_attention_mask: build the causal ``attention_mask`` in the dataset
             (``--create-attention-mask-in-dataloader``, Megatron's default).
+        num_dataset_builder_threads: ``--num-dataset-builder-threads``: threads that build the
+            datasets of a blend's prefixes (the same datasets, sooner).
         is_built_on_rank: called on each rank; ranks where it returns False get ``None``
             splits (Megatron-LM builds on TP rank 0 of the first and last pipeline stages).
             Default: every rank builds (rank 0 first when torch.distributed is initialised).
@@ -325,6 +328,7 @@ def build_gpt_datasets(
         reset_attention_mask=reset_attention_mask,
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=create_attention_mask,
+        num_dataset_builder_threads=num_dataset_builder_threads,
     )
     sizes = [None if n is None else int(n) for n in num_samples]
     if blend is not None and len(blend[0]) == 1 and blend[1] is None:

@@ -1,6 +1,7 @@
 """integration/datasets.py: GPTDataset train/valid/test splits from a preprocessed tiny corpus."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +114,28 @@ def test_weighted_blend(corpus):
     assert len(train) == 200 and len(valid) == 20 and test is None
     upper = sum(not any(ord("a") <= i <= ord("z") for i in _stream(train[i])) for i in range(200))
     assert 120 <= upper <= 180  # about 75% of the samples come from the upper-case dataset
+
+
+def test_blend_built_by_threads_is_the_same(corpus, tmp_path):
+    # --num-dataset-builder-threads: megatron builds a blend's prefixes in threads; the samples do not change
+    # (each build from its own copy of the files: megatron caches next to them, and a blend with a
+    # cache folder of ours needs a process group)
+    import shutil
+
+    _, prefixes = corpus
+    samples = []
+    for threads in (1, 2):
+        copies = []
+        for prefix in prefixes:
+            copy = tmp_path / f"threads{threads}" / Path(prefix).name
+            copy.parent.mkdir(exist_ok=True)
+            for ext in (".bin", ".idx"):
+                shutil.copy(prefix + ext, str(copy) + ext)
+            copies.append(str(copy))
+        train = _build(f"0.25 {copies[0]} 0.75 {copies[1]}", None, num_samples=(64, 8, 0), split="90,10,0",
+                       num_dataset_builder_threads=threads).train
+        samples.append([_stream(train[i]) for i in range(64)])
+    assert samples[0] == samples[1]
 
 
 def test_per_split_paths(corpus, tmp_path):
