@@ -981,6 +981,9 @@ class _Run:
         problem = resume_mismatch(extras.get("resume"), resume_record(args), args.tensor_model_parallel_size)
         if problem:
             raise RunError(f"--load {path}: {problem}")
+        if extras.get("saved_optimizer") is False:
+            raise RunError(f"--load {path}: the checkpoint holds no optimizer state (saved with --no-save-optim), so "
+                           "training cannot go on from it; give --finetune to start from its weights")
         try:
             common = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         except AssertionError as e:  # OptimizerParamScheduler's check of the schedule flags
@@ -1000,7 +1003,10 @@ class _Run:
             self._print(f" note: the checkpoint was trained on {saved_seq}-token sequences, this run reads "
                         f"{args.seq_length}: it goes on at sample {self.consumed_samples} of the {args.seq_length}-token "
                         "samples, which Megatron cuts and shuffles anew (some text is read again, some skipped)")
-        if not load_rng_state(path, self._layout()):
+        if extras.get("saved_rng") is False:
+            self._print(" note: the checkpoint holds no RNG state (saved with --no-save-rng); dropout masks restart "
+                        "from --seed")
+        elif not load_rng_state(path, self._layout()):
             self._print(" note: the checkpoint's RNG state is for another layout; dropout masks restart from --seed")
         return iteration
 
@@ -1043,12 +1049,17 @@ class _Run:
 
         started = time.perf_counter()
         with synced_params(self.model):  # the latest weights under --overlap-param-gather
+            optim = not self.args.no_save_optim  # --no-save-optim: the weights only (and the scheduler's)
             final = save_iteration(
-                self.args.save, iteration, self.model, self.optimizer, self.scheduler,
+                self.args.save, iteration, self.model, self.optimizer if optim else None,
+                self.scheduler if optim else None,
                 layout=self._layout(), extra={"consumed_samples": self.consumed_samples,
                                               "consumed_tokens": self.consumed_tokens,
                                               "seq_length": self.args.seq_length,
-                                              "resume": resume_record(self.args)},
+                                              "resume": resume_record(self.args),
+                                              "saved_optimizer": optim,
+                                              "saved_rng": not self.args.no_save_rng},
+                save_rng=not self.args.no_save_rng,
                 before_publish=crash_if_asked,
                 dist_opt_format="fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable else None,
                 mem_efficient=self.args.distrib_optim_fully_reshardable_mem_efficient,

@@ -96,8 +96,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--auto-detect-ckpt-format": "checkpoints are always torch_dist (dist_checkpointing)",
     "--async-save": "checkpoints are saved synchronously",
     "--non-persistent-save-interval": "not supported",
-    "--no-save-optim": "not supported",
-    "--no-save-rng": "not supported",
     "--pretrained-checkpoint": "not supported",
     "--skip-train": "not supported",
     "--use-torch-fsdp2": "FSDP is not supported; use --use-distributed-optimizer",
@@ -412,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --finetune (which loads neither the optimizer nor the RNG state): accepted, as in "
                    "Megatron-LM's fine-tuning scripts")
     g.add_argument("--no-load-rng", action="store_true", help="with --finetune: see --no-load-optim")
+    g.add_argument("--no-save-optim", action="store_true",
+                   help="checkpoints without the optimizer's state and the schedule (the weights, e.g. to "
+                   "fine-tune from: a plain --load of one is refused)")
+    g.add_argument("--no-save-rng", action="store_true",
+                   help="checkpoints without the RNG state (a resume draws dropout masks from --seed again)")
     g.add_argument("--save-interval", "--persistent-save-interval", type=int,
                    help="iterations between saves (and at the end)")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
@@ -1024,6 +1027,9 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
                         "megatron's dist_checkpointing (give --ckpt-format torch_dist or leave it out)")
     if args.save_interval is not None and not args.save:
         raise ArgsError("--save-interval needs --save")
+    for flag in ("no_save_optim", "no_save_rng"):
+        if getattr(args, flag) and not args.save:
+            raise ArgsError(f"--{flag.replace('_', '-')} needs --save")
     if args.log_validation_ppl_to_tensorboard and not args.tensorboard_dir:
         raise ArgsError("--log-validation-ppl-to-tensorboard needs --tensorboard-dir")
     if args.log_memory_to_tensorboard and not args.tensorboard_dir:

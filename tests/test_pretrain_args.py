@@ -196,6 +196,13 @@ def test_log_memory_to_tensorboard_needs_the_folder():
     assert parse(TINY + " --lr 1e-3 --log-memory-to-tensorboard --tensorboard-dir tb").log_memory_to_tensorboard
 
 
+def test_no_save_flags_need_save():
+    assert error(TINY + " --lr 1e-3 --no-save-optim") == "--no-save-optim needs --save"
+    assert error(TINY + " --lr 1e-3 --no-save-rng") == "--no-save-rng needs --save"
+    args = parse(TINY + " --lr 1e-3 --save ck --no-save-optim --no-save-rng")
+    assert args.no_save_optim and args.no_save_rng
+
+
 def test_checkpoint_format_only_torch_dist():
     assert parse(TINY + " --lr 1e-3 --ckpt-format torch_dist --use-dist-ckpt").ckpt_format == "torch_dist"
     assert error(TINY + " --lr 1e-3 --ckpt-format torch") == (

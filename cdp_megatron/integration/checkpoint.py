@@ -525,6 +525,7 @@ def save_iteration(
     before_publish: Callable[[], None] | None = None,
     dist_opt_format: str | None = None,
     mem_efficient: bool = False,
+    save_rng: bool = True,
 ) -> str:
     """Save the checkpoint of ``iteration`` under ``save_dir`` atomically; returns its path
     (``save_dir/iter_NNNNNNN``). Collective on all ranks.
@@ -534,7 +535,8 @@ def save_iteration(
     iteration), then replaces the tracker file. A crash at any point leaves the previous
     checkpoint and tracker intact; a stale ``iter_N.tmp`` of a crashed save is removed first.
     ``before_publish`` runs on every rank once everything is written, before the rename.
-    dist_opt_format, mem_efficient: as for ``save_checkpoint``.
+    dist_opt_format, mem_efficient: as for ``save_checkpoint``. ``save_rng=False`` leaves the
+    RNG state out (``--no-save-rng``); ``optimizer`` and ``scheduler`` None leave theirs out.
     """
     rank = torch.distributed.get_rank()
     final = os.path.join(save_dir, checkpoint_dirname(iteration))
@@ -549,7 +551,8 @@ def save_iteration(
         extra={**(extra or {}), "layout": layout}, dist_opt_format=dist_opt_format,
         mem_efficient=mem_efficient,
     )
-    save_rng_state(tmp, rank, layout)
+    if save_rng:
+        save_rng_state(tmp, rank, layout)
     torch.distributed.barrier()
     if before_publish is not None:
         before_publish()

@@ -607,6 +607,17 @@ def test_finetune_starts_from_the_weights_only(spec20, tmp_path):
     assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == (
         "cdp-pretrain: error: --load ck/iter_0000006: the checkpoint is of another model (--num-layers 2 there, 4 "
         "here); resume with the flags it was saved with, or --save to a new folder"), refused.stdout[-4000:]
+    # --no-save-optim --no-save-rng: the weights alone, enough to fine-tune from (the same
+    # validation loss to the bit); training cannot go on from them, which is refused in one line
+    ok(run(saved + " --save light --exit-interval 6 --no-save-optim --no-save-rng", tmp_path))
+    assert not (tmp_path / "light" / "iter_0000006" / "rng").exists() and (tmp_path / "ck" / "iter_0000006" / "rng").exists()
+    ok(run(tuned + " --bf16 --load light --finetune --exit-interval 1 --metrics-file c.jsonl", tmp_path))
+    assert [r["val_loss"] for r in records(tmp_path / "c.jsonl") if r.get("eval")] == [val]
+    refused = run(saved + " --load light", tmp_path)
+    assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == (
+        "cdp-pretrain: error: --load light/iter_0000006: the checkpoint holds no optimizer state (saved with "
+        "--no-save-optim), so training cannot go on from it; give --finetune to start from its weights"), \
+        refused.stdout[-4000:]
 
 
 def test_exit_duration_saves_and_stops_without_the_evaluation(tmp_path):
