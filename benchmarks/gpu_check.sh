@@ -9,7 +9,8 @@
 #      8 x 512, and --lr-only at 8 x 512;
 #   3. last (least telling for the ratio): a short bf16 cdp-pretrain run on CUDA with the
 #      logging of the newer Megatron-LM flags (--log-params-norm, --log-num-zeros-in-grad,
-#      --log-throughput, --log-memory-to-tensorboard), norm/MLP recomputation
+#      --log-throughput, --log-memory-to-tensorboard), a torch.profiler trace of iterations
+#      11-12 with CUDA activity (--profile --use-pytorch-profiler), norm/MLP recomputation
 #      (--recompute-modules), --manual-gc and DataLoader workers (--num-workers), none of which
 #      has run on a GPU yet.
 #
@@ -93,15 +94,15 @@ check bench_fp32_4x64 "${BENCH[@]}"
 check bench_fp32_8x512 "${BENCH[@]}" --batch 8 --seq 512
 check bench_lr_only_8x512 "${BENCH[@]}" --batch 8 --seq 512 --lr-only
 read -r -a PRETRAIN_SHAPE <<<"${PRETRAIN_SHAPE:---num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 256}"
-MEMORY=()  # GPU memory only where there is a GPU (a CPU run refuses the flag)
+GPU_ONLY=()  # GPU memory and a CUDA profile only where there is a GPU (a CPU run refuses the memory flag)
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
-  && MEMORY=(--log-memory-to-tensorboard --tensorboard-dir "$OUT_DIR/pretrain_tb")
+  && GPU_ONLY=(--log-memory-to-tensorboard --tensorboard-dir "$OUT_DIR/pretrain_tb" --profile --use-pytorch-profiler)
 check pretrain_bf16_logging_recompute "$PY" -m cdp_megatron.pretrain --mock-data --vocab-size 1000 "${PRETRAIN_SHAPE[@]}" \
   --micro-batch-size 4 --train-iters 20 --lr 1e-3 \
   --eval-iters 0 --log-interval 10 --bf16 --disable-bias-linear --swiglu --normalization RMSNorm \
   --log-params-norm --log-num-zeros-in-grad --log-throughput --recompute-activations \
   --recompute-modules core_attn mlp layernorm --manual-gc --manual-gc-interval 10 --num-workers 2 \
-  "${MEMORY[@]}" --metrics-file "$OUT_DIR/pretrain_metrics.jsonl"
+  "${GPU_ONLY[@]}" --metrics-file "$OUT_DIR/pretrain_metrics.jsonl"
 grep -h "iteration 20/20" "$OUT_DIR/pretrain_bf16_logging_recompute.log" 2>/dev/null | sed 's/^/  /' | tee -a "$SUMMARY"
 if [ -d "$OUT_DIR/pretrain_tb" ]; then  # the last GPU memory point of each kind
   "$PY" - "$OUT_DIR/pretrain_tb" <<'PYEOF' 2>&1 | sed 's/^/  /' | tee -a "$SUMMARY"

@@ -42,7 +42,7 @@ import sys
 import time
 from functools import partial
 from types import SimpleNamespace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from cdp_megatron.convert import layer_ranges
 from cdp_megatron.pretrain_args import (
@@ -624,6 +624,61 @@ def _schedule_mismatch(was: Any, now: dict, plain: bool) -> str | None:
             f"with{hint}, or --save to a new folder")
 
 
+class _Profiler:
+    """--profile: Megatron-LM's profiling of the steps after iteration --profile-step-start up
+    to iteration --profile-step-end, on --profile-ranks. With --use-pytorch-profiler a
+    torch.profiler trace (CPU, and CUDA on a GPU; shapes and stacks recorded) written to
+    --tensorboard-dir when the range ends, else an nsys capture range (cudaProfilerStart/Stop
+    with NVTX ranges; a GPU only)."""
+
+    def __init__(self, args: argparse.Namespace, rank: int, device: str, say: Callable[[str], None]) -> None:
+        self.args, self.device, self.say = args, device, say
+        self.enabled = args.profile and rank in args.profile_ranks
+        self.rank = rank
+        self._torch = None
+        self._nvtx = None
+
+    def before_step(self, iteration: int) -> None:
+        """``iteration``: the iterations done before this step."""
+        if not self.enabled or iteration != self.args.profile_step_start:
+            return
+        import torch
+
+        if self.args.use_pytorch_profiler:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._torch = torch.profiler.profile(
+                activities=activities, record_shapes=True, with_stack=True,
+                on_trace_ready=torch.profiler.tensorboard_trace_handler(self.args.tensorboard_dir,
+                                                                        worker_name=f"rank{self.rank}"))
+            self._torch.start()
+        else:
+            torch.cuda.cudart().cudaProfilerStart()
+            self._nvtx = torch.autograd.profiler.emit_nvtx(record_shapes=True)
+            self._nvtx.__enter__()
+
+    def after_step(self, iteration: int) -> None:
+        """``iteration``: the iterations done after this step."""
+        if iteration == self.args.profile_step_end:
+            self.stop()
+
+    def stop(self) -> None:
+        if self._torch is not None:
+            self._torch.stop()  # writes the trace
+            self._torch = None
+            self.say(f" profiled iterations {self.args.profile_step_start + 1}-{self.args.profile_step_end} on rank "
+                     f"{self.rank}: torch.profiler trace in {self.args.tensorboard_dir}")
+        if self._nvtx is not None:
+            import torch
+
+            self._nvtx.__exit__(None, None, None)
+            self._nvtx = None
+            torch.cuda.cudart().cudaProfilerStop()
+            self.say(f" profiled iterations {self.args.profile_step_start + 1}-{self.args.profile_step_end} on rank "
+                     f"{self.rank}: nsys capture range closed")
+
+
 class _ExitSignal:
     """With --exit-signal-handler, SIGTERM (what SLURM sends at the time limit or on
     preemption, and torchrun passes on to its workers) only sets ``received``; the run saves
@@ -729,6 +784,9 @@ class _Run:
         from cdp_megatron.integration import training
 
         args = self.args
+        if args.profile and not args.use_pytorch_profiler and self.device != "cuda":
+            raise RunError("--profile without --use-pytorch-profiler marks an nsys capture range, which needs a GPU; "
+                           "add --use-pytorch-profiler for a torch.profiler trace")
         if args.log_memory_to_tensorboard and self.device != "cuda":
             raise RunError("--log-memory-to-tensorboard writes GPU memory (torch.cuda.memory_stats), and this run is "
                            "on a CPU; leave it out")
@@ -1191,6 +1249,10 @@ class _Run:
         exit_code = EXIT_OK
         self._exit_signal = _ExitSignal(enabled=args.exit_signal_handler)
         manual_gc = _ManualGC(args.manual_gc, args.manual_gc_interval, args.manual_gc_eval)
+        profiler = _Profiler(args, self.rank, self.device, lambda line: print(line, flush=True))
+        if profiler.enabled and start_iteration > args.profile_step_start:
+            metrics.print(f" note: --profile-step-start {args.profile_step_start} is before this run's first "
+                          f"iteration ({start_iteration + 1}); nothing is profiled")
         try:
             manual_gc.start()
             for model_chunk in self.model:
@@ -1200,6 +1262,7 @@ class _Run:
             while iteration < args.train_iters:
                 started = time.perf_counter()
                 lr = self._current_lr()
+                profiler.before_step(iteration)
                 lm_loss, z_loss, grad_norm = self._step(iteration)
                 self._synchronize()
                 seconds = time.perf_counter() - started
@@ -1232,6 +1295,7 @@ class _Run:
                     num_zeros_in_grad=self.num_zeros_in_grad,
                     memory=_gpu_memory() if args.log_memory_to_tensorboard and self.rank == 0 else None,
                 )
+                profiler.after_step(iteration)  # (after the iteration's log line)
                 manual_gc.after_iteration(iteration)
                 done = iteration == args.train_iters
                 stop, urgent = self._stop_reason(iteration, done)
@@ -1246,6 +1310,7 @@ class _Run:
                     metrics.print(f"exiting at iteration {iteration} ({stop})")
                     break
         finally:
+            profiler.stop()  # a run that ended inside the range (a divergence, a signal)
             if self._train_loader is not None:
                 self._train_loader.close()
             metrics.close()

@@ -438,6 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-memory-to-tensorboard", action="store_true",
                    help="also write rank 0's GPU memory (torch.cuda.memory_stats: reserved, allocated, peak "
                    "allocated bytes and the allocation count) at each TensorBoard point (needs a GPU)")
+    g.add_argument("--profile", action="store_true",
+                   help="profile the iterations from --profile-step-start to --profile-step-end: with "
+                   "--use-pytorch-profiler a torch.profiler trace in --tensorboard-dir, else (GPU) an nsys capture "
+                   "range (cudaProfilerStart/Stop; run under nsys profile --capture-range=cudaProfilerApi)")
+    g.add_argument("--use-pytorch-profiler", action="store_true", help="with --profile: torch.profiler")
+    g.add_argument("--profile-step-start", type=int, default=10, metavar="N",
+                   help="with --profile: the first profiled step is the one after iteration N (default 10)")
+    g.add_argument("--profile-step-end", type=int, default=12, metavar="M",
+                   help="with --profile: the last profiled step is iteration M (default 12)")
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], metavar="RANK",
+                   help="with --profile: the ranks that profile (default 0)")
     g.add_argument("--log-params-norm", action="store_true",
                    help="log the L2 norm of all weights (params norm) at every --log-interval")
     g.add_argument("--log-num-zeros-in-grad", action="store_true",
@@ -1021,6 +1032,31 @@ def _check_data_path(data_path: Sequence[str], flag: str = "--data-path") -> Non
             raise ArgsError(f"{flag} {prefix}: {', '.join(missing)} not found{hint}; build it with cdp-preprocess")
 
 
+def _validate_profile(args: argparse.Namespace) -> None:
+    """--profile and its options, as Megatron-LM's (which ignores the options without --profile:
+    here they are refused, so that a run meant to be profiled is not silently not)."""
+    if not args.profile:
+        for flag, given in (("--use-pytorch-profiler", args.use_pytorch_profiler),
+                            ("--profile-step-start", args.profile_step_start != 10),
+                            ("--profile-step-end", args.profile_step_end != 12),
+                            ("--profile-ranks", args.profile_ranks != [0])):
+            if given:
+                raise ArgsError(f"{flag} applies with --profile; add --profile or drop the flag")
+        return
+    start, end = args.profile_step_start, args.profile_step_end
+    if not 0 <= start < end:
+        raise ArgsError(f"--profile-step-start {start} --profile-step-end {end}: give 0 <= start < end (the steps "
+                        "after iteration start, up to iteration end)")
+    if end > args.train_iters:
+        raise ArgsError(f"--profile-step-end {end} is past --train-iters {args.train_iters}; give at most "
+                        f"{args.train_iters}")
+    bad = [r for r in args.profile_ranks if not 0 <= r < args.world_size]
+    if bad:
+        raise ArgsError(f"--profile-ranks {bad[0]}: the run has ranks 0..{args.world_size - 1}")
+    if args.use_pytorch_profiler and not args.tensorboard_dir:
+        raise ArgsError("--use-pytorch-profiler writes its trace to --tensorboard-dir; give --tensorboard-dir")
+
+
 def _validate_checkpoints(args: argparse.Namespace) -> None:
     if args.ckpt_format != "torch_dist":
         raise ArgsError(f"--ckpt-format {args.ckpt_format} is not supported: checkpoints are saved and loaded with "
@@ -1032,6 +1068,7 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
             raise ArgsError(f"--{flag.replace('_', '-')} needs --save")
     if args.log_validation_ppl_to_tensorboard and not args.tensorboard_dir:
         raise ArgsError("--log-validation-ppl-to-tensorboard needs --tensorboard-dir")
+    _validate_profile(args)
     if args.log_memory_to_tensorboard and not args.tensorboard_dir:
         raise ArgsError("--log-memory-to-tensorboard needs --tensorboard-dir")
     if args.tensorboard_log_interval is not None and not args.tensorboard_dir:

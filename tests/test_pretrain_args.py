@@ -196,6 +196,25 @@ def test_log_memory_to_tensorboard_needs_the_folder():
     assert parse(TINY + " --lr 1e-3 --log-memory-to-tensorboard --tensorboard-dir tb").log_memory_to_tensorboard
 
 
+def test_profile_flags():
+    args = parse(TINY + " --lr 1e-3 --profile --use-pytorch-profiler --tensorboard-dir tb --profile-step-start 2 "
+                 "--profile-step-end 4")
+    assert (args.profile, args.profile_step_start, args.profile_step_end, args.profile_ranks) == (True, 2, 4, [0])
+    assert error(TINY + " --lr 1e-3 --use-pytorch-profiler") == (
+        "--use-pytorch-profiler applies with --profile; add --profile or drop the flag")
+    assert error(TINY + " --lr 1e-3 --profile-step-start 3") == (
+        "--profile-step-start applies with --profile; add --profile or drop the flag")
+    assert error(TINY + " --lr 1e-3 --profile --profile-step-start 4 --profile-step-end 4") == (
+        "--profile-step-start 4 --profile-step-end 4: give 0 <= start < end (the steps after iteration start, up to "
+        "iteration end)")
+    assert error(TINY + " --lr 1e-3 --profile --profile-step-end 30") == (
+        "--profile-step-end 30 is past --train-iters 20; give at most 20")
+    assert error(TINY + " --lr 1e-3 --profile --profile-ranks 0 2", world_size=2) == (
+        "--profile-ranks 2: the run has ranks 0..1")
+    assert error(TINY + " --lr 1e-3 --profile --use-pytorch-profiler") == (
+        "--use-pytorch-profiler writes its trace to --tensorboard-dir; give --tensorboard-dir")
+
+
 def test_no_save_flags_need_save():
     assert error(TINY + " --lr 1e-3 --no-save-optim") == "--no-save-optim needs --save"
     assert error(TINY + " --lr 1e-3 --no-save-rng") == "--no-save-rng needs --save"

@@ -372,6 +372,28 @@ def test_data_loader_workers_read_the_same_samples(spec20, reference, tmp_path):
     assert _workers_started(tmp_path / "n") == 0
 
 
+def test_pytorch_profiler_traces_the_chosen_steps(tmp_path):
+    """--profile --use-pytorch-profiler --profile-step-start 2 --profile-step-end 4 (Megatron-LM's
+    flags): a torch.profiler trace of iterations 3 and 4 in --tensorboard-dir, written after
+    iteration 4's log line; --profile alone (an nsys range) is refused on a CPU."""
+    import re
+
+    plain = TINY + " --lr 1e-3 --train-iters 6 --eval-iters 0 --tensorboard-dir tb"
+    out = ok(run(plain + " --profile --use-pytorch-profiler --profile-step-start 2 --profile-step-end 4", tmp_path))
+    lines = [line for line in out.splitlines() if not line.startswith("USDT:")]  # torch's own profiler notes
+    done = lines.index(" profiled iterations 3-4 on rank 0: torch.profiler trace in tb")
+    assert lines[done - 1].startswith(" iteration 4/6 |"), lines[done - 3:done + 1]
+    (trace,) = (tmp_path / "tb").glob("rank0.*.pt.trace.json")
+    names = [event.get("name", "") for event in json.loads(trace.read_text())["traceEvents"]]
+    # two training steps: megatron's schedule ran twice while the profiler recorded
+    assert sum(bool(re.search(r"schedules\.py\(\d+\): forward_backward_", name)) for name in names) == 2
+    assert "aten::mm" in names
+    refused = run(plain + " --profile --profile-step-start 2 --profile-step-end 4", tmp_path)
+    assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == (
+        "cdp-pretrain: error: --profile without --use-pytorch-profiler marks an nsys capture range, which needs a GPU; "
+        "add --use-pytorch-profiler for a torch.profiler trace"), refused.stdout[-3000:]
+
+
 def test_log_memory_to_tensorboard(spec20, tmp_path, monkeypatch):
     """A CPU run refuses it in one line (there is no GPU memory to log); on a GPU the four
     torch.cuda.memory_stats() values Megatron-LM writes (benchmarks/gpu_check.sh runs it)."""
