@@ -1107,7 +1107,7 @@ class _Run:
 
         started = time.perf_counter()
         with synced_params(self.model):  # the latest weights under --overlap-param-gather
-            optim = not self.args.no_save_optim  # --no-save-optim: the weights only (and the scheduler's)
+            optim = not self.args.no_save_optim  # --no-save-optim: neither the optimizer state nor the schedule
             final = save_iteration(
                 self.args.save, iteration, self.model, self.optimizer if optim else None,
                 self.scheduler if optim else None,
