@@ -1061,11 +1061,9 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
     if args.ckpt_format != "torch_dist":
         raise ArgsError(f"--ckpt-format {args.ckpt_format} is not supported: checkpoints are saved and loaded with "
                         "megatron's dist_checkpointing (give --ckpt-format torch_dist or leave it out)")
-    if args.save_interval is not None and not args.save:
-        raise ArgsError("--save-interval needs --save")
-    for flag in ("no_save_optim", "no_save_rng"):
-        if getattr(args, flag) and not args.save:
-            raise ArgsError(f"--{flag.replace('_', '-')} needs --save")
+    for name in ("save_interval", "no_save_optim", "no_save_rng"):
+        if getattr(args, name) not in (None, False) and not args.save:
+            raise ArgsError(f"--{name.replace('_', '-')} needs --save")
     if args.log_validation_ppl_to_tensorboard and not args.tensorboard_dir:
         raise ArgsError("--log-validation-ppl-to-tensorboard needs --tensorboard-dir")
     _validate_profile(args)
