@@ -667,16 +667,18 @@ class _Profiler:
         if self._torch is not None:
             self._torch.stop()  # writes the trace
             self._torch = None
-            self.say(f" profiled iterations {self.args.profile_step_start + 1}-{self.args.profile_step_end} on rank "
-                     f"{self.rank}: torch.profiler trace in {self.args.tensorboard_dir}")
-        if self._nvtx is not None:
+            done = f"torch.profiler trace in {self.args.tensorboard_dir}"
+        elif self._nvtx is not None:
             import torch
 
             self._nvtx.__exit__(None, None, None)
             self._nvtx = None
             torch.cuda.cudart().cudaProfilerStop()
-            self.say(f" profiled iterations {self.args.profile_step_start + 1}-{self.args.profile_step_end} on rank "
-                     f"{self.rank}: nsys capture range closed")
+            done = "nsys capture range closed"
+        else:
+            return
+        self.say(f" profiled iterations {self.args.profile_step_start + 1}-{self.args.profile_step_end} on rank "
+                 f"{self.rank}: {done}")
 
 
 class _ExitSignal:
