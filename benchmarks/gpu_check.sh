@@ -36,7 +36,8 @@ PY=${PYTHON:-python3}
 LIMIT=${CHECK_TIMEOUT:-150}
 DEADLINE=$(($(date +%s) + ${GPU_CHECK_BUDGET:-540}))
 export PYTHONUNBUFFERED=1
-if [ "${GPU_CHECK_ON_CPU:-0}" != 1 ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+has_cuda() { "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; }
+if [ "${GPU_CHECK_ON_CPU:-0}" != 1 ] && ! has_cuda; then
   echo "gpu_check: torch sees no CUDA device here; these checks need a GPU (run the CPU suite instead)" >&2
   exit 1
 fi
@@ -95,8 +96,7 @@ check bench_fp32_8x512 "${BENCH[@]}" --batch 8 --seq 512
 check bench_lr_only_8x512 "${BENCH[@]}" --batch 8 --seq 512 --lr-only
 read -r -a PRETRAIN_SHAPE <<<"${PRETRAIN_SHAPE:---num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 256}"
 GPU_ONLY=()  # GPU memory and a CUDA profile only where there is a GPU (a CPU run refuses the memory flag)
-"$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
-  && GPU_ONLY=(--log-memory-to-tensorboard --tensorboard-dir "$OUT_DIR/pretrain_tb" --profile --use-pytorch-profiler)
+has_cuda && GPU_ONLY=(--log-memory-to-tensorboard --tensorboard-dir "$OUT_DIR/pretrain_tb" --profile --use-pytorch-profiler)
 check pretrain_bf16_logging_recompute "$PY" -m cdp_megatron.pretrain --mock-data --vocab-size 1000 "${PRETRAIN_SHAPE[@]}" \
   --micro-batch-size 4 --train-iters 20 --lr 1e-3 \
   --eval-iters 0 --log-interval 10 --bf16 --disable-bias-linear --swiglu --normalization RMSNorm \

@@ -151,6 +151,9 @@ UNSUPPORTED_MEGATRON_PREFIXES: tuple[str, ...] = (
     "--dist-ckpt-", "--ckpt-", "--heterogeneous-", "--num-experts",
 )
 
+# Megatron-LM's defaults of --profile's options (given without --profile, they are refused).
+PROFILE_DEFAULTS: dict[str, Any] = {"profile_step_start": 10, "profile_step_end": 12, "profile_ranks": [0]}
+
 # Megatron-LM's --attention-backend values (megatron.core.transformer.enums.AttnBackend).
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "flash", "fused", "unfused", "local")
 
@@ -443,11 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "--use-pytorch-profiler a torch.profiler trace in --tensorboard-dir, else (GPU) an nsys capture "
                    "range (cudaProfilerStart/Stop; run under nsys profile --capture-range=cudaProfilerApi)")
     g.add_argument("--use-pytorch-profiler", action="store_true", help="with --profile: torch.profiler")
-    g.add_argument("--profile-step-start", type=int, default=10, metavar="N",
+    g.add_argument("--profile-step-start", type=int, default=PROFILE_DEFAULTS["profile_step_start"], metavar="N",
                    help="with --profile: the first profiled step is the one after iteration N (default 10)")
-    g.add_argument("--profile-step-end", type=int, default=12, metavar="M",
+    g.add_argument("--profile-step-end", type=int, default=PROFILE_DEFAULTS["profile_step_end"], metavar="M",
                    help="with --profile: the last profiled step is iteration M (default 12)")
-    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], metavar="RANK",
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=PROFILE_DEFAULTS["profile_ranks"], metavar="RANK",
                    help="with --profile: the ranks that profile (default 0)")
     g.add_argument("--log-params-norm", action="store_true",
                    help="log the L2 norm of all weights (params norm) at every --log-interval")
@@ -1036,12 +1039,11 @@ def _validate_profile(args: argparse.Namespace) -> None:
     """--profile and its options, as Megatron-LM's (which ignores the options without --profile:
     here they are refused, so that a run meant to be profiled is not silently not)."""
     if not args.profile:
-        for flag, given in (("--use-pytorch-profiler", args.use_pytorch_profiler),
-                            ("--profile-step-start", args.profile_step_start != 10),
-                            ("--profile-step-end", args.profile_step_end != 12),
-                            ("--profile-ranks", args.profile_ranks != [0])):
-            if given:
-                raise ArgsError(f"{flag} applies with --profile; add --profile or drop the flag")
+        given = {"use_pytorch_profiler": args.use_pytorch_profiler,
+                 **{name: getattr(args, name) != default for name, default in PROFILE_DEFAULTS.items()}}
+        for name, on in given.items():
+            if on:
+                raise ArgsError(f"--{name.replace('_', '-')} applies with --profile; add --profile or drop the flag")
         return
     start, end = args.profile_step_start, args.profile_step_end
     if not 0 <= start < end:
