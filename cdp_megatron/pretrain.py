@@ -1295,7 +1295,8 @@ class _Run:
                     tokens=tokens_per_iteration,
                     params_norm=self._params_norm() if args.log_params_norm and metrics.wants_values_at(iteration) else None,
                     num_zeros_in_grad=self.num_zeros_in_grad,
-                    memory=_gpu_memory() if args.log_memory_to_tensorboard and self.rank == 0 else None,
+                    memory=_gpu_memory() if (args.log_memory_to_tensorboard and self.rank == 0
+                                              and metrics.wants_values_at(iteration)) else None,
                 )
                 profiler.after_step(iteration)  # (after the iteration's log line)
                 manual_gc.after_iteration(iteration)
