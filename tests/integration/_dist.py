@@ -18,10 +18,13 @@ module (e.g. ``tests.integration.test_x``; spawn passes the parent's ``sys.path`
 from __future__ import annotations
 
 import atexit
+import functools
+import gc
 import os
 import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
 from typing import Any, Callable
@@ -64,6 +67,27 @@ def _run_task(rank: int, world_size: int, task: bytes) -> tuple[bool, bytes | st
             cpu_runner.destroy_distributed()
         finally:
             cpu_runner.deactivate()
+            _release_task_objects()
+
+
+def _release_task_objects() -> None:
+    """Free what a task built before the process waits for the next one.
+
+    megatron keeps model objects in functools caches (``RotaryEmbedding.forward`` is an
+    ``lru_cache`` keyed on the module), and a model holds its process groups: each group kept
+    alive keeps its gloo threads (and rank 0's TCPStore thread) polling. Over a suite a kept
+    worker gathered hundreds of such threads. Models also sit in reference cycles, which only
+    the cycle collector frees.
+    """
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("megatron"):
+            continue
+        for value in list(vars(module).values()):
+            members = list(vars(value).values()) if isinstance(value, type) else []
+            for member in (value, *members):
+                if isinstance(member, functools._lru_cache_wrapper):
+                    member.cache_clear()
+    gc.collect()
 
 
 def _worker(rank: int, world_size: int, tasks: Any, results: Any) -> None:
