@@ -479,9 +479,12 @@ _MODEL_FIELDS = (
     ("swiglu", "--swiglu"),
     ("qk_layernorm", "--qk-layernorm"),
     ("add_bias_linear", "biases (--disable-bias-linear)"),
+    ("add_qkv_bias", "--add-qkv-bias"),
     ("position_embedding_type", "--position-embedding-type"),
     ("untie_embeddings_and_output_weights", "--untie-embeddings-and-output-weights"),
 )
+# Fields added to _MODEL_FIELDS after records were first written: their value in older records.
+_MODEL_FIELDS_ADDED = {"add_qkv_bias": False}
 # The rotary positions: no tensor holds them, so a change would load without a word and train
 # another function. Compared on a resume, not with --finetune (a new rope base on a trained
 # model's weights is the usual way to a longer context). Records saved before them: defaults.
@@ -552,7 +555,7 @@ def resume_mismatch(saved: Any, current: dict, tensor_parallel: int = 1, weights
     if not isinstance(saved, dict) or "model" not in saved:
         return None
     flags = dict(_MODEL_FIELDS)
-    was = saved["model"]
+    was = {**_MODEL_FIELDS_ADDED, **saved["model"]}
     differ = [k for k, v in current["model"].items() if was.get(k) != v]
     if differ:
         shape = "; ".join(f"{flags[k]} {_number(was.get(k))} there, {_number(current['model'][k])} here"
@@ -931,6 +934,7 @@ class _Run:
             swiglu=args.swiglu,
             qk_layernorm=args.qk_layernorm,
             add_bias_linear=args.add_bias_linear,
+            add_qkv_bias=args.add_qkv_bias,
             position_embedding_type=args.position_embedding_type,
             untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         )

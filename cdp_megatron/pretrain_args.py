@@ -228,6 +228,7 @@ _ARCH_FLAGS = (
     ("swiglu", "swiglu", "--swiglu"),
     ("qk_layernorm", "qk_layernorm", "--qk-layernorm"),
     ("add_bias_linear", "add_bias_linear", "--disable-bias-linear"),
+    ("add_qkv_bias", "add_qkv_bias", "--add-qkv-bias"),
     ("position_embedding_type", "position_embedding_type", "--position-embedding-type"),
     ("untie_embeddings_and_output_weights", "untie_embeddings_and_output_weights",
      "--untie-embeddings-and-output-weights"),
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="separate output layer")
     g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false", default=None,
                    help="no biases in the linear layers")
+    g.add_argument("--add-qkv-bias", action="store_true",
+                   help="biases on the query, key and value projections only (with --disable-bias-linear, as in Qwen2)")
     g.add_argument("--init-method-std", type=float, help="std of the normal init (default 0.02)")
     g.add_argument("--hidden-dropout", type=float, default=0.1, help="default 0.1 (as Megatron-LM)")
     g.add_argument("--attention-dropout", type=float, default=0.1, help="default 0.1 (as Megatron-LM)")
@@ -752,6 +755,8 @@ def _validate_model(args: argparse.Namespace) -> None:
     args.qk_layernorm = bool(args.qk_layernorm)
     args.untie_embeddings_and_output_weights = bool(args.untie_embeddings_and_output_weights)
     args.add_bias_linear = args.add_bias_linear is not False
+    # implied by biases on every linear layer: one spelling per architecture, as spec.Shape keeps it
+    args.add_qkv_bias = args.add_qkv_bias and not args.add_bias_linear
     heads = args.num_attention_heads
     if args.hidden_size % heads:
         raise ArgsError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {heads}")
@@ -1143,6 +1148,10 @@ def _check_architecture(args: argparse.Namespace, shape: Any, where: str) -> Non
             if isinstance(want, bool):
                 if field == "add_bias_linear":
                     fix = "drop --disable-bias-linear" if want else "add --disable-bias-linear"
+                    if want and have is False and args.add_qkv_bias:
+                        fix += " and --add-qkv-bias"
+                    elif not want and shape.add_qkv_bias:
+                        fix += " --add-qkv-bias"
                 else:
                     fix = f"add {flag}" if want else f"drop {flag}"
             else:

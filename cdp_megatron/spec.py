@@ -85,7 +85,8 @@ TYPES: tuple[str, ...] = (
 )
 # Types that live inside a transformer layer (and so have a layer number).
 LAYER_TYPES: tuple[str, ...] = TYPES[2:13]
-_LINEARS = ("q", "k", "v", "attn_out", "mlp_gate", "mlp_up", "mlp_down")
+_QKV = ("q", "k", "v")  # one fused tensor, linear_qkv: add_qkv_bias gives it a bias alone
+_LINEARS = (*_QKV, "attn_out", "mlp_gate", "mlp_up", "mlp_down")
 _NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "final_norm")
 # Residual blocks: they take only the ``residual`` multiplier.
 BLOCKS: tuple[str, ...] = ("attention", "mlp")
@@ -226,11 +227,20 @@ class Shape:
     """Per-head norms on queries and keys (types q_norm, k_norm)."""
     add_bias_linear: bool = False
     """Biases on the linear layers (Megatron's --disable-bias-linear is false)."""
+    add_qkv_bias: bool = False
+    """Biases on q, k and v only (Megatron's --add-qkv-bias, as in Qwen2); implied by
+    add_bias_linear."""
     position_embedding_type: str = "rope"
     """"rope" or "learned_absolute" (the latter adds type position_embedding)."""
     untie_embeddings_and_output_weights: bool = True
     """Separate output layer (type output). Tied: the embedding serves as output and the
     output rules of Table 1 cannot apply (a warning is given)."""
+
+    def __post_init__(self) -> None:
+        # One spelling per architecture: with biases on every linear layer, q/k/v have theirs
+        # (as in megatron-core, where linear_qkv has a bias if either is set).
+        if self.add_bias_linear and self.add_qkv_bias:
+            object.__setattr__(self, "add_qkv_bias", False)
 
     @property
     def head_dim(self) -> float:
@@ -290,7 +300,10 @@ class Shape:
                 if t in ("q_norm", "k_norm") and not self.qk_layernorm:
                     continue
                 out.append((t, layer, "weight"))
-                has_bias = self.add_bias_linear if t in _LINEARS else norm_bias
+                if t in _QKV:
+                    has_bias = self.add_bias_linear or self.add_qkv_bias
+                else:
+                    has_bias = self.add_bias_linear if t in _LINEARS else norm_bias
                 if has_bias:
                     out.append((t, layer, "bias"))
         out.append(("final_norm", None, "weight"))
@@ -397,6 +410,7 @@ def _parse_base(raw: Any) -> Base:
         swiglu=_bool(raw.get("swiglu", True), "base.swiglu"),
         qk_layernorm=_bool(raw.get("qk_layernorm", True), "base.qk_layernorm"),
         add_bias_linear=_bool(raw.get("add_bias_linear", False), "base.add_bias_linear"),
+        add_qkv_bias=_bool(raw.get("add_qkv_bias", False), "base.add_qkv_bias"),
         position_embedding_type=_choice(
             raw.get("position_embedding_type", "rope"), _CHOICES["position_embedding_type"], "base.position_embedding_type"
         ),

@@ -173,6 +173,8 @@ class Target:
             args.append("--untie-embeddings-and-output-weights")
         if not s.add_bias_linear:
             args.append("--disable-bias-linear")
+            if s.add_qkv_bias:
+                args.append("--add-qkv-bias")
         args += ["--cdp-config", shlex.quote(cdp_config)]
         return args
 
@@ -311,7 +313,8 @@ def _unused_multipliers(spec: Spec, shape: Shape) -> list[str]:
         "output": "the embeddings are tied (untie_embeddings_and_output_weights is false)",
     }
     absent_bias = {
-        "hidden_bias": "add_bias_linear is false",
+        "hidden_bias": "add_bias_linear is false" + (" (add_qkv_bias gives q, k and v biases only)"
+                                                     if shape.add_qkv_bias else ""),
         "output_bias": "Megatron's output layer has no bias",
     }
     out = []
@@ -342,8 +345,8 @@ def resolve(spec: Spec, shape: Shape | None = None) -> Target:
     base = spec.base.shape
     shape = base if shape is None else shape
     shape.validate("target")
-    for name in ("normalization", "swiglu", "qk_layernorm", "add_bias_linear", "position_embedding_type",
-                 "untie_embeddings_and_output_weights"):
+    for name in ("normalization", "swiglu", "qk_layernorm", "add_bias_linear", "add_qkv_bias",
+                 "position_embedding_type", "untie_embeddings_and_output_weights"):
         if getattr(shape, name) != getattr(base, name):
             raise SpecError(f"target.{name}: differs from the base ({getattr(base, name)!r}); transfer keeps the architecture")
     ratios = {

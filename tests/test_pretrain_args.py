@@ -720,6 +720,25 @@ def test_cdp_base_architecture_must_match():
     assert "--position-embedding-type rope" in message
 
 
+def test_add_qkv_bias(tmp_path):
+    """--add-qkv-bias (Qwen2): a bias on linear_qkv only; implied without --disable-bias-linear."""
+    args = parse(TINY + " --lr 1e-3 --add-qkv-bias")
+    assert args.add_qkv_bias and not args.add_bias_linear
+    assert not parse(TINY.replace("--disable-bias-linear", "") + " --lr 1e-3 --add-qkv-bias").add_qkv_bias
+    # a base with it: the flags must give it too, and the fix names both flags where both are missing
+    raw = json.loads(Path(BASE).read_text())
+    raw["base"]["add_qkv_bias"] = True
+    qkv_base = tmp_path / "qkv.json"
+    qkv_base.write_text(json.dumps(raw))
+    assert parse(TINY + f" --add-qkv-bias --cdp-base {qkv_base}").target.shape.add_qkv_bias
+    message = error(TINY + f" --cdp-base {qkv_base}")
+    assert message.endswith("add_qkv_bias is True there but the flags give False; add --add-qkv-bias"), message
+    message = error(TINY.replace("--disable-bias-linear", "") + f" --cdp-base {qkv_base}")
+    assert message.endswith("add --disable-bias-linear --add-qkv-bias"), message
+    message = error(TINY + f" --add-qkv-bias --cdp-base {BASE}")
+    assert message.endswith("add_qkv_bias is False there but the flags give True; drop --add-qkv-bias"), message
+
+
 def test_cdp_base_bad_file():
     assert "no such file" in error(TINY + " --cdp-base /nonexistent.json")
     assert "not allowed with argument" in error(TINY + f" --cdp-base {BASE} --cdp-config {BASE}")

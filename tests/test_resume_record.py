@@ -187,3 +187,15 @@ def test_layers_that_differ_are_named_as_runs():
     assert resume_mismatch(saved, now) == (
         f"the checkpoint was trained with other hyperparameters (q weight layers 1-2,4 eps {there:.6g} there, "
         f"{2 * there:.6g} here); {HP_HINT}")
+
+
+def test_qkv_bias_is_part_of_the_model_and_older_records_had_none():
+    cmd = f"{TINY} --train-iters 20 --lr 1e-3"
+    qkv = record(cmd + " --add-qkv-bias")
+    assert resume_mismatch(record(cmd), qkv) == (
+        f"the checkpoint is of another model (--add-qkv-bias False there, True here); {HINT}")
+    # records written before the field: a model without the bias
+    older = record(cmd)
+    del older["model"]["add_qkv_bias"]
+    assert resume_mismatch(older, record(cmd)) is None
+    assert resume_mismatch(older, qkv).startswith("the checkpoint is of another model (--add-qkv-bias False there")

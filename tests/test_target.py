@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -790,3 +791,26 @@ def test_megatron_args_shell_quote_the_config_path():
     args = t.megatron_args("my target.json")
     assert args[-1] == "'my target.json'"
     assert shlex.split(" ".join(args))[-1] == "my target.json"
+
+
+def test_qkv_bias_only_gives_q_k_v_biases_and_its_flag():
+    """add_qkv_bias (Megatron's --add-qkv-bias, Qwen2): biases on q, k, v and nowhere else."""
+    qkv = {"normalization": "RMSNorm", "add_bias_linear": False, "add_qkv_bias": True}
+    t = resolve(make_spec("completedp", 0.5, {"type": {"k.bias": {"lr": 2.0}, "attn_out.bias": {"lr": 2.0}}}, base=qkv))
+    biases = {(g.type, g.layer) for g in t.groups if g.param == "bias"}
+    assert biases == {(ty, layer) for ty in ("q", "k", "v") for layer in range(1, 5)}
+    assert t.group("k", 2, "bias").lr == pytest.approx(2 * t.group("q", 2, "bias").lr, rel=1e-12)
+    assert [w for w in t.warnings if "has no effect" in w] == [
+        "multipliers.type.attn_out.bias has no effect: add_bias_linear is false (add_qkv_bias gives q, k and v biases only)"
+    ]
+    args = t.megatron_args("t.json")
+    assert args[args.index("--disable-bias-linear") + 1] == "--add-qkv-bias"
+    assert t.to_dict()["shape"]["add_qkv_bias"] is True
+    # with biases on every linear layer it is implied, and kept false (one spelling per architecture)
+    both = resolve(make_spec(base={"add_bias_linear": True, "add_qkv_bias": True}))
+    assert both.shape.add_qkv_bias is False and "--add-qkv-bias" not in both.megatron_args("t.json")
+    assert {g.key for g in both.groups} == {g.key for g in resolve(make_spec(base={"add_bias_linear": True})).groups}
+    # transfer keeps the architecture
+    spec = make_spec(base=qkv)
+    with pytest.raises(SpecError, match="target.add_qkv_bias: differs from the base"):
+        resolve(spec, replace(spec.base.shape, add_qkv_bias=False))

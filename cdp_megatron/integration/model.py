@@ -79,7 +79,8 @@ def gpt_config(shape: Any, *, init_method_std: float = 0.02, **overrides: Any) -
     """A TransformerConfig for a TargetShape-like ``shape`` and the current parallel state.
 
     shape: hidden_size, num_layers, num_attention_heads, num_query_groups, ffn_hidden_size,
-    normalization, swiglu, qk_layernorm, add_bias_linear (spec.Shape / target.shape).
+    normalization, swiglu, qk_layernorm, add_bias_linear, add_qkv_bias (optional, default false)
+    (spec.Shape / target.shape).
     Dropout is off; fusions that need CUDA kernels and batched p2p are off on a CPU (gloo);
     ``use_cpu_initialization`` is on (Megatron then draws the full tensor and splits it: TP-invariant init).
     ``overrides`` are TransformerConfig fields and win; ``attention_backend`` may be given by
@@ -98,6 +99,7 @@ def gpt_config(shape: Any, *, init_method_std: float = 0.02, **overrides: Any) -
         activation_func=torch.nn.functional.silu if shape.swiglu else torch.nn.functional.gelu,
         qk_layernorm=shape.qk_layernorm,
         add_bias_linear=shape.add_bias_linear,
+        add_qkv_bias=getattr(shape, "add_qkv_bias", False),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=init_method_std,
@@ -157,10 +159,13 @@ def check_config(config: Any, target: Any = None, vocab_size: int | None = None)
         "gated_linear_unit": shape.swiglu,
         "qk_layernorm": shape.qk_layernorm,
         "add_bias_linear": shape.add_bias_linear,
+        "add_qkv_bias": shape.add_qkv_bias,
     }
     actual = {key: getattr(config, key) for key in expected}
     if actual["num_query_groups"] is None:
         actual["num_query_groups"] = config.num_attention_heads
+    # implied by add_bias_linear (megatron gives linear_qkv a bias if either is set; spec.Shape)
+    actual["add_qkv_bias"] = bool(config.add_qkv_bias) and not config.add_bias_linear
     if vocab_size is not None:
         expected["vocab_size"], actual["vocab_size"] = shape.vocab_size, vocab_size
     wrong = [f"{k}: model {actual[k]!r}, target {expected[k]!r}" for k in expected if actual[k] != expected[k]]

@@ -187,6 +187,7 @@ ARCHS = {
         swiglu=False,
         qk_layernorm=False,
     ),
+    "qkv-bias-only": dict(add_qkv_bias=True),  # Qwen2: linear_qkv.bias, no other linear bias
 }
 
 

@@ -68,11 +68,15 @@ def test_hyperparameters_reach_every_param_and_segment(tp, pp, dp, vpp, num_laye
 
 
 # --- exactness of segments -----------------------------------------------------------------------
-def _gate_worker(tp: int, dist_opt: bool) -> dict:
-    base = tiny_target()
-    gate = tiny_target(multipliers={"type": {"mlp_gate": {"lr": 3.0}}})
+def _one_segment_lr_worker(tp: int, dist_opt: bool, key: str, fused: str, arch: dict) -> dict:
+    """Train one step with the lr of ``key`` (a type, or TYPE.bias) x3 and one without: only
+    that segment of the fused tensor ``fused`` may move differently, by exactly 3x."""
+    type_, _, bias = key.partition(".")
+    param = "bias" if bias else "weight"
+    base = tiny_target(**arch)
+    scaled = tiny_target(multipliers={"type": {key: {"lr": 3.0}}}, **arch)
     results = {}
-    for index, target in enumerate((base, gate)):
+    for index, target in enumerate((base, scaled)):
         setup = oc.setup_model(target, tp, 1, dist_opt=dist_opt, lr_warmup_iters=0, init_model_parallel=index == 0)
         before = oc.snapshot(setup.chunks)
         oc.train_steps(setup, 1)
@@ -83,14 +87,14 @@ def _gate_worker(tp: int, dist_opt: bool) -> dict:
     for name in b0:
         assert torch.equal(b0[name], b1[name]), f"{name}: different init"
         info = infos[name]
-        if info.type != "mlp_gate_up":
-            assert torch.equal(a0[name], a1[name]), f"{name}: update changed by the gate lr"
+        if (info.type, info.param) != (fused, param):
+            assert torch.equal(a0[name], a1[name]), f"{name}: update changed by the {key} lr"
             continue
         d0, d1 = (a0[name] - b0[name]).view(-1), (a1[name] - b1[name]).view(-1)
         for seg in info.segments:
             u0, u1 = d0[seg.start:seg.end], d1[seg.start:seg.end]
-            if seg.type == "mlp_up":
-                assert torch.equal(u0, u1), f"{name}: up rows changed"
+            if seg.type != type_:
+                assert torch.equal(u0, u1), f"{name}: {seg.type} rows changed"
             else:
                 assert (u0 != 0).any() and not torch.equal(u0, u1)
                 torch.testing.assert_close(u1, 3.0 * u0, rtol=1e-4, atol=1e-9)
@@ -100,8 +104,16 @@ def _gate_worker(tp: int, dist_opt: bool) -> dict:
 
 @pytest.mark.parametrize("tp,dp,dist_opt", [(1, 1, False), (2, 1, False), (1, 2, True)], ids=["tp1", "tp2", "dp2-distopt"])
 def test_gate_lr_changes_only_gate_rows(tp, dp, dist_opt):
-    results = run_distributed(_gate_worker, tp * dp, tp, dist_opt)
+    results = run_distributed(_one_segment_lr_worker, tp * dp, tp, dist_opt, "mlp_gate", "mlp_gate_up", {})
     assert all(r["checked"] >= 4 for r in results)  # 2 layers x (gate, up)
+
+
+@pytest.mark.parametrize("tp,dp,dist_opt", [(1, 1, False), (2, 1, False), (1, 2, True)], ids=["tp1", "tp2", "dp2-distopt"])
+def test_k_bias_lr_changes_only_the_k_part_of_a_qkv_bias(tp, dp, dist_opt):
+    """--add-qkv-bias (Qwen2): linear_qkv has a bias, no other linear layer has one."""
+    results = run_distributed(_one_segment_lr_worker, tp * dp, tp, dist_opt, "k.bias", "qkv", {"add_qkv_bias": True})
+    # 2 layers x (q, k, v) x the 2 query groups on this TP rank (the bias is interleaved per group)
+    assert all(r["checked"] == 2 * 3 * 2 // tp for r in results)
 
 
 def _forced_split_worker(dist_opt: bool, bf16: bool) -> dict:

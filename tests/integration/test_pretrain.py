@@ -425,6 +425,43 @@ def test_cdp_base_example_spec(tmp_path):
     assert sum(losses[i] for i in (18, 19, 20)) / 3 < losses[1] - 0.3
 
 
+@pytest.fixture(scope="module")
+def qkv_bias_spec(spec20, tmp_path_factory) -> Path:
+    """spec20 with biases on q, k and v only (--add-qkv-bias, Qwen2) and a multiplier on k's."""
+    raw = json.loads(spec20.read_text())
+    raw["base"]["add_qkv_bias"] = True
+    raw["multipliers"].setdefault("type", {})["k.bias"] = {"lr": 4.0}
+    path = tmp_path_factory.mktemp("spec") / "qkv_bias.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def qkv_bias_run(spec: Path) -> str:
+    return cdp20(spec) + " --add-qkv-bias --hidden-dropout 0 --attention-dropout 0 --metrics-file m.jsonl" + LOG_NORMS
+
+
+def test_qkv_bias_only(qkv_bias_spec, tmp_path):
+    """--add-qkv-bias: linear_qkv has a bias (its q, k, v parts in their own groups, k's lr x4)
+    and no other linear layer has one."""
+    out = ok(run(qkv_bias_run(qkv_bias_spec), tmp_path))
+    table = out[out.index("type        param   layers"):].splitlines()
+    bias_rows = {line.split()[0]: line.split() for line in table[1:] if len(line.split()) > 2 and line.split()[1] == "bias"}
+    assert set(bias_rows) == {"q", "k", "v"}, table
+    # 2 layers x 64 q (4 heads) and 2 x 64 k and v (4 query groups of 16): the lr column, k's x4
+    assert [bias_rows[t][2:5] for t in "qkv"] == [["1-2", "2", "128"]] * 3
+    lrs = {t: [float(v) for v in bias_rows[t][5].rstrip("*").split("..")] for t in "qk"}  # first..last layer
+    assert lrs["k"] == pytest.approx([4 * lr for lr in lrs["q"]], rel=1e-3)
+    losses = train_losses(tmp_path / "m.jsonl")
+    assert sum(losses[i] for i in (18, 19, 20)) / 3 < losses[1] - 0.3
+
+
+@pytest.mark.slow
+def test_qkv_bias_on_two_tensor_parallel_ranks_matches_one_process(qkv_bias_spec, tmp_path):
+    ok(run(qkv_bias_run(qkv_bias_spec).replace("m.jsonl", "ref.jsonl"), tmp_path))
+    ok(run(qkv_bias_run(qkv_bias_spec) + " --tensor-model-parallel-size 2", tmp_path, nproc=2))
+    assert_same_run(tmp_path / "m.jsonl", tmp_path / "ref.jsonl", range(1, 21))
+
+
 def test_checkpoint_without_resume_record_is_refused_in_one_line(spec20, tmp_path):
     """A checkpoint saved before the resume record (simulated by a save with the record
     switched off; the stored format differs across megatron-core versions) loaded with other
