@@ -85,8 +85,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--reset-position-ids": "not supported",
     "--reset-attention-mask": "not supported",
     "--rotary-seq-len-interpolation-factor": "not supported",
-    "--use-rotary-position-embeddings": "give --position-embedding-type rope",
-    "--no-position-embedding": "give --position-embedding-type rope or learned_absolute",
     "--apply-layernorm-1p": "not supported",
     "--squared-relu": "not supported",
     "--openai-gelu": "not supported",
@@ -106,7 +104,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--use-precision-aware-optimizer": "not supported",
     "--optimizer-cpu-offload": "not supported",
     "--grad-reduce-in-bf16": "gradients are reduced in fp32",
-    "--accumulate-allreduce-grads-in-fp32": "gradients are always accumulated in fp32",
     "--cross-entropy-loss-fusion": "the loss (with z-loss) is computed by cdp-pretrain",
     "--cross-entropy-fusion-impl": "the loss (with z-loss) is computed by cdp-pretrain",
     "--enable-cuda-graph": "CUDA graphs are not supported",
@@ -167,6 +164,7 @@ ACCEPTED_NO_OP_FLAGS: dict[str, str] = {
                                                 "causal mask is used)",
     "--no-async-tensor-model-parallel-allreduce": "Megatron-LM ignores it too (deprecated there)",
     "--use-dist-ckpt": "checkpoints are always torch_dist (dist_checkpointing)",
+    "--accumulate-allreduce-grads-in-fp32": "gradients are always accumulated and reduced in fp32 (main grads)",
     "--no-overlap-p2p-communication": "pipeline sends and receives are not overlapped with compute "
                                       "(megatron-core's default)",
     "--no-log-loss-scale-to-tensorboard": "there is no loss scale (no fp16)",
@@ -271,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--qk-layernorm", action="store_true", default=None, help="norms on queries and keys")
     g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"),
                    help="default learned_absolute")
+    g.add_argument("--use-rotary-position-embeddings", action="store_true",
+                   help="Megatron-LM's older spelling of --position-embedding-type rope")
+    g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false",
+                   help="accepted with rope positions, which have no position table (a model without positions "
+                   "is not supported, as in Megatron-LM)")
     g.add_argument("--rotary-base", type=int, default=ROTARY_DEFAULTS["rotary_base"],
                    help="base of the rotary frequencies (default 10000)")
     g.add_argument("--rotary-percent", type=float, default=ROTARY_DEFAULTS["rotary_percent"],
@@ -564,7 +567,10 @@ def _extra_flag_problem(flag: str, parser: argparse.ArgumentParser) -> tuple[boo
     import difflib
 
     if flag in UNSUPPORTED_MEGATRON_FLAGS or flag.startswith(UNSUPPORTED_MEGATRON_PREFIXES):
-        return True, UNSUPPORTED_MEGATRON_FLAGS.get(flag)
+        why = UNSUPPORTED_MEGATRON_FLAGS.get(flag)
+        if why and why.startswith("not supported"):  # said by the sentence it goes into
+            why = why.removeprefix("not supported").strip().removeprefix("(").removesuffix(")") or None
+        return True, why
     if flag in megatron_lm_flags():
         return True, None
     ours = [o for action in parser._actions if action.help != argparse.SUPPRESS for o in action.option_strings]
@@ -748,9 +754,17 @@ def _validate_rotary(args: argparse.Namespace) -> None:
 
 
 def _validate_model(args: argparse.Namespace) -> None:
+    if args.use_rotary_position_embeddings:  # Megatron-LM's legacy spelling
+        if args.position_embedding_type not in (None, "rope"):
+            raise ArgsError(f"--use-rotary-position-embeddings asks for rope positions, --position-embedding-type "
+                            f"{args.position_embedding_type} for others; give one of them")
+        args.position_embedding_type = "rope"
     for name in ("normalization", "position_embedding_type"):
         if getattr(args, name) is None:
             setattr(args, name, _MEGATRON_DEFAULTS[name])
+    if not args.add_position_embedding and args.position_embedding_type != "rope":
+        raise ArgsError(f"--no-position-embedding with {args.position_embedding_type} positions: a model without "
+                        "positions is not supported (nor in Megatron-LM); give --position-embedding-type rope")
     args.swiglu = bool(args.swiglu)
     args.qk_layernorm = bool(args.qk_layernorm)
     args.untie_embeddings_and_output_weights = bool(args.untie_embeddings_and_output_weights)

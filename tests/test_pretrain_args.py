@@ -113,8 +113,24 @@ def test_accepted_no_op_flags():
     parse(TINY + " --lr 1e-3 --use-mcore-models --calculate-per-token-loss "
           "--attention-softmax-in-fp32 --no-create-attention-mask-in-dataloader "
           "--no-async-tensor-model-parallel-allreduce --no-overlap-p2p-communication "
-          "--no-log-loss-scale-to-tensorboard")
+          "--no-log-loss-scale-to-tensorboard --accumulate-allreduce-grads-in-fp32")
     assert parse(TINY + " --lr 1e-3 --log-throughput").log_throughput  # a real flag now: TFLOP/s per GPU
+
+
+def test_legacy_rope_flags_of_llama_and_qwen_scripts():
+    """--use-rotary-position-embeddings is Megatron-LM's older spelling of --position-embedding-type
+    rope; --no-position-embedding is accepted with rope (no position table), as Megatron-LM does."""
+    learned = TINY.replace("--position-embedding-type rope", "")
+    assert parse(learned + " --lr 1e-3").position_embedding_type == "learned_absolute"
+    for extra in (" --use-rotary-position-embeddings", " --use-rotary-position-embeddings --no-position-embedding",
+                  " --position-embedding-type rope --use-rotary-position-embeddings --no-position-embedding"):
+        assert parse(learned + " --lr 1e-3" + extra).position_embedding_type == "rope", extra
+    assert error(learned + " --lr 1e-3 --use-rotary-position-embeddings --position-embedding-type learned_absolute") == (
+        "--use-rotary-position-embeddings asks for rope positions, --position-embedding-type learned_absolute for "
+        "others; give one of them")
+    assert error(learned + " --lr 1e-3 --no-position-embedding") == (
+        "--no-position-embedding with learned_absolute positions: a model without positions is not supported (nor in "
+        "Megatron-LM); give --position-embedding-type rope")
 
 
 def test_fully_reshardable_checkpoint_flags():
@@ -186,6 +202,13 @@ def test_every_flag_not_taken_is_named_in_one_line():
     assert error(TINY + " --lr 1e-3 --moe-router-topk 2") == (
         "--moe-router-topk is a Megatron-LM flag cdp-pretrain does not support (see cdp-pretrain --help for the "
         "supported ones)")
+    # a reason that is itself "not supported (...)" is not said twice
+    assert error(TINY + " --lr 1e-3 --timing-log-level 0 --log-timers-to-tensorboard") == (
+        "2 flags cdp-pretrain does not take (see cdp-pretrain --help): --timing-log-level: a Megatron-LM flag, not "
+        "supported; --log-timers-to-tensorboard: not supported, iteration times are logged as train/tokens_per_s")
+    assert error(TINY + " --lr 1e-3 --log-timers-to-tensorboard") == (
+        "--log-timers-to-tensorboard is a Megatron-LM flag cdp-pretrain does not support (iteration times are logged "
+        "as train/tokens_per_s)")
     assert error(TINY + " --lr 1e-3 stray --fp16") == (
         "unexpected argument 'stray' (flags take the form --name value)")
 
