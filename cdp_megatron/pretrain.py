@@ -275,6 +275,10 @@ def _rotary_description(args: argparse.Namespace) -> str:
     if args.position_embedding_type != "rope" or all(getattr(args, k) == v for k, v in ROTARY_DEFAULTS.items()):
         return ""
     part = f", {args.rotary_percent:.0%} of each head" if args.rotary_percent != 1 else ""
+    if args.use_rope_scaling:
+        part += f", Llama 3.1 frequency scaling x{args.rope_scaling_factor:g}"
+    if args.rotary_seq_len_interpolation_factor is not None:
+        part += f", positions / {args.rotary_seq_len_interpolation_factor:g}"
     return f", rope base {args.rotary_base}{part}"
 
 
@@ -488,7 +492,7 @@ _MODEL_FIELDS_ADDED = {"add_qkv_bias": False}
 # The rotary positions: no tensor holds them, so a change would load without a word and train
 # another function. Compared on a resume, not with --finetune (a new rope base on a trained
 # model's weights is the usual way to a longer context). Records saved before them: defaults.
-_ROTARY_FIELDS = (("rotary_base", "--rotary-base"), ("rotary_percent", "--rotary-percent"))
+_ROTARY_FIELDS = tuple((name, "--" + name.replace("_", "-")) for name in ROTARY_DEFAULTS)
 _GROUP_FIELDS = ("lr", "min_lr", "weight_decay", "eps", "beta1", "beta2")
 _PLAIN = "global"  # the record key of a plain run's hyperparameters (Megatron's flags)
 # The schedule every group shares (Megatron's OptimizerParamScheduler). A plain run's scheduler
@@ -571,7 +575,7 @@ def resume_mismatch(saved: Any, current: dict, tensor_parallel: int = 1, weights
         return f"the checkpoint is of another model ({shape}); {_RESUME_HINT}"
     if weights_only:  # --finetune: the run's own hyperparameters, schedule and positions
         return None
-    positions = saved.get("positions") or ROTARY_DEFAULTS
+    positions = {**ROTARY_DEFAULTS, **(saved.get("positions") or {})}  # older records: fewer fields
     moved = [(flag, positions.get(name), current["positions"][name]) for name, flag in _ROTARY_FIELDS
              if positions.get(name) != current["positions"][name]]
     if moved:
@@ -940,7 +944,9 @@ class _Run:
         )
         config = gpt_config(shape, init_method_std=args.init_method_std, **config_overrides(args))
         chunks = build_gpt_model(shape, target=args.target, config=config, use_te=use_te, init_seed=args.seed,
-                                 rotary_base=args.rotary_base, rotary_percent=args.rotary_percent)
+                                 rotary_base=args.rotary_base, rotary_percent=args.rotary_percent,
+                                 rope_scaling=args.use_rope_scaling, rope_scaling_factor=args.rope_scaling_factor,
+                                 seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor)
         self.param_infos = classify_model(chunks)
         print_summary(self.param_infos, args.target)
         model = wrap_ddp(chunks, config, use_distributed_optimizer=args.use_distributed_optimizer,

@@ -84,7 +84,8 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--account-for-loss-in-pipeline-split": "uneven pipeline stages are not supported",
     "--reset-position-ids": "not supported",
     "--reset-attention-mask": "not supported",
-    "--rotary-seq-len-interpolation-factor": "not supported",
+    "--rotary-scaling-factor": "Megatron-LM's factor of YaRN and MLA positions; the factor of --use-rope-scaling "
+                               "(Llama 3.1's) is --rope-scaling-factor",
     "--apply-layernorm-1p": "not supported",
     "--squared-relu": "not supported",
     "--openai-gelu": "not supported",
@@ -278,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base of the rotary frequencies (default 10000)")
     g.add_argument("--rotary-percent", type=float, default=ROTARY_DEFAULTS["rotary_percent"],
                    help="fraction of each head's dimensions that is rotated (default 1.0)")
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama 3.1's scaling of the rotary frequencies (megatron-core's rope_scaling)")
+    g.add_argument("--rope-scaling-factor", type=float, metavar="F",
+                   help="the factor of --use-rope-scaling (default 8.0, Llama 3.1's)")
+    g.add_argument("--rotary-seq-len-interpolation-factor", type=float, metavar="F",
+                   help="divide the rotary positions by F (linear position interpolation; default: none)")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None,
                    help="separate output layer")
     g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false", default=None,
@@ -502,7 +509,10 @@ DEFAULT_SPLIT = "969, 30, 1"  # Megatron-LM's
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")  # megatron-core's, Megatron-LM's default first
 # --recompute-modules of a dense GPT model (megatron-core's others are for MoE and MLA layers)
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
-ROTARY_DEFAULTS = {"rotary_base": 10000, "rotary_percent": 1.0}  # Megatron-LM's and GPTModel's
+# Megatron-LM's and GPTModel's: --rotary-base, --rotary-percent, --use-rope-scaling (Llama 3.1's
+# frequency scaling), --rope-scaling-factor, --rotary-seq-len-interpolation-factor (positions / factor)
+ROTARY_DEFAULTS: dict[str, Any] = {"rotary_base": 10000, "rotary_percent": 1.0, "use_rope_scaling": False,
+                                   "rope_scaling_factor": 8.0, "rotary_seq_len_interpolation_factor": None}
 # The flags that choose the data: a user's replace the quick start's (see parse_args).
 _DATA_FLAGS = ("--data-path", "--train-data-path", "--valid-data-path", "--mock-data", "--data-args-path",
                "--per-split-data-args-path")
@@ -737,6 +747,14 @@ def _validate_gc(args: argparse.Namespace) -> None:
 
 
 def _validate_rotary(args: argparse.Namespace) -> None:
+    if args.rope_scaling_factor is None:
+        args.rope_scaling_factor = ROTARY_DEFAULTS["rope_scaling_factor"]
+    elif not args.use_rope_scaling:
+        raise ArgsError("--rope-scaling-factor applies with --use-rope-scaling; add --use-rope-scaling or drop the flag")
+    for flag, value in (("--rope-scaling-factor", args.rope_scaling_factor),
+                        ("--rotary-seq-len-interpolation-factor", args.rotary_seq_len_interpolation_factor)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ArgsError(f"{flag} must be a positive number, got {value:g}")
     changed = [f"--{name.replace('_', '-')}" for name, default in ROTARY_DEFAULTS.items()
                if getattr(args, name) != default]
     if changed and args.position_embedding_type != "rope":

@@ -117,6 +117,24 @@ def test_accepted_no_op_flags():
     assert parse(TINY + " --lr 1e-3 --log-throughput").log_throughput  # a real flag now: TFLOP/s per GPU
 
 
+def test_rope_scaling_and_position_interpolation_flags():
+    args = parse(TINY + " --lr 1e-3")
+    assert (args.use_rope_scaling, args.rope_scaling_factor, args.rotary_seq_len_interpolation_factor) == (False, 8.0, None)
+    args = parse(TINY + " --lr 1e-3 --use-rope-scaling --rope-scaling-factor 32 --rotary-seq-len-interpolation-factor 2")
+    assert (args.use_rope_scaling, args.rope_scaling_factor, args.rotary_seq_len_interpolation_factor) == (True, 32.0, 2.0)
+    assert error(TINY + " --lr 1e-3 --rope-scaling-factor 32") == (
+        "--rope-scaling-factor applies with --use-rope-scaling; add --use-rope-scaling or drop the flag")
+    assert error(TINY + " --lr 1e-3 --rotary-seq-len-interpolation-factor 0") == (
+        "--rotary-seq-len-interpolation-factor must be a positive number, got 0")
+    assert error(TINY + " --lr 1e-3 --use-rope-scaling --rope-scaling-factor nan") == (
+        "--rope-scaling-factor must be a positive number, got nan")
+    learned = TINY.replace("--position-embedding-type rope", "") + " --lr 1e-3"
+    assert error(learned + " --use-rope-scaling --rotary-seq-len-interpolation-factor 2") == (
+        "--use-rope-scaling and --rotary-seq-len-interpolation-factor apply to rotary positions; give "
+        "--position-embedding-type rope or leave them out")
+    assert error(TINY + " --lr 1e-3 --rotary-scaling-factor 8").endswith("is --rope-scaling-factor)")
+
+
 def test_legacy_rope_flags_of_llama_and_qwen_scripts():
     """--use-rotary-position-embeddings is Megatron-LM's older spelling of --position-embedding-type
     rope; --no-position-embedding is accepted with rope (no position table), as Megatron-LM does."""

@@ -262,6 +262,9 @@ def build_gpt_model(
     init_seed: int = 1234,
     rotary_base: int = 10000,
     rotary_percent: float = 1.0,
+    rope_scaling: bool = False,
+    rope_scaling_factor: float = 8.0,
+    seq_len_interpolation_factor: float | None = None,
 ) -> list[GPTModel]:
     """Build this rank's GPTModel chunks (one per virtual pipeline stage).
 
@@ -272,8 +275,9 @@ def build_gpt_model(
     init: "target" (redraw every weight with the target's init std, TP/PP-invariant),
         "megatron" (keep Megatron's init), or "auto": "megatron" for an sp target without
         init multipliers (bit-identical to unpatched Megatron), else "target".
-    rotary_base, rotary_percent: GPTModel's (``--rotary-base``, ``--rotary-percent``), for
-        rope positions.
+    rotary_base, rotary_percent, rope_scaling, rope_scaling_factor, seq_len_interpolation_factor:
+        GPTModel's (``--rotary-base``, ``--rotary-percent``, ``--use-rope-scaling``,
+        ``--rope-scaling-factor``, ``--rotary-seq-len-interpolation-factor``), for rope positions.
     Requires torch.distributed and ``initialize_model_parallel``. The chunks are on the
     current CUDA device when there is one, else on the CPU.
     """
@@ -314,6 +318,9 @@ def build_gpt_model(
                 position_embedding_type=shape.position_embedding_type,
                 rotary_base=rotary_base,
                 rotary_percent=rotary_percent,
+                rope_scaling=rope_scaling,
+                rope_scaling_factor=rope_scaling_factor,
+                seq_len_interpolation_factor=seq_len_interpolation_factor,
                 vp_stage=stage,
             )
         )

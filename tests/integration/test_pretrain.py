@@ -486,12 +486,19 @@ def test_checkpoint_without_resume_record_is_refused_in_one_line(spec20, tmp_pat
     assert "starting at iteration 2" in out
 
 
-def test_rotary_base_reaches_the_model_and_a_resume_with_another_is_refused(tmp_path):
+def test_rotary_options_reach_the_model_and_a_resume_with_another_base_is_refused(tmp_path):
     plain = TINY + " --lr 3e-3 --eval-iters 0 --train-iters 2"
     ok(run(plain + " --rotary-base 100 --save ck --metrics-file a.jsonl", tmp_path))
     ok(run(plain + " --metrics-file b.jsonl", tmp_path))
+    # Llama 3.1's scaling moves the frequencies of wavelength > 2048 (here those of base 10000's
+    # slowest pairs), the interpolation every position
+    out = ok(run(plain + " --use-rope-scaling --rope-scaling-factor 32 --metrics-file c.jsonl", tmp_path))
+    assert next(line for line in out.splitlines() if line.startswith("  model:")).endswith(
+        ", rope base 10000, Llama 3.1 frequency scaling x32")
+    ok(run(plain + " --rotary-seq-len-interpolation-factor 4 --metrics-file d.jsonl", tmp_path))
     # the same initial weights (--seed), other positions: another loss from the first step
-    assert train_losses(tmp_path / "a.jsonl")[1] != train_losses(tmp_path / "b.jsonl")[1]
+    first = {name: train_losses(tmp_path / f"{name}.jsonl")[1] for name in "abcd"}
+    assert len(set(first.values())) == 4, first
     refused = run(plain.replace("--train-iters 2", "--train-iters 4") + " --load ck", tmp_path)
     assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == (
         "cdp-pretrain: error: --load ck/iter_0000002: the checkpoint was trained with other rotary positions "
