@@ -1248,18 +1248,25 @@ def _apply_target(args: argparse.Namespace) -> None:
     args.cdp_owned = owned
 
 
+def _whole_if_close(value: float) -> float | int:
+    """``value``, as an int where it is one up to float rounding (0.3 x 10 is 3.0000000000000004)."""
+    whole = round(value)
+    return whole if math.isclose(value, whole, rel_tol=1e-9, abs_tol=1e-12) else value
+
+
 def _finish_schedule(args: argparse.Namespace) -> None:
     if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
+        # As Megatron-LM: --train-samples decays over exactly that many samples (its scheduler
+        # counts samples), which may end inside the iteration after the last one trained
+        args.lr_decay_iters = (args.train_iters if args.train_samples is None
+                               else _whole_if_close(args.train_samples / args.global_batch_size))
     if args.lr_warmup_iters is not None and args.lr_warmup_fraction is not None:
         raise ArgsError("give only one of --lr-warmup-iters and --lr-warmup-fraction")
     if args.lr_warmup_fraction is not None:
         # As Megatron-LM: the fraction of the decay, not rounded (its scheduler counts samples,
         # fraction x decay iterations x batch; with ours counting iterations, a warmup that is
         # not a whole number of iterations gives the same lrs)
-        warmup = args.lr_warmup_fraction * args.lr_decay_iters
-        whole = round(warmup)  # 0.3 x 10 is 3.0000000000000004 in floats
-        args.lr_warmup_iters = whole if math.isclose(warmup, whole, rel_tol=1e-9, abs_tol=1e-12) else warmup
+        args.lr_warmup_iters = _whole_if_close(args.lr_warmup_fraction * args.lr_decay_iters)
     if args.lr_warmup_iters is None:
         args.lr_warmup_iters = 0
     if args.lr_warmup_iters >= args.lr_decay_iters:  # Megatron's scheduler asserts warmup < decay
@@ -1267,7 +1274,7 @@ def _finish_schedule(args: argparse.Namespace) -> None:
             given = f"--lr-warmup-fraction {args.lr_warmup_fraction:g} gives {args.lr_warmup_iters:g} warmup iterations, which is"
             fix = "use a fraction below 1"
         else:
-            given, fix = f"--lr-warmup-iters {args.lr_warmup_iters} is", f"give at most {args.lr_decay_iters - 1}"
+            given, fix = f"--lr-warmup-iters {args.lr_warmup_iters} is", f"give at most {math.ceil(args.lr_decay_iters) - 1}"
         raise ArgsError(
             f"{given} not shorter than the decay ({args.lr_decay_iters} iterations, --lr-decay-iters or --train-iters); "
             f"Megatron's scheduler needs warmup < decay: {fix}"

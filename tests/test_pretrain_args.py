@@ -91,7 +91,8 @@ def test_layout_batch_and_schedule():
     assert parse(TINY + " --lr 1e-3 --lr-warmup-fraction 0.125").lr_warmup_iters == 2.5
     assert parse(TINY + " --lr 1e-3 --lr-warmup-iters 19").lr_warmup_iters == 19  # the longest warmup there is
     samples = parse(TINY.replace("--train-iters 20", "--train-samples 100") + " --lr 1e-3")
-    assert samples.train_iters == 12
+    assert samples.train_iters == 12 and samples.lr_decay_iters == 12.5  # Megatron-LM's decay: 100 samples
+    assert parse(TINY.replace("--train-iters 20", "--train-samples 96") + " --lr 1e-3").lr_decay_iters == 12
     vpp = parse(TINY.replace("--num-layers 2", "--num-layers 4") + " --lr 1e-3 "
                 "--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1", world_size=2)
     assert vpp.virtual_pipeline_model_parallel_size == 2

@@ -592,6 +592,23 @@ def test_warmup_fraction_is_megatron_lms(tmp_path):
     assert lrs == pytest.approx({i: by_hand(i - 1) for i in range(1, 21)}, rel=1e-12)
 
 
+def test_train_samples_decay_is_megatron_lms(tmp_path):
+    """--train-samples 100 of global batches of 8: 12 iterations, and (as Megatron-LM, whose
+    scheduler counts samples) a decay over 100 / 8 = 12.5 iterations, with a warmup fraction of
+    it: the lr does not reach the min lr at the last iteration."""
+    out = ok(run(TINY + " --lr 1e-3 --min-lr 1e-4 --train-samples 100 --eval-iters 0 --lr-warmup-fraction 0.1 "
+                 "--lr-decay-style cosine --metrics-file m.jsonl", tmp_path))
+    assert "cosine decay, warmup 1.25," in out
+    lrs = {r["iteration"]: r["lr"] for r in records(tmp_path / "m.jsonl")}
+
+    def by_hand(step):
+        if step <= 1.25:
+            return 1e-3 * step / 1.25
+        return 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (step - 1.25) / (12.5 - 1.25)))
+
+    assert lrs == pytest.approx({i: by_hand(i - 1) for i in range(1, 13)}, rel=1e-12)
+
+
 def test_wsd_schedule_and_a_resume_with_another_decay_is_refused(tmp_path):
     """--lr-decay-style WSD: warmup, the peak lr, then the last --lr-wsd-decay-iters decay to the
     min lr (megatron-core's scheduler; the lr printed for iteration i is the one it trained
