@@ -64,9 +64,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--rampup-batch-size": "the batch size is fixed (the SDE rules assume it)",
     "--decoupled-lr": "per-group learning rates come from --cdp-config/--cdp-base",
     "--decoupled-min-lr": "per-group learning rates come from --cdp-config/--cdp-base",
-    "--lr-decay-samples": "give --lr-decay-iters",
-    "--lr-warmup-samples": "give --lr-warmup-iters or --lr-warmup-fraction",
-    "--lr-wsd-decay-samples": "give --lr-wsd-decay-iters",
     "--start-weight-decay": "weight-decay schedules are not supported; give --weight-decay",
     "--end-weight-decay": "weight-decay schedules are not supported; give --weight-decay",
     "--weight-decay-incr-style": "weight-decay schedules are not supported",
@@ -368,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-iters", type=int, help="default 0")
     g.add_argument("--lr-warmup-fraction", type=float, help="warmup as a fraction of --lr-decay-iters")
     g.add_argument("--lr-warmup-init", type=float, help="lr at the start of warmup (default 0)")
+    g.add_argument("--lr-decay-samples", type=int, metavar="N",
+                   help="--lr-decay-iters in samples: N / global batch iterations, not rounded (Megatron-LM's)")
+    g.add_argument("--lr-warmup-samples", type=int, metavar="N", help="--lr-warmup-iters in samples, likewise")
+    g.add_argument("--lr-wsd-decay-samples", type=int, metavar="N", help="--lr-wsd-decay-iters in samples, likewise")
     g.add_argument("--weight-decay", type=float, help="AdamW decay (lr-coupled), default 0.01")
     g.add_argument("--adam-beta1", type=float, help="default 0.9")
     g.add_argument("--adam-beta2", type=float, help="default 0.999")
@@ -1231,6 +1232,12 @@ def _apply_target(args: argparse.Namespace) -> None:
     source = "--cdp-config" if args.cdp_config else "--cdp-base"
     if args.lr_warmup_fraction is not None:
         raise ArgsError(f"--lr-warmup-fraction: {source} sets the warmup ({owned['lr_warmup_iters']} iterations); drop the flag")
+    for samples_name, _, samples_flag, _ in _SCHEDULE_IN_SAMPLES:
+        if getattr(args, samples_name) is not None:
+            warmup = owned["lr_warmup_iters"]
+            raise ArgsError(f"{samples_flag}: {source} sets the schedule (a warmup of {warmup} "
+                            f"iteration{'' if warmup == 1 else 's'}, a decay to iteration {owned['lr_decay_iters']}); "
+                            "drop the flag")
     for name, value in owned.items():
         given = getattr(args, name)
         if given is None:
@@ -1254,7 +1261,35 @@ def _whole_if_close(value: float) -> float | int:
     return whole if math.isclose(value, whole, rel_tol=1e-9, abs_tol=1e-12) else value
 
 
+# Megatron-LM's schedule flags in samples and their iteration flags: (samples attribute,
+# iterations attribute, samples flag, iterations flag)
+_SCHEDULE_IN_SAMPLES = (
+    ("lr_decay_samples", "lr_decay_iters", "--lr-decay-samples", "--lr-decay-iters"),
+    ("lr_warmup_samples", "lr_warmup_iters", "--lr-warmup-samples", "--lr-warmup-iters"),
+    ("lr_wsd_decay_samples", "lr_wsd_decay_iters", "--lr-wsd-decay-samples", "--lr-wsd-decay-iters"),
+)
+
+
+def _schedule_in_samples(args: argparse.Namespace) -> None:
+    """The schedule flags given in samples, as iterations of the global batch. Not rounded:
+    Megatron-LM's scheduler counts samples, and ours, counting iterations, then gives the same
+    lrs (as for --lr-warmup-fraction)."""
+    if args.lr_warmup_samples is not None and args.lr_warmup_fraction is not None:
+        raise ArgsError("give only one of --lr-warmup-samples and --lr-warmup-fraction")
+    for samples_name, iters_name, samples_flag, iters_flag in _SCHEDULE_IN_SAMPLES:
+        samples = getattr(args, samples_name)
+        if samples is None:
+            continue
+        if getattr(args, iters_name) is not None:
+            raise ArgsError(f"give only one of {iters_flag} and {samples_flag}")
+        least = 0 if samples_name == "lr_warmup_samples" else 1
+        if samples < least:
+            raise ArgsError(f"{samples_flag} must be >= {least}, got {samples}")
+        setattr(args, iters_name, _whole_if_close(samples / args.global_batch_size))
+
+
 def _finish_schedule(args: argparse.Namespace) -> None:
+    _schedule_in_samples(args)
     if args.lr_decay_iters is None:
         # As Megatron-LM: --train-samples decays over exactly that many samples (its scheduler
         # counts samples), which may end inside the iteration after the last one trained
@@ -1273,10 +1308,15 @@ def _finish_schedule(args: argparse.Namespace) -> None:
         if args.lr_warmup_fraction is not None:
             given = f"--lr-warmup-fraction {args.lr_warmup_fraction:g} gives {args.lr_warmup_iters:g} warmup iterations, which is"
             fix = "use a fraction below 1"
+        elif args.lr_warmup_samples is not None:
+            given = (f"--lr-warmup-samples {args.lr_warmup_samples} gives {args.lr_warmup_iters:g} warmup iterations "
+                     f"(of {args.global_batch_size} samples), which is")
+            fix = "give fewer samples"
         else:
             given, fix = f"--lr-warmup-iters {args.lr_warmup_iters} is", f"give at most {math.ceil(args.lr_decay_iters) - 1}"
         raise ArgsError(
-            f"{given} not shorter than the decay ({args.lr_decay_iters} iterations, --lr-decay-iters or --train-iters); "
+            f"{given} not shorter than the decay ({args.lr_decay_iters:g} iterations, "
+            f"{'--lr-decay-samples' if args.lr_decay_samples is not None else '--lr-decay-iters or --train-iters'}); "
             f"Megatron's scheduler needs warmup < decay: {fix}"
         )
     if args.min_lr > args.lr:
@@ -1288,8 +1328,10 @@ def _finish_wsd(args: argparse.Namespace) -> None:
     """WSD (megatron-core's OptimizerParamScheduler): warmup, then the peak lr, then the last
     --lr-wsd-decay-iters of --lr-decay-iters decay to --min-lr. Both WSD fields are None for
     the other styles (so that the resume record compares equal to those saved before WSD)."""
+    in_samples = args.lr_wsd_decay_samples is not None
     wsd_flags = [f for f, v in (("--lr-wsd-decay-style", args.lr_wsd_decay_style),
-                                ("--lr-wsd-decay-iters", args.lr_wsd_decay_iters)) if v is not None]
+                                ("--lr-wsd-decay-samples" if in_samples else "--lr-wsd-decay-iters",
+                                 args.lr_wsd_decay_iters)) if v is not None]
     if args.lr_decay_style != "WSD":
         if wsd_flags:
             raise ArgsError(f"{wsd_flags[0]} applies with --lr-decay-style WSD (the decay style is "
@@ -1300,7 +1342,9 @@ def _finish_wsd(args: argparse.Namespace) -> None:
         raise ArgsError(f"--lr-decay-style WSD needs --lr-wsd-decay-iters N: the iterations of the final decay, 1..{room} "
                         "(they end at --lr-decay-iters)")
     if not 1 <= args.lr_wsd_decay_iters <= room:
-        raise ArgsError(f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters}: give 1..{room}, the iterations after the "
+        given = (f"--lr-wsd-decay-samples {args.lr_wsd_decay_samples} ({args.lr_wsd_decay_iters:g} iterations of "
+                 f"{args.global_batch_size} samples)" if in_samples else f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters}")
+        raise ArgsError(f"{given}: give 1..{room} iterations, those after the "
                         f"{args.lr_warmup_iters:.6g} of warmup up to --lr-decay-iters {args.lr_decay_iters} (a decay "
                         "that starts during the warmup would jump)")
     if args.lr_wsd_decay_style is None:

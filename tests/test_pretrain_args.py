@@ -136,6 +136,30 @@ def test_rope_scaling_and_position_interpolation_flags():
     assert error(TINY + " --lr 1e-3 --rotary-scaling-factor 8").endswith("is --rope-scaling-factor)")
 
 
+def test_schedule_in_samples_is_megatron_lms():
+    """--lr-decay-samples, --lr-warmup-samples, --lr-wsd-decay-samples (Megatron-LM's Llama 3 example
+    gives its schedule so): iterations of the global batch (8), not rounded, as its scheduler
+    counts samples."""
+    samples = TINY.replace("--train-iters 20", "--train-samples 160") + " --lr 1e-3"
+    args = parse(samples + " --lr-decay-samples 150 --lr-warmup-samples 12 --lr-decay-style WSD "
+                 "--lr-wsd-decay-samples 40")
+    assert (args.train_iters, args.lr_decay_iters, args.lr_warmup_iters, args.lr_wsd_decay_iters) == (20, 18.75, 1.5, 5)
+    assert isinstance(args.lr_wsd_decay_iters, int)
+    assert parse(samples + " --lr-warmup-samples 0").lr_warmup_iters == 0
+    assert parse(TINY + " --lr 1e-3 --lr-decay-samples 80").lr_decay_iters == 10  # with --train-iters too
+    assert error(samples + " --lr-decay-samples 80 --lr-decay-iters 10") == (
+        "give only one of --lr-decay-iters and --lr-decay-samples")
+    assert error(samples + " --lr-warmup-samples 8 --lr-warmup-fraction 0.1") == (
+        "give only one of --lr-warmup-samples and --lr-warmup-fraction")
+    assert error(samples + " --lr-decay-samples 0") == "--lr-decay-samples must be >= 1, got 0"
+    assert error(samples + " --lr-warmup-samples 160") == (
+        "--lr-warmup-samples 160 gives 20 warmup iterations (of 8 samples), which is not shorter than the decay (20 "
+        "iterations, --lr-decay-iters or --train-iters); Megatron's scheduler needs warmup < decay: give fewer samples")
+    assert error(samples.replace(" --lr 1e-3", "") + f" --cdp-base {BASE} --lr-warmup-samples 8") == (
+        "--lr-warmup-samples: --cdp-base sets the schedule (a warmup of 1 iteration, a decay to iteration 20); drop "
+        "the flag")
+
+
 def test_legacy_rope_flags_of_llama_and_qwen_scripts():
     """--use-rotary-position-embeddings is Megatron-LM's older spelling of --position-embedding-type
     rope; --no-position-embedding is accepted with rope (no position table), as Megatron-LM does."""
@@ -384,13 +408,17 @@ def test_wsd_schedule_flags():
         "--lr-decay-style WSD needs --lr-wsd-decay-iters N: the iterations of the final decay, 1..16 (they end at "
         "--lr-decay-iters)")
     assert error(lr + " --lr-decay-style WSD --lr-wsd-decay-iters 17") == (
-        "--lr-wsd-decay-iters 17: give 1..16, the iterations after the 4 of warmup up to --lr-decay-iters 20 (a decay "
-        "that starts during the warmup would jump)")
+        "--lr-wsd-decay-iters 17: give 1..16 iterations, those after the 4 of warmup up to --lr-decay-iters 20 (a "
+        "decay that starts during the warmup would jump)")
     assert error(lr + " --lr-wsd-decay-iters 5") == (
         "--lr-wsd-decay-iters applies with --lr-decay-style WSD (the decay style is linear); add --lr-decay-style WSD "
         "or drop the flag")
-    assert "--lr-wsd-decay-samples is a Megatron-LM flag cdp-pretrain does not support (give --lr-wsd-decay-iters)" \
-        in error(lr + " --lr-wsd-decay-samples 100")
+    assert error(lr + " --lr-decay-style WSD --lr-wsd-decay-samples 140") == (  # 17.5 iterations of 8
+        "--lr-wsd-decay-samples 140 (17.5 iterations of 8 samples): give 1..16 iterations, those after the 4 of warmup "
+        "up to --lr-decay-iters 20 (a decay that starts during the warmup would jump)")
+    assert error(lr + " --lr-wsd-decay-samples 40") == (
+        "--lr-wsd-decay-samples applies with --lr-decay-style WSD (the decay style is linear); add --lr-decay-style "
+        "WSD or drop the flag")
     # Complete(d)P owns the schedule (cosine)
     assert "--lr-decay-style WSD conflicts with --cdp-base" in error(
         TINY + f" --cdp-base {BASE} --lr-decay-style WSD --lr-wsd-decay-iters 5")

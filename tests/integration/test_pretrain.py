@@ -592,7 +592,7 @@ def test_warmup_fraction_is_megatron_lms(tmp_path):
     assert lrs == pytest.approx({i: by_hand(i - 1) for i in range(1, 21)}, rel=1e-12)
 
 
-def test_train_samples_decay_is_megatron_lms(tmp_path):
+def test_schedule_in_samples_is_megatron_lms(tmp_path):
     """--train-samples 100 of global batches of 8: 12 iterations, and (as Megatron-LM, whose
     scheduler counts samples) a decay over 100 / 8 = 12.5 iterations, with a warmup fraction of
     it: the lr does not reach the min lr at the last iteration."""
@@ -607,6 +607,22 @@ def test_train_samples_decay_is_megatron_lms(tmp_path):
         return 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (step - 1.25) / (12.5 - 1.25)))
 
     assert lrs == pytest.approx({i: by_hand(i - 1) for i in range(1, 13)}, rel=1e-12)
+    # the schedule in samples (Megatron-LM's Llama 3 example): decay 90 / 8 = 11.25 iterations,
+    # warmup 12 / 8 = 1.5, WSD's linear final decay over 36 / 8 = 4.5; then the min lr
+    out = ok(run(TINY + " --lr 1e-3 --min-lr 1e-4 --train-samples 100 --eval-iters 0 --lr-decay-samples 90 "
+                 "--lr-warmup-samples 12 --lr-decay-style WSD --lr-wsd-decay-style linear --lr-wsd-decay-samples 36 "
+                 "--metrics-file s.jsonl", tmp_path))
+    assert "WSD decay (the peak lr up to iteration 6.75, then linear to the min lr at 11.25), warmup 1.5," in out
+    lrs = {r["iteration"]: r["lr"] for r in records(tmp_path / "s.jsonl")}
+
+    def wsd_by_hand(step):
+        if step <= 1.5:
+            return 1e-3 * step / 1.5
+        if step > 11.25:
+            return 1e-4
+        return 1e-4 + (1e-3 - 1e-4) * (1 if step <= 6.75 else 1 - (step - 6.75) / 4.5)
+
+    assert lrs == pytest.approx({i: wsd_by_hand(i - 1) for i in range(1, 13)}, rel=1e-12)
 
 
 def test_wsd_schedule_and_a_resume_with_another_decay_is_refused(tmp_path):
