@@ -101,7 +101,7 @@ check pretrain_bf16_logging_recompute "$PY" -m cdp_megatron.pretrain --mock-data
   --micro-batch-size 4 --train-iters 20 --lr 1e-3 \
   --eval-iters 0 --log-interval 10 --bf16 --disable-bias-linear --swiglu --normalization RMSNorm \
   --log-params-norm --log-num-zeros-in-grad --log-throughput --recompute-activations \
-  --recompute-modules core_attn mlp layernorm --manual-gc --manual-gc-interval 10 --num-workers 2 \
+  --recompute-modules core_attn mlp layernorm --manual-gc --manual-gc-interval 10 --num-workers 2 --empty-unused-memory-level 2 \
   "${GPU_ONLY[@]}" --metrics-file "$OUT_DIR/pretrain_metrics.jsonl"
 grep -h "iteration 20/20" "$OUT_DIR/pretrain_bf16_logging_recompute.log" 2>/dev/null | sed 's/^/  /' | tee -a "$SUMMARY"
 if [ -d "$OUT_DIR/pretrain_tb" ]; then  # the last GPU memory point of each kind

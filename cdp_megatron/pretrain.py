@@ -261,6 +261,16 @@ def _flops_per_iteration(args: argparse.Namespace) -> float:
     )
 
 
+def _empty_unused_memory(device: str, level: int, at_least: int) -> None:
+    """--empty-unused-memory-level, as Megatron-LM: give the CUDA caching allocator's unused blocks
+    back where ``level`` >= ``at_least`` (1: after each forward-backward and evaluation batch,
+    2: after each optimizer step too). Numbers are unchanged; a CPU has no such cache."""
+    if device == "cuda" and level >= at_least:
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def _decay_description(args: argparse.Namespace) -> str:
     """The start-up line's lr decay: the style, and WSD's final decay."""
     if args.lr_decay_style != "WSD":
@@ -1155,11 +1165,13 @@ class _Run:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._schedule(self.train_data, self.consumed_samples, forward_only=False)
+        _empty_unused_memory(self.device, self.args.empty_unused_memory_level, 1)
         self._synchronize()
         started = time.perf_counter()
         update_successful, grad_norm, num_zeros = self.optimizer.step()
         if update_successful:
             self.scheduler.step(increment=1)
+        _empty_unused_memory(self.device, self.args.empty_unused_memory_level, 2)
         self._synchronize()
         self.optimizer_step_s = time.perf_counter() - started
         self.num_zeros_in_grad = int(num_zeros) if self.args.log_num_zeros_in_grad and num_zeros is not None else None
@@ -1204,6 +1216,7 @@ class _Run:
         with torch.no_grad(), synced_params(self.model):  # the latest weights under --overlap-param-gather
             for i in range(args.eval_iters):
                 losses += self._schedule(self.valid_data, i * args.global_batch_size, forward_only=True)
+                _empty_unused_memory(self.device, args.empty_unused_memory_level, 1)
         for chunk in self.model:
             chunk.train()
         return _global_loss(losses, self.device)

@@ -56,7 +56,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--num-experts": "mixture-of-experts models are not supported",
     "--expert-model-parallel-size": "mixture-of-experts models are not supported",
     "--expert-tensor-parallel-size": "mixture-of-experts models are not supported",
-    "--context-parallel-size": "context parallelism is not supported",
     "--distribute-saved-activations": "not supported",
     "--use-flash-attn": "give --attention-backend flash (Megatron-LM's newer flag)",
     "--use-legacy-models": "only megatron.core models exist here",
@@ -306,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism (Megatron-LM)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="only 1 (the default): context parallelism is not supported")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, help="interleaved pipeline (VPP)")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--recompute-activations", action="store_true",
@@ -344,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-signal-handler", action="store_true", help="on SIGTERM (a job's time limit or "
                    "preemption), stop at the end of the iteration and save with --save, instead of dying")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--empty-unused-memory-level", type=int, choices=(0, 1, 2), default=0,
+                   help="as Megatron-LM: 1 empties the CUDA caching allocator's unused memory after each "
+                   "forward-backward and evaluation batch, 2 after each optimizer step too (default 0; no effect on a "
+                   "CPU)")
     g.add_argument("--manual-gc", action="store_true",
                    help="turn Python's automatic garbage collection off (its pauses stall every rank's collectives) "
                    "and collect at chosen points: every --manual-gc-interval iterations and around evaluations")
@@ -867,6 +872,9 @@ def _validate_attention_backend(args: argparse.Namespace) -> None:
 
 
 def _validate_parallel_and_batch(args: argparse.Namespace) -> None:
+    if args.context_parallel_size != 1:
+        raise ArgsError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not supported "
+                        "(only 1, the default)")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if args.world_size % (tp * pp):
         raise ArgsError(

@@ -202,7 +202,7 @@ def test_comm_overlap_flags():
 
 
 # ------------------------------------------------------------------------------ refusals
-@pytest.mark.parametrize("flag", ["--num-experts 8", "--recompute-modules-x", "--context-parallel-size 2",
+@pytest.mark.parametrize("flag", ["--num-experts 8", "--recompute-modules-x",
                                   "--fp16", "--use-flash-attn", "--moe-router-topk 2", "--align-param-gather",
                                   "--use-checkpoint-args", "--tensorboard-queue-size 5"])
 def test_unsupported_megatron_flags_are_named(flag):
@@ -212,8 +212,18 @@ def test_unsupported_megatron_flags_are_named(flag):
 
 
 def test_unsupported_list_has_the_common_ones():
-    for name in ("--num-experts", "--context-parallel-size", "--fp16", "--use-flash-attn"):
+    for name in ("--num-experts", "--fp16", "--use-flash-attn"):
         assert name in UNSUPPORTED_MEGATRON_FLAGS
+
+
+def test_context_parallel_size_one_only_and_the_memory_level():
+    # scripts give --context-parallel-size 1 (the default) explicitly; anything else is refused
+    assert parse(TINY + " --lr 1e-3 --context-parallel-size 1").context_parallel_size == 1
+    assert error(TINY + " --lr 1e-3 --context-parallel-size 2") == (
+        "--context-parallel-size 2: context parallelism is not supported (only 1, the default)")
+    assert parse(TINY + " --lr 1e-3").empty_unused_memory_level == 0
+    assert parse(TINY + " --lr 1e-3 --empty-unused-memory-level 2").empty_unused_memory_level == 2
+    assert "invalid choice: 3" in error(TINY + " --lr 1e-3 --empty-unused-memory-level 3")
 
 
 def test_megatron_lm_flags_we_lack_are_named_and_typos_get_the_closest_flag():

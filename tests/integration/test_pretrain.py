@@ -395,6 +395,30 @@ def test_pytorch_profiler_traces_the_chosen_steps(tmp_path):
         "add --use-pytorch-profiler for a torch.profiler trace"), refused.stdout[-3000:]
 
 
+def test_empty_unused_memory_level(spec20, reference, tmp_path, monkeypatch):
+    """--empty-unused-memory-level, as Megatron-LM: level 1 empties the CUDA cache after each
+    forward-backward and evaluation batch, 2 after each optimizer step too; the same losses."""
+    import torch
+
+    from cdp_megatron.pretrain import _empty_unused_memory
+
+    # where it is called in a run: counted by level (20 steps; 2 evaluations of 2 batches)
+    count = ("import sys, collections, atexit, cdp_megatron.pretrain as p; calls = collections.Counter(); "
+             "inner = p._empty_unused_memory; "
+             "p._empty_unused_memory = lambda device, level, at_least: (calls.update([at_least]), "
+             "inner(device, level, at_least)); "
+             "atexit.register(lambda: print('calls', dict(sorted(calls.items())))); sys.exit(p.main(sys.argv[1:]))")
+    out = ok(run(cdp20(spec20) + " --empty-unused-memory-level 2 --metrics-file m.jsonl", tmp_path, entry=("-c", count)))
+    assert out.strip().splitlines()[-1] == "calls {1: 24, 2: 20}"
+    assert train_losses(tmp_path / "m.jsonl") == reference
+    # what a call does: only on a GPU, only from its level up
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    for device, level, at_least in (("cpu", 2, 1), ("cuda", 0, 1), ("cuda", 1, 2), ("cuda", 1, 1), ("cuda", 2, 2)):
+        _empty_unused_memory(device, level, at_least)
+    assert len(emptied) == 2
+
+
 def test_log_memory_to_tensorboard(spec20, tmp_path, monkeypatch):
     """A CPU run refuses it in one line (there is no GPU memory to log); on a GPU the four
     torch.cuda.memory_stats() values Megatron-LM writes (benchmarks/gpu_check.sh runs it)."""
