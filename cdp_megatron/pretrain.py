@@ -261,6 +261,14 @@ def _flops_per_iteration(args: argparse.Namespace) -> float:
     )
 
 
+def _decoupled_description(args: argparse.Namespace) -> str:
+    """The start-up line's --decoupled-lr (the word embedding's and the output layer's lrs)."""
+    if args.decoupled_lr is None:
+        return ""
+    low = args.min_lr if args.decoupled_min_lr is None else args.decoupled_min_lr
+    return f"embedding and output lr {args.decoupled_lr:g} (min {low:g}), "
+
+
 def _empty_unused_memory(device: str, level: int, at_least: int) -> None:
     """--empty-unused-memory-level, as Megatron-LM: give the CUDA caching allocator's unused blocks
     back where ``level`` >= ``at_least`` (1: after each forward-backward and evaluation batch,
@@ -516,6 +524,9 @@ _SCHEDULE_FIELDS = (
     # megatron-core's scheduler keeps neither in its state: a resume with others would load silently
     ("lr_wsd_decay_style", "--lr-wsd-decay-style"),
     ("lr_wsd_decay_iters", "--lr-wsd-decay-iters"),
+    # the embedding's and output layer's own peak and min lr (None without them, as in older records)
+    ("decoupled_lr", "--decoupled-lr"),
+    ("decoupled_min_lr", "--decoupled-min-lr"),
 )
 
 
@@ -919,7 +930,8 @@ class _Run:
         else:
             lines.append(
                 f"  hyperparameters (plain Megatron): lr {args.lr:g}, min lr {args.min_lr:g}, {_decay_description(args)}, "
-                f"warmup {_number(args.lr_warmup_iters)}, weight decay {args.weight_decay:g}, betas "
+                f"warmup {_number(args.lr_warmup_iters)}, {_decoupled_description(args)}weight decay "
+                f"{args.weight_decay:g}, betas "
                 f"({args.adam_beta1:g}, {args.adam_beta2:g}), eps {args.adam_eps:g}, init std {args.init_method_std:g}"
             )
         print("\n".join(lines), flush=True)
@@ -986,6 +998,10 @@ class _Run:
             params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
             use_distributed_optimizer=args.use_distributed_optimizer,
             log_num_zeros_in_grad=args.log_num_zeros_in_grad,
+            # plain runs (Megatron-LM's --decoupled-lr): megatron-core's own override of the
+            # word embedding's and the output layer's lr (is_embedding_or_output_parameter)
+            decoupled_lr=args.decoupled_lr,
+            decoupled_min_lr=args.decoupled_min_lr,
         )
 
     def _build_optimizer(self):

@@ -61,8 +61,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--use-legacy-models": "only megatron.core models exist here",
     "--spec": "the layer spec comes from --transformer-impl",
     "--rampup-batch-size": "the batch size is fixed (the SDE rules assume it)",
-    "--decoupled-lr": "per-group learning rates come from --cdp-config/--cdp-base",
-    "--decoupled-min-lr": "per-group learning rates come from --cdp-config/--cdp-base",
     "--start-weight-decay": "weight-decay schedules are not supported; give --weight-decay",
     "--end-weight-decay": "weight-decay schedules are not supported; give --weight-decay",
     "--weight-decay-incr-style": "weight-decay schedules are not supported",
@@ -370,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-iters", type=int, help="default 0")
     g.add_argument("--lr-warmup-fraction", type=float, help="warmup as a fraction of --lr-decay-iters")
     g.add_argument("--lr-warmup-init", type=float, help="lr at the start of warmup (default 0)")
+    g.add_argument("--decoupled-lr", type=float, metavar="LR",
+                   help="plain runs: the peak lr of the word embedding and the output layer (Megatron-LM's; "
+                   "Complete(d)P sets every group's)")
+    g.add_argument("--decoupled-min-lr", type=float, metavar="LR",
+                   help="with --decoupled-lr: their min lr (default --min-lr)")
     g.add_argument("--lr-decay-samples", type=int, metavar="N",
                    help="--lr-decay-iters in samples: N / global batch iterations, not rounded (Megatron-LM's)")
     g.add_argument("--lr-warmup-samples", type=int, metavar="N", help="--lr-warmup-iters in samples, likewise")
@@ -640,6 +643,8 @@ _FLOAT_RANGES: tuple[tuple[str, Any, str], ...] = (
     ("lr", lambda v: v > 0, "a finite number > 0"),
     ("min_lr", lambda v: v >= 0, "a finite number >= 0"),
     ("lr_warmup_init", lambda v: v >= 0, "a finite number >= 0"),
+    ("decoupled_lr", lambda v: v > 0, "a finite number > 0"),
+    ("decoupled_min_lr", lambda v: v >= 0, "a finite number >= 0"),
     ("weight_decay", lambda v: v >= 0, "a finite number >= 0"),
     ("clip_grad", lambda v: v >= 0, "a finite number >= 0 (0: no clipping)"),
     ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -1240,6 +1245,10 @@ def _apply_target(args: argparse.Namespace) -> None:
     source = "--cdp-config" if args.cdp_config else "--cdp-base"
     if args.lr_warmup_fraction is not None:
         raise ArgsError(f"--lr-warmup-fraction: {source} sets the warmup ({owned['lr_warmup_iters']} iterations); drop the flag")
+    if args.decoupled_lr is not None or args.decoupled_min_lr is not None:
+        flag = "--decoupled-lr" if args.decoupled_lr is not None else "--decoupled-min-lr"
+        raise ArgsError(f"{flag}: {source} sets every group's lr, the embedding's and the output layer's too "
+                        "(multipliers.type.embedding / output in the spec); drop the flag")
     for samples_name, _, samples_flag, _ in _SCHEDULE_IN_SAMPLES:
         if getattr(args, samples_name) is not None:
             warmup = owned["lr_warmup_iters"]
@@ -1329,6 +1338,13 @@ def _finish_schedule(args: argparse.Namespace) -> None:
         )
     if args.min_lr > args.lr:
         raise ArgsError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.decoupled_min_lr is not None and args.decoupled_lr is None:
+        raise ArgsError("--decoupled-min-lr applies with --decoupled-lr; add --decoupled-lr or drop the flag")
+    if args.decoupled_lr is not None:
+        which, low = (("--min-lr", args.min_lr) if args.decoupled_min_lr is None
+                      else ("--decoupled-min-lr", args.decoupled_min_lr))
+        if low > args.decoupled_lr:
+            raise ArgsError(f"{which} {low} is larger than --decoupled-lr {args.decoupled_lr}")
     _finish_wsd(args)
 
 

@@ -160,6 +160,25 @@ def test_schedule_in_samples_is_megatron_lms():
         "the flag")
 
 
+def test_decoupled_lr_of_plain_runs():
+    """--decoupled-lr / --decoupled-min-lr (Megatron-LM's Llama 3 example): megatron-core's own
+    lr of the word embedding and the output layer, in plain runs; Complete(d)P sets every group's."""
+    args = parse(TINY + " --lr 1e-3 --min-lr 1e-5 --decoupled-lr 5e-4 --decoupled-min-lr 4.5e-5")
+    assert (args.decoupled_lr, args.decoupled_min_lr) == (5e-4, 4.5e-5)
+    assert (parse(TINY + " --lr 1e-3").decoupled_lr, parse(TINY + " --lr 1e-3").decoupled_min_lr) == (None, None)
+    assert error(TINY + " --lr 1e-3 --decoupled-min-lr 1e-5") == (
+        "--decoupled-min-lr applies with --decoupled-lr; add --decoupled-lr or drop the flag")
+    assert error(TINY + " --lr 1e-3 --min-lr 1e-4 --decoupled-lr 5e-5") == (
+        "--min-lr 0.0001 is larger than --decoupled-lr 5e-05")
+    assert error(TINY + " --lr 1e-3 --decoupled-lr 5e-4 --decoupled-min-lr 1e-3") == (
+        "--decoupled-min-lr 0.001 is larger than --decoupled-lr 0.0005")
+    assert parse(TINY + " --lr 1e-3 --min-lr 1e-4 --decoupled-lr 5e-4 --decoupled-min-lr 0").decoupled_min_lr == 0
+    assert error(TINY + " --lr 1e-3 --decoupled-lr 0") == "--decoupled-lr must be a finite number > 0, got 0.0"
+    assert error(TINY + f" --cdp-base {BASE} --decoupled-lr 5e-4") == (
+        "--decoupled-lr: --cdp-base sets every group's lr, the embedding's and the output layer's too "
+        "(multipliers.type.embedding / output in the spec); drop the flag")
+
+
 def test_legacy_rope_flags_of_llama_and_qwen_scripts():
     """--use-rotary-position-embeddings is Megatron-LM's older spelling of --position-embedding-type
     rope; --no-position-embedding is accepted with rope (no position table), as Megatron-LM does."""

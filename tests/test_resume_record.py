@@ -133,10 +133,14 @@ def test_the_schedule_is_recorded_and_a_changed_one_is_named(tmp_path):
     plain = f"{TINY} --lr 1e-3 --lr-decay-style cosine"
     saved = record(f"{plain} --train-iters 20 --lr-warmup-iters 2")
     assert saved["schedule"] == {"lr_warmup_iters": 2, "lr_decay_iters": 20, "lr_decay_style": "cosine",
-                                 "lr_warmup_init": 0.0, "lr_wsd_decay_style": None, "lr_wsd_decay_iters": None}
-    # a record saved before the WSD fields matches a run without WSD
-    before_wsd = {**saved, "schedule": {k: v for k, v in saved["schedule"].items() if not k.startswith("lr_wsd")}}
+                                 "lr_warmup_init": 0.0, "lr_wsd_decay_style": None, "lr_wsd_decay_iters": None,
+                                 "decoupled_lr": None, "decoupled_min_lr": None}
+    # a record saved before the WSD (or the decoupled lr) fields matches a run without them
+    before_wsd = {**saved, "schedule": {k: v for k, v in saved["schedule"].items()
+                                        if not k.startswith(("lr_wsd", "decoupled"))}}
     assert resume_mismatch(before_wsd, record(f"{plain} --train-iters 20 --lr-warmup-iters 2")) is None
+    assert resume_mismatch(before_wsd, record(f"{plain} --train-iters 20 --lr-warmup-iters 2 --decoupled-lr 5e-4")) == (
+        f"the checkpoint was trained on another lr schedule (--decoupled-lr None there, 0.0005 here); {HINT}")
     assert resume_mismatch(saved, record(f"{plain} --train-iters 20 --lr-warmup-fraction 0.1")) is None  # 2 iterations
     assert resume_mismatch(saved, record(f"{plain} --train-iters 20 --lr-warmup-iters 4 --lr-warmup-init 1e-4")) == (
         "the checkpoint was trained on another lr schedule (--lr-warmup-iters 2 there, 4 here; --lr-warmup-init 0 "

@@ -649,6 +649,33 @@ def test_schedule_in_samples_is_megatron_lms(tmp_path):
     assert lrs == pytest.approx({i: wsd_by_hand(i - 1) for i in range(1, 13)}, rel=1e-12)
 
 
+def test_decoupled_lr_reaches_the_embedding_and_output_groups_and_resumes(tmp_path):
+    """--decoupled-lr / --decoupled-min-lr (plain runs, Megatron-LM's): the word embedding's and the
+    output layer's groups peak and end there, every other group at --lr / --min-lr; printed at
+    start-up, and a save and resume (distributed optimizer) equals the uninterrupted run."""
+    show = ("import sys, cdp_megatron.integration.training as t, cdp_megatron.pretrain as p; inner = t.plain_optimizer\n"
+            "def wrapped(*a, **k):\n"
+            "    opt, sch = inner(*a, **k)\n"
+            "    print('groups', sorted({(g['max_lr'], g['min_lr'], tuple(sorted({getattr(q, 'is_embedding_or_output_"
+            "parameter', False) for q in g['params']}))) for g in opt.param_groups}))\n"
+            "    return opt, sch\n"
+            "t.plain_optimizer = wrapped; sys.exit(p.main(sys.argv[1:]))")
+    flags = (TINY + " --lr 1e-3 --min-lr 1e-5 --decoupled-lr 5e-4 --decoupled-min-lr 4.5e-5 --train-iters 4 "
+             "--eval-iters 0 --lr-decay-style cosine --metrics-file m.jsonl")
+    out = ok(run(flags, tmp_path, entry=("-c", show)))
+    assert "groups [(0.0005, 4.5e-05, (True,)), (0.001, 1e-05, (False,))]" in out
+    assert "embedding and output lr 0.0005 (min 4.5e-05), " in next(
+        line for line in out.splitlines() if "hyperparameters (plain Megatron)" in line)
+    reference = train_losses(tmp_path / "m.jsonl")
+    ok(run(flags.replace("m.jsonl", "p.jsonl").replace(" --decoupled-lr 5e-4 --decoupled-min-lr 4.5e-5", ""), tmp_path))
+    assert train_losses(tmp_path / "p.jsonl")[2] != reference[2]  # the embedding's first update differed
+    distopt = flags.replace("m.jsonl", "r.jsonl") + " --use-distributed-optimizer --save ck --save-interval 2"
+    ok(run(distopt + " --exit-interval 2", tmp_path))
+    ok(run(distopt + " --load ck", tmp_path))
+    resumed = train_losses(tmp_path / "r.jsonl")
+    assert [resumed[i] for i in (3, 4)] == pytest.approx([reference[i] for i in (3, 4)], rel=1e-6)
+
+
 def test_wsd_schedule_and_a_resume_with_another_decay_is_refused(tmp_path):
     """--lr-decay-style WSD: warmup, the peak lr, then the last --lr-wsd-decay-iters decay to the
     min lr (megatron-core's scheduler; the lr printed for iteration i is the one it trained
