@@ -96,6 +96,12 @@ def logged(path: Path, key: str) -> dict[int, float]:
     return {r["iteration"]: r[key] for r in records(path) if not r.get("eval")}
 
 
+def logged_lrs(args: str, tmp_path: Path, name: str) -> tuple[str, dict[int, float]]:
+    """Run cdp-pretrain with ``args`` (1 process); its output and the lr logged at each iteration."""
+    out = ok(run(args + f" --metrics-file {name}", tmp_path))
+    return out, {r["iteration"]: r["lr"] for r in records(tmp_path / name)}
+
+
 # the logged values that every layout must reproduce: losses, grad and params norms, zero-grad counts
 LOG_NORMS = " --log-params-norm --log-num-zeros-in-grad"
 
@@ -602,11 +608,9 @@ def test_warmup_fraction_is_megatron_lms(tmp_path):
     """--lr-warmup-fraction 0.125 of 20 iterations is a warmup of 2.5 iterations, as in
     Megatron-LM (whose scheduler counts samples: 0.125 x 20 x the batch), not 2: the lrs are
     its formula's (the lr printed for iteration i is the schedule at step i - 1)."""
-    out = ok(run(TINY + " --lr 1e-3 --min-lr 1e-4 --train-iters 20 --eval-iters 0 --lr-warmup-fraction 0.125 "
-                 "--metrics-file m.jsonl",
-                 tmp_path))
+    out, lrs = logged_lrs(TINY + " --lr 1e-3 --min-lr 1e-4 --train-iters 20 --eval-iters 0 --lr-warmup-fraction 0.125",
+                          tmp_path, "m.jsonl")
     assert "linear decay, warmup 2.5," in out
-    lrs = {r["iteration"]: r["lr"] for r in records(tmp_path / "m.jsonl")}
 
     def by_hand(step):
         if step <= 2.5:
@@ -620,10 +624,9 @@ def test_schedule_in_samples_is_megatron_lms(tmp_path):
     """--train-samples 100 of global batches of 8: 12 iterations, and (as Megatron-LM, whose
     scheduler counts samples) a decay over 100 / 8 = 12.5 iterations, with a warmup fraction of
     it: the lr does not reach the min lr at the last iteration."""
-    out = ok(run(TINY + " --lr 1e-3 --min-lr 1e-4 --train-samples 100 --eval-iters 0 --lr-warmup-fraction 0.1 "
-                 "--lr-decay-style cosine --metrics-file m.jsonl", tmp_path))
+    out, lrs = logged_lrs(TINY + " --lr 1e-3 --min-lr 1e-4 --train-samples 100 --eval-iters 0 --lr-warmup-fraction 0.1 "
+                          "--lr-decay-style cosine", tmp_path, "m.jsonl")
     assert "cosine decay, warmup 1.25," in out
-    lrs = {r["iteration"]: r["lr"] for r in records(tmp_path / "m.jsonl")}
 
     def by_hand(step):
         if step <= 1.25:
@@ -633,11 +636,10 @@ def test_schedule_in_samples_is_megatron_lms(tmp_path):
     assert lrs == pytest.approx({i: by_hand(i - 1) for i in range(1, 13)}, rel=1e-12)
     # the schedule in samples (Megatron-LM's Llama 3 example): decay 90 / 8 = 11.25 iterations,
     # warmup 12 / 8 = 1.5, WSD's linear final decay over 36 / 8 = 4.5; then the min lr
-    out = ok(run(TINY + " --lr 1e-3 --min-lr 1e-4 --train-samples 100 --eval-iters 0 --lr-decay-samples 90 "
-                 "--lr-warmup-samples 12 --lr-decay-style WSD --lr-wsd-decay-style linear --lr-wsd-decay-samples 36 "
-                 "--metrics-file s.jsonl", tmp_path))
+    out, lrs = logged_lrs(TINY + " --lr 1e-3 --min-lr 1e-4 --train-samples 100 --eval-iters 0 --lr-decay-samples 90 "
+                          "--lr-warmup-samples 12 --lr-decay-style WSD --lr-wsd-decay-style linear "
+                          "--lr-wsd-decay-samples 36", tmp_path, "s.jsonl")
     assert "WSD decay (the peak lr up to iteration 6.75, then linear to the min lr at 11.25), warmup 1.5," in out
-    lrs = {r["iteration"]: r["lr"] for r in records(tmp_path / "s.jsonl")}
 
     def wsd_by_hand(step):
         if step <= 1.5:
