@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-__all__ = ["run_distributed", "free_port", "shutdown_pools"]
+__all__ = ["run_distributed", "free_port", "shutdown_pools", "release_megatron_objects"]
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -67,11 +67,11 @@ def _run_task(rank: int, world_size: int, task: bytes) -> tuple[bool, bytes | st
             cpu_runner.destroy_distributed()
         finally:
             cpu_runner.deactivate()
-            _release_task_objects()
+            release_megatron_objects()
 
 
-def _release_task_objects() -> None:
-    """Free what a task built before the process waits for the next one.
+def release_megatron_objects() -> None:
+    """Free what a task (or an in-process test) built before the process goes on.
 
     megatron keeps model objects in functools caches (``RotaryEmbedding.forward`` is an
     ``lru_cache`` keyed on the module), and a model holds its process groups: each group kept

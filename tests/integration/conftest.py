@@ -29,7 +29,7 @@ def make_target():
 def megatron_1proc(monkeypatch):
     pytest.importorskip("megatron.core")
     import torch
-    from ._dist import free_port
+    from ._dist import free_port, release_megatron_objects
 
     from cdp_megatron.integration import cpu_runner
     from cdp_megatron.integration.model import initialize_model_parallel
@@ -46,4 +46,5 @@ def megatron_1proc(monkeypatch):
     finally:
         cpu_runner.destroy_distributed()
         cpu_runner.deactivate()
+        release_megatron_objects()
         torch.set_num_threads(threads)
