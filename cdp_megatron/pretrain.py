@@ -972,7 +972,7 @@ class _Run:
         self.param_infos = classify_model(chunks)
         print_summary(self.param_infos, args.target)
         model = wrap_ddp(chunks, config, use_distributed_optimizer=args.use_distributed_optimizer,
-                         grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+                         grad_reduce_in_fp32=not args.grad_reduce_in_bf16, overlap_grad_reduce=args.overlap_grad_reduce,
                          overlap_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size)
         from cdp_megatron.integration.training import use_megatron_grad_finalization
 

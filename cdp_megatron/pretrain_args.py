@@ -98,7 +98,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--num-distributed-optimizer-instances": "not supported",
     "--use-precision-aware-optimizer": "not supported",
     "--optimizer-cpu-offload": "not supported",
-    "--grad-reduce-in-bf16": "gradients are reduced in fp32",
     "--cross-entropy-loss-fusion": "the loss (with z-loss) is computed by cdp-pretrain",
     "--cross-entropy-fusion-impl": "the loss (with z-loss) is computed by cdp-pretrain",
     "--enable-cuda-graph": "CUDA graphs are not supported",
@@ -159,7 +158,8 @@ ACCEPTED_NO_OP_FLAGS: dict[str, str] = {
                                                 "causal mask is used)",
     "--no-async-tensor-model-parallel-allreduce": "Megatron-LM ignores it too (deprecated there)",
     "--use-dist-ckpt": "checkpoints are always torch_dist (dist_checkpointing)",
-    "--accumulate-allreduce-grads-in-fp32": "gradients are always accumulated and reduced in fp32 (main grads)",
+    "--accumulate-allreduce-grads-in-fp32": "gradients are accumulated and reduced in fp32 (main grads) unless "
+                                            "--grad-reduce-in-bf16",
     "--no-overlap-p2p-communication": "pipeline sends and receives are not overlapped with compute "
                                       "(megatron-core's default)",
     "--no-log-loss-scale-to-tensorboard": "there is no loss scale (no fp16)",
@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--transformer-impl local)")
     g.add_argument("--fp8-format", choices=("e4m3", "hybrid"), help="FP8 (needs transformer_engine)")
     g.add_argument("--bf16", action="store_true", help="bf16 model with fp32 main parameters")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="with --bf16: accumulate and reduce the gradients in bf16 (default fp32, as Megatron-LM)")
 
     g = p.add_argument_group("parallelism (Megatron-LM)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -822,6 +824,12 @@ def _validate_model(args: argparse.Namespace) -> None:
         raise ArgsError(f"--max-position-embeddings {args.max_position_embeddings} is less than --seq-length {args.seq_length}")
     _validate_rotary(args)
     _validate_attention_backend(args)
+    if args.grad_reduce_in_bf16 and args.accumulate_allreduce_grads_in_fp32:
+        raise ArgsError("--grad-reduce-in-bf16 and --accumulate-allreduce-grads-in-fp32 ask for bf16 and fp32 "
+                        "gradients; give one of them")
+    if args.grad_reduce_in_bf16 and not args.bf16:
+        raise ArgsError("--grad-reduce-in-bf16 applies with --bf16 (fp32 gradients are reduced in fp32); add --bf16 "
+                        "or drop the flag")
     if args.fp8_format and args.transformer_impl != "transformer_engine":
         raise ArgsError("--fp8-format needs --transformer-impl transformer_engine")
     if args.transformer_impl == "transformer_engine":

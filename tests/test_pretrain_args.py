@@ -179,6 +179,16 @@ def test_decoupled_lr_of_plain_runs():
         "(multipliers.type.embedding / output in the spec); drop the flag")
 
 
+def test_grad_reduce_in_bf16():
+    assert parse(TINY + " --lr 1e-3 --bf16 --grad-reduce-in-bf16").grad_reduce_in_bf16
+    assert not parse(TINY + " --lr 1e-3 --bf16").grad_reduce_in_bf16
+    assert error(TINY + " --lr 1e-3 --grad-reduce-in-bf16") == (
+        "--grad-reduce-in-bf16 applies with --bf16 (fp32 gradients are reduced in fp32); add --bf16 or drop the flag")
+    assert error(TINY + " --lr 1e-3 --bf16 --grad-reduce-in-bf16 --accumulate-allreduce-grads-in-fp32") == (
+        "--grad-reduce-in-bf16 and --accumulate-allreduce-grads-in-fp32 ask for bf16 and fp32 gradients; give one of "
+        "them")
+
+
 def test_legacy_rope_flags_of_llama_and_qwen_scripts():
     """--use-rotary-position-embeddings is Megatron-LM's older spelling of --position-embedding-type
     rope; --no-position-embedding is accepted with rope (no position table), as Megatron-LM does."""

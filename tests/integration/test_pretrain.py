@@ -425,6 +425,25 @@ def test_empty_unused_memory_level(spec20, reference, tmp_path, monkeypatch):
     assert len(emptied) == 2
 
 
+def test_grad_reduce_in_bf16(spec20, tmp_path):
+    """--grad-reduce-in-bf16 (with --bf16): megatron-core's gradient buffers are bf16 (fp32 by
+    default); a Complete(d)P run trains as with fp32 gradients, within bf16 rounding."""
+    probe = ("import sys, cdp_megatron.integration.model as m, cdp_megatron.pretrain as p; inner = m.wrap_ddp\n"
+             "def wrapped(*a, **k):\n"
+             "    chunks = inner(*a, **k)\n"
+             "    print('grad buffers', sorted({str(b.grad_dtype) for c in chunks for b in c.buffers}))\n"
+             "    return chunks\n"
+             "m.wrap_ddp = wrapped; sys.exit(p.main(sys.argv[1:]))")
+    flags = cdp20(spec20) + " --bf16 --hidden-dropout 0 --attention-dropout 0 --eval-iters 0 --train-iters 10"
+    out = ok(run(flags + " --metrics-file fp32.jsonl", tmp_path, entry=("-c", probe)))
+    assert "grad buffers ['torch.float32']" in out
+    out = ok(run(flags + " --grad-reduce-in-bf16 --metrics-file bf16.jsonl", tmp_path, entry=("-c", probe)))
+    assert "grad buffers ['torch.bfloat16']" in out
+    fp32, bf16 = train_losses(tmp_path / "fp32.jsonl"), train_losses(tmp_path / "bf16.jsonl")
+    assert fp32[1] == bf16[1] and fp32 != bf16  # the same first forward, other updates
+    assert bf16 == pytest.approx(fp32, rel=2e-2)
+
+
 def test_log_memory_to_tensorboard(spec20, tmp_path, monkeypatch):
     """A CPU run refuses it in one line (there is no GPU memory to log); on a GPU the four
     torch.cuda.memory_stats() values Megatron-LM writes (benchmarks/gpu_check.sh runs it)."""
