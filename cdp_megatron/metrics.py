@@ -180,12 +180,17 @@ class Metrics:
         tensorboard_log_interval: int = 1,
         flops_per_iteration: float | None = None,
         world_size: int = 1,
+        tensorboard_queue_size: int | None = None,
+        log_timers: int | None = None,
+        log_world_size: bool = False,
     ) -> None:
         self.enabled = enabled
         self.flops_per_iteration, self.world_size = flops_per_iteration, world_size
         # the same on every rank (values that take a collective are computed where they are wanted)
         self._tensorboard_every = tensorboard_log_interval if tensorboard_dir else None
         self.log_validation_ppl = log_validation_ppl
+        # TensorBoard extras, Megatron-LM's: the timers up to this --timing-log-level, the world size
+        self.log_timers, self.log_world_size = log_timers, log_world_size
         self.train_iters = train_iters
         self.log_interval = log_interval
         self.stream = stream if stream is not None else sys.stdout
@@ -207,7 +212,8 @@ class Metrics:
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=resume_from + 1 if resume_from else None)
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=resume_from + 1 if resume_from else None,
+                                     **({} if tensorboard_queue_size is None else {"max_queue": tensorboard_queue_size}))
         if progress is None:
             progress = bool(getattr(self.stream, "isatty", lambda: False)())
         if progress:
@@ -288,6 +294,12 @@ class Metrics:
                      "tokens_per_s": tokens / iteration_time_s if iteration_time_s > 0 else None,
                      "tflops_per_gpu": self._tflops_per_gpu(1, iteration_time_s),
                      "params_norm": params_norm, "num_zeros_in_grad": num_zeros_in_grad}
+            if self.log_timers is not None:
+                point["iteration_time_s"] = iteration_time_s
+                if self.log_timers >= 1:
+                    point["optimizer_step_s"] = optimizer_step_s
+            if self.log_world_size:
+                point["world_size"] = self.world_size
             for key, value in point.items():
                 value = _finite_or_none(value)
                 if value is not None:

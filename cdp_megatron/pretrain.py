@@ -1281,6 +1281,9 @@ class _Run:
             tensorboard_log_interval=args.tensorboard_log_interval,
             flops_per_iteration=_flops_per_iteration(args) if args.log_throughput else None,
             world_size=args.world_size,
+            tensorboard_queue_size=args.tensorboard_queue_size,
+            log_timers=args.timing_log_level if args.log_timers_to_tensorboard else None,
+            log_world_size=args.log_world_size_to_tensorboard,
             resume_from=start_iteration,
             enabled=self.rank == 0,
         )

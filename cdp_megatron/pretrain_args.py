@@ -103,7 +103,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--enable-cuda-graph": "CUDA graphs are not supported",
     "--tp-comm-overlap": "not supported",
     "--defer-embedding-wgrad-compute": "not supported",
-    "--timing-log-level": "not supported",
     "--wandb-project": "use --tensorboard-dir or --metrics-file",
     "--wandb-exp-name": "use --tensorboard-dir or --metrics-file",
     "--wandb-save-dir": "use --tensorboard-dir or --metrics-file",
@@ -115,8 +114,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--init-method-xavier-uniform": "weights are drawn from a normal of std --init-method-std (or the spec's per "
                                     "type)",
     "--fp32-residual-connection": "not supported",
-    "--tensorboard-queue-size": "TensorBoard scalars are flushed at every log line",
-    "--log-timers-to-tensorboard": "not supported (iteration times are logged as train/tokens_per_s)",
     "--decoder-seq-length": "give --seq-length",
     "--encoder-seq-length": "give --seq-length",
     "--sft": "not supported",
@@ -459,6 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a TensorBoard point (that iteration's values) every N iterations (default 1, Megatron-LM's)")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
                    help="also write the validation perplexity (valid/lm_loss_ppl)")
+    g.add_argument("--tensorboard-queue-size", type=int, metavar="N",
+                   help="events the TensorBoard writer queues before it writes them (default torch's 10, "
+                   "Megatron-LM's is 1000; they are written at each log line anyway)")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true",
+                   help="also write the iteration time (train/iteration_time_s) and, with --timing-log-level 1, the "
+                   "optimizer step's (train/optimizer_step_s)")
+    g.add_argument("--timing-log-level", type=int, choices=(0, 1), default=0,
+                   help="0 (default): the iteration is timed; 1: the optimizer step too")
+    g.add_argument("--log-world-size-to-tensorboard", action="store_true",
+                   help="also write the number of processes (train/world_size)")
     g.add_argument("--log-throughput", action="store_true",
                    help="also log the throughput per GPU in TFLOP/s (the model's FLOPs counted as Megatron-LM counts "
                    "them); tokens/s is always logged")
@@ -1130,8 +1137,12 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
     _validate_profile(args)
     if args.log_memory_to_tensorboard and not args.tensorboard_dir:
         raise ArgsError("--log-memory-to-tensorboard needs --tensorboard-dir")
-    if args.tensorboard_log_interval is not None and not args.tensorboard_dir:
-        raise ArgsError("--tensorboard-log-interval needs --tensorboard-dir")
+    for name in ("tensorboard_log_interval", "tensorboard_queue_size", "log_timers_to_tensorboard",
+                 "log_world_size_to_tensorboard"):
+        if getattr(args, name) not in (None, False) and not args.tensorboard_dir:
+            raise ArgsError(f"--{name.replace('_', '-')} needs --tensorboard-dir")
+    if args.tensorboard_queue_size is not None and args.tensorboard_queue_size < 1:
+        raise ArgsError(f"--tensorboard-queue-size must be >= 1, got {args.tensorboard_queue_size}")
     if args.tensorboard_log_interval is None:
         args.tensorboard_log_interval = 1
     # Every output is tried before the run starts: a --save that cannot be made would

@@ -129,6 +129,44 @@ def test_tensorboard_points_are_each_iterations_own_values(tmp_path):
     assert [m.wants_values_at(i) for i in range(1, 6)] == [False, True, False, True, True]
 
 
+def test_timers_world_size_and_queue_size_in_tensorboard(tmp_path, monkeypatch):
+    """--log-timers-to-tensorboard (the iteration time; with --timing-log-level 1 the optimizer
+    step's too), --log-world-size-to-tensorboard, --tensorboard-queue-size (the writer's queue)."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("torch")
+    import torch.utils.tensorboard as tensorboard
+
+    queues = []
+
+    class Writer(tensorboard.SummaryWriter):
+        def __init__(self, *args, **kwargs):
+            queues.append(kwargs.get("max_queue"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tensorboard, "SummaryWriter", Writer)
+    m = Metrics(train_iters=2, log_interval=2, tensorboard_dir=tmp_path / "tb1", stream=io.StringIO(), log_timers=1,
+                log_world_size=True, world_size=4, tensorboard_queue_size=7)
+    for i in (1, 2):
+        _step(m, i)
+    m.close()
+    tb = tensorboard_scalars(tmp_path / "tb1")
+    assert tb["train/iteration_time_s"] == {1: 0.5, 2: 0.5}
+    assert tb["train/optimizer_step_s"] == pytest.approx({1: 0.1, 2: 0.1})
+    assert tb["train/world_size"] == {1: 4.0, 2: 4.0}
+    m = Metrics(train_iters=2, log_interval=2, tensorboard_dir=tmp_path / "tb0", stream=io.StringIO(), log_timers=0)
+    for i in (1, 2):
+        _step(m, i)
+    m.close()
+    tb = tensorboard_scalars(tmp_path / "tb0")
+    assert "train/iteration_time_s" in tb and "train/optimizer_step_s" not in tb and "train/world_size" not in tb
+    m = Metrics(train_iters=2, log_interval=2, tensorboard_dir=tmp_path / "tb", stream=io.StringIO())
+    for i in (1, 2):
+        _step(m, i)
+    m.close()
+    assert "train/iteration_time_s" not in tensorboard_scalars(tmp_path / "tb")
+    assert queues == [7, None, None]  # torch's default queue (10) unless given
+
+
 def test_params_norm_and_zero_counts_when_given(tmp_path):
     """--log-params-norm / --log-num-zeros-in-grad: in the record, the log line and TensorBoard
     at the logged iterations; absent (not null) from the records of a run without them."""

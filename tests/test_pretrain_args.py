@@ -189,6 +189,17 @@ def test_grad_reduce_in_bf16():
         "them")
 
 
+def test_tensorboard_extras_need_the_folder():
+    for flag in ("--log-timers-to-tensorboard", "--log-world-size-to-tensorboard", "--tensorboard-queue-size 5"):
+        assert error(TINY + " --lr 1e-3 " + flag) == f"{flag.split()[0]} needs --tensorboard-dir"
+    args = parse(TINY + " --lr 1e-3 --tensorboard-dir tb --log-timers-to-tensorboard --timing-log-level 1 "
+                 "--tensorboard-queue-size 5 --log-world-size-to-tensorboard")
+    assert (args.timing_log_level, args.tensorboard_queue_size) == (1, 5)
+    assert error(TINY + " --lr 1e-3 --tensorboard-dir tb --tensorboard-queue-size 0") == (
+        "--tensorboard-queue-size must be >= 1, got 0")
+    assert "invalid choice: 2" in error(TINY + " --lr 1e-3 --timing-log-level 2")
+
+
 def test_legacy_rope_flags_of_llama_and_qwen_scripts():
     """--use-rotary-position-embeddings is Megatron-LM's older spelling of --position-embedding-type
     rope; --no-position-embedding is accepted with rope (no position table), as Megatron-LM does."""
@@ -233,7 +244,7 @@ def test_comm_overlap_flags():
 # ------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize("flag", ["--num-experts 8", "--recompute-modules-x",
                                   "--fp16", "--use-flash-attn", "--moe-router-topk 2", "--align-param-gather",
-                                  "--use-checkpoint-args", "--tensorboard-queue-size 5"])
+                                  "--use-checkpoint-args", "--cross-entropy-loss-fusion"])
 def test_unsupported_megatron_flags_are_named(flag):
     name = flag.split()[0]
     message = error(TINY + " --lr 1e-3 " + flag)
@@ -257,8 +268,8 @@ def test_context_parallel_size_one_only_and_the_memory_level():
 
 def test_megatron_lm_flags_we_lack_are_named_and_typos_get_the_closest_flag():
     # a real Megatron-LM flag without a reason of its own: named as a Megatron-LM flag, not "unknown"
-    assert error(TINY + " --lr 1e-3 --log-world-size-to-tensorboard") == (
-        "--log-world-size-to-tensorboard is a Megatron-LM flag cdp-pretrain does not support (see cdp-pretrain --help "
+    assert error(TINY + " --lr 1e-3 --log-straggler") == (
+        "--log-straggler is a Megatron-LM flag cdp-pretrain does not support (see cdp-pretrain --help "
         "for the supported ones)")
     assert error(TINY + " --lr 1e-3 --override-opt-param-scheduler").startswith(
         "--override-opt-param-scheduler is a Megatron-LM flag cdp-pretrain does not support (--load resumes")
@@ -272,12 +283,12 @@ def test_every_flag_not_taken_is_named_in_one_line():
     # a ported script learns all its unsupported flags at once; a flag's values are skipped and
     # a flag given twice is named once
     assert error(TINY + " --lr 1e-3 --rampup-batch-size 16 16 5859375 --fp16 --lr-decay-sytle cosine "
-                 "--log-world-size-to-tensorboard --xyz 1 --moe-router-topk 2 --fp16") == (
+                 "--log-straggler --xyz 1 --moe-router-topk 2 --fp16") == (
         "6 flags cdp-pretrain does not take (see cdp-pretrain --help): "
         "--rampup-batch-size: not supported, the batch size is fixed (the SDE rules assume it); "
         "--fp16: not supported, use --bf16 (no fp16 loss scaling); "
         "--lr-decay-sytle: unknown, did you mean --lr-decay-style?; "
-        "--log-world-size-to-tensorboard: a Megatron-LM flag, not supported; "
+        "--log-straggler: a Megatron-LM flag, not supported; "
         "--xyz: unknown; "
         "--moe-router-topk: a Megatron-LM flag, not supported")
     # one flag keeps its own sentence; a stray value before any flag is named as such
@@ -285,12 +296,12 @@ def test_every_flag_not_taken_is_named_in_one_line():
         "--moe-router-topk is a Megatron-LM flag cdp-pretrain does not support (see cdp-pretrain --help for the "
         "supported ones)")
     # a reason that is itself "not supported (...)" is not said twice
-    assert error(TINY + " --lr 1e-3 --timing-log-level 0 --log-timers-to-tensorboard") == (
-        "2 flags cdp-pretrain does not take (see cdp-pretrain --help): --timing-log-level: a Megatron-LM flag, not "
-        "supported; --log-timers-to-tensorboard: not supported, iteration times are logged as train/tokens_per_s")
-    assert error(TINY + " --lr 1e-3 --log-timers-to-tensorboard") == (
-        "--log-timers-to-tensorboard is a Megatron-LM flag cdp-pretrain does not support (iteration times are logged "
-        "as train/tokens_per_s)")
+    assert error(TINY + " --lr 1e-3 --reset-position-ids --no-align-grad-reduce") == (
+        "2 flags cdp-pretrain does not take (see cdp-pretrain --help): --reset-position-ids: a Megatron-LM flag, not "
+        "supported; --no-align-grad-reduce: not supported, grad reductions are aligned across pipeline stages")
+    assert error(TINY + " --lr 1e-3 --no-align-grad-reduce") == (
+        "--no-align-grad-reduce is a Megatron-LM flag cdp-pretrain does not support (grad reductions are aligned "
+        "across pipeline stages)")
     assert error(TINY + " --lr 1e-3 stray --fp16") == (
         "unexpected argument 'stray' (flags take the form --name value)")
 
