@@ -177,11 +177,14 @@ def test_plain_mock_run_metrics_and_loss_decrease(tmp_path):
 
 def test_tensorboard_points_at_their_own_interval(tmp_path):
     """--tensorboard-log-interval 3 with --log-interval 4: TensorBoard gets iterations 3, 6, 9, 12
-    (with the params norm, computed there too), the metrics file 4, 8, 12; --log-throughput."""
+    (with the params norm, computed there too, and the timers and world size asked for), the
+    metrics file 4, 8, 12; --log-throughput."""
     from cdp_megatron.metrics import gpt_flops_per_iteration
 
     out = ok(run(TINY + " --train-iters 12 --lr 3e-3 --eval-iters 0 --log-interval 4 --tensorboard-log-interval 3 "
-                 "--tensorboard-dir tb --metrics-file m.jsonl --log-params-norm --log-throughput", tmp_path))
+                 "--tensorboard-dir tb --metrics-file m.jsonl --log-params-norm --log-throughput "
+                 "--log-timers-to-tensorboard --timing-log-level 1 --log-world-size-to-tensorboard "
+                 "--tensorboard-queue-size 5", tmp_path))
     rows = records(tmp_path / "m.jsonl")
     assert [r["iteration"] for r in rows] == [4, 8, 12]
     # --log-throughput: the model's FLOPs (TINY's shape) per second of the window's mean iteration
@@ -194,6 +197,8 @@ def test_tensorboard_points_at_their_own_interval(tmp_path):
     tb = tensorboard_scalars(tmp_path / "tb")
     assert sorted(tb["train/lm_loss"]) == sorted(tb["train/params_norm"]) == sorted(tb["train/tflops_per_gpu"]) \
         == [3, 6, 9, 12]
+    assert sorted(tb["train/iteration_time_s"]) == sorted(tb["train/optimizer_step_s"]) == [3, 6, 9, 12]
+    assert tb["train/world_size"] == dict.fromkeys([3, 6, 9, 12], 1.0)
     assert tb["train/params_norm"][12] == pytest.approx(rows[-1]["params_norm"])
     assert tb["train/lr"][12] == pytest.approx(rows[-1]["lr"])
 
