@@ -775,6 +775,8 @@ def _validate_rotary(args: argparse.Namespace) -> None:
                         ("--rotary-seq-len-interpolation-factor", args.rotary_seq_len_interpolation_factor)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ArgsError(f"{flag} must be a positive number, got {value:g}")
+    if args.rotary_seq_len_interpolation_factor == 1:  # positions / 1: the model without it (one record)
+        args.rotary_seq_len_interpolation_factor = None
     changed = [f"--{name.replace('_', '-')}" for name, default in ROTARY_DEFAULTS.items()
                if getattr(args, name) != default]
     if changed and args.position_embedding_type != "rope":

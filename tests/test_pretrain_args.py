@@ -123,6 +123,7 @@ def test_rope_scaling_and_position_interpolation_flags():
     assert (args.use_rope_scaling, args.rope_scaling_factor, args.rotary_seq_len_interpolation_factor) == (False, 8.0, None)
     args = parse(TINY + " --lr 1e-3 --use-rope-scaling --rope-scaling-factor 32 --rotary-seq-len-interpolation-factor 2")
     assert (args.use_rope_scaling, args.rope_scaling_factor, args.rotary_seq_len_interpolation_factor) == (True, 32.0, 2.0)
+    assert parse(TINY + " --lr 1e-3 --rotary-seq-len-interpolation-factor 1").rotary_seq_len_interpolation_factor is None
     assert error(TINY + " --lr 1e-3 --rope-scaling-factor 32") == (
         "--rope-scaling-factor applies with --use-rope-scaling; add --use-rope-scaling or drop the flag")
     assert error(TINY + " --lr 1e-3 --rotary-seq-len-interpolation-factor 0") == (
