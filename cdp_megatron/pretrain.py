@@ -213,6 +213,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         layernorm_epsilon=args.norm_epsilon,
+        layernorm_zero_centered_gamma=args.apply_layernorm_1p,
         sequence_parallel=args.sequence_parallel,
         calculate_per_token_loss=True,
         bf16=args.bf16,
@@ -502,11 +503,13 @@ _MODEL_FIELDS = (
     ("qk_layernorm", "--qk-layernorm"),
     ("add_bias_linear", "biases (--disable-bias-linear)"),
     ("add_qkv_bias", "--add-qkv-bias"),
+    # the norm weights hold gain - 1: loaded into a model without it, every gain is 1 lower
+    ("apply_layernorm_1p", "--apply-layernorm-1p"),
     ("position_embedding_type", "--position-embedding-type"),
     ("untie_embeddings_and_output_weights", "--untie-embeddings-and-output-weights"),
 )
 # Fields added to _MODEL_FIELDS after records were first written: their value in older records.
-_MODEL_FIELDS_ADDED = {"add_qkv_bias": False}
+_MODEL_FIELDS_ADDED = {"add_qkv_bias": False, "apply_layernorm_1p": False}
 # The rotary positions: no tensor holds them, so a change would load without a word and train
 # another function. Compared on a resume, not with --finetune (a new rope base on a trained
 # model's weights is the usual way to a longer context). Records saved before them: defaults.
@@ -904,6 +907,7 @@ class _Run:
             f"  model: {args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} heads "
             f"({args.num_query_groups} query groups), ffn {args.ffn_hidden_size}, vocab {args.padded_vocab_size} "
             f"(padded from {args.unpadded_vocab_size}), seq {args.seq_length}{_rotary_description(args)}"
+            + (", zero-centred norm gains (1 + weight)" if args.apply_layernorm_1p else "")
             + ("" if args.attention_backend == "auto" else f", attention backend {args.attention_backend}"),
             f"  batch: {args.global_batch_size} samples = {args.num_microbatches} micro batches x "
             f"{args.micro_batch_size} x DP {args.data_parallel_size}; {args.train_iters} iterations "

@@ -80,7 +80,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--reset-attention-mask": "not supported",
     "--rotary-scaling-factor": "Megatron-LM's factor of YaRN and MLA positions; the factor of --use-rope-scaling "
                                "(Llama 3.1's) is --rope-scaling-factor",
-    "--apply-layernorm-1p": "not supported",
     "--squared-relu": "not supported",
     "--openai-gelu": "not supported",
     "--apply-query-key-layer-scaling": "not supported",
@@ -257,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-position-embeddings", type=int, help="positions of the model (default --seq-length)")
     g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), help="default LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5, help="default 1e-5")
+    g.add_argument("--apply-layernorm-1p", action="store_true",
+                   help="zero-centred norm gains: each norm weight starts at 0 and scales by 1 + weight, so weight "
+                   "decay pulls the gain toward 1 (megatron-core's layernorm_zero_centered_gamma)")
     g.add_argument("--swiglu", action="store_true", default=None, help="SwiGLU MLP")
     g.add_argument("--qk-layernorm", action="store_true", default=None, help="norms on queries and keys")
     g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"),

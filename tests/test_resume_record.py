@@ -8,6 +8,8 @@ import json
 import shlex
 from pathlib import Path
 
+import pytest
+
 from cdp_megatron.pretrain import resume_mismatch, resume_record
 from cdp_megatron.pretrain_args import parse_args
 
@@ -204,13 +206,17 @@ def test_layers_that_differ_are_named_as_runs():
         f"{2 * there:.6g} here); {HP_HINT}")
 
 
-def test_qkv_bias_is_part_of_the_model_and_older_records_had_none():
+@pytest.mark.parametrize("flag", ["--add-qkv-bias", "--apply-layernorm-1p"])
+def test_model_switches_added_later_are_part_of_the_model_and_older_records_had_them_off(flag):
+    # --add-qkv-bias: tensors the checkpoint lacks; --apply-layernorm-1p: norm weights that hold
+    # gain - 1, which a model without it would read as gains 1 lower (and with --finetune too)
     cmd = f"{TINY} --train-iters 20 --lr 1e-3"
-    qkv = record(cmd + " --add-qkv-bias")
-    assert resume_mismatch(record(cmd), qkv) == (
-        f"the checkpoint is of another model (--add-qkv-bias False there, True here); {HINT}")
-    # records written before the field: a model without the bias
+    on = record(f"{cmd} {flag}")
+    assert resume_mismatch(record(cmd), on) == f"the checkpoint is of another model ({flag} False there, True here); {HINT}"
+    assert resume_mismatch(on, record(cmd), weights_only=True) == (
+        f"the checkpoint is of another model ({flag} True there, False here); {HINT}")
+    # records written before the field: the switch off
     older = record(cmd)
-    del older["model"]["add_qkv_bias"]
+    del older["model"][flag[2:].replace("-", "_")]
     assert resume_mismatch(older, record(cmd)) is None
-    assert resume_mismatch(older, qkv).startswith("the checkpoint is of another model (--add-qkv-bias False there")
+    assert resume_mismatch(older, on).startswith(f"the checkpoint is of another model ({flag} False there")

@@ -34,6 +34,7 @@ _EXPORTS = {
     "print_summary": "classify",
     "unwrap_model": "classify",
     "ResidualScaledTransformerLayer": "model",
+    "ZeroCentredNorm": "model",
     "apply_output_mult": "model",
     "apply_target_init": "model",
     "build_gpt_model": "model",

@@ -16,6 +16,10 @@ Model changes, all through Megatron's own extension points (no monkeypatch):
 (c) the logit forward multiplier ``target.output_mult`` (m_N^-1 for completep, 1 otherwise),
     a forward hook on ``output_layer``.
 (d) megatron-core >= 0.17's own width-only muP (``config.use_mup``) is refused.
+(e) zero-centred norm gains (``config.layernorm_zero_centered_gamma``, Megatron-LM's
+    ``--apply-layernorm-1p``): Transformer Engine's and Apex's norms store the gain as
+    gain - 1 themselves; megatron's torch norm (``WrappedTorchNorm``, the norm of the local
+    spec without Apex) refuses it, so there the spec's norms become ``ZeroCentredNorm``.
 
 With parameterisation ``sp`` and every multiplier 1 nothing is changed: the model is
 bit-identical to an unpatched one (``init="auto"`` keeps Megatron's own init then).
@@ -40,6 +44,7 @@ from .classify import ParamInfo, classify_model, classify_name, unwrap_model
 
 __all__ = [
     "ResidualScaledTransformerLayer",
+    "ZeroCentredNorm",
     "initialize_model_parallel",
     "gpt_config",
     "gpt_layer_spec",
@@ -215,15 +220,75 @@ class ResidualScaledTransformerLayer(TransformerLayer):
         self.mlp_bda = _ScaledBiasDropoutAdd(self.mlp_bda, self.mlp_residual_mult)
 
 
+class ZeroCentredNorm(torch.nn.Module):
+    """LayerNorm or RMSNorm (``config.normalization``) with a zero-centred gain: the weight
+    starts at 0 and the norm multiplies by 1 + weight, so weight decay pulls the gain toward 1
+    (megatron-core's ``layernorm_zero_centered_gamma``, Megatron-LM's ``--apply-layernorm-1p``,
+    as Transformer Engine's and Apex's norms compute it). Built where the spec names megatron's
+    ``WrappedTorchNorm``, which refuses zero-centred gains; like it, in fp32 until the model is
+    cast, and without sequence parallelism."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: Any):
+        super().__init__()
+        if config.normalization not in ("LayerNorm", "RMSNorm"):
+            raise ValueError(f"zero-centred norm gains: normalization {config.normalization!r} has no gain; "
+                             "use LayerNorm or RMSNorm")
+        if config.sequence_parallel:
+            raise ValueError("zero-centred norm gains with sequence parallelism need Transformer Engine's or "
+                             "Apex's norms")
+        self.normalized_shape, self.eps = (hidden_size,), eps
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size)) if config.normalization == "LayerNorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gain = self.weight + 1
+        if self.bias is None:
+            return torch.nn.functional.rms_norm(x, self.normalized_shape, gain, self.eps)
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, gain, self.bias, self.eps)
+
+
+def _zero_centred(node: Any) -> Any:
+    """``node`` (a spec, submodules dataclass or module class) with every WrappedTorchNorm
+    replaced by ZeroCentredNorm; other norms (TE's, Apex's) centre their gains themselves."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if node is WrappedTorchNorm:
+        return ZeroCentredNorm
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        changed = {f.name: _zero_centred(getattr(node, f.name)) for f in dataclasses.fields(node)}
+        return dataclasses.replace(node, **changed)
+    if isinstance(node, list):
+        return [_zero_centred(item) for item in node]
+    return node
+
+
+def _final_norm_spec(layer_spec: ModuleSpec, config: TransformerConfig, vp_stage: int | None) -> Any:
+    """GPTModel's ``transformer_layer_spec``: the layer spec, or, with zero-centred gains where
+    the block's final norm would be WrappedTorchNorm, the block's submodules with that norm
+    as ZeroCentredNorm (what megatron builds from a layer spec, with the norm replaced)."""
+    from megatron.core.transformer import transformer_block
+
+    if not config.layernorm_zero_centered_gamma:
+        return layer_spec
+    norm = _zero_centred(transformer_block.LayerNormImpl)
+    if norm is transformer_block.LayerNormImpl:
+        return layer_spec
+    layers = transformer_block.get_num_layers_to_build(config, vp_stage=vp_stage)
+    return transformer_block.TransformerBlockSubmodules(layer_specs=[layer_spec] * layers, layer_norm=norm)
+
+
 def gpt_layer_spec(
     shape: Any,
     *,
     use_te: bool = False,
     residual_mult: Mapping[str, Sequence[float]] | None = None,
+    zero_centred_gamma: bool = False,
 ) -> ModuleSpec:
     """The local (or Transformer Engine) GPT layer spec, with residual multipliers when given.
 
-    The layer class becomes ResidualScaledTransformerLayer; submodules are Megatron's.
+    The layer class becomes ResidualScaledTransformerLayer; submodules are Megatron's, but for
+    ``zero_centred_gamma`` (``config.layernorm_zero_centered_gamma``), where megatron's torch
+    norms become ZeroCentredNorm.
     """
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import (
@@ -235,6 +300,8 @@ def gpt_layer_spec(
         spec = get_gpt_layer_local_spec(
             qk_layernorm=shape.qk_layernorm, normalization=shape.normalization
         )
+    if zero_centred_gamma:
+        spec = _zero_centred(spec)
     if residual_mult is None:
         return spec
     if spec.module is not TransformerLayer:
@@ -300,7 +367,8 @@ def build_gpt_model(
         raise ValueError("init='target' needs a target")
 
     spec = gpt_layer_spec(
-        shape, use_te=use_te, residual_mult=None if target is None else target.residual_mult
+        shape, use_te=use_te, residual_mult=None if target is None else target.residual_mult,
+        zero_centred_gamma=config.layernorm_zero_centered_gamma,
     )
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
@@ -309,7 +377,7 @@ def build_gpt_model(
         chunks.append(
             GPTModel(
                 config=config,
-                transformer_layer_spec=spec,
+                transformer_layer_spec=_final_norm_spec(spec, config, stage),
                 vocab_size=shape.vocab_size,
                 max_sequence_length=shape.seq_length,
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

@@ -60,6 +60,7 @@ def setup_model(
     init_model_parallel: bool = True,
     clip_grad: float = 0.0,
     overlap: bool = False,
+    config_fields: dict | None = None,
 ) -> Setup:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig
@@ -86,6 +87,7 @@ def setup_model(
         bf16=bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
+        **(config_fields or {}),
     )
     chunks = build_gpt_model(target=target, config=config)
     # overlap: Megatron's overlapped grad reduce (and param gather with dist_opt) in buckets of

@@ -464,3 +464,75 @@ def test_transformer_engine_spec(megatron_1proc):
     infos = classify_model(chunks)
     assert {(s.type, i.layer, i.param) for i in infos.values() for s in i.segments} == {g.key for g in target.groups}
     assert all(isinstance(layer, ResidualScaledTransformerLayer) for layer in chunks[0].decoder.layers)
+
+
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+def test_zero_centred_norm_gains(megatron_1proc, normalization):
+    # --apply-layernorm-1p: megatron's torch norms refuse zero-centred gains, so every norm of
+    # the local spec (input, pre-MLP, q, k and the final one) becomes ZeroCentredNorm: the
+    # weight starts at 0 and the gain is 1 + weight, the same function as the plain model's
+    from cdp_megatron.integration import ZeroCentredNorm, build_gpt_model, classify_model, gpt_config, lm_loss
+
+    target = tiny_target(normalization=normalization)
+    shape, std = target.shape, target.global_hyperparameters["init_method_std"]
+    (plain,) = build_gpt_model(target=target)
+    config = gpt_config(shape, init_method_std=std, layernorm_zero_centered_gamma=True)
+    (centred,) = build_gpt_model(target=target, config=config)
+    norm_class = torch.nn.RMSNorm if normalization == "RMSNorm" else torch.nn.LayerNorm
+    plain_norms = {name: m for name, m in plain.named_modules() if isinstance(m, norm_class)}
+    norms = {name: m for name, m in centred.named_modules() if isinstance(m, ZeroCentredNorm)}
+    assert len(norms) == 4 * shape.num_layers + 1 and sorted(norms) == sorted(plain_norms)
+    assert not any(isinstance(m, norm_class) for m in centred.modules())
+    plain_params = dict(plain.named_parameters())
+    centred_params = dict(centred.named_parameters())
+    assert sorted(centred_params) == sorted(plain_params)
+    for name, param in centred_params.items():
+        if name.endswith("norm.weight"):
+            assert torch.equal(param, torch.zeros_like(param)) and torch.equal(plain_params[name], 1 + param)
+        else:
+            assert torch.equal(param, plain_params[name]), name
+    assert [(i.name, i.type, i.layer, i.param) for i in classify_model([centred]).values()] == [
+        (i.name, i.type, i.layer, i.param) for i in classify_model([plain]).values()]
+    tokens = _tokens()
+    at_init = lm_loss(plain, tokens)
+    assert torch.equal(lm_loss(centred, tokens), at_init)
+    with torch.no_grad():  # the gain is 1 + weight
+        for name, norm in norms.items():
+            delta = 0.3 * torch.randn(norm.weight.shape, generator=torch.Generator().manual_seed(len(name)))
+            norm.weight.copy_(delta)
+            plain_norms[name].weight.copy_(1 + delta)
+            if norm.bias is not None:
+                norm.bias.fill_(0.1)
+                plain_norms[name].bias.fill_(0.1)
+    moved = lm_loss(centred, tokens)
+    assert not torch.equal(moved, at_init)
+    torch.testing.assert_close(moved, lm_loss(plain, tokens), rtol=1e-6, atol=0)
+
+
+def _zero_centred_worker(tp: int, pp: int, vpp: int | None) -> dict:
+    from megatron.core import parallel_state
+
+    from cdp_megatron.integration import ZeroCentredNorm
+
+    from . import _optim_common as oc
+
+    target = tiny_target(num_layers=4, multipliers=oc.multipliers_for(4))
+    setup = oc.setup_model(target, tp, pp, vpp, config_fields={"layernorm_zero_centered_gamma": True})
+    norms = [type(m) for chunk in setup.chunks for name, m in chunk.named_modules()
+             if name.endswith("norm") and list(m.parameters())]  # not the IdentityOp of cross-attention
+    assert norms and set(norms) == {ZeroCentredNorm}, norms
+    finals = [chunk.module.decoder.final_layernorm is not None for chunk in setup.chunks]
+    last = parallel_state.is_pipeline_last_stage()
+    assert finals == [last and index == len(finals) - 1 for index in range(len(finals))], finals
+    return {"losses": oc.train_steps(setup, 4), "last": last}
+
+
+def test_zero_centred_norm_gains_train_alike_on_every_layout():
+    """The final norm of the last (virtual) stage is built apart from the layers' spec: on TP 2 and
+    on PP 2 with 2 virtual stages the losses are one process's."""
+    (reference,) = [r["losses"] for r in run_distributed(_zero_centred_worker, 1, 1, 1, None)]
+    for tp, pp, vpp in ((2, 1, None), (1, 2, 2)):
+        results = run_distributed(_zero_centred_worker, tp * pp, tp, pp, vpp)
+        for result in results:
+            if result["last"]:
+                assert result["losses"] == pytest.approx(reference, rel=1e-5), (tp, pp, vpp)

@@ -560,6 +560,29 @@ def test_rotary_options_reach_the_model_and_a_resume_with_another_base_is_refuse
         "with --finetune"), refused.stdout[-4000:]
 
 
+def test_zero_centred_norm_gains_train_the_same_function_and_are_part_of_the_model(tmp_path):
+    # --apply-layernorm-1p keeps each norm gain as weight + 1 (weight 0 at init): the same model, and,
+    # as norm weights are not decayed (Megatron's default for 1-D weights), the same training up to
+    # rounding. A checkpoint's norm weights hold gain - 1, so a model without it refuses them.
+    plain = TINY + " --lr 3e-3 --eval-iters 0 --train-iters 4 --log-params-norm"
+    ok(run(plain + " --metrics-file a.jsonl", tmp_path))
+    out = ok(run(plain + " --apply-layernorm-1p --save ck --metrics-file b.jsonl", tmp_path))
+    assert next(line for line in out.splitlines() if line.startswith("  model:")).endswith(
+        ", zero-centred norm gains (1 + weight)")
+    a, b = train_losses(tmp_path / "a.jsonl"), train_losses(tmp_path / "b.jsonl")
+    assert len(a) == 4 and all(math.isclose(a[i], b[i], rel_tol=1e-5) for i in a), (a, b)
+    # the norm weights are ~0 here, ~1 there: the squared parameter norms differ by the number of
+    # gain elements (input, pre-MLP, q and k norms of 2 layers: 2 x (64 + 64 + 16 + 16), and the final 64),
+    # within what 4 steps of lr <= 3e-3 move them
+    norms = logged(tmp_path / "a.jsonl", "params_norm"), logged(tmp_path / "b.jsonl", "params_norm")
+    assert all(abs(norms[0][i] ** 2 - norms[1][i] ** 2 - 384) < 384 * 2 * 4 * 3e-3 for i in a), norms
+    refused = run(plain.replace("--train-iters 4", "--train-iters 6") + " --load ck --finetune", tmp_path)
+    assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == (
+        "cdp-pretrain: error: --load ck/iter_0000004: the checkpoint is of another model (--apply-layernorm-1p "
+        "True there, False here); resume with the flags it was saved with, or --save to a new folder"), \
+        refused.stdout[-4000:]
+
+
 @pytest.mark.parametrize("recompute, printed", [
     ("--recompute-granularity full --recompute-method uniform --recompute-num-layers 1",
      "recomputing whole layers (uniform, 1 layer)"),
