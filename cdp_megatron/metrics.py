@@ -114,6 +114,12 @@ def _json_float(value: float | None) -> Any:
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
+def _tflops_text(value: float) -> str:
+    """Megatron-LM's one decimal, or three significant digits below 1 TFLOP/s (a small model, a
+    CPU), where one decimal would print a running model as 0.0."""
+    return f"{value:.1f}" if value >= 1 or value == 0 else f"{value:.3g}"
+
+
 def format_log_line(record: dict, train_iters: int) -> str:
     """Megatron-style one-line summary of an iteration record."""
     width = len(str(train_iters))
@@ -127,8 +133,8 @@ def format_log_line(record: dict, train_iters: int) -> str:
         f" grad norm: {record['grad_norm']:.4f} |"
         f" tokens/s: {record['tokens_per_s']:.0f} |"
         f" iter time: {1000 * record['iteration_time_s']:.1f} ms"
-        + (f" | throughput per GPU: {record['tflops_per_gpu']:.1f} TFLOP/s" if record.get("tflops_per_gpu") is not None
-           else "")
+        + (f" | throughput per GPU: {_tflops_text(record['tflops_per_gpu'])} TFLOP/s"
+           if record.get("tflops_per_gpu") is not None else "")
         + (f" | params norm: {record['params_norm']:.4f}" if record.get("params_norm") is not None else "")
         + (f" | num zeros: {record['num_zeros_in_grad']}" if record.get("num_zeros_in_grad") is not None else "")
     )

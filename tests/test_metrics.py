@@ -239,6 +239,12 @@ def test_throughput_per_gpu_in_the_record_and_the_log_line(tmp_path):
     record = json.loads((tmp_path / "m.jsonl").read_text())
     assert record["tflops_per_gpu"] == pytest.approx(4e12 / 0.5 / 4 / 1e12)  # 2.0
     assert "| throughput per GPU: 2.0 TFLOP/s" in out.getvalue()
+    small = io.StringIO()  # a CPU's: three significant digits, not 0.0
+    m = Metrics(train_iters=1, metrics_file=tmp_path / "small.jsonl", stream=small,
+                flops_per_iteration=1.234e9, world_size=1)
+    _step(m, 1)
+    m.close()
+    assert "| throughput per GPU: 0.00247 TFLOP/s" in small.getvalue()
     m = Metrics(train_iters=1, metrics_file=tmp_path / "plain.jsonl", stream=out)
     _step(m, 1)
     m.close()
