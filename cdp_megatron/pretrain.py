@@ -225,6 +225,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.recompute_modules is not None:
         overrides["recompute_modules"] = list(args.recompute_modules)
+    if args.squared_relu:
+        overrides["activation_func"] = "squared_relu"  # gpt_config takes the name (else GeLU, or SiLU with SwiGLU)
     if args.fp8_format:
         overrides["fp8"] = args.fp8_format
     if args.attention_backend != "auto":
@@ -505,11 +507,12 @@ _MODEL_FIELDS = (
     ("add_qkv_bias", "--add-qkv-bias"),
     # the norm weights hold gain - 1: loaded into a model without it, every gain is 1 lower
     ("apply_layernorm_1p", "--apply-layernorm-1p"),
+    ("squared_relu", "--squared-relu"),
     ("position_embedding_type", "--position-embedding-type"),
     ("untie_embeddings_and_output_weights", "--untie-embeddings-and-output-weights"),
 )
 # Fields added to _MODEL_FIELDS after records were first written: their value in older records.
-_MODEL_FIELDS_ADDED = {"add_qkv_bias": False, "apply_layernorm_1p": False}
+_MODEL_FIELDS_ADDED = {"add_qkv_bias": False, "apply_layernorm_1p": False, "squared_relu": False}
 # The rotary positions: no tensor holds them, so a change would load without a word and train
 # another function. Compared on a resume, not with --finetune (a new rope base on a trained
 # model's weights is the usual way to a longer context). Records saved before them: defaults.
@@ -907,6 +910,7 @@ class _Run:
             f"  model: {args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} heads "
             f"({args.num_query_groups} query groups), ffn {args.ffn_hidden_size}, vocab {args.padded_vocab_size} "
             f"(padded from {args.unpadded_vocab_size}), seq {args.seq_length}{_rotary_description(args)}"
+            + (", squared-ReLU MLP" if args.squared_relu else "")
             + (", zero-centred norm gains (1 + weight)" if args.apply_layernorm_1p else "")
             + ("" if args.attention_backend == "auto" else f", attention backend {args.attention_backend}"),
             f"  batch: {args.global_batch_size} samples = {args.num_microbatches} micro batches x "

@@ -80,8 +80,7 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--reset-attention-mask": "not supported",
     "--rotary-scaling-factor": "Megatron-LM's factor of YaRN and MLA positions; the factor of --use-rope-scaling "
                                "(Llama 3.1's) is --rope-scaling-factor",
-    "--squared-relu": "not supported",
-    "--openai-gelu": "not supported",
+    "--openai-gelu": "only Megatron-LM's legacy models use it; megatron.core models ignore it",
     "--apply-query-key-layer-scaling": "not supported",
     "--qk-l2-norm": "give --qk-layernorm",
     "--multi-latent-attention": "not supported",
@@ -260,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-centred norm gains: each norm weight starts at 0 and scales by 1 + weight, so weight "
                    "decay pulls the gain toward 1 (megatron-core's layernorm_zero_centered_gamma)")
     g.add_argument("--swiglu", action="store_true", default=None, help="SwiGLU MLP")
+    g.add_argument("--squared-relu", action="store_true",
+                   help="the MLP's activation is relu(x)^2 (Nemotron's; megatron-core's squared_relu), not GeLU")
     g.add_argument("--qk-layernorm", action="store_true", default=None, help="norms on queries and keys")
     g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"),
                    help="default learned_absolute")
@@ -808,6 +809,8 @@ def _validate_model(args: argparse.Namespace) -> None:
         raise ArgsError(f"--no-position-embedding with {args.position_embedding_type} positions: a model without "
                         "positions is not supported (nor in Megatron-LM); give --position-embedding-type rope")
     args.swiglu = bool(args.swiglu)
+    if args.squared_relu and args.swiglu:  # Megatron-LM asserts the same
+        raise ArgsError("--squared-relu and --swiglu are two MLP activations; give one of them")
     args.qk_layernorm = bool(args.qk_layernorm)
     args.untie_embeddings_and_output_weights = bool(args.untie_embeddings_and_output_weights)
     args.add_bias_linear = args.add_bias_linear is not False

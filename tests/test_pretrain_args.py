@@ -860,6 +860,12 @@ def test_add_qkv_bias(tmp_path):
     assert message.endswith("add_qkv_bias is False there but the flags give True; drop --add-qkv-bias"), message
 
 
+def test_squared_relu_is_an_activation_of_its_own():
+    assert parse(TINY.replace(" --swiglu", "") + " --lr 1e-3 --squared-relu").squared_relu
+    assert error(TINY + " --lr 1e-3 --squared-relu") == (
+        "--squared-relu and --swiglu are two MLP activations; give one of them")
+
+
 def test_cdp_base_bad_file():
     assert "no such file" in error(TINY + " --cdp-base /nonexistent.json")
     assert "not allowed with argument" in error(TINY + f" --cdp-base {BASE} --cdp-config {BASE}")

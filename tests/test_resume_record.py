@@ -206,11 +206,14 @@ def test_layers_that_differ_are_named_as_runs():
         f"{2 * there:.6g} here); {HP_HINT}")
 
 
-@pytest.mark.parametrize("flag", ["--add-qkv-bias", "--apply-layernorm-1p"])
+@pytest.mark.parametrize("flag", ["--add-qkv-bias", "--apply-layernorm-1p", "--squared-relu"])
 def test_model_switches_added_later_are_part_of_the_model_and_older_records_had_them_off(flag):
     # --add-qkv-bias: tensors the checkpoint lacks; --apply-layernorm-1p: norm weights that hold
-    # gain - 1, which a model without it would read as gains 1 lower (and with --finetune too)
+    # gain - 1, which a model without it would read as gains 1 lower (and with --finetune too);
+    # --squared-relu: the same tensors in another function
     cmd = f"{TINY} --train-iters 20 --lr 1e-3"
+    if flag == "--squared-relu":
+        cmd = cmd.replace(" --swiglu", "")
     on = record(f"{cmd} {flag}")
     assert resume_mismatch(record(cmd), on) == f"the checkpoint is of another model ({flag} False there, True here); {HINT}"
     assert resume_mismatch(on, record(cmd), weights_only=True) == (

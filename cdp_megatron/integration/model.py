@@ -89,7 +89,8 @@ def gpt_config(shape: Any, *, init_method_std: float = 0.02, **overrides: Any) -
     Dropout is off; fusions that need CUDA kernels and batched p2p are off on a CPU (gloo);
     ``use_cpu_initialization`` is on (Megatron then draws the full tensor and splits it: TP-invariant init).
     ``overrides`` are TransformerConfig fields and win; ``attention_backend`` may be given by
-    name ("auto", "flash", "fused", "unfused", "local"; megatron's AttnBackend).
+    name ("auto", "flash", "fused", "unfused", "local"; megatron's AttnBackend), and
+    ``activation_func`` as "squared_relu" (megatron's ``activations.squared_relu``).
     """
     on_cpu = not torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
@@ -131,6 +132,10 @@ def gpt_config(shape: Any, *, init_method_std: float = 0.02, **overrides: Any) -
             batch_p2p_comm=False,
         )
     kwargs.update(overrides)
+    if kwargs["activation_func"] == "squared_relu":
+        from megatron.core.activations import squared_relu
+
+        kwargs["activation_func"] = squared_relu
     if isinstance(kwargs.get("attention_backend"), str):
         from megatron.core.transformer.enums import AttnBackend
 

@@ -455,6 +455,24 @@ def test_rotary_base_and_percent_reach_the_model(megatron_1proc):
     assert not torch.allclose(lm_loss(default, tokens), lm_loss(model, tokens))
 
 
+def test_squared_relu_reaches_the_mlp(megatron_1proc):
+    # --squared-relu (Nemotron's MLP): megatron-core's own squared_relu, on the same weights as GeLU's
+    from megatron.core.activations import squared_relu
+
+    from cdp_megatron.integration import build_gpt_model, gpt_config, lm_loss
+
+    target = tiny_target(swiglu=False)
+    std = target.global_hyperparameters["init_method_std"]
+    (gelu,) = build_gpt_model(target=target)
+    (relu2,) = build_gpt_model(target=target, config=gpt_config(target.shape, init_method_std=std,
+                                                                activation_func="squared_relu"))
+    assert {layer.mlp.activation_func for layer in relu2.decoder.layers} == {squared_relu}
+    assert {layer.mlp.activation_func for layer in gelu.decoder.layers} == {torch.nn.functional.gelu}
+    assert all(torch.equal(a, b) for a, b in zip(gelu.parameters(), relu2.parameters()))
+    tokens = _tokens()
+    assert not torch.allclose(lm_loss(gelu, tokens), lm_loss(relu2, tokens))
+
+
 def test_transformer_engine_spec(megatron_1proc):
     pytest.importorskip("transformer_engine")
     from cdp_megatron.integration import ResidualScaledTransformerLayer, build_gpt_model, classify_model

@@ -560,6 +560,15 @@ def test_rotary_options_reach_the_model_and_a_resume_with_another_base_is_refuse
         "with --finetune"), refused.stdout[-4000:]
 
 
+def test_squared_relu_is_another_function_of_the_same_weights(tmp_path):
+    plain = TINY.replace(" --swiglu", "") + " --lr 3e-3 --eval-iters 0 --train-iters 2"
+    ok(run(plain + " --metrics-file a.jsonl", tmp_path))
+    out = ok(run(plain + " --squared-relu --metrics-file b.jsonl", tmp_path))
+    assert next(line for line in out.splitlines() if line.startswith("  model:")).endswith(", squared-ReLU MLP")
+    a, b = train_losses(tmp_path / "a.jsonl"), train_losses(tmp_path / "b.jsonl")
+    assert len(a) == len(b) == 2 and a[1] != b[1], (a, b)
+
+
 def test_zero_centred_norm_gains_train_the_same_function_and_are_part_of_the_model(tmp_path):
     # --apply-layernorm-1p keeps each norm gain as weight + 1 (weight 0 at init): the same model, and,
     # as norm weights are not decayed (Megatron's default for 1-D weights), the same training up to
