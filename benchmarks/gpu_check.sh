@@ -7,12 +7,14 @@
 #      HPs and vs Megatron's own optimizer: bf16 with the distributed optimizer at 8 x 512
 #      tokens per step (the worst small-step ratio measured before), fp32 at 4 x 64 and
 #      8 x 512, and --lr-only at 8 x 512;
-#   3. last (least telling for the ratio): a short bf16 cdp-pretrain run on CUDA with the
+#   3. benchmarks/loss_memory.py on bf16 logits of 4 x 2048 tokens x a 128k vocabulary: the peak
+#      GPU memory and time of the fused loss (--cross-entropy-loss-fusion) over autograd's;
+#   4. last (least telling for the ratio): a short bf16 cdp-pretrain run on CUDA with the
 #      logging of the newer Megatron-LM flags (--log-params-norm, --log-num-zeros-in-grad,
 #      --log-throughput, --log-memory-to-tensorboard), a torch.profiler trace of iterations
 #      11-12 with CUDA activity (--profile --use-pytorch-profiler), norm/MLP recomputation
-#      (--recompute-modules), --manual-gc and DataLoader workers (--num-workers), none of which
-#      has run on a GPU yet.
+#      (--recompute-modules), --manual-gc, DataLoader workers (--num-workers) and the fused loss,
+#      none of which has run on a GPU yet.
 #
 # Usage: benchmarks/gpu_check.sh [OUT_DIR] [WHEELS_DIR]
 #   OUT_DIR     logs and summary.txt (default: $OUT if set, else runs/gpu-check)
@@ -25,7 +27,8 @@
 # seconds, default 150, cut to what is left of the budget). A check that fails or runs out of
 # time is reported in the summary and the others still run; one left no time is reported as
 # not run. Exit status: the number of checks that failed or did not run (0: all passed). BENCH_SHAPE replaces the benchmarks' model flags
-# (default "--layers 16 --hidden 1024 --steps 30"), PRETRAIN_SHAPE the last check's model flags
+# (default "--layers 16 --hidden 1024 --steps 30"), LOSS_SHAPE the loss benchmark's (default "--batch 4
+# --seq 2048 --vocab 131072 --rounds 6"), PRETRAIN_SHAPE the last check's model flags
 # (default "--num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 256"); GPU_CHECK_ON_CPU=1 runs the script
 # without a GPU, to try the script itself (the figures then are CPU figures).
 set -uo pipefail
@@ -94,6 +97,8 @@ check bench_bf16_distopt_8x512 "${BENCH[@]}" --batch 8 --seq 512 --bf16 --dist-o
 check bench_fp32_4x64 "${BENCH[@]}"
 check bench_fp32_8x512 "${BENCH[@]}" --batch 8 --seq 512
 check bench_lr_only_8x512 "${BENCH[@]}" --batch 8 --seq 512 --lr-only
+read -r -a LOSS_SHAPE <<<"${LOSS_SHAPE:---batch 4 --seq 2048 --vocab 131072 --rounds 6}"
+check loss_memory_bf16_128k "$PY" benchmarks/loss_memory.py --bf16 "${LOSS_SHAPE[@]}"
 read -r -a PRETRAIN_SHAPE <<<"${PRETRAIN_SHAPE:---num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 256}"
 GPU_ONLY=()  # GPU memory and a CUDA profile only where there is a GPU (a CPU run refuses the memory flag)
 has_cuda && GPU_ONLY=(--log-memory-to-tensorboard --tensorboard-dir "$OUT_DIR/pretrain_tb" --profile --use-pytorch-profiler)
@@ -102,6 +107,7 @@ check pretrain_bf16_logging_recompute "$PY" -m cdp_megatron.pretrain --mock-data
   --eval-iters 0 --log-interval 10 --bf16 --disable-bias-linear --swiglu --normalization RMSNorm \
   --log-params-norm --log-num-zeros-in-grad --log-throughput --recompute-activations \
   --recompute-modules core_attn mlp layernorm --manual-gc --manual-gc-interval 10 --num-workers 2 --empty-unused-memory-level 2 \
+  --cross-entropy-loss-fusion \
   "${GPU_ONLY[@]}" --metrics-file "$OUT_DIR/pretrain_metrics.jsonl"
 grep -h "iteration 20/20" "$OUT_DIR/pretrain_bf16_logging_recompute.log" 2>/dev/null | sed 's/^/  /' | tee -a "$SUMMARY"
 if [ -d "$OUT_DIR/pretrain_tb" ]; then  # the last GPU memory point of each kind

@@ -852,7 +852,8 @@ class _Run:
             from cdp_megatron.integration import cpu_runner
 
             model_context = partial(cpu_runner.active, device_kwargs=False)
-        self.forward_step = partial(_forward_step, args, mask, model_context, training.cross_entropy_with_z_loss)
+        loss_func = partial(training.cross_entropy_with_z_loss, fused=args.cross_entropy_loss_fusion)
+        self.forward_step = partial(_forward_step, args, mask, model_context, loss_func)
         with self._phase("checkpoint"):
             start_iteration = self._load_checkpoint()
         if start_iteration >= args.train_iters:  # a finished run started again (e.g. a requeued job)
@@ -919,7 +920,7 @@ class _Run:
             f"  data: {_data_description(args)}"
             + (f", training samples read by {args.num_workers} worker process{'es' if args.num_workers > 1 else ''}"
                if args.num_workers else "")
-            + f"; z-loss {args.cdp_z_loss:g}",
+            + f"; z-loss {args.cdp_z_loss:g}" + (", fused cross-entropy" if args.cross_entropy_loss_fusion else ""),
         ]
         if args.ddp_bucket_size and not args.overlap_grad_reduce:
             lines.append("  note: --ddp-bucket-size has no effect without --overlap-grad-reduce (one bucket)")

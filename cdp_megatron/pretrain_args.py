@@ -96,8 +96,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--num-distributed-optimizer-instances": "not supported",
     "--use-precision-aware-optimizer": "not supported",
     "--optimizer-cpu-offload": "not supported",
-    "--cross-entropy-loss-fusion": "the loss (with z-loss) is computed by cdp-pretrain",
-    "--cross-entropy-fusion-impl": "the loss (with z-loss) is computed by cdp-pretrain",
     "--enable-cuda-graph": "CUDA graphs are not supported",
     "--tp-comm-overlap": "not supported",
     "--defer-embedding-wgrad-compute": "not supported",
@@ -500,6 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cdp-z-loss", type=float, default=DEFAULT_Z_LOSS,
                    help=f"z-loss coefficient z: loss = CE + z * mean(logsumexp(logits)^2) (default "
                    f"{DEFAULT_Z_LOSS:g}, the paper's; 0 = plain cross-entropy)")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="compute the loss (cross-entropy and z-loss) by one function with its own backward, "
+                   "which keeps one fp32 copy of the logits (the softmax) where autograd keeps up to three; "
+                   "equal within float rounding")
+    g.add_argument("--cross-entropy-fusion-impl", choices=("native", "te"), default="native",
+                   help="native (default): cdp-pretrain's fused loss; te (Transformer Engine's) is refused: "
+                   "it has no z-loss")
     g.add_argument("--metrics-file", help="append one JSON object per logged iteration / evaluation")
     g.add_argument("--quickstart", action="store_true",
                    help="built-in tiny CPU run on the Shakespeare byte corpus (prepared under ./data); "
@@ -705,6 +710,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise ArgsError(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
     if not math.isfinite(args.cdp_z_loss):
         raise ArgsError("--cdp-z-loss must be a finite number")
+    if args.cross_entropy_fusion_impl == "te":
+        raise ArgsError("--cross-entropy-fusion-impl te: Transformer Engine's fused cross-entropy has no z-loss; "
+                        "give native (the default), cdp-pretrain's fused loss")
     _validate_model(args)
     _validate_parallel_and_batch(args)
     _validate_recompute(args)

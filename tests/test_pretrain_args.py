@@ -245,7 +245,7 @@ def test_comm_overlap_flags():
 # ------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize("flag", ["--num-experts 8", "--recompute-modules-x",
                                   "--fp16", "--use-flash-attn", "--moe-router-topk 2", "--align-param-gather",
-                                  "--use-checkpoint-args", "--cross-entropy-loss-fusion"])
+                                  "--use-checkpoint-args", "--openai-gelu"])
 def test_unsupported_megatron_flags_are_named(flag):
     name = flag.split()[0]
     message = error(TINY + " --lr 1e-3 " + flag)
@@ -858,6 +858,13 @@ def test_add_qkv_bias(tmp_path):
     assert message.endswith("add --disable-bias-linear --add-qkv-bias"), message
     message = error(TINY + f" --add-qkv-bias --cdp-base {BASE}")
     assert message.endswith("add_qkv_bias is False there but the flags give True; drop --add-qkv-bias"), message
+
+
+def test_cross_entropy_fusion_is_cdp_pretrains_own():
+    assert parse(TINY + " --lr 1e-3 --cross-entropy-loss-fusion --cross-entropy-fusion-impl native").cross_entropy_loss_fusion
+    assert error(TINY + " --lr 1e-3 --cross-entropy-loss-fusion --cross-entropy-fusion-impl te") == (
+        "--cross-entropy-fusion-impl te: Transformer Engine's fused cross-entropy has no z-loss; give native (the "
+        "default), cdp-pretrain's fused loss")
 
 
 def test_squared_relu_is_an_activation_of_its_own():

@@ -18,6 +18,7 @@ the tokens of the global batch)::
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator, Sequence
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "destroy_model_parallel",
     "seed_model_parallel_rng",
     "lse_and_target_logit",
+    "fused_lse_and_target_logit",
     "cross_entropy_with_z_loss",
     "LOSS_REPORT_KEY",
     "rng_state",
@@ -127,17 +129,79 @@ def lse_and_target_logit(logits, labels):
     return torch.log(sum_exp) + shift.squeeze(-1), target
 
 
-def cross_entropy_with_z_loss(labels, loss_mask, z_loss: float, logits):
+@functools.cache
+def _fused_lse_and_target() -> Any:
+    """The autograd Function of ``fused_lse_and_target_logit`` (built on first use: torch and
+    megatron are imported lazily here)."""
+    import torch
+    from megatron.core import parallel_state
+
+    class FusedLseAndTarget(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, labels):
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+            # one fp32 buffer: the shifted logits, then their exponentials, then the softmax that
+            # the backward needs (the input is never written)
+            probs = logits.float() if logits.dtype != torch.float32 else logits.clone()
+            shift = probs.max(dim=-1, keepdim=True).values
+            if group is not None:
+                torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX, group=group)
+            probs.sub_(shift)
+            local_vocab = probs.shape[-1]
+            local_labels = labels - parallel_state.get_tensor_model_parallel_rank() * local_vocab
+            inside = (local_labels >= 0) & (local_labels < local_vocab)
+            index = local_labels.clamp(0, local_vocab - 1).unsqueeze(-1)
+            target = probs.gather(-1, index).squeeze(-1) * inside
+            probs.exp_()
+            sum_exp = probs.sum(dim=-1)
+            if group is not None:
+                both = torch.stack((sum_exp, target))
+                torch.distributed.all_reduce(both, group=group)
+                sum_exp, target = both[0], both[1]
+            probs.div_(sum_exp.unsqueeze(-1))
+            shift = shift.squeeze(-1)
+            ctx.save_for_backward(probs, index, inside)
+            ctx.input_dtype = logits.dtype
+            return torch.log(sum_exp) + shift, target + shift
+
+        @staticmethod
+        def backward(ctx, grad_lse, grad_target):
+            # d lse / d logit_v = softmax_v; d target / d logit_v = [v == label] (on the rank
+            # holding the label); each rank's shard of the gradient, in place of the softmax
+            probs, index, inside = ctx.saved_tensors
+            grad = probs.mul_(grad_lse.unsqueeze(-1))
+            grad.scatter_add_(-1, index, (grad_target * inside).unsqueeze(-1))
+            return grad.to(ctx.input_dtype), None
+
+    return FusedLseAndTarget
+
+
+def fused_lse_and_target_logit(logits, labels):
+    """``lse_and_target_logit`` with its own backward, for any float dtype of ``logits``: one
+    fp32 [b, s, V/tp] buffer lives from the forward to the backward (the softmax), where
+    autograd through ``lse_and_target_logit`` keeps the exponentials and, for bf16 logits, makes
+    an fp32 copy and a difference beside them (Megatron-LM's ``--cross-entropy-loss-fusion``
+    trades the same memory). The TP reductions happen in the forward; the backward needs none:
+    every TP rank holds the same per-token gradients and computes its own vocabulary shard."""
+    return _fused_lse_and_target().apply(logits, labels)
+
+
+def cross_entropy_with_z_loss(labels, loss_mask, z_loss: float, logits, *, fused: bool = False):
     """Megatron's 3-tuple loss contract with per-token normalisation (the schedule and
     finalize_model_grads divide by the tokens of the global batch; ``calculate_per_token_loss``).
 
     Returns ``(CE_sum + z * Z_sum, tokens, {LOSS_REPORT_KEY: [CE_sum, z * Z_sum, tokens]})`` with
     ``CE_sum = sum mask * (lse - logit[label])`` and ``Z_sum = sum mask * lse^2``; use it as
     ``functools.partial(cross_entropy_with_z_loss, labels, loss_mask, z)`` from a forward step.
+    ``fused``: through ``fused_lse_and_target_logit`` (less memory, equal within rounding).
     """
     import torch
 
-    lse, target = lse_and_target_logit(logits.float(), labels)
+    if fused:
+        lse, target = fused_lse_and_target_logit(logits, labels)
+    else:
+        lse, target = lse_and_target_logit(logits.float(), labels)
     mask = loss_mask.float()
     ce_sum = ((lse - target) * mask).sum()
     z_sum = (lse.square() * mask).sum()

@@ -55,7 +55,7 @@ def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
 
 
 def test_gpu_check_runs_each_check_within_its_limit_and_the_whole_within_its_budget(tmp_path):
-    # six checks of up to 8 s each (the benchmarks take longer) cannot all fit in 30 s with the set-up
+    # seven checks of up to 8 s each (the benchmarks take longer) cannot all fit in 30 s with the set-up
     start = time.monotonic()
     proc = _gpu_check(tmp_path, GPU_CHECK_ON_CPU="1", GPU_CHECK_BUDGET="30", CHECK_TIMEOUT="8")
     wall = time.monotonic() - start
@@ -63,7 +63,7 @@ def test_gpu_check_runs_each_check_within_its_limit_and_the_whole_within_its_bud
     lines = re.findall(r"^== (\w+): (ok|FAILED, exit 124 \(over (\d+) s\)|NOT RUN \(the 30 s budget is spent\))",
                        summary, re.M)
     assert [name for name, *_ in lines] == ["grouped_adam_tests", "bench_bf16_distopt_8x512", "bench_fp32_4x64",
-                                            "bench_fp32_8x512", "bench_lr_only_8x512",
+                                            "bench_fp32_8x512", "bench_lr_only_8x512", "loss_memory_bf16_128k",
                                             "pretrain_bf16_logging_recompute"], summary
     assert lines[-1][1].startswith("NOT RUN"), summary
     assert all(int(limit) <= 8 for *_, limit in lines if limit), summary
@@ -76,10 +76,12 @@ def test_gpu_check_runs_each_check_within_its_limit_and_the_whole_within_its_bud
 def test_gpu_check_runs_every_check_on_a_tiny_model(tmp_path):
     proc = _gpu_check(tmp_path, GPU_CHECK_ON_CPU="1", CHECK_TIMEOUT="300",
                       BENCH_SHAPE="--layers 2 --hidden 64 --steps 2 --warmup 1 --seq 16",
+                      LOSS_SHAPE="--batch 2 --seq 16 --vocab 512 --rounds 2",
                       PRETRAIN_SHAPE="--num-layers 2 --hidden-size 64 --num-attention-heads 2 --seq-length 32")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     summary = (tmp_path / "out" / "summary.txt").read_text()
-    assert len(re.findall(r"^== \w+: ok \(\d+ s\)$", summary, re.M)) == 6, summary
+    assert len(re.findall(r"^== \w+: ok \(\d+ s\)$", summary, re.M)) == 7, summary
+    assert re.search(r"^  peak memory ratio \(fused / autograd\): \d", summary, re.M), summary
     # the cdp-pretrain check: its last log line, with the logging the GPU run is there to try
     assert re.search(r"^  +iteration 20/20 .*throughput per GPU: .* params norm: .* num zeros: ", summary, re.M), summary
     assert re.search(r"^  \d+ passed", summary, re.M), summary  # the grouped Adam tests

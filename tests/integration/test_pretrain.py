@@ -560,6 +560,21 @@ def test_rotary_options_reach_the_model_and_a_resume_with_another_base_is_refuse
         "with --finetune"), refused.stdout[-4000:]
 
 
+@pytest.mark.parametrize("bf16", ["", " --bf16"], ids=["fp32", "bf16"])
+def test_fused_cross_entropy_trains_as_the_autograd_loss(tmp_path, bf16):
+    plain = TINY + f" --lr 3e-3 --eval-iters 1 --eval-interval 4 --train-iters 4 --cdp-z-loss 1e-2{bf16}"
+    ok(run(plain + " --metrics-file a.jsonl", tmp_path))
+    out = ok(run(plain + " --cross-entropy-loss-fusion --metrics-file b.jsonl", tmp_path))
+    assert next(line for line in out.splitlines() if line.startswith("  data:")).endswith(
+        "; z-loss 0.01, fused cross-entropy")
+    a, b = records(tmp_path / "a.jsonl"), records(tmp_path / "b.jsonl")
+    assert len(a) == len(b) == 5 and b[-1]["eval"]
+    for x, y in zip(a, b):  # the first loss equal within rounding, then the updates too
+        for key in ("lm_loss", "z_loss", "grad_norm", "val_loss", "val_z_loss"):
+            if key in x:
+                assert math.isclose(x[key], y[key], rel_tol=1e-5 if not bf16 else 1e-3), (key, x, y)
+
+
 def test_squared_relu_is_another_function_of_the_same_weights(tmp_path):
     plain = TINY.replace(" --swiglu", "") + " --lr 3e-3 --eval-iters 0 --train-iters 2"
     ok(run(plain + " --metrics-file a.jsonl", tmp_path))
