@@ -84,7 +84,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--apply-query-key-layer-scaling": "not supported",
     "--qk-l2-norm": "give --qk-layernorm",
     "--multi-latent-attention": "not supported",
-    "--auto-detect-ckpt-format": "checkpoints are always torch_dist (dist_checkpointing)",
     "--async-save": "checkpoints are saved synchronously",
     "--non-persistent-save-interval": "not supported",
     "--pretrained-checkpoint": "not supported",
@@ -151,6 +150,8 @@ ACCEPTED_NO_OP_FLAGS: dict[str, str] = {
                                                 "causal mask is used)",
     "--no-async-tensor-model-parallel-allreduce": "Megatron-LM ignores it too (deprecated there)",
     "--use-dist-ckpt": "checkpoints are always torch_dist (dist_checkpointing)",
+    "--auto-detect-ckpt-format": "the format of --load is read from the checkpoint: torch_dist is loaded, another "
+                                 "is refused, naming it (and Megatron-LM's conversion of its torch format)",
     "--accumulate-allreduce-grads-in-fp32": "gradients are accumulated and reduced in fp32 (main grads) unless "
                                             "--grad-reduce-in-bf16",
     "--no-overlap-p2p-communication": "pipeline sends and receives are not overlapped with compute "

@@ -444,25 +444,46 @@ def saved_iterations(directory: str) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m and os.path.isdir(os.path.join(directory, m.group(0))))
 
 
+def _torch_dist(path: str) -> str:
+    """``path`` if it holds a dist_checkpointing (torch_dist) checkpoint; else CheckpointError
+    naming the format it holds and, for Megatron-LM's torch format, its conversion."""
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return path
+    names = os.listdir(path)
+    name = os.path.basename(os.path.normpath(path))
+    if any(n.startswith("mp_rank_") for n in names):
+        raise CheckpointError(
+            f"{name} is a Megatron-LM checkpoint in the torch format (mp_rank_*/model_optim_rng.pt); cdp-pretrain "
+            "reads torch_dist checkpoints: convert it with Megatron-LM (its training command with --ckpt-format "
+            "torch --ckpt-convert-format torch_dist --ckpt-convert-save DIR added) and give --load DIR/torch_dist"
+        )
+    if ".metadata" in names:
+        raise CheckpointError(f"{name} is a torch.distributed.checkpoint (torch_dcp) checkpoint; cdp-pretrain reads "
+                              "torch_dist checkpoints (megatron's dist_checkpointing) only")
+    raise CheckpointError(f"{name} holds no checkpoint cdp-pretrain can read (no metadata.json of megatron's "
+                          "dist_checkpointing): a save that did not finish, or another format")
+
+
 def checkpoint_to_load(directory: str, step: int | None = None) -> str | None:
     """The checkpoint a resume from ``directory`` reads: that of iteration ``step`` when given
     (Megatron-LM's ``--ckpt-step``), else the one the tracker file points at; None where the
     folder holds no checkpoint (a fresh start).
 
     Raises CheckpointError (the message names the fix, not ``directory``: callers prefix it)
-    for a missing ``step``, a bad tracker, a folder that is itself one checkpoint, and a folder
+    for a missing ``step``, a bad tracker, a folder that is itself one checkpoint, a folder
     that holds checkpoints but no tracker (a first save stopped before publishing it), where a
-    fresh start would train the run again from scratch."""
+    fresh start would train the run again from scratch, and a checkpoint of another format
+    than torch_dist (Megatron-LM's torch format names its conversion)."""
     if step is not None:
         path = os.path.join(directory, checkpoint_dirname(step))
         if os.path.isdir(path):
-            return path
+            return _torch_dist(path)
         have = saved_iterations(directory)
         there = f"iterations {', '.join(map(str, have))}" if have else "none"
         raise CheckpointError(f"no checkpoint of iteration {step} (--ckpt-step) here; the checkpoints here: {there}")
     path = latest_checkpoint(directory)
     if path is not None:
-        return path
+        return _torch_dist(path)
     parent, name = os.path.split(os.path.normpath(directory))
     single = _ITERATION_DIR.fullmatch(name)
     if single or os.path.isfile(os.path.join(directory, "metadata.json")):

@@ -294,7 +294,8 @@ def test_checkpoint_to_load_finds_the_latest_a_chosen_step_or_explains(tmp_path)
     assert checkpoint_to_load(str(ck)) is None
     for name in ("iter_0000005", "iter_0000010", "iter_0000015.tmp"):  # .tmp: a save that did not finish
         (ck / name).mkdir()
-    (ck / "iter_0000010" / "metadata.json").write_text("{}")
+    for name in ("iter_0000005", "iter_0000010"):
+        (ck / name / "metadata.json").write_text("{}")
     assert saved_iterations(str(ck)) == [5, 10]
     with pytest.raises(CheckpointError) as e:  # checkpoints but no tracker: not a fresh start
         checkpoint_to_load(str(ck))
@@ -310,6 +311,25 @@ def test_checkpoint_to_load_finds_the_latest_a_chosen_step_or_explains(tmp_path)
         checkpoint_to_load(str(ck / "iter_0000010"))
     assert str(e.value) == ("this is one checkpoint, not a folder of them (latest_checkpointed_iteration.txt "
                             f"missing): give --load {ck} --ckpt-step 10")
+    # another format than torch_dist: named before anything is read
+    (ck / "iter_0000005" / "metadata.json").unlink()
+    (ck / "iter_0000005" / "mp_rank_00").mkdir()
+    with pytest.raises(CheckpointError) as e:
+        checkpoint_to_load(str(ck), 5)
+    assert str(e.value) == (
+        "iter_0000005 is a Megatron-LM checkpoint in the torch format (mp_rank_*/model_optim_rng.pt); cdp-pretrain "
+        "reads torch_dist checkpoints: convert it with Megatron-LM (its training command with --ckpt-format torch "
+        "--ckpt-convert-format torch_dist --ckpt-convert-save DIR added) and give --load DIR/torch_dist")
+    (ck / "iter_0000005" / "mp_rank_00").rmdir()
+    (ck / "iter_0000005" / ".metadata").write_text("")
+    with pytest.raises(CheckpointError, match=r"^iter_0000005 is a torch.distributed.checkpoint \(torch_dcp\)"):
+        checkpoint_to_load(str(ck), 5)
+    (ck / "iter_0000005" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"^iter_0000005 holds no checkpoint cdp-pretrain can read"):
+        checkpoint_to_load(str(ck), 5)
+    (ck / "latest_checkpointed_iteration.txt").write_text("5\n")  # the tracker's too
+    with pytest.raises(CheckpointError, match=r"^iter_0000005 holds no checkpoint"):
+        checkpoint_to_load(str(ck))
     (tmp_path / "renamed").mkdir()
     (tmp_path / "renamed" / "metadata.json").write_text("{}")
     with pytest.raises(CheckpointError, match="this is one checkpoint, not a folder of them .*: give the folder "
