@@ -856,6 +856,8 @@ class _Run:
         self.forward_step = partial(_forward_step, args, mask, model_context, loss_func)
         with self._phase("checkpoint"):
             start_iteration = self._load_checkpoint()
+        if args.skip_train:
+            return self._evaluate_only(start_iteration)
         if start_iteration >= args.train_iters:  # a finished run started again (e.g. a requeued job)
             return EXIT_OK
         return self._train(start_iteration)
@@ -1065,15 +1067,15 @@ class _Run:
         except CheckpointError as e:
             raise RunError(f"--load {args.load}: {e}") from None
         if path is None:
-            if args.finetune:  # random weights are never what a fine-tune means
-                raise RunError(f"--finetune --load {args.load}: no checkpoint there; give the folder of the run to "
-                               "fine-tune from")
+            if args.finetune or args.skip_train:  # random weights are never what these mean with --load
+                flag, what = ("--finetune", "fine-tune from") if args.finetune else ("--skip-train", "evaluate")
+                raise RunError(f"{flag} --load {args.load}: no checkpoint there; give the folder of the run to {what}")
             if args.exit_on_missing_checkpoint:
                 raise RunError(f"--load {args.load}: no checkpoint there (--exit-on-missing-checkpoint)")
             self._print(f"--load {args.load}: no checkpoint there; starting from scratch")
             return 0
         extras = saved_extras(path)
-        if args.finetune:
+        if args.finetune or args.skip_train:
             return self._load_weights(path, extras)
         saved_iteration = extras.get("iteration")
         if isinstance(saved_iteration, int) and saved_iteration >= args.train_iters:
@@ -1117,7 +1119,8 @@ class _Run:
 
     def _load_weights(self, path: str, extras: dict) -> int:
         """--finetune: the model's weights of ``path`` only; the run starts at iteration 0 with
-        its own optimizer, schedule, RNG and data position."""
+        its own optimizer, schedule, RNG and data position. --skip-train: the weights only too;
+        returns the checkpoint's iteration (what its evaluation is logged at)."""
         from cdp_megatron.integration.checkpoint import CheckpointError, load_checkpoint
 
         problem = resume_mismatch(extras.get("resume"), resume_record(self.args),
@@ -1131,6 +1134,10 @@ class _Run:
         # the optimizer's fp32 main params (bf16, the distributed optimizer's shards) were copied
         # from the model when it was built: without this the first step would copy them back
         self.optimizer.reload_model_params()
+        if self.args.skip_train:
+            iteration = int(extras.get("iteration", 0))
+            self._print(f"loaded the weights of {path} (--skip-train): evaluating them, at iteration {iteration}")
+            return iteration
         self._print(f"loaded the weights of {path} (--finetune): starting at iteration 0 with this run's "
                     "optimizer, schedule and data")
         return 0
@@ -1279,9 +1286,24 @@ class _Run:
                     True)
         return None, False
 
-    def _train(self, start_iteration: int) -> int:
+    def _evaluate_only(self, iteration: int) -> int:
+        """--skip-train: one evaluation of the loaded (or initial) weights, logged at ``iteration``."""
+        metrics = self._metrics(iteration)
+        try:
+            phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
+            metrics.print(f"evaluating at iteration {iteration} (--skip-train) after {Metrics.elapsed():.1f} s of "
+                          f"start-up ({phases})")
+            val_loss, val_z = self._evaluate()
+            metrics.evaluation(iteration, val_loss, val_z)
+            if self.args.save:
+                metrics.print(f" note: nothing is saved to --save {self.args.save} (--skip-train)")
+        finally:
+            metrics.close()
+        return EXIT_OK
+
+    def _metrics(self, start_iteration: int) -> Metrics:
         args = self.args
-        metrics = Metrics(
+        return Metrics(
             train_iters=args.train_iters,
             log_interval=args.log_interval,
             metrics_file=args.metrics_file,
@@ -1296,6 +1318,10 @@ class _Run:
             resume_from=start_iteration,
             enabled=self.rank == 0,
         )
+
+    def _train(self, start_iteration: int) -> int:
+        args = self.args
+        metrics = self._metrics(start_iteration)
         tokens_per_iteration = args.global_batch_size * args.seq_length
         first_loss = last_loss = None
         iteration = start_iteration

@@ -87,7 +87,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--async-save": "checkpoints are saved synchronously",
     "--non-persistent-save-interval": "not supported",
     "--pretrained-checkpoint": "not supported",
-    "--skip-train": "not supported",
     "--use-torch-fsdp2": "FSDP is not supported; use --use-distributed-optimizer",
     "--use-custom-fsdp": "FSDP is not supported; use --use-distributed-optimizer",
     "--use-megatron-fsdp": "FSDP is not supported; use --use-distributed-optimizer",
@@ -430,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true", help="with --load: take only the model's weights (not "
                    "the optimizer, schedule, RNG or data position) and start at iteration 0 with this run's "
                    "hyperparameters")
+    g.add_argument("--skip-train", action="store_true",
+                   help="evaluate only: take the weights of --load (without it, the initial ones), compute the "
+                   "validation loss over --eval-iters batches, log it and exit; nothing is trained or saved")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="with --load: stop (exit 2) when there is no checkpoint, instead of starting from scratch")
     g.add_argument("--no-load-optim", action="store_true",
@@ -1177,6 +1179,8 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
         raise ArgsError("--ckpt-step needs --load (the folder that holds the checkpoints)")
     if args.finetune and not args.load:
         raise ArgsError("--finetune needs --load (the folder whose weights it starts from)")
+    if args.skip_train and args.eval_iters == 0:
+        raise ArgsError("--skip-train only evaluates, and --eval-iters 0 evaluates nothing; give --eval-iters N")
     if args.exit_on_missing_checkpoint and not args.load:
         raise ArgsError("--exit-on-missing-checkpoint needs --load")
     for flag, given in (("--no-load-optim", args.no_load_optim), ("--no-load-rng", args.no_load_rng)):

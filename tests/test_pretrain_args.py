@@ -860,6 +860,12 @@ def test_add_qkv_bias(tmp_path):
     assert message.endswith("add_qkv_bias is False there but the flags give True; drop --add-qkv-bias"), message
 
 
+def test_skip_train_needs_batches_to_evaluate():
+    assert parse(TINY + " --lr 1e-3 --skip-train").skip_train
+    assert error(TINY + " --lr 1e-3 --skip-train --eval-iters 0") == (
+        "--skip-train only evaluates, and --eval-iters 0 evaluates nothing; give --eval-iters N")
+
+
 def test_cross_entropy_fusion_is_cdp_pretrains_own():
     assert parse(TINY + " --lr 1e-3 --cross-entropy-loss-fusion --cross-entropy-fusion-impl native").cross_entropy_loss_fusion
     assert error(TINY + " --lr 1e-3 --cross-entropy-loss-fusion --cross-entropy-fusion-impl te") == (

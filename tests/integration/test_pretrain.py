@@ -560,6 +560,28 @@ def test_rotary_options_reach_the_model_and_a_resume_with_another_base_is_refuse
         "with --finetune"), refused.stdout[-4000:]
 
 
+def test_skip_train_evaluates_the_checkpoint_and_trains_nothing(tmp_path):
+    plain = TINY + " --lr 3e-3 --eval-iters 2 --eval-interval 4 --train-iters 4"
+    ok(run(plain + " --save ck --metrics-file a.jsonl", tmp_path))
+    trained = records(tmp_path / "a.jsonl")[-1]
+    assert trained["eval"] and trained["iteration"] == 4
+    # the weights of iteration 4 on the same validation batches: the same loss; --train-iters does
+    # not matter, nor the optimizer's hyperparameters
+    out = ok(run(plain.replace("--train-iters 4", "--train-iters 2").replace("3e-3", "1e-2")
+                 + " --load ck --skip-train --save ck --metrics-file b.jsonl", tmp_path))
+    assert "loaded the weights of ck/iter_0000004 (--skip-train): evaluating them, at iteration 4" in out
+    assert " note: nothing is saved to --save ck (--skip-train)" in out
+    (evaluated,) = records(tmp_path / "b.jsonl")
+    assert evaluated["eval"] and evaluated["iteration"] == 4
+    assert (evaluated["val_loss"], evaluated["val_z_loss"]) == (trained["val_loss"], trained["val_z_loss"])
+    assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["iter_0000004", "latest_checkpointed_iteration.txt"]
+    # a --load without a checkpoint is a mistake here, not the initial weights
+    refused = run(plain + " --load empty --skip-train", tmp_path)
+    assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == (
+        "cdp-pretrain: error: --skip-train --load empty: no checkpoint there; give the folder of the run to evaluate")
+
+
 @pytest.mark.parametrize("bf16", ["", " --bf16"], ids=["fp32", "bf16"])
 def test_fused_cross_entropy_trains_as_the_autograd_loss(tmp_path, bf16):
     plain = TINY + f" --lr 3e-3 --eval-iters 1 --eval-interval 4 --train-iters 4 --cdp-z-loss 1e-2{bf16}"
