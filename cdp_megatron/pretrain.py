@@ -1052,7 +1052,7 @@ class _Run:
         args = self.args
         self.consumed_samples = 0
         self.consumed_tokens = 0
-        if not args.load:
+        if not args.load and not args.pretrained_checkpoint:
             return 0
         from cdp_megatron.integration.checkpoint import (
             CheckpointError,
@@ -1063,9 +1063,21 @@ class _Run:
         )
 
         try:
-            path = checkpoint_to_load(args.load, args.ckpt_step)
+            path = checkpoint_to_load(args.load, args.ckpt_step) if args.load else None
         except CheckpointError as e:
             raise RunError(f"--load {args.load}: {e}") from None
+        if path is None and args.pretrained_checkpoint:  # Megatron-LM's: fine-tune from it until --load has one
+            try:
+                pretrained = checkpoint_to_load(args.pretrained_checkpoint)
+            except CheckpointError as e:
+                raise RunError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: {e}") from None
+            if pretrained is None:
+                raise RunError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no checkpoint there; give the "
+                               "folder of the run to start from")
+            if args.load:
+                self._print(f"--load {args.load}: no checkpoint there; starting from the weights of "
+                            "--pretrained-checkpoint")
+            return self._load_weights(pretrained, saved_extras(pretrained), "--pretrained-checkpoint")
         if path is None:
             if args.finetune or args.skip_train:  # random weights are never what these mean with --load
                 flag, what = ("--finetune", "fine-tune from") if args.finetune else ("--skip-train", "evaluate")
@@ -1117,20 +1129,21 @@ class _Run:
             self._print(" note: the checkpoint's RNG state is for another layout; dropout masks restart from --seed")
         return iteration
 
-    def _load_weights(self, path: str, extras: dict) -> int:
-        """--finetune: the model's weights of ``path`` only; the run starts at iteration 0 with
-        its own optimizer, schedule, RNG and data position. --skip-train: the weights only too;
-        returns the checkpoint's iteration (what its evaluation is logged at)."""
+    def _load_weights(self, path: str, extras: dict, flag: str = "--load") -> int:
+        """--finetune, and ``flag`` --pretrained-checkpoint where --load holds no checkpoint: the
+        model's weights of ``path`` only; the run starts at iteration 0 with its own optimizer,
+        schedule, RNG and data position. --skip-train: the weights only too; returns the
+        checkpoint's iteration (what its evaluation is logged at)."""
         from cdp_megatron.integration.checkpoint import CheckpointError, load_checkpoint
 
         problem = resume_mismatch(extras.get("resume"), resume_record(self.args),
                                   self.args.tensor_model_parallel_size, weights_only=True)
         if problem:
-            raise RunError(f"--load {path}: {problem}")
+            raise RunError(f"{flag} {path}: {problem}")
         try:
             load_checkpoint(path, self.model)
         except CheckpointError as e:
-            raise RunError(f"--load {e}") from None
+            raise RunError(f"{flag} {e}") from None
         # the optimizer's fp32 main params (bf16, the distributed optimizer's shards) were copied
         # from the model when it was built: without this the first step would copy them back
         self.optimizer.reload_model_params()
@@ -1138,8 +1151,8 @@ class _Run:
             iteration = int(extras.get("iteration", 0))
             self._print(f"loaded the weights of {path} (--skip-train): evaluating them, at iteration {iteration}")
             return iteration
-        self._print(f"loaded the weights of {path} (--finetune): starting at iteration 0 with this run's "
-                    "optimizer, schedule and data")
+        self._print(f"loaded the weights of {path} ({'--finetune' if self.args.finetune else flag}): starting at "
+                    "iteration 0 with this run's optimizer, schedule and data")
         return 0
 
     def _layout(self) -> dict:

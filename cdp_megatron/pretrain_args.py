@@ -86,7 +86,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--multi-latent-attention": "not supported",
     "--async-save": "checkpoints are saved synchronously",
     "--non-persistent-save-interval": "not supported",
-    "--pretrained-checkpoint": "not supported",
     "--use-torch-fsdp2": "FSDP is not supported; use --use-distributed-optimizer",
     "--use-custom-fsdp": "FSDP is not supported; use --use-distributed-optimizer",
     "--use-megatron-fsdp": "FSDP is not supported; use --use-distributed-optimizer",
@@ -429,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true", help="with --load: take only the model's weights (not "
                    "the optimizer, schedule, RNG or data position) and start at iteration 0 with this run's "
                    "hyperparameters")
+    g.add_argument("--pretrained-checkpoint", metavar="DIR",
+                   help="where --load holds no checkpoint (a first start, or no --load), start from the weights of "
+                   "DIR's latest checkpoint as --finetune does; where it holds one (a restarted job), resume from it")
     g.add_argument("--skip-train", action="store_true",
                    help="evaluate only: take the weights of --load (without it, the initial ones), compute the "
                    "validation loss over --eval-iters batches, log it and exit; nothing is trained or saved")
@@ -1179,12 +1181,22 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
         raise ArgsError("--ckpt-step needs --load (the folder that holds the checkpoints)")
     if args.finetune and not args.load:
         raise ArgsError("--finetune needs --load (the folder whose weights it starts from)")
+    if args.pretrained_checkpoint is not None:
+        if args.finetune:
+            raise ArgsError("--finetune with --pretrained-checkpoint: --finetune takes the weights of --load at every "
+                            "start, --pretrained-checkpoint those of its folder where --load holds no checkpoint yet "
+                            "(and resumes once it does); give one of them")
+        if os.path.exists(args.pretrained_checkpoint) and not os.path.isdir(args.pretrained_checkpoint):
+            raise ArgsError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: exists and is not a directory")
+        if args.save and os.path.realpath(args.save) == os.path.realpath(args.pretrained_checkpoint):
+            raise ArgsError(f"--pretrained-checkpoint {args.pretrained_checkpoint} is the --save folder: the run would "
+                            "write into the checkpoints it starts from; save to another folder")
     if args.skip_train and args.eval_iters == 0:
         raise ArgsError("--skip-train only evaluates, and --eval-iters 0 evaluates nothing; give --eval-iters N")
     if args.exit_on_missing_checkpoint and not args.load:
         raise ArgsError("--exit-on-missing-checkpoint needs --load")
     for flag, given in (("--no-load-optim", args.no_load_optim), ("--no-load-rng", args.no_load_rng)):
-        if given and not args.finetune:
+        if given and not (args.finetune or args.pretrained_checkpoint):
             raise ArgsError(f"{flag} without --finetune is not supported (a resume restores the optimizer and RNG "
                             "exactly); give --finetune to take the weights only, or drop the flag")
     if args.finetune and args.save and os.path.realpath(args.save) == os.path.realpath(args.load):

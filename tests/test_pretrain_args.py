@@ -860,6 +860,19 @@ def test_add_qkv_bias(tmp_path):
     assert message.endswith("add_qkv_bias is False there but the flags give True; drop --add-qkv-bias"), message
 
 
+def test_pretrained_checkpoint_flags(tmp_path):
+    args = parse(TINY + f" --lr 1e-3 --pretrained-checkpoint {tmp_path} --load ck --save ck --no-load-optim")
+    assert args.pretrained_checkpoint == str(tmp_path) and args.no_load_optim
+    assert error(TINY + f" --lr 1e-3 --pretrained-checkpoint {tmp_path} --load ck --finetune").startswith(
+        "--finetune with --pretrained-checkpoint: --finetune takes the weights of --load at every start")
+    assert error(TINY + f" --lr 1e-3 --pretrained-checkpoint {tmp_path} --save {tmp_path}") == (
+        f"--pretrained-checkpoint {tmp_path} is the --save folder: the run would write into the checkpoints it "
+        "starts from; save to another folder")
+    (tmp_path / "file").write_text("")
+    assert error(TINY + f" --lr 1e-3 --pretrained-checkpoint {tmp_path / 'file'}") == (
+        f"--pretrained-checkpoint {tmp_path / 'file'}: exists and is not a directory")
+
+
 def test_skip_train_needs_batches_to_evaluate():
     assert parse(TINY + " --lr 1e-3 --skip-train").skip_train
     assert error(TINY + " --lr 1e-3 --skip-train --eval-iters 0") == (

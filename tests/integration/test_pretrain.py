@@ -560,6 +560,27 @@ def test_rotary_options_reach_the_model_and_a_resume_with_another_base_is_refuse
         "with --finetune"), refused.stdout[-4000:]
 
 
+def test_pretrained_checkpoint_starts_from_its_weights_then_resumes_from_load(tmp_path):
+    # Megatron-LM's requeue-safe fine-tuning: --load ck --save ck --pretrained-checkpoint base
+    common = TINY + " --eval-iters 0 --lr-warmup-iters 1"
+    ok(run(common + " --lr 3e-3 --train-iters 2 --save base", tmp_path))
+    tune = common + " --lr 1e-3 --train-iters 4"
+    ok(run(tune + " --load base --finetune --metrics-file ref.jsonl", tmp_path))
+    first = ok(run(tune + " --pretrained-checkpoint base --load ck --save ck --exit-interval 2 --metrics-file a.jsonl",
+                   tmp_path))
+    assert "--load ck: no checkpoint there; starting from the weights of --pretrained-checkpoint" in first
+    assert ("loaded the weights of base/iter_0000002 (--pretrained-checkpoint): starting at iteration 0 with this "
+            "run's optimizer, schedule and data") in first
+    again = ok(run(tune + " --pretrained-checkpoint base --load ck --save ck --metrics-file b.jsonl", tmp_path))
+    assert "loading checkpoint ck/iter_0000002" in again and "--pretrained-checkpoint)" not in again
+    a, b = train_losses(tmp_path / "a.jsonl"), train_losses(tmp_path / "b.jsonl")
+    assert sorted(a) == [1, 2] and sorted(b) == [3, 4] and {**a, **b} == train_losses(tmp_path / "ref.jsonl")
+    refused = run(tune + " --pretrained-checkpoint nothing-here", tmp_path)
+    assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == (
+        "cdp-pretrain: error: --pretrained-checkpoint nothing-here: no checkpoint there; give the folder of the run "
+        "to start from")
+
+
 def test_skip_train_evaluates_the_checkpoint_and_trains_nothing(tmp_path):
     plain = TINY + " --lr 3e-3 --eval-iters 2 --eval-interval 4 --train-iters 4"
     ok(run(plain + " --save ck --metrics-file a.jsonl", tmp_path))
