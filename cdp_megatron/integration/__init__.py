@@ -35,6 +35,7 @@ _EXPORTS = {
     "unwrap_model": "classify",
     "ResidualScaledTransformerLayer": "model",
     "ZeroCentredNorm": "model",
+    "BiasCopyMLP": "model",
     "apply_output_mult": "model",
     "apply_target_init": "model",
     "build_gpt_model": "model",

@@ -20,6 +20,11 @@ Model changes, all through Megatron's own extension points (no monkeypatch):
     ``--apply-layernorm-1p``): Transformer Engine's and Apex's norms store the gain as
     gain - 1 themselves; megatron's torch norm (``WrappedTorchNorm``, the norm of the local
     spec without Apex) refuses it, so there the spec's norms become ``ZeroCentredNorm``.
+(f) MLP recomputation with biases (``recompute_modules`` "mlp", ``add_bias_linear``): megatron's
+    MLP returns its output bias as the ``linear_fc2.bias`` Parameter itself, and megatron's
+    ``tensor_parallel.checkpoint`` (an autograd Function) then makes that Parameter its own
+    output: it gets the checkpoint's grad_fn, and the recomputing backward calls itself until
+    memory runs out. There the spec's MLP becomes ``BiasCopyMLP``, which returns a copy.
 
 With parameterisation ``sp`` and every multiplier 1 nothing is changed: the model is
 bit-identical to an unpatched one (``init="auto"`` keeps Megatron's own init then).
@@ -28,6 +33,7 @@ bit-identical to an unpatched one (``init="auto"`` keeps Megatron's own init the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -37,6 +43,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -45,6 +52,7 @@ from .classify import ParamInfo, classify_model, classify_name, unwrap_model
 __all__ = [
     "ResidualScaledTransformerLayer",
     "ZeroCentredNorm",
+    "BiasCopyMLP",
     "initialize_model_parallel",
     "gpt_config",
     "gpt_layer_spec",
@@ -252,6 +260,32 @@ class ZeroCentredNorm(torch.nn.Module):
         return torch.nn.functional.layer_norm(x, self.normalized_shape, gain, self.bias, self.eps)
 
 
+class BiasCopyMLP(MLP):
+    """megatron's MLP, returning a copy of its output bias rather than the Parameter itself (the
+    same values; a Parameter returned through megatron's activation checkpoint becomes that
+    Function's output, and its backward recurses: module docstring (f))."""
+
+    def forward(self, *args: Any, **kwargs: Any):
+        output, bias = super().forward(*args, **kwargs)
+        return output, None if bias is None else bias.clone()
+
+
+def _recomputes_mlp_with_bias(config: TransformerConfig) -> bool:
+    return bool(config.add_bias_linear and config.recompute_granularity == "selective"
+                and "mlp" in (config.recompute_modules or ()))
+
+
+def _bias_copy_mlp(mlp: Any) -> Any:
+    """The layer spec's ``mlp`` with megatron's MLP as BiasCopyMLP: a ModuleSpec of MLP, or
+    (megatron-core >= 0.19) ``partial(MLP.as_mlp_submodule, ...)``; any other MLP unchanged."""
+    if isinstance(mlp, ModuleSpec) and mlp.module is MLP:
+        return dataclasses.replace(mlp, module=BiasCopyMLP)
+    builder = getattr(MLP, "as_mlp_submodule", None)
+    if isinstance(mlp, functools.partial) and builder is not None and mlp.func == builder:
+        return functools.partial(BiasCopyMLP.as_mlp_submodule, *mlp.args, **mlp.keywords)
+    return mlp
+
+
 def _zero_centred(node: Any) -> Any:
     """``node`` (a spec, submodules dataclass or module class) with every WrappedTorchNorm
     replaced by ZeroCentredNorm; other norms (TE's, Apex's) centre their gains themselves."""
@@ -288,12 +322,14 @@ def gpt_layer_spec(
     use_te: bool = False,
     residual_mult: Mapping[str, Sequence[float]] | None = None,
     zero_centred_gamma: bool = False,
+    bias_copy_mlp: bool = False,
 ) -> ModuleSpec:
     """The local (or Transformer Engine) GPT layer spec, with residual multipliers when given.
 
     The layer class becomes ResidualScaledTransformerLayer; submodules are Megatron's, but for
     ``zero_centred_gamma`` (``config.layernorm_zero_centered_gamma``), where megatron's torch
-    norms become ZeroCentredNorm.
+    norms become ZeroCentredNorm, and ``bias_copy_mlp`` (MLP recomputation with biases), where
+    megatron's MLP becomes BiasCopyMLP.
     """
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import (
@@ -307,6 +343,9 @@ def gpt_layer_spec(
         )
     if zero_centred_gamma:
         spec = _zero_centred(spec)
+    if bias_copy_mlp:
+        spec = dataclasses.replace(spec, submodules=dataclasses.replace(
+            spec.submodules, mlp=_bias_copy_mlp(spec.submodules.mlp)))
     if residual_mult is None:
         return spec
     if spec.module is not TransformerLayer:
@@ -373,7 +412,7 @@ def build_gpt_model(
 
     spec = gpt_layer_spec(
         shape, use_te=use_te, residual_mult=None if target is None else target.residual_mult,
-        zero_centred_gamma=config.layernorm_zero_centered_gamma,
+        zero_centred_gamma=config.layernorm_zero_centered_gamma, bias_copy_mlp=_recomputes_mlp_with_bias(config),
     )
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []

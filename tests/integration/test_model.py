@@ -148,19 +148,24 @@ def test_residual_multiplier_scales_branch_and_bias(megatron_1proc):
                                        dict(recompute_granularity="selective",
                                             recompute_modules=["core_attn", "mlp", "layernorm"])],
                          ids=["full-uniform", "full-block", "selective", "mlp", "layernorm", "all-modules"])
-def test_recomputation_reruns_the_forward_and_gives_the_same_gradients(megatron_1proc, recompute):
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_recomputation_reruns_the_forward_and_gives_the_same_gradients(megatron_1proc, recompute, bias):
     """--recompute-* (cdp-pretrain passes these TransformerConfig fields): megatron re-runs the
     layers (or the core attention, MLP or norms of --recompute-modules) in the backward, and
     the residual-scaled layers, dropout included, give bit-identical gradients (with the norms
     recomputed, equal within float rounding: the recomputed norm's backward runs from a hook,
-    so the residual stream's gradient terms are added in another order)."""
+    so the residual stream's gradient terms are added in another order). With biases, megatron's own
+    MLP recomputation recursed in its backward until memory ran out (BiasCopyMLP)."""
     from cdp_megatron.integration import build_gpt_model, gpt_config, lm_loss
 
-    target = tiny_target(multipliers={"type": {"attention": {"residual": 0.5}}, "depth": {"residual": [1.0, 2.0]}})
+    target = tiny_target(multipliers={"type": {"attention": {"residual": 0.5}}, "depth": {"residual": [1.0, 2.0]}},
+                         add_bias_linear=bias)
     grads, calls = [], []
     for fields in ({}, recompute):
         config = gpt_config(target.shape, init_method_std=0.02, hidden_dropout=0.1, attention_dropout=0.1, **fields)
         (model,) = build_gpt_model(target=target, config=config)
+        copies = bias and "mlp" in fields.get("recompute_modules", []) and fields["recompute_granularity"] == "selective"
+        assert {type(layer.mlp).__name__ for layer in model.decoder.layers} == {"BiasCopyMLP" if copies else "MLP"}
         count = dict.fromkeys(("layer", "core_attention", "mlp", "input_layernorm", "pre_mlp_layernorm"), 0)
         for layer in model.decoder.layers:
             for name in count:
