@@ -96,6 +96,25 @@ def seed_model_parallel_rng(seed: int) -> None:
 
 
 # ==================================================================================== loss
+def _shift_and_label_index(logits, labels):
+    """What both loss paths need of the vocabulary-parallel ``logits`` [b, s, V/tp] first:
+    ``shift`` [b, s, 1], the max over the whole vocabulary (all TP ranks); ``index`` [b, s, 1],
+    each label's column in this rank's shard (clamped where another rank holds it); ``inside``
+    [b, s], whether this rank holds the label."""
+    import torch
+    from megatron.core import parallel_state
+
+    shift = logits.max(dim=-1, keepdim=True).values
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(
+            shift, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
+        )
+    local_vocab = logits.shape[-1]
+    local_labels = labels - parallel_state.get_tensor_model_parallel_rank() * local_vocab
+    inside = (local_labels >= 0) & (local_labels < local_vocab)
+    return shift, local_labels.clamp(0, local_vocab - 1).unsqueeze(-1), inside
+
+
 def lse_and_target_logit(logits, labels):
     """logsumexp over the (vocabulary-parallel) logits and the label's logit, per token.
 
@@ -112,17 +131,9 @@ def lse_and_target_logit(logits, labels):
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     with torch.no_grad():
-        shift = logits.max(dim=-1, keepdim=True).values
-        if tp > 1:
-            torch.distributed.all_reduce(
-                shift, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
-            )
+        shift, index, inside = _shift_and_label_index(logits, labels)
     sum_exp = torch.exp(logits - shift).sum(dim=-1)
-    local_vocab = logits.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * local_vocab
-    local_labels = labels - start
-    inside = (local_labels >= 0) & (local_labels < local_vocab)
-    target = logits.gather(-1, local_labels.clamp(0, local_vocab - 1).unsqueeze(-1)).squeeze(-1) * inside
+    target = logits.gather(-1, index).squeeze(-1) * inside
     if tp > 1:
         sum_exp = reduce_from_tensor_model_parallel_region(sum_exp)
         target = reduce_from_tensor_model_parallel_region(target)
@@ -144,14 +155,8 @@ def _fused_lse_and_target() -> Any:
             # one fp32 buffer: the shifted logits, then their exponentials, then the softmax that
             # the backward needs (the input is never written)
             probs = logits.float() if logits.dtype != torch.float32 else logits.clone()
-            shift = probs.max(dim=-1, keepdim=True).values
-            if group is not None:
-                torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX, group=group)
+            shift, index, inside = _shift_and_label_index(probs, labels)
             probs.sub_(shift)
-            local_vocab = probs.shape[-1]
-            local_labels = labels - parallel_state.get_tensor_model_parallel_rank() * local_vocab
-            inside = (local_labels >= 0) & (local_labels < local_vocab)
-            index = local_labels.clamp(0, local_vocab - 1).unsqueeze(-1)
             target = probs.gather(-1, index).squeeze(-1) * inside
             probs.exp_()
             sum_exp = probs.sum(dim=-1)
