@@ -189,7 +189,10 @@ def _build_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
             mmap_bin_files=args.mmap_bin_files,
             num_dataset_builder_threads=args.num_dataset_builder_threads,
             eod_mask_loss=args.eod_mask_loss,
-            create_attention_mask=False,
+            reset_position_ids=args.reset_position_ids,
+            reset_attention_mask=args.reset_attention_mask,
+            # only a per-document mask is made per sample; otherwise the model's one causal mask
+            create_attention_mask=args.reset_attention_mask,
         )
     except (ValueError, FileNotFoundError) as e:
         raise RunError(f"{'--train-data-path / --valid-data-path' if per_split else '--data-path'}: {e}") from None
@@ -320,7 +323,17 @@ def _data_description(args: argparse.Namespace) -> str:
     return f"train {paths(args.train_data_path, source)}{valid}"
 
 
+def _documents_description(args: argparse.Namespace) -> str:
+    """The document flags, as the start-up's data line names them."""
+    parts = [text for flag, text in ((args.reset_attention_mask, "documents attend only to themselves"),
+                                     (args.reset_position_ids, "positions restart at each document"),
+                                     (args.eod_mask_loss, "no loss on end-of-document inputs")) if flag]
+    return f", {', '.join(parts)}" if parts else ""
+
+
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+# --reset-attention-mask: each sample's own mask, [1, s, s] bool (True = masked), from megatron's GPTDataset
+_MASK_KEY = "attention_mask"
 
 
 def _first_sample(start: int, k: int, args: argparse.Namespace, dp_rank: int) -> int:
@@ -332,7 +345,8 @@ def _first_sample(start: int, k: int, args: argparse.Namespace, dp_rank: int) ->
 def _collate(samples: Sequence[dict]) -> dict:
     import torch
 
-    return {key: torch.stack([s[key] for s in samples]) for key in _BATCH_KEYS}
+    keys = _BATCH_KEYS + ((_MASK_KEY,) if _MASK_KEY in samples[0] else ())
+    return {key: torch.stack([s[key] for s in samples]) for key in keys}
 
 
 def _checked(batch: dict, first: int, args: argparse.Namespace, device: str, what: str) -> dict:
@@ -454,7 +468,11 @@ class _TrainLoader:
 # The loss itself (CE + z-loss on the vocabulary-parallel logits, Megatron's 3-tuple loss
 # contract) is integration.training.cross_entropy_with_z_loss, passed in as loss_func.
 def _forward_step(args: argparse.Namespace, attention_mask, model_context, loss_func, data_iterator, model):
+    """Megatron's forward step: ``attention_mask`` is the model's one causal mask (None for
+    Transformer Engine's own), or, with --reset-attention-mask, each sample's from the batch."""
     batch = next(data_iterator)
+    if args.reset_attention_mask:
+        attention_mask = batch[_MASK_KEY]
     with model_context():
         output = model(batch["tokens"], batch["position_ids"], attention_mask)
     return output, partial(loss_func, batch["labels"], batch["loss_mask"], args.cdp_z_loss)
@@ -922,6 +940,7 @@ class _Run:
             f"  data: {_data_description(args)}"
             + (f", training samples read by {args.num_workers} worker process{'es' if args.num_workers > 1 else ''}"
                if args.num_workers else "")
+            + _documents_description(args)
             + f"; z-loss {args.cdp_z_loss:g}" + (", fused cross-entropy" if args.cross_entropy_loss_fusion else ""),
         ]
         if args.ddp_bucket_size and not args.overlap_grad_reduce:

@@ -76,8 +76,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--decoder-last-pipeline-num-layers": "uneven pipeline stages are not supported",
     "--account-for-embedding-in-pipeline-split": "uneven pipeline stages are not supported",
     "--account-for-loss-in-pipeline-split": "uneven pipeline stages are not supported",
-    "--reset-position-ids": "not supported",
-    "--reset-attention-mask": "not supported",
     "--rotary-scaling-factor": "Megatron-LM's factor of YaRN and MLA positions; the factor of --use-rope-scaling "
                                "(Llama 3.1's) is --rope-scaling-factor",
     "--openai-gelu": "only Megatron-LM's legacy models use it; megatron.core models ignore it",
@@ -394,7 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help='a JSON file {"train": [...], "valid": [...]} holding what --train-data-path and '
                    "--valid-data-path would")
     g.add_argument("--data-cache-path", help="where the dataset index caches go")
-    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document labels")
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="no loss where the input token is end-of-document (the guess of the next document's "
+                   "first token), as in Megatron-LM")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="documents packed in one sample do not attend to each other (block-diagonal causal mask, "
+                   "built by the data loader; needs --transformer-impl local)")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="learned positions restart at 0 after each end-of-document (not with rope, whose "
+                   "positions take no ids)")
     g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
                    help="read the .bin files with file reads instead of memory maps (e.g. on some network file "
                    "systems)")
@@ -719,6 +725,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise ArgsError("--cross-entropy-fusion-impl te: Transformer Engine's fused cross-entropy has no z-loss; "
                         "give native (the default), cdp-pretrain's fused loss")
     _validate_model(args)
+    _validate_documents(args)  # may choose the local spec, which --sequence-parallel's check reads
     _validate_parallel_and_batch(args)
     _validate_recompute(args)
     _validate_gc(args)
@@ -1036,6 +1043,28 @@ def _read_data_args(args: argparse.Namespace) -> None:
         setattr(args, f"{key}_data_path", [str(v) for v in value])
     if args.train_data_path is None:
         raise ArgsError(f"{where}: no \"train\" list (the training data)")
+
+
+def _validate_documents(args: argparse.Namespace) -> None:
+    """--eod-mask-loss, --reset-attention-mask, --reset-position-ids: Megatron-LM's document
+    flags, where they would do nothing (or not what they say), refused in one line."""
+    given = [f"--{name.replace('_', '-')}" for name in ("eod_mask_loss", "reset_attention_mask", "reset_position_ids")
+             if getattr(args, name)]
+    if given and args.mock_data:
+        raise ArgsError(f"{given[0]}: --mock-data's samples are random tokens, not documents; give --data-path (a "
+                        "cdp-preprocess prefix made with --append-eod) or drop the flag")
+    if args.reset_position_ids and args.position_embedding_type == "rope":
+        raise ArgsError("--reset-position-ids changes nothing with rotary positions (megatron-core's rotary embedding "
+                        "takes no position ids); rotary attention is relative, so --reset-attention-mask alone makes "
+                        "each document compute as if it began the sample: drop --reset-position-ids")
+    if args.reset_attention_mask:
+        if args.transformer_impl == "transformer_engine":
+            # Transformer Engine's causal attention ignores the mask it is given (Megatron-LM
+            # issue 2357): documents would see each other without a word.
+            raise ArgsError("--reset-attention-mask needs --transformer-impl local: Transformer Engine's causal "
+                            "attention ignores a per-sample mask, so packed documents would still attend to each "
+                            "other" + (" (--fp8-format needs Transformer Engine)" if args.fp8_format else ""))
+        args.transformer_impl = "local"
 
 
 def _validate_data(args: argparse.Namespace) -> None:

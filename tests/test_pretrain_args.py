@@ -297,14 +297,51 @@ def test_every_flag_not_taken_is_named_in_one_line():
         "--moe-router-topk is a Megatron-LM flag cdp-pretrain does not support (see cdp-pretrain --help for the "
         "supported ones)")
     # a reason that is itself "not supported (...)" is not said twice
-    assert error(TINY + " --lr 1e-3 --reset-position-ids --no-align-grad-reduce") == (
-        "2 flags cdp-pretrain does not take (see cdp-pretrain --help): --reset-position-ids: a Megatron-LM flag, not "
+    assert error(TINY + " --lr 1e-3 --align-param-gather --no-align-grad-reduce") == (
+        "2 flags cdp-pretrain does not take (see cdp-pretrain --help): --align-param-gather: a Megatron-LM flag, not "
         "supported; --no-align-grad-reduce: not supported, grad reductions are aligned across pipeline stages")
     assert error(TINY + " --lr 1e-3 --no-align-grad-reduce") == (
         "--no-align-grad-reduce is a Megatron-LM flag cdp-pretrain does not support (grad reductions are aligned "
         "across pipeline stages)")
     assert error(TINY + " --lr 1e-3 stray --fp16") == (
         "unexpected argument 'stray' (flags take the form --name value)")
+
+
+def test_document_flags(tmp_path, monkeypatch):
+    """--reset-attention-mask / --reset-position-ids / --eod-mask-loss: taken with data on disk;
+    refused where they would do nothing (mock data, reset positions with rope) or where the
+    mask would be ignored (Transformer Engine's causal attention)."""
+    import importlib.util
+
+    prefix = _prefix(tmp_path, "docs")
+    data = TINY.replace("--mock-data", f"--lr 1e-3 --tokenizer-type ByteTokenizer --data-path {prefix}")
+    learned = data.replace("--position-embedding-type rope", "")
+    args = parse(learned + " --reset-attention-mask --reset-position-ids --eod-mask-loss")
+    assert (args.reset_attention_mask, args.reset_position_ids, args.eod_mask_loss) == (True, True, True)
+    assert args.transformer_impl == "local"  # the spec whose attention takes the mask
+    assert parse(data + " --reset-attention-mask --eod-mask-loss").transformer_impl == "local"
+    assert parse(data).transformer_impl is None and not parse(data).reset_attention_mask
+    for flag in ("--eod-mask-loss", "--reset-attention-mask", "--reset-position-ids"):
+        assert error(TINY + f" --lr 1e-3 {flag}") == (
+            f"{flag}: --mock-data's samples are random tokens, not documents; give --data-path (a cdp-preprocess "
+            "prefix made with --append-eod) or drop the flag")
+    assert error(data + " --reset-position-ids --reset-attention-mask") == (
+        "--reset-position-ids changes nothing with rotary positions (megatron-core's rotary embedding takes no "
+        "position ids); rotary attention is relative, so --reset-attention-mask alone makes each document compute "
+        "as if it began the sample: drop --reset-position-ids")
+    for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):  # set by megatron in earlier tests
+        monkeypatch.delenv(name, raising=False)
+    find_spec = importlib.util.find_spec  # Transformer Engine "installed"
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a))
+    for te in ("--transformer-impl transformer_engine", "--attention-backend flash",
+               "--transformer-impl transformer_engine --fp8-format hybrid"):
+        message = error(f"{data} {te} --reset-attention-mask")
+        assert message.startswith(
+            "--reset-attention-mask needs --transformer-impl local: Transformer Engine's causal attention ignores a "
+            "per-sample mask, so packed documents would still attend to each other"), te
+        assert message.endswith("(--fp8-format needs Transformer Engine)") == ("fp8" in te)
+    assert parse(f"{data} --transformer-impl transformer_engine --eod-mask-loss").eod_mask_loss
 
 
 def test_log_memory_to_tensorboard_needs_the_folder():
