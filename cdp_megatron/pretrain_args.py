@@ -215,6 +215,8 @@ _ARCH_FLAGS = (
     ("position_embedding_type", "position_embedding_type", "--position-embedding-type"),
     ("untie_embeddings_and_output_weights", "untie_embeddings_and_output_weights",
      "--untie-embeddings-and-output-weights"),
+    ("apply_layernorm_1p", "apply_layernorm_1p", "--apply-layernorm-1p"),
+    ("squared_relu", "squared_relu", "--squared-relu"),
 )
 
 

@@ -235,6 +235,12 @@ class Shape:
     untie_embeddings_and_output_weights: bool = True
     """Separate output layer (type output). Tied: the embedding serves as output and the
     output rules of Table 1 cannot apply (a warning is given)."""
+    apply_layernorm_1p: bool = False
+    """Zero-centred norm gains: every norm multiplies by 1 + weight, its weight starting at 0
+    (Megatron's --apply-layernorm-1p); weight decay then pulls a gain towards 1."""
+    squared_relu: bool = False
+    """The MLP's activation is relu(x)^2 (Megatron's --squared-relu, Nemotron's) instead of
+    GeLU; not with swiglu."""
 
     def __post_init__(self) -> None:
         # One spelling per architecture: with biases on every linear layer, q/k/v have theirs
@@ -262,6 +268,9 @@ class Shape:
             if name == "train_tokens" and not _is_number(value):
                 raise _fail(f"{path}.train_tokens", f"{_show(value)} is not a finite number", "give a smaller --tokens ratio or --train-tokens")
             _at_most(value, limit, f"{path}.{name}")
+        if self.squared_relu and self.swiglu:
+            raise _fail(f"{path}.squared_relu", "a squared-ReLU MLP is not gated",
+                        "set swiglu to false (Megatron-LM refuses --squared-relu with --swiglu)")
         if self.hidden_size % self.num_attention_heads:
             raise _fail(
                 f"{path}.hidden_size",
@@ -315,6 +324,10 @@ class Shape:
 
 
 _SHAPE_FIELDS = tuple(f.name for f in fields(Shape))
+# The architecture: a transfer keeps it (a target's must equal its base's).
+ARCHITECTURE_FIELDS = ("normalization", "swiglu", "qk_layernorm", "add_bias_linear", "add_qkv_bias",
+                       "position_embedding_type", "untie_embeddings_and_output_weights", "apply_layernorm_1p",
+                       "squared_relu")
 _CHOICES = {"normalization": ("RMSNorm", "LayerNorm"), "position_embedding_type": ("rope", "learned_absolute")}
 
 
@@ -417,6 +430,8 @@ def _parse_base(raw: Any) -> Base:
         untie_embeddings_and_output_weights=_bool(
             raw.get("untie_embeddings_and_output_weights", True), "base.untie_embeddings_and_output_weights"
         ),
+        apply_layernorm_1p=_bool(raw.get("apply_layernorm_1p", False), "base.apply_layernorm_1p"),
+        squared_relu=_bool(raw.get("squared_relu", False), "base.squared_relu"),
     )
     shape.validate("base")
     alpha = raw.get("alpha", rules.DEFAULT_ALPHA)

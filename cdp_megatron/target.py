@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 import shlex
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from . import rules
 from .spec import (
+    ARCHITECTURE_FIELDS,
     BLOCKS,
     LIMITS,
     SCHEMA_VERSION,
@@ -175,6 +176,10 @@ class Target:
             args.append("--disable-bias-linear")
             if s.add_qkv_bias:
                 args.append("--add-qkv-bias")
+        if s.apply_layernorm_1p:
+            args.append("--apply-layernorm-1p")
+        if s.squared_relu:
+            args.append("--squared-relu")
         args += ["--cdp-config", shlex.quote(cdp_config)]
         return args
 
@@ -345,8 +350,7 @@ def resolve(spec: Spec, shape: Shape | None = None) -> Target:
     base = spec.base.shape
     shape = base if shape is None else shape
     shape.validate("target")
-    for name in ("normalization", "swiglu", "qk_layernorm", "add_bias_linear", "add_qkv_bias",
-                 "position_embedding_type", "untie_embeddings_and_output_weights"):
+    for name in ARCHITECTURE_FIELDS:
         if getattr(shape, name) != getattr(base, name):
             raise SpecError(f"target.{name}: differs from the base ({getattr(base, name)!r}); transfer keeps the architecture")
     ratios = {
@@ -599,7 +603,12 @@ def target_from_dict(raw: Any, where: str = "target") -> Target:
         # re-resolved target carries this release's, and a stored list is not compared
         if key in ("source_spec", "groups", "warnings"):
             continue
-        diff = _difference(raw.get(key), want, key)
+        have = raw.get(key)
+        if key == "shape" and isinstance(have, dict):
+            # fields added to the shape after files were first written (add_qkv_bias,
+            # apply_layernorm_1p, squared_relu): absent in older files, their default there
+            have = {**{f.name: f.default for f in fields(Shape) if f.default is not MISSING}, **have}
+        diff = _difference(have, want, key)
         if diff is not None:
             at, have, want_at = diff
             raise SpecError(

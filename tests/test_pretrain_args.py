@@ -897,6 +897,22 @@ def test_add_qkv_bias(tmp_path):
     assert message.endswith("add_qkv_bias is False there but the flags give True; drop --add-qkv-bias"), message
 
 
+def test_spec_architecture_norm_gains_and_activation(tmp_path):
+    """A spec with apply_layernorm_1p or squared_relu: the flags must say the same (either way)."""
+    for field, flag, extra in (("apply_layernorm_1p", "--apply-layernorm-1p", {}),
+                               ("squared_relu", "--squared-relu", {"swiglu": False})):
+        raw = json.loads(Path(BASE).read_text())
+        raw["base"].update({field: True, **extra})
+        path = tmp_path / f"{field}.json"
+        path.write_text(json.dumps(raw))
+        flags = TINY.replace("--swiglu", "") if extra else TINY
+        assert getattr(parse(f"{flags} {flag} --cdp-base {path}").target.shape, field) is True
+        message = error(f"{flags} --cdp-base {path}")
+        assert message.endswith(f"{field} is True there but the flags give False; add {flag}"), message
+        message = error(f"{TINY} {flag if not extra else ''} --apply-layernorm-1p --cdp-base {BASE}")
+        assert message.endswith("apply_layernorm_1p is False there but the flags give True; drop --apply-layernorm-1p")
+
+
 def test_pretrained_checkpoint_flags(tmp_path):
     args = parse(TINY + f" --lr 1e-3 --pretrained-checkpoint {tmp_path} --load ck --save ck --no-load-optim")
     assert args.pretrained_checkpoint == str(tmp_path) and args.no_load_optim

@@ -793,6 +793,42 @@ def test_megatron_args_shell_quote_the_config_path():
     assert shlex.split(" ".join(args))[-1] == "my target.json"
 
 
+@pytest.mark.parametrize("field, flag, base", [
+    ("apply_layernorm_1p", "--apply-layernorm-1p", {}),
+    ("squared_relu", "--squared-relu", {"swiglu": False}),
+])
+def test_activation_and_norm_gains_are_architecture(field, flag, base):
+    """apply_layernorm_1p and squared_relu (Megatron's --apply-layernorm-1p, --squared-relu): the
+    spec carries them to the target, its file and its Megatron flags; the groups and every
+    hyperparameter are those of the architecture without them; a transfer keeps them."""
+    spec, plain = make_spec(base={**base, field: True}), make_spec(base=base)
+    assert getattr(spec.base.shape, field) is True and getattr(plain.base.shape, field) is False
+    assert spec.to_dict()["base"][field] is True and Spec.from_dict(spec.to_dict()) == spec
+    t, p = resolve(spec, scaled_shape(spec.base.shape, width=2, depth=2)), resolve(plain, scaled_shape(plain.base.shape, width=2, depth=2))
+    assert [g.hyperparameters() for g in t.groups] == [g.hyperparameters() for g in p.groups]
+    args = t.megatron_args("t.json")
+    assert flag in args and flag not in p.megatron_args("t.json")
+    assert args.index(flag) < args.index("--cdp-config")
+    raw = t.to_dict()
+    assert raw["shape"][field] is True and getattr(target_from_dict(copy.deepcopy(raw)).shape, field) is True
+    # a target file written before the field (and before add_qkv_bias): the architecture without them
+    older = p.to_dict()
+    for name in (field, "add_qkv_bias"):
+        del older["shape"][name], older["source_spec"]["base"][name]
+    assert getattr(target_from_dict(older).shape, field) is False
+    with pytest.raises(SpecError, match=f"target.{field}: differs from the base"):
+        resolve(spec, replace(spec.base.shape, **{field: False}))
+    with pytest.raises(SpecError, match=f"base.{field}"):
+        make_spec(base={**base, field: "yes"})
+
+
+def test_squared_relu_is_not_gated():
+    with pytest.raises(SpecError) as info:
+        make_spec(base={"squared_relu": True})  # swiglu defaults to true
+    assert str(info.value).startswith("base.squared_relu: a squared-ReLU MLP is not gated")
+    assert "set swiglu to false" in str(info.value)
+
+
 def test_qkv_bias_only_gives_q_k_v_biases_and_its_flag():
     """add_qkv_bias (Megatron's --add-qkv-bias, Qwen2): biases on q, k, v and nowhere else."""
     qkv = {"normalization": "RMSNorm", "add_bias_linear": False, "add_qkv_bias": True}

@@ -92,8 +92,8 @@ def gpt_config(shape: Any, *, init_method_std: float = 0.02, **overrides: Any) -
     """A TransformerConfig for a TargetShape-like ``shape`` and the current parallel state.
 
     shape: hidden_size, num_layers, num_attention_heads, num_query_groups, ffn_hidden_size,
-    normalization, swiglu, qk_layernorm, add_bias_linear, add_qkv_bias (optional, default false)
-    (spec.Shape / target.shape).
+    normalization, swiglu, qk_layernorm, add_bias_linear; add_qkv_bias, apply_layernorm_1p and
+    squared_relu optional, default false (spec.Shape / target.shape).
     Dropout is off; fusions that need CUDA kernels and batched p2p are off on a CPU (gloo);
     ``use_cpu_initialization`` is on (Megatron then draws the full tensor and splits it: TP-invariant init).
     ``overrides`` are TransformerConfig fields and win; ``attention_backend`` may be given by
@@ -110,7 +110,9 @@ def gpt_config(shape: Any, *, init_method_std: float = 0.02, **overrides: Any) -
         kv_channels=shape.hidden_size // shape.num_attention_heads,
         normalization=shape.normalization,
         gated_linear_unit=shape.swiglu,
-        activation_func=torch.nn.functional.silu if shape.swiglu else torch.nn.functional.gelu,
+        activation_func=(torch.nn.functional.silu if shape.swiglu
+                         else "squared_relu" if getattr(shape, "squared_relu", False) else torch.nn.functional.gelu),
+        layernorm_zero_centered_gamma=getattr(shape, "apply_layernorm_1p", False),
         qk_layernorm=shape.qk_layernorm,
         add_bias_linear=shape.add_bias_linear,
         add_qkv_bias=getattr(shape, "add_qkv_bias", False),

@@ -478,6 +478,22 @@ def test_squared_relu_reaches_the_mlp(megatron_1proc):
     assert not torch.allclose(lm_loss(gelu, tokens), lm_loss(relu2, tokens))
 
 
+def test_spec_architecture_reaches_the_model(megatron_1proc):
+    # a spec's squared_relu and apply_layernorm_1p (what cdp-coordcheck and an in-process
+    # build read): gpt_config takes them from the shape, as the flags' overrides give them
+    from megatron.core.activations import squared_relu
+
+    from cdp_megatron.integration import ZeroCentredNorm, build_gpt_model
+
+    target = tiny_target(swiglu=False, squared_relu=True, apply_layernorm_1p=True)
+    (model,) = build_gpt_model(target=target)
+    assert {layer.mlp.activation_func for layer in model.decoder.layers} == {squared_relu}
+    assert sum(isinstance(m, ZeroCentredNorm) for m in model.modules()) == 4 * target.shape.num_layers + 1
+    (plain,) = build_gpt_model(target=tiny_target(swiglu=False))
+    assert {layer.mlp.activation_func for layer in plain.decoder.layers} == {torch.nn.functional.gelu}
+    assert not any(isinstance(m, ZeroCentredNorm) for m in plain.modules())
+
+
 def test_transformer_engine_spec(megatron_1proc):
     pytest.importorskip("transformer_engine")
     from cdp_megatron.integration import ResidualScaledTransformerLayer, build_gpt_model, classify_model
