@@ -225,6 +225,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
+        distribute_saved_activations=args.distribute_saved_activations,
     )
     if args.recompute_modules is not None:
         overrides["recompute_modules"] = list(args.recompute_modules)
@@ -924,7 +925,8 @@ class _Run:
                                           else modules[0])
         elif args.recompute_granularity == "full":
             layout += (f", recomputing whole layers ({args.recompute_method}, {args.recompute_num_layers} "
-                       f"layer{'s' if args.recompute_num_layers > 1 else ''})")
+                       f"layer{'s' if args.recompute_num_layers > 1 else ''}"
+                       + (", their saved inputs split across TP" if args.distribute_saved_activations else "") + ")")
         lines = [
             f"{PROG}: {args.world_size} process(es) on {self.device} "
             f"({'nccl' if self.device == 'cuda' else 'gloo'}), {layout}",

@@ -56,7 +56,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--num-experts": "mixture-of-experts models are not supported",
     "--expert-model-parallel-size": "mixture-of-experts models are not supported",
     "--expert-tensor-parallel-size": "mixture-of-experts models are not supported",
-    "--distribute-saved-activations": "not supported",
     "--use-flash-attn": "give --attention-backend flash (Megatron-LM's newer flag)",
     "--use-legacy-models": "only megatron.core models exist here",
     "--spec": "the layer spec comes from --transformer-impl",
@@ -315,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with full: uniform (layers in chunks of N) or block (the first N layers of each "
                    "pipeline stage)")
     g.add_argument("--recompute-num-layers", type=int, metavar="N", help="with full: see --recompute-method")
+    g.add_argument("--distribute-saved-activations", action="store_true",
+                   help="with full recomputation on TP > 1: each TP rank keeps 1/TP of the input saved for each "
+                   "recomputed chunk (gathered again for its backward)")
     g.add_argument("--recompute-modules", nargs="*", choices=RECOMPUTE_MODULES, metavar="MODULE",
                    help="with selective: what each layer recomputes, any of core_attn (the default), mlp, layernorm")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state over DP")
@@ -752,6 +754,16 @@ def _validate_recompute(args: argparse.Namespace) -> None:
         if args.recompute_granularity == "full":
             raise ArgsError("--recompute-activations is --recompute-granularity selective; give one of them")
         args.recompute_granularity = "selective"
+    if args.distribute_saved_activations:  # Megatron-LM asserts these (megatron-core the last)
+        if args.recompute_granularity != "full":
+            raise ArgsError("--distribute-saved-activations applies to --recompute-granularity full (it splits the "
+                            "inputs that full recomputation saves); add it, or drop the flag")
+        if args.tensor_model_parallel_size == 1:
+            raise ArgsError("--distribute-saved-activations splits the saved inputs across tensor-parallel ranks; give "
+                            "--tensor-model-parallel-size 2 or more, or drop the flag")
+        if args.sequence_parallel:
+            raise ArgsError("--distribute-saved-activations with --sequence-parallel: the saved inputs are split "
+                            "across the tensor-parallel ranks already (megatron-core refuses both); give one of them")
     given = [f for f, v in (("--recompute-method", args.recompute_method),
                             ("--recompute-num-layers", args.recompute_num_layers)) if v is not None]
     if args.recompute_modules is not None:

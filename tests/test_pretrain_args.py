@@ -796,6 +796,28 @@ def test_activation_recomputation_flags():
         "full --recompute-method uniform --recompute-num-layers 3", world_size=2)
 
 
+def test_distribute_saved_activations(monkeypatch):
+    import importlib.util
+
+    full = TINY + " --lr 1e-3 --recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
+    args = parse(full + " --tensor-model-parallel-size 2 --distribute-saved-activations", world_size=2)
+    assert args.distribute_saved_activations and not parse(full).distribute_saved_activations
+    assert error(TINY + " --lr 1e-3 --recompute-activations --tensor-model-parallel-size 2 "
+                 "--distribute-saved-activations", world_size=2) == (
+        "--distribute-saved-activations applies to --recompute-granularity full (it splits the inputs that full "
+        "recomputation saves); add it, or drop the flag")
+    assert error(full + " --distribute-saved-activations") == (
+        "--distribute-saved-activations splits the saved inputs across tensor-parallel ranks; give "
+        "--tensor-model-parallel-size 2 or more, or drop the flag")
+    find_spec = importlib.util.find_spec  # Transformer Engine "installed", as --sequence-parallel needs it here
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a))
+    assert error(full + " --tensor-model-parallel-size 2 --distribute-saved-activations --sequence-parallel "
+                 "--transformer-impl transformer_engine", world_size=2) == (
+        "--distribute-saved-activations with --sequence-parallel: the saved inputs are split across the "
+        "tensor-parallel ranks already (megatron-core refuses both); give one of them")
+
+
 def test_layernorm_recomputation_is_refused_with_fp8(monkeypatch):
     import importlib.util
 

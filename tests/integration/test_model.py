@@ -575,3 +575,48 @@ def test_zero_centred_norm_gains_train_alike_on_every_layout():
         for result in results:
             if result["last"]:
                 assert result["losses"] == pytest.approx(reference, rel=1e-5), (tp, pp, vpp)
+
+
+def _distributed_saved_worker(distribute: bool) -> dict:
+    # --distribute-saved-activations: megatron's checkpoint keeps 1/TP of each recomputed
+    # chunk's input (a flat shard) instead of the whole [s, b, h] tensor
+    from . import _optim_common as oc
+
+    target = tiny_target(num_layers=4, multipliers=oc.multipliers_for(4))
+    fields = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2,
+                  distribute_saved_activations=distribute)
+    setup = oc.setup_model(target, 2, 1, None, config_fields=fields)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        losses = oc.train_steps(setup, 3)
+    return {"losses": losses, "saved": saved}
+
+
+def test_distributed_saved_activations():
+    """On TP 2 each rank saves half of every recomputed chunk's input (seq x micro batch x hidden
+    / 2 as one flat shard, gathered again for the backward), and trains exactly as without."""
+    whole, split = (run_distributed(_distributed_saved_worker, 2, distribute) for distribute in (False, True))
+    shape = TINY_SHAPE
+    flat = (shape["seq_length"] * 1 * shape["hidden_size"] // 2,)  # micro batch 1
+    full = (shape["seq_length"], 1, shape["hidden_size"])
+    for rank in range(2):
+        assert split[rank]["losses"] == whole[rank]["losses"]
+        # every input the checkpoint saved whole is saved as a shard instead
+        assert split[rank]["saved"].count(flat) > 0 and whole[rank]["saved"].count(flat) == 0
+        assert whole[rank]["saved"].count(full) - split[rank]["saved"].count(full) == split[rank]["saved"].count(flat)
+    # cdp-pretrain's flag sets the field
+    import shlex
+
+    from cdp_megatron.pretrain import config_overrides
+    from cdp_megatron.pretrain_args import parse_args
+
+    flags = ("--mock-data --num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 1 "
+             "--train-iters 4 --lr 1e-3 --tensor-model-parallel-size 2 --recompute-granularity full "
+             "--recompute-method uniform --recompute-num-layers 1")
+    for extra, want in (("", False), (" --distribute-saved-activations", True)):
+        assert config_overrides(parse_args(shlex.split(flags + extra), world_size=2))["distribute_saved_activations"] is want
