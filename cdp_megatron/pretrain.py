@@ -1087,6 +1087,8 @@ class _Run:
             path = checkpoint_to_load(args.load, args.ckpt_step) if args.load else None
         except CheckpointError as e:
             raise RunError(f"--load {args.load}: {e}") from None
+        if args.load and args.non_persistent_ckpt_type == "global" and args.ckpt_step is None:
+            path = self._newer_non_persistent(path)
         if path is None and args.pretrained_checkpoint:  # Megatron-LM's: fine-tune from it until --load has one
             try:
                 pretrained = checkpoint_to_load(args.pretrained_checkpoint)
@@ -1150,6 +1152,28 @@ class _Run:
             self._print(" note: the checkpoint's RNG state is for another layout; dropout masks restart from --seed")
         return iteration
 
+    def _newer_non_persistent(self, path: str | None) -> str | None:
+        """Megatron-LM's --non-persistent-ckpt-type global on load: the latest non-persistent
+        checkpoint (of --non-persistent-global-ckpt-dir, else --load/non_persistent) where it is
+        at least as new as ``path``, the latest persistent one."""
+        from cdp_megatron.integration.checkpoint import CheckpointError, checkpoint_iteration, latest_checkpoint
+        from cdp_megatron.pretrain_args import NON_PERSISTENT_DIR
+
+        args = self.args
+        folder = args.non_persistent_global_ckpt_dir or os.path.join(args.load, NON_PERSISTENT_DIR)
+        try:
+            latest = latest_checkpoint(folder)
+            newer = latest is not None and (path is None or checkpoint_iteration(latest) >= checkpoint_iteration(path))
+        except CheckpointError as e:
+            raise RunError(f"non-persistent checkpoints {folder}: {e}") from None
+        if not newer:
+            if latest is not None:
+                self._print(f" note: the non-persistent checkpoint {latest} is older than {path}; loading the latter")
+            return path
+        self._print(f" note: loading the non-persistent checkpoint {latest}"
+                    + (f" (newer than {path})" if path else f" (--load {args.load} holds no persistent one)"))
+        return latest
+
     def _load_weights(self, path: str, extras: dict, flag: str = "--load") -> int:
         """--finetune, and ``flag`` --pretrained-checkpoint where --load holds no checkpoint: the
         model's weights of ``path`` only; the run starts at iteration 0 with its own optimizer,
@@ -1181,11 +1205,12 @@ class _Run:
         return {"tp": a.tensor_model_parallel_size, "pp": a.pipeline_model_parallel_size,
                 "vpp": a.virtual_pipeline_model_parallel_size, "world": a.world_size}
 
-    def _save_checkpoint(self, iteration: int) -> None:
+    def _save_checkpoint(self, iteration: int, non_persistent: bool = False) -> None:
         """Save atomically (integration.checkpoint.save_iteration): write ``iter_N.tmp``, rename
         it to ``iter_N``, then replace the tracker file. A crash at any point leaves the previous
-        checkpoint and tracker intact."""
-        from cdp_megatron.integration.checkpoint import save_iteration
+        checkpoint and tracker intact. ``non_persistent``: to the non-persistent folder, whose
+        older checkpoints are then removed (it keeps the latest, as Megatron-LM's)."""
+        from cdp_megatron.integration.checkpoint import remove_older_checkpoints, save_iteration
 
         def crash_if_asked() -> None:
             if os.environ.get(_CRASH_DURING_SAVE_ENV) == str(iteration):
@@ -1197,7 +1222,7 @@ class _Run:
         with synced_params(self.model):  # the latest weights under --overlap-param-gather
             optim = not self.args.no_save_optim  # --no-save-optim: neither the optimizer state nor the schedule
             final = save_iteration(
-                self.args.save, iteration, self.model, self.optimizer if optim else None,
+                self.args.non_persistent_save_dir if non_persistent else self.args.save, iteration, self.model, self.optimizer if optim else None,
                 self.scheduler if optim else None,
                 layout=self._layout(), extra={"consumed_samples": self.consumed_samples,
                                               "consumed_tokens": self.consumed_tokens,
@@ -1210,7 +1235,10 @@ class _Run:
                 dist_opt_format="fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable else None,
                 mem_efficient=self.args.distrib_optim_fully_reshardable_mem_efficient,
             )
-        self._print(f" saved checkpoint {final} in {time.perf_counter() - started:.2f} s")
+        if non_persistent and self.rank == 0:
+            remove_older_checkpoints(self.args.non_persistent_save_dir, iteration)
+        self._print(f" saved {'non-persistent ' if non_persistent else ''}checkpoint {final} in "
+                    f"{time.perf_counter() - started:.2f} s")
 
     # ---------------------------------------------------------------------------- training
     def _iterators(self, dataset: Any, start: int):
@@ -1420,6 +1448,8 @@ class _Run:
                     metrics.evaluation(iteration, val_loss, val_z)
                 if args.save and ((args.save_interval and iteration % args.save_interval == 0) or done or stop):
                     self._save_checkpoint(iteration)
+                elif args.non_persistent_save_interval and iteration % args.non_persistent_save_interval == 0:
+                    self._save_checkpoint(iteration, non_persistent=True)
                 if stop:
                     metrics.print(f"exiting at iteration {iteration} ({stop})")
                     break

@@ -47,6 +47,8 @@ class ArgsError(ValueError):
     """A command line that cannot run; the message is one line naming the flag and the fix."""
 
 
+NON_PERSISTENT_DIR = "non_persistent"  # Megatron-LM's subfolder of --save/--load for non-persistent checkpoints
+
 # Megatron-LM flags that cdp-pretrain does not implement (exact names), and flag families
 # (prefixes). Named so that a user porting a Megatron-LM script sees a deliberate gap.
 UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
@@ -82,7 +84,9 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--qk-l2-norm": "give --qk-layernorm",
     "--multi-latent-attention": "not supported",
     "--async-save": "checkpoints are saved synchronously",
-    "--non-persistent-save-interval": "not supported",
+    **dict.fromkeys(("--non-persistent-local-ckpt-dir", "--non-persistent-local-ckpt-algo"),
+                    "node-local non-persistent checkpoints (NVIDIA's nvidia-resiliency-ext) are not supported; give "
+                    "--non-persistent-ckpt-type global"),
     "--use-torch-fsdp2": "FSDP is not supported; use --use-distributed-optimizer",
     "--use-custom-fsdp": "FSDP is not supported; use --use-distributed-optimizer",
     "--use-megatron-fsdp": "FSDP is not supported; use --use-distributed-optimizer",
@@ -457,6 +461,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoints without the RNG state (a resume draws dropout masks from --seed again)")
     g.add_argument("--save-interval", "--persistent-save-interval", type=int,
                    help="iterations between saves (and at the end)")
+    g.add_argument("--non-persistent-save-interval", type=int, metavar="N",
+                   help="with --non-persistent-ckpt-type global: also save every N iterations to a folder that "
+                   "keeps only the latest such checkpoint (--load resumes from it where it is the newer)")
+    g.add_argument("--non-persistent-ckpt-type", choices=("global", "local", "in_memory"),
+                   help="global: non-persistent checkpoints in --non-persistent-global-ckpt-dir, in the format of "
+                   "the others (local and in_memory are not supported)")
+    g.add_argument("--non-persistent-global-ckpt-dir", metavar="DIR",
+                   help=f"where non-persistent checkpoints go and are looked for (default: --save/{NON_PERSISTENT_DIR}, "
+                   f"and --load/{NON_PERSISTENT_DIR} when loading)")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="with --use-distributed-optimizer: save its state so the checkpoint resumes "
                    "on any TP/PP/DP layout (gathers the state over DP while saving); default: it "
@@ -715,7 +728,7 @@ def _validate(args: argparse.Namespace) -> None:
               "max_position_embeddings", "tensor_model_parallel_size", "pipeline_model_parallel_size",
               "num_layers_per_virtual_pipeline_stage", "log_interval", "eval_interval", "save_interval",
               "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size", "ckpt_step",
-              "tensorboard_log_interval", "num_dataset_builder_threads")
+              "tensorboard_log_interval", "num_dataset_builder_threads", "non_persistent_save_interval")
     _positive(args, "eval_iters", "lr_warmup_iters", "cdp_z_loss", "num_workers", allow_zero=True)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0 <= getattr(args, name) < 1:
@@ -1188,6 +1201,38 @@ def _validate_profile(args: argparse.Namespace) -> None:
         raise ArgsError("--use-pytorch-profiler writes its trace to --tensorboard-dir; give --tensorboard-dir")
 
 
+def _validate_non_persistent(args: argparse.Namespace) -> None:
+    """Megatron-LM's non-persistent checkpoints (the global kind): checked before anything runs,
+    where Megatron-LM asserts at the first such save or skips them without --save."""
+    kind, interval, folder = (args.non_persistent_ckpt_type, args.non_persistent_save_interval,
+                              args.non_persistent_global_ckpt_dir)
+    args.non_persistent_save_dir = None
+    if kind in ("local", "in_memory"):
+        raise ArgsError(f"--non-persistent-ckpt-type {kind} needs NVIDIA's nvidia-resiliency-ext, which is not "
+                        "supported; give --non-persistent-ckpt-type global")
+    if interval is not None:
+        if not args.save:
+            raise ArgsError("--non-persistent-save-interval needs --save (non-persistent checkpoints are saved "
+                            "between the persistent ones)")
+        if kind is None:
+            raise ArgsError("--non-persistent-save-interval needs --non-persistent-ckpt-type global (a folder that "
+                            "keeps only the latest non-persistent checkpoint)")
+    if kind is None and folder is not None:
+        raise ArgsError("--non-persistent-global-ckpt-dir needs --non-persistent-ckpt-type global")
+    if kind is not None and interval is None and not args.load:
+        raise ArgsError("--non-persistent-ckpt-type applies with --non-persistent-save-interval (saving) or --load "
+                        "(loading); give one of them, or drop the flag")
+    if interval is None:
+        return
+    args.non_persistent_save_dir = folder or os.path.join(args.save, NON_PERSISTENT_DIR)
+    if os.path.realpath(args.non_persistent_save_dir) == os.path.realpath(args.save):
+        raise ArgsError(f"--non-persistent-global-ckpt-dir {folder} is the --save folder: keeping only the latest "
+                        "non-persistent checkpoint would remove the persistent ones; give another folder")
+    problem = output_dir_problem("--non-persistent-global-ckpt-dir", args.non_persistent_save_dir)
+    if problem:
+        raise ArgsError(problem)
+
+
 def _validate_checkpoints(args: argparse.Namespace) -> None:
     if args.ckpt_format != "torch_dist":
         raise ArgsError(f"--ckpt-format {args.ckpt_format} is not supported: checkpoints are saved and loaded with "
@@ -1195,6 +1240,7 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
     for name in ("save_interval", "no_save_optim", "no_save_rng"):
         if getattr(args, name) not in (None, False) and not args.save:
             raise ArgsError(f"--{name.replace('_', '-')} needs --save")
+    _validate_non_persistent(args)
     if args.log_validation_ppl_to_tensorboard and not args.tensorboard_dir:
         raise ArgsError("--log-validation-ppl-to-tensorboard needs --tensorboard-dir")
     _validate_profile(args)

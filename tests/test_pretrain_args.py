@@ -344,6 +344,40 @@ def test_document_flags(tmp_path, monkeypatch):
     assert parse(f"{data} --transformer-impl transformer_engine --eod-mask-loss").eod_mask_loss
 
 
+def test_non_persistent_checkpoint_flags(tmp_path):
+    base = TINY + f" --lr 1e-3 --save {tmp_path / 'ck'}"
+    args = parse(base + " --non-persistent-save-interval 5 --non-persistent-ckpt-type global")
+    assert args.non_persistent_save_dir == str(tmp_path / "ck" / "non_persistent")
+    args = parse(base + f" --non-persistent-save-interval 5 --non-persistent-ckpt-type global "
+                 f"--non-persistent-global-ckpt-dir {tmp_path / 'np'}")
+    assert args.non_persistent_save_dir == str(tmp_path / "np")
+    assert parse(TINY + " --lr 1e-3 --load ck --non-persistent-ckpt-type global").non_persistent_save_dir is None
+    for extra, message in (
+        (" --non-persistent-save-interval 5", "--non-persistent-save-interval needs --non-persistent-ckpt-type "
+                                              "global (a folder that keeps only the latest non-persistent checkpoint)"),
+        (" --non-persistent-save-interval 0 --non-persistent-ckpt-type global",
+         "--non-persistent-save-interval must be > 0, got 0"),
+        (" --non-persistent-ckpt-type local", "--non-persistent-ckpt-type local needs NVIDIA's nvidia-resiliency-ext, "
+                                              "which is not supported; give --non-persistent-ckpt-type global"),
+        (" --non-persistent-global-ckpt-dir x", "--non-persistent-global-ckpt-dir needs --non-persistent-ckpt-type "
+                                                "global"),
+        (f" --non-persistent-save-interval 5 --non-persistent-ckpt-type global --non-persistent-global-ckpt-dir "
+         f"{tmp_path / 'ck'}", f"--non-persistent-global-ckpt-dir {tmp_path / 'ck'} is the --save folder: keeping only "
+                               "the latest non-persistent checkpoint would remove the persistent ones; give another "
+                               "folder"),
+    ):
+        assert error(base + extra) == message, extra
+    assert error(TINY + " --lr 1e-3 --non-persistent-save-interval 5 --non-persistent-ckpt-type global") == (
+        "--non-persistent-save-interval needs --save (non-persistent checkpoints are saved between the persistent ones)")
+    assert error(TINY + " --lr 1e-3 --non-persistent-ckpt-type global") == (
+        "--non-persistent-ckpt-type applies with --non-persistent-save-interval (saving) or --load (loading); give "
+        "one of them, or drop the flag")
+    assert error(base + " --non-persistent-local-ckpt-dir x") == (
+        "--non-persistent-local-ckpt-dir is a Megatron-LM flag cdp-pretrain does not support (node-local "
+        "non-persistent checkpoints (NVIDIA's nvidia-resiliency-ext) are not supported; give "
+        "--non-persistent-ckpt-type global)")
+
+
 def test_log_memory_to_tensorboard_needs_the_folder():
     assert error(TINY + " --lr 1e-3 --log-memory-to-tensorboard") == (
         "--log-memory-to-tensorboard needs --tensorboard-dir")

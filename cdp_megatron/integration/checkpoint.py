@@ -444,6 +444,28 @@ def saved_iterations(directory: str) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m and os.path.isdir(os.path.join(directory, m.group(0))))
 
 
+def checkpoint_iteration(path: str) -> int:
+    """The iteration of the checkpoint folder ``path`` (``.../iter_NNNNNNN``)."""
+    match = _ITERATION_DIR.fullmatch(os.path.basename(os.path.normpath(path)))
+    if match is None:
+        raise CheckpointError(f"{path} is not a checkpoint folder (iter_NNNNNNN)")
+    return int(match.group(1))
+
+
+def remove_older_checkpoints(directory: str, keep: int) -> list[int]:
+    """Remove the checkpoints of ``directory`` older than iteration ``keep`` (Megatron-LM's
+    non-persistent folder keeps only the latest), and unfinished ``.tmp`` saves; returns the
+    removed checkpoints' iterations. Rank 0 only, after
+    ``keep`` is published, so that a crash leaves a checkpoint to resume from."""
+    older = [i for i in saved_iterations(directory) if i < keep]
+    for iteration in older:
+        shutil.rmtree(os.path.join(directory, checkpoint_dirname(iteration)))
+    for name in os.listdir(directory):  # what crashed saves left (none is running now)
+        if name.endswith(".tmp") and _ITERATION_DIR.fullmatch(name[:-4]):
+            shutil.rmtree(os.path.join(directory, name))
+    return older
+
+
 def _torch_dist(path: str) -> str:
     """``path`` if it holds a dist_checkpointing (torch_dist) checkpoint; else CheckpointError
     naming the format it holds and, for Megatron-LM's torch format, its conversion."""

@@ -1018,6 +1018,45 @@ def test_crash_during_save_leaves_previous_checkpoint(spec20, reference, tmp_pat
     assert not any(p.name.endswith(".tmp") for p in ckpt.iterdir())
 
 
+def test_non_persistent_checkpoints(tmp_path):
+    """--non-persistent-save-interval with --non-persistent-ckpt-type global (Megatron-LM's): saves
+    between the persistent ones to --save/non_persistent, which keeps only the latest; --load with
+    the type resumes from it where it is the newer, exactly as the run went on."""
+    flags = (TINY + " --train-iters 8 --lr 1e-3 --eval-iters 0 --save ck --save-interval 4 "
+             "--non-persistent-save-interval 2 --non-persistent-ckpt-type global")
+    # killed while saving iteration 8: the persistent checkpoint is of 4, the non-persistent one of 6
+    result = run(flags + " --metrics-file m.jsonl", tmp_path, env={"CDP_PRETRAIN_TEST_CRASH_DURING_SAVE": "8"})
+    assert result.returncode == 137, result.stdout[-4000:]
+    assert " saved non-persistent checkpoint ck/non_persistent/iter_0000002 in " in result.stdout
+    assert " saved checkpoint ck/iter_0000004 in " in result.stdout
+    ck, np_dir = tmp_path / "ck", tmp_path / "ck" / "non_persistent"
+    assert sorted(p.name for p in np_dir.iterdir()) == ["iter_0000006", "latest_checkpointed_iteration.txt"]
+    assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    reference = train_losses(tmp_path / "m.jsonl")
+    assert sorted(reference) == list(range(1, 9))
+    # without the type, --load takes the persistent checkpoint (Megatron-LM's too)
+    out = ok(run(flags.replace(" --non-persistent-save-interval 2 --non-persistent-ckpt-type global", "")
+                 + " --load ck --exit-interval 5", tmp_path))
+    assert "loading checkpoint ck/iter_0000004" in out and "non-persistent" not in out
+    (ck / "iter_0000005").rename(tmp_path / "aside")  # the exit's save, out of the way
+    (ck / "latest_checkpointed_iteration.txt").write_text("4\n")
+    out = ok(run(flags + " --load ck --metrics-file r.jsonl", tmp_path))
+    assert " note: loading the non-persistent checkpoint ck/non_persistent/iter_0000006 (newer than ck/iter_0000004)" in out
+    assert "starting at iteration 6" in out
+    resumed = train_losses(tmp_path / "r.jsonl")
+    assert [resumed[i] for i in (7, 8)] == [reference[i] for i in (7, 8)]  # exact
+    # once the persistent one is newer, it is loaded
+    out = ok(run(flags + " --load ck", tmp_path))
+    assert (" note: the non-persistent checkpoint ck/non_persistent/iter_0000006 is older than ck/iter_0000008; "
+            "loading the latter") in out
+    # a --load folder with only non-persistent checkpoints resumes from them
+    (tmp_path / "only").mkdir()
+    (np_dir).rename(tmp_path / "only" / "non_persistent")
+    out = ok(run(flags.replace("--save ck", "--save only") + " --load only --train-iters 8", tmp_path))
+    assert " note: loading the non-persistent checkpoint only/non_persistent/iter_0000006 (--load only holds no " \
+           "persistent one)" in out
+
+
 def test_load_without_checkpoint_starts_fresh(tmp_path):
     out = ok(run(TINY + " --train-iters 2 --lr 1e-3 --eval-iters 0 --load nothing-here", tmp_path))
     assert "no checkpoint there" in out and "starting at iteration 0" in out
