@@ -913,7 +913,8 @@ class _Run:
             + f" DP={args.data_parallel_size}"
         )
         overlapped = [name for name, on in (("grad reduce", args.overlap_grad_reduce),
-                                            ("param gather", args.overlap_param_gather)) if on]
+                                            ("aligned param gather" if args.align_param_gather else "param gather",
+                                             args.overlap_param_gather)) if on]
         if overlapped:
             layout += f", overlapped {' and '.join(overlapped)}"
             if args.ddp_bucket_size:
@@ -1005,7 +1006,8 @@ class _Run:
         print_summary(self.param_infos, args.target)
         model = wrap_ddp(chunks, config, use_distributed_optimizer=args.use_distributed_optimizer,
                          grad_reduce_in_fp32=not args.grad_reduce_in_bf16, overlap_grad_reduce=args.overlap_grad_reduce,
-                         overlap_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size)
+                         overlap_param_gather=args.overlap_param_gather, align_param_gather=args.align_param_gather,
+                         bucket_size=args.ddp_bucket_size)
         from cdp_megatron.integration.training import use_megatron_grad_finalization
 
         use_megatron_grad_finalization(config)

@@ -70,7 +70,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
                      "--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler"),
                     "--load resumes on the checkpoint's schedule and refuses flags that change it"),
     "--no-align-grad-reduce": "not supported (grad reductions are aligned across pipeline stages)",
-    "--align-param-gather": "not supported",
     "--overlap-param-gather-with-optimizer-step": "not supported",
     "--num-virtual-stages-per-pipeline-rank": "give --num-layers-per-virtual-pipeline-stage",
     "--decoder-first-pipeline-num-layers": "uneven pipeline stages are not supported",
@@ -329,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-param-gather", action="store_true",
                    help="with --use-distributed-optimizer and --overlap-grad-reduce: overlap the parameter "
                    "all-gather with the next forward")
+    g.add_argument("--align-param-gather", action="store_true",
+                   help="with --overlap-param-gather: the pipeline schedule starts each model chunk's all-gathers "
+                   "at once, on every pipeline stage alike (Megatron-LM's)")
     g.add_argument("--ddp-bucket-size", type=int,
                    help="elements per gradient bucket (default Megatron's: max(40M, 1M x DP) with "
                    "--overlap-grad-reduce, one bucket without)")
@@ -980,6 +982,9 @@ def _validate_parallel_and_batch(args: argparse.Namespace) -> None:
         raise ArgsError("--overlap-param-gather needs --use-distributed-optimizer (only its parameters are gathered)")
     if args.overlap_param_gather and not args.overlap_grad_reduce:
         raise ArgsError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
+    if args.align_param_gather and not args.overlap_param_gather:
+        raise ArgsError("--align-param-gather applies to --overlap-param-gather (it changes when the overlapped "
+                        "all-gathers start); add it, or drop the flag")
     if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
         raise ArgsError(f"--ddp-bucket-size {args.ddp_bucket_size}: give a positive number of elements")
     if args.sequence_parallel and tp == 1:

@@ -378,6 +378,14 @@ def test_non_persistent_checkpoint_flags(tmp_path):
         "--non-persistent-ckpt-type global)")
 
 
+def test_align_param_gather_needs_the_overlap():
+    overlap = TINY + " --lr 1e-3 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather"
+    assert parse(overlap + " --align-param-gather").align_param_gather and not parse(overlap).align_param_gather
+    assert error(TINY + " --lr 1e-3 --use-distributed-optimizer --overlap-grad-reduce --align-param-gather") == (
+        "--align-param-gather applies to --overlap-param-gather (it changes when the overlapped all-gathers start); "
+        "add it, or drop the flag")
+
+
 def test_log_memory_to_tensorboard_needs_the_folder():
     assert error(TINY + " --lr 1e-3 --log-memory-to-tensorboard") == (
         "--log-memory-to-tensorboard needs --tensorboard-dir")

@@ -572,7 +572,8 @@ def wrap_ddp(
     With ``overlap_grad_reduce`` the pipeline schedules also get the DDP hooks it needs, as
     Megatron-LM's ``train`` sets them on ``config``: ``no_sync_func`` (no reduction until the
     last micro batch) and ``grad_sync_func`` (start a chunk's reduction after its last
-    backward; Megatron-LM's default ``--align-grad-reduce``); one chunk gets the function,
+    backward; Megatron-LM's default ``--align-grad-reduce``), and with ``align_param_gather``
+    ``param_sync_func`` (start a chunk's parameter all-gathers); one chunk gets the function,
     several a list.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -591,6 +592,9 @@ def wrap_ddp(
 
         config.no_sync_func = one_or_list([chunk.no_sync for chunk in wrapped])
         config.grad_sync_func = one_or_list([chunk.start_grad_sync for chunk in wrapped])
+        if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
+            # the schedule starts a chunk's all-gathers (the forward pre-hooks then only wait)
+            config.param_sync_func = one_or_list([chunk.start_param_sync for chunk in wrapped])
     return wrapped
 
 

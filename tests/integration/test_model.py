@@ -620,3 +620,20 @@ def test_distributed_saved_activations():
              "--recompute-method uniform --recompute-num-layers 1")
     for extra, want in (("", False), (" --distribute-saved-activations", True)):
         assert config_overrides(parse_args(shlex.split(flags + extra), world_size=2))["distribute_saved_activations"] is want
+
+
+def test_aligned_param_gather_gives_the_schedule_its_sync_function(megatron_1proc):
+    # --align-param-gather: the schedule, not each bucket's forward pre-hook, starts a chunk's
+    # all-gathers (megatron's DDP then skips its own dispatch of the next bucket)
+    from cdp_megatron.integration import build_gpt_model, gpt_config, wrap_ddp
+    from cdp_megatron.integration import cpu_runner
+
+    target = tiny_target()
+    for align in (False, True):
+        config = gpt_config(target.shape, init_method_std=target.global_hyperparameters["init_method_std"])
+        with cpu_runner.active(device_kwargs=True):
+            (chunk,) = wrap_ddp(build_gpt_model(target=target, config=config), config, use_distributed_optimizer=True,
+                                overlap_grad_reduce=True, overlap_param_gather=True, align_param_gather=align)
+        assert chunk.ddp_config.align_param_gather is align
+        assert config.grad_sync_func == chunk.start_grad_sync
+        assert config.param_sync_func == (chunk.start_param_sync if align else None)

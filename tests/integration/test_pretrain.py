@@ -1182,13 +1182,17 @@ def test_virtual_pipeline_matches_one_process(optimizer, spec20, reference_four_
 @pytest.mark.parametrize("flags", [
     "--overlap-grad-reduce --ddp-bucket-size 20000",
     "--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather --ddp-bucket-size 20000",
-], ids=["overlap", "distopt-overlap-param-gather"])
+    # the schedule starts each chunk's all-gathers (megatron's param_sync_func)
+    "--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather --align-param-gather "
+    "--ddp-bucket-size 20000",
+], ids=["overlap", "distopt-overlap-param-gather", "distopt-aligned-param-gather"])
 def test_overlapped_communication_on_an_interleaved_pipeline(flags, spec20, reference_four_layers_file, tmp_path):
     """PP=2 with two model chunks a rank (VPP) and DP=2 on 4 processes: the schedules get a
     no_sync/grad_sync function per chunk; only the first chunk is bucketed. The 20 training
     losses and both validation losses equal the 1-process run's within 1e-5."""
     out = ok(run(four_layers(spec20) + VPP + flags, tmp_path, nproc=4, timeout=900))
     assert "(buckets of 20000 elements)" in out
+    assert ("aligned param gather" in out) == ("--align-param-gather" in flags)
     _assert_close(train_losses(tmp_path / "m.jsonl"), train_losses(reference_four_layers_file), range(1, 21))
     val, val_reference = val_losses(tmp_path / "m.jsonl"), val_losses(reference_four_layers_file)
     assert sorted(val) == sorted(val_reference) == [10, 20]
