@@ -1237,10 +1237,16 @@ class _Run:
                 dist_opt_format="fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable else None,
                 mem_efficient=self.args.distrib_optim_fully_reshardable_mem_efficient,
             )
-        if non_persistent and self.rank == 0:
-            remove_older_checkpoints(self.args.non_persistent_save_dir, iteration)
         self._print(f" saved {'non-persistent ' if non_persistent else ''}checkpoint {final} in "
                     f"{time.perf_counter() - started:.2f} s")
+        if non_persistent and self.rank == 0:
+            remove_older_checkpoints(self.args.non_persistent_save_dir, iteration)
+        elif self.args.save_retain_interval and self.rank == 0:
+            removed = remove_older_checkpoints(self.args.save, iteration, retain=self.args.save_retain_interval)
+            if removed:
+                self._print(f" removed checkpoint{'s' if len(removed) > 1 else ''} of iteration"
+                            f"{'s' if len(removed) > 1 else ''} {', '.join(map(str, removed))} "
+                            f"(--save-retain-interval {self.args.save_retain_interval})")
 
     # ---------------------------------------------------------------------------- training
     def _iterators(self, dataset: Any, start: int):

@@ -463,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoints without the RNG state (a resume draws dropout masks from --seed again)")
     g.add_argument("--save-interval", "--persistent-save-interval", type=int,
                    help="iterations between saves (and at the end)")
+    g.add_argument("--save-retain-interval", type=int, metavar="N",
+                   help="keep only the checkpoints of multiples of N (a multiple of --save-interval) and the latest; "
+                   "each save removes the older others")
     g.add_argument("--non-persistent-save-interval", type=int, metavar="N",
                    help="with --non-persistent-ckpt-type global: also save every N iterations to a folder that "
                    "keeps only the latest such checkpoint (--load resumes from it where it is the newer)")
@@ -730,7 +733,8 @@ def _validate(args: argparse.Namespace) -> None:
               "max_position_embeddings", "tensor_model_parallel_size", "pipeline_model_parallel_size",
               "num_layers_per_virtual_pipeline_stage", "log_interval", "eval_interval", "save_interval",
               "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size", "ckpt_step",
-              "tensorboard_log_interval", "num_dataset_builder_threads", "non_persistent_save_interval")
+              "tensorboard_log_interval", "num_dataset_builder_threads", "non_persistent_save_interval",
+              "save_retain_interval")
     _positive(args, "eval_iters", "lr_warmup_iters", "cdp_z_loss", "num_workers", allow_zero=True)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0 <= getattr(args, name) < 1:
@@ -1242,9 +1246,16 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
     if args.ckpt_format != "torch_dist":
         raise ArgsError(f"--ckpt-format {args.ckpt_format} is not supported: checkpoints are saved and loaded with "
                         "megatron's dist_checkpointing (give --ckpt-format torch_dist or leave it out)")
-    for name in ("save_interval", "no_save_optim", "no_save_rng"):
+    for name in ("save_interval", "no_save_optim", "no_save_rng", "save_retain_interval"):
         if getattr(args, name) not in (None, False) and not args.save:
             raise ArgsError(f"--{name.replace('_', '-')} needs --save")
+    if args.save_retain_interval is not None:
+        if not args.save_interval:
+            raise ArgsError("--save-retain-interval needs --save-interval (it keeps some of the saves made every "
+                            "--save-interval iterations)")
+        if args.save_retain_interval % args.save_interval:
+            raise ArgsError(f"--save-retain-interval {args.save_retain_interval} is not a multiple of --save-interval "
+                            f"{args.save_interval}: no save would fall on it (as in Megatron-LM, give a multiple)")
     _validate_non_persistent(args)
     if args.log_validation_ppl_to_tensorboard and not args.tensorboard_dir:
         raise ArgsError("--log-validation-ppl-to-tensorboard needs --tensorboard-dir")

@@ -386,6 +386,19 @@ def test_align_param_gather_needs_the_overlap():
         "add it, or drop the flag")
 
 
+def test_save_retain_interval_flags():
+    save = TINY + " --lr 1e-3 --save ck"
+    assert parse(save + " --save-interval 10 --save-retain-interval 30").save_retain_interval == 30
+    assert error(TINY + " --lr 1e-3 --save-retain-interval 30") == "--save-retain-interval needs --save"
+    assert error(save + " --save-retain-interval 30") == (
+        "--save-retain-interval needs --save-interval (it keeps some of the saves made every --save-interval "
+        "iterations)")
+    assert error(save + " --save-interval 10 --save-retain-interval 25") == (
+        "--save-retain-interval 25 is not a multiple of --save-interval 10: no save would fall on it (as in "
+        "Megatron-LM, give a multiple)")
+    assert error(save + " --save-interval 10 --save-retain-interval 0") == "--save-retain-interval must be > 0, got 0"
+
+
 def test_log_memory_to_tensorboard_needs_the_folder():
     assert error(TINY + " --lr 1e-3 --log-memory-to-tensorboard") == (
         "--log-memory-to-tensorboard needs --tensorboard-dir")

@@ -452,12 +452,13 @@ def checkpoint_iteration(path: str) -> int:
     return int(match.group(1))
 
 
-def remove_older_checkpoints(directory: str, keep: int) -> list[int]:
-    """Remove the checkpoints of ``directory`` older than iteration ``keep`` (Megatron-LM's
-    non-persistent folder keeps only the latest), and unfinished ``.tmp`` saves; returns the
-    removed checkpoints' iterations. Rank 0 only, after
-    ``keep`` is published, so that a crash leaves a checkpoint to resume from."""
-    older = [i for i in saved_iterations(directory) if i < keep]
+def remove_older_checkpoints(directory: str, keep: int, retain: int | None = None) -> list[int]:
+    """Remove the checkpoints of ``directory`` older than iteration ``keep``, except those of
+    multiples of ``retain`` (Megatron-LM's non-persistent folder keeps only the latest; its
+    ``--save-retain-interval`` the multiples and the latest), and unfinished ``.tmp`` saves;
+    returns the removed checkpoints' iterations. Rank 0 only, after ``keep`` is published, so
+    that a crash leaves a checkpoint to resume from."""
+    older = [i for i in saved_iterations(directory) if i < keep and not (retain and i % retain == 0)]
     for iteration in older:
         shutil.rmtree(os.path.join(directory, checkpoint_dirname(iteration)))
     for name in os.listdir(directory):  # what crashed saves left (none is running now)

@@ -1057,6 +1057,22 @@ def test_non_persistent_checkpoints(tmp_path):
            "persistent one)" in out
 
 
+def test_save_retain_interval(tmp_path):
+    """--save-retain-interval (Megatron-LM's): each save removes the older checkpoints that are
+    not of a multiple of it; the latest stays, and so does what a resume needs."""
+    flags = TINY + " --lr 1e-3 --lr-decay-iters 14 --eval-iters 0 --save ck --save-interval 2 --save-retain-interval 4"
+    out = ok(run(flags + " --train-iters 10", tmp_path))
+    assert " removed checkpoint of iteration 2 (--save-retain-interval 4)" in out
+    assert " removed checkpoint of iteration 6 (--save-retain-interval 4)" in out
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "iter_0000004", "iter_0000008", "iter_0000010", "latest_checkpointed_iteration.txt"]
+    out = ok(run(flags + " --train-iters 14 --load ck", tmp_path))
+    assert "starting at iteration 10" in out
+    assert out.index(" saved checkpoint ck/iter_0000012 in ") < out.index(" removed checkpoint of iteration 10 (")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir())[:-1] == [
+        "iter_0000004", "iter_0000008", "iter_0000012", "iter_0000014"]
+
+
 def test_load_without_checkpoint_starts_fresh(tmp_path):
     out = ok(run(TINY + " --train-iters 2 --lr 1e-3 --eval-iters 0 --load nothing-here", tmp_path))
     assert "no checkpoint there" in out and "starting at iteration 0" in out
