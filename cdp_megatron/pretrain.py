@@ -324,6 +324,14 @@ def _data_description(args: argparse.Namespace) -> str:
     return f"train {paths(args.train_data_path, source)}{valid}"
 
 
+def _aligned_param_gather(args: argparse.Namespace) -> bool:
+    """Megatron-LM's --align-param-gather (its default), where it has an effect: only the
+    interleaved schedule (several model chunks a rank) starts the chunks' all-gathers. With one
+    chunk megatron's DDP would then start each bucket's gather only when the forward reaches it
+    (no gather ahead of use); unaligned, each bucket's forward starts the next one's."""
+    return bool(args.overlap_param_gather and args.align_param_gather and args.virtual_pipeline_model_parallel_size)
+
+
 def _documents_description(args: argparse.Namespace) -> str:
     """The document flags, as the start-up's data line names them."""
     parts = [text for flag, text in ((args.reset_attention_mask, "documents attend only to themselves"),
@@ -913,7 +921,7 @@ class _Run:
             + f" DP={args.data_parallel_size}"
         )
         overlapped = [name for name, on in (("grad reduce", args.overlap_grad_reduce),
-                                            ("aligned param gather" if args.align_param_gather else "param gather",
+                                            ("aligned param gather" if _aligned_param_gather(args) else "param gather",
                                              args.overlap_param_gather)) if on]
         if overlapped:
             layout += f", overlapped {' and '.join(overlapped)}"
@@ -1006,7 +1014,8 @@ class _Run:
         print_summary(self.param_infos, args.target)
         model = wrap_ddp(chunks, config, use_distributed_optimizer=args.use_distributed_optimizer,
                          grad_reduce_in_fp32=not args.grad_reduce_in_bf16, overlap_grad_reduce=args.overlap_grad_reduce,
-                         overlap_param_gather=args.overlap_param_gather, align_param_gather=args.align_param_gather,
+                         overlap_param_gather=args.overlap_param_gather,
+                         align_param_gather=_aligned_param_gather(args),
                          bucket_size=args.ddp_bucket_size)
         from cdp_megatron.integration.training import use_megatron_grad_finalization
 
@@ -1129,7 +1138,8 @@ class _Run:
             raise RunError(f"--load {path}: the checkpoint holds no optimizer state (saved with --no-save-optim), so "
                            "training cannot go on from it; give --finetune to start from its weights")
         try:
-            common = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+            common = load_checkpoint(path, self.model, self.optimizer, self.scheduler,
+                                     fully_parallel=args.ckpt_fully_parallel_load)
         except AssertionError as e:  # OptimizerParamScheduler's check of the schedule flags
             raise RunError(f"--load {path}: the checkpoint does not match the flags ({e})") from None
         except CheckpointError as e:  # an optimizer state that cannot be resharded to this layout
@@ -1188,7 +1198,7 @@ class _Run:
         if problem:
             raise RunError(f"{flag} {path}: {problem}")
         try:
-            load_checkpoint(path, self.model)
+            load_checkpoint(path, self.model, fully_parallel=self.args.ckpt_fully_parallel_load)
         except CheckpointError as e:
             raise RunError(f"{flag} {e}") from None
         # the optimizer's fp32 main params (bf16, the distributed optimizer's shards) were copied
@@ -1236,6 +1246,7 @@ class _Run:
                 before_publish=crash_if_asked,
                 dist_opt_format="fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable else None,
                 mem_efficient=self.args.distrib_optim_fully_reshardable_mem_efficient,
+                fully_parallel=self.args.ckpt_fully_parallel_save,
             )
         self._print(f" saved {'non-persistent ' if non_persistent else ''}checkpoint {final} in "
                     f"{time.perf_counter() - started:.2f} s")

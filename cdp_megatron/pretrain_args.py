@@ -148,6 +148,7 @@ ACCEPTED_NO_OP_FLAGS: dict[str, str] = {
                                                 "causal mask is used)",
     "--no-async-tensor-model-parallel-allreduce": "Megatron-LM ignores it too (deprecated there)",
     "--use-dist-ckpt": "checkpoints are always torch_dist (dist_checkpointing)",
+    "--ckpt-fully-parallel-save": "the default (Megatron-LM's too; --no-ckpt-fully-parallel-save turns it off)",
     "--auto-detect-ckpt-format": "the format of --load is read from the checkpoint: torch_dist is loaded, another "
                                  "is refused, naming it (and Megatron-LM's conversion of its torch format)",
     "--accumulate-allreduce-grads-in-fp32": "gradients are accumulated and reduced in fp32 (main grads) unless "
@@ -328,9 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-param-gather", action="store_true",
                    help="with --use-distributed-optimizer and --overlap-grad-reduce: overlap the parameter "
                    "all-gather with the next forward")
-    g.add_argument("--align-param-gather", action="store_true",
-                   help="with --overlap-param-gather: the pipeline schedule starts each model chunk's all-gathers "
-                   "at once, on every pipeline stage alike (Megatron-LM's)")
+    g.add_argument("--no-align-param-gather", dest="align_param_gather", action="store_false", default=None,
+                   help="with --overlap-param-gather on an interleaved pipeline: each bucket's forward starts the "
+                   "next one's all-gather, where by default (Megatron-LM's) the schedule starts each model chunk's "
+                   "at once, on every stage alike")
+    g.add_argument("--align-param-gather", dest="align_param_gather", action="store_true", default=None,
+                   help="the default (older Megatron-LM releases' flag)")
     g.add_argument("--ddp-bucket-size", type=int,
                    help="elements per gradient bucket (default Megatron's: max(40M, 1M x DP) with "
                    "--overlap-grad-reduce, one bucket without)")
@@ -475,6 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--non-persistent-global-ckpt-dir", metavar="DIR",
                    help=f"where non-persistent checkpoints go and are looked for (default: --save/{NON_PERSISTENT_DIR}, "
                    f"and --load/{NON_PERSISTENT_DIR} when loading)")
+    g.add_argument("--no-ckpt-fully-parallel-save", dest="ckpt_fully_parallel_save", action="store_false",
+                   help="DP rank 0 writes every tensor the data-parallel replicas hold alike (by default, as in "
+                   "Megatron-LM, they share the writing)")
+    g.add_argument("--ckpt-fully-parallel-load", action="store_true",
+                   help="the data-parallel replicas share the reading of a checkpoint and exchange what they read")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="with --use-distributed-optimizer: save its state so the checkpoint resumes "
                    "on any TP/PP/DP layout (gathers the state over DP while saving); default: it "
@@ -986,9 +995,11 @@ def _validate_parallel_and_batch(args: argparse.Namespace) -> None:
         raise ArgsError("--overlap-param-gather needs --use-distributed-optimizer (only its parameters are gathered)")
     if args.overlap_param_gather and not args.overlap_grad_reduce:
         raise ArgsError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
-    if args.align_param_gather and not args.overlap_param_gather:
-        raise ArgsError("--align-param-gather applies to --overlap-param-gather (it changes when the overlapped "
-                        "all-gathers start); add it, or drop the flag")
+    if args.align_param_gather is not None and not args.overlap_param_gather:
+        flag = "--align-param-gather" if args.align_param_gather else "--no-align-param-gather"
+        raise ArgsError(f"{flag} applies to --overlap-param-gather (it changes when the overlapped all-gathers "
+                        "start); add it, or drop the flag")
+    args.align_param_gather = args.align_param_gather is not False
     if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
         raise ArgsError(f"--ddp-bucket-size {args.ddp_bucket_size}: give a positive number of elements")
     if args.sequence_parallel and tp == 1:

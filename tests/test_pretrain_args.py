@@ -244,7 +244,7 @@ def test_comm_overlap_flags():
 
 # ------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize("flag", ["--num-experts 8", "--recompute-modules-x",
-                                  "--fp16", "--use-flash-attn", "--moe-router-topk 2", "--align-param-gather",
+                                  "--fp16", "--use-flash-attn", "--moe-router-topk 2", "--fp32-residual-connection",
                                   "--use-checkpoint-args", "--openai-gelu"])
 def test_unsupported_megatron_flags_are_named(flag):
     name = flag.split()[0]
@@ -297,8 +297,8 @@ def test_every_flag_not_taken_is_named_in_one_line():
         "--moe-router-topk is a Megatron-LM flag cdp-pretrain does not support (see cdp-pretrain --help for the "
         "supported ones)")
     # a reason that is itself "not supported (...)" is not said twice
-    assert error(TINY + " --lr 1e-3 --align-param-gather --no-align-grad-reduce") == (
-        "2 flags cdp-pretrain does not take (see cdp-pretrain --help): --align-param-gather: a Megatron-LM flag, not "
+    assert error(TINY + " --lr 1e-3 --fp32-residual-connection --no-align-grad-reduce") == (
+        "2 flags cdp-pretrain does not take (see cdp-pretrain --help): --fp32-residual-connection: a Megatron-LM flag, not "
         "supported; --no-align-grad-reduce: not supported, grad reductions are aligned across pipeline stages")
     assert error(TINY + " --lr 1e-3 --no-align-grad-reduce") == (
         "--no-align-grad-reduce is a Megatron-LM flag cdp-pretrain does not support (grad reductions are aligned "
@@ -378,12 +378,15 @@ def test_non_persistent_checkpoint_flags(tmp_path):
         "--non-persistent-ckpt-type global)")
 
 
-def test_align_param_gather_needs_the_overlap():
+def test_align_param_gather_is_the_default_of_the_overlap():
+    # Megatron-LM's default; --no-align-param-gather turns it off, --align-param-gather (older releases) is accepted
     overlap = TINY + " --lr 1e-3 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather"
-    assert parse(overlap + " --align-param-gather").align_param_gather and not parse(overlap).align_param_gather
-    assert error(TINY + " --lr 1e-3 --use-distributed-optimizer --overlap-grad-reduce --align-param-gather") == (
-        "--align-param-gather applies to --overlap-param-gather (it changes when the overlapped all-gathers start); "
-        "add it, or drop the flag")
+    assert parse(overlap).align_param_gather and parse(overlap + " --align-param-gather").align_param_gather
+    assert not parse(overlap + " --no-align-param-gather").align_param_gather
+    for flag in ("--align-param-gather", "--no-align-param-gather"):
+        assert error(TINY + f" --lr 1e-3 --use-distributed-optimizer --overlap-grad-reduce {flag}") == (
+            f"{flag} applies to --overlap-param-gather (it changes when the overlapped all-gathers start); add it, or "
+            "drop the flag")
 
 
 def test_save_retain_interval_flags():
@@ -397,6 +400,14 @@ def test_save_retain_interval_flags():
         "--save-retain-interval 25 is not a multiple of --save-interval 10: no save would fall on it (as in "
         "Megatron-LM, give a multiple)")
     assert error(save + " --save-interval 10 --save-retain-interval 0") == "--save-retain-interval must be > 0, got 0"
+
+
+def test_fully_parallel_checkpoint_flags():
+    plain = parse(TINY + " --lr 1e-3 --save ck")
+    assert plain.ckpt_fully_parallel_save and not plain.ckpt_fully_parallel_load  # Megatron-LM's defaults
+    assert not parse(TINY + " --lr 1e-3 --save ck --no-ckpt-fully-parallel-save").ckpt_fully_parallel_save
+    assert parse(TINY + " --lr 1e-3 --save ck --ckpt-fully-parallel-save").ckpt_fully_parallel_save  # accepted
+    assert parse(TINY + " --lr 1e-3 --load ck --ckpt-fully-parallel-load").ckpt_fully_parallel_load
 
 
 def test_log_memory_to_tensorboard_needs_the_folder():
@@ -437,8 +448,8 @@ def test_checkpoint_format_only_torch_dist():
         "--ckpt-format torch is not supported: checkpoints are saved and loaded with megatron's dist_checkpointing "
         "(give --ckpt-format torch_dist or leave it out)")
     # the rest of the --ckpt- family stays refused by name
-    assert error(TINY + " --lr 1e-3 --ckpt-fully-parallel-save").startswith(
-        "--ckpt-fully-parallel-save is a Megatron-LM flag cdp-pretrain does not support")
+    assert error(TINY + " --lr 1e-3 --ckpt-assume-constant-structure").startswith(
+        "--ckpt-assume-constant-structure is a Megatron-LM flag cdp-pretrain does not support")
 
 
 def test_kv_channels_only_as_the_default():
@@ -533,8 +544,8 @@ def test_flag_names_are_megatron_lms():
     assert len(known) > 500 and "--num-layers" in known
     ours = {o for action in build_parser()._actions for o in action.option_strings}
     assert ours - known == {"-h", "--help", "--cdp-config", "--cdp-base", "--cdp-z-loss", "--metrics-file",
-                            "--quickstart", "--local_rank"}
-    other_releases = {"--align-param-gather", "--use-custom-fsdp", "--use-mup"}
+                            "--quickstart", "--local_rank", "--align-param-gather"}  # older releases' spelling
+    other_releases = {"--use-custom-fsdp", "--use-mup"}
     assert set(UNSUPPORTED_MEGATRON_FLAGS) - known == other_releases
     assert set(ACCEPTED_NO_OP_FLAGS) <= known
 

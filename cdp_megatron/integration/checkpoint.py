@@ -165,8 +165,14 @@ def save_checkpoint(
     extra: dict | None = None,
     dist_opt_format: str | None = None,
     mem_efficient: bool = False,
+    fully_parallel: bool = True,
 ) -> None:
     """Save a checkpoint into the directory ``path`` (created; collective on all ranks).
+
+    fully_parallel: Megatron-LM's default ``--ckpt-fully-parallel-save``: the data-parallel
+    replicas share the writing of the tensors they hold alike (megatron's
+    FullyParallelSaveStrategyWrapper), where otherwise DP rank 0 writes them all. The files
+    are the same checkpoint either way.
 
     extra: small picklable values stored with the iteration (read back by load_checkpoint).
     dist_opt_format: the distributed optimizer's format, "dp_reshardable" (default) or
@@ -193,7 +199,15 @@ def save_checkpoint(
         "cdp_distributed_optimizer": _uses_distributed_optimizer(optimizer),
         "cdp_params_dtype": _params_dtype(_chunks(model_chunks)),
     }
-    dist_checkpointing.save(state, path, content_metadata=content)
+    strategy = None
+    if fully_parallel and torch.distributed.is_initialized():
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+        strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"),
+                                                    parallel_state.get_data_parallel_group(with_context_parallel=True))
+    dist_checkpointing.save(state, path, sharded_strategy=strategy, content_metadata=content)
 
 
 def load_checkpoint(
@@ -205,6 +219,7 @@ def load_checkpoint(
     strict: bool = True,
     dist_opt_format: str | None = None,
     apply_patches: bool = True,
+    fully_parallel: bool = False,
 ) -> dict:
     """Load a checkpoint saved by ``save_checkpoint`` into the model (and optimizer and
     scheduler when given); returns the common dict (``iteration`` and the saved extras).
@@ -214,7 +229,9 @@ def load_checkpoint(
     ``apply_patches=False`` leaves them as they are (tests demonstrate the upstream bug).
     The distributed optimizer's format is the one the checkpoint records (``dist_opt_format``
     is only used for a checkpoint that records none). A ``dp_reshardable`` distributed-optimizer
-    checkpoint loaded on another TP/PP/VPP raises CheckpointError.
+    checkpoint loaded on another TP/PP/VPP raises CheckpointError. ``fully_parallel``
+    (Megatron-LM's ``--ckpt-fully-parallel-load``): the data-parallel replicas share the
+    reading and exchange what they read (megatron's FullyParallelLoadStrategyWrapper).
     """
     from megatron.core import dist_checkpointing
 
@@ -235,7 +252,15 @@ def load_checkpoint(
         chunks, optimizer, scheduler, is_loading=True, dist_opt_format=dist_opt_format
     )
     _check_padded_shapes(path, [state[key] for key in state if key.startswith("model")])
-    loaded = dist_checkpointing.load(state, path)
+    strategy = None
+    if fully_parallel and torch.distributed.is_initialized():
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+        strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path),
+                                                    parallel_state.get_data_parallel_group(with_context_parallel=True))
+    loaded = dist_checkpointing.load(state, path, sharded_strategy=strategy)
     for index, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{index}"
         unwrap_model(chunk).load_state_dict(loaded[key], strict=strict)
@@ -570,6 +595,7 @@ def save_iteration(
     dist_opt_format: str | None = None,
     mem_efficient: bool = False,
     save_rng: bool = True,
+    fully_parallel: bool = True,
 ) -> str:
     """Save the checkpoint of ``iteration`` under ``save_dir`` atomically; returns its path
     (``save_dir/iter_NNNNNNN``). Collective on all ranks.
@@ -579,7 +605,7 @@ def save_iteration(
     iteration), then replaces the tracker file. A crash at any point leaves the previous
     checkpoint and tracker intact; a stale ``iter_N.tmp`` of a crashed save is removed first.
     ``before_publish`` runs on every rank once everything is written, before the rename.
-    dist_opt_format, mem_efficient: as for ``save_checkpoint``. ``save_rng=False`` leaves the
+    dist_opt_format, mem_efficient, fully_parallel: as for ``save_checkpoint``. ``save_rng=False`` leaves the
     RNG state out (``--no-save-rng``); ``optimizer`` and ``scheduler`` None leave theirs out.
     """
     rank = torch.distributed.get_rank()
@@ -593,7 +619,7 @@ def save_iteration(
     save_checkpoint(
         tmp, model_chunks, optimizer, scheduler, iteration=iteration,
         extra={**(extra or {}), "layout": layout}, dist_opt_format=dist_opt_format,
-        mem_efficient=mem_efficient,
+        mem_efficient=mem_efficient, fully_parallel=fully_parallel,
     )
     if save_rng:
         save_rng_state(tmp, rank, layout)
