@@ -217,6 +217,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         attention_dropout=args.attention_dropout,
         layernorm_epsilon=args.norm_epsilon,
         layernorm_zero_centered_gamma=args.apply_layernorm_1p,
+        rotary_interleaved=args.rotary_interleaved,
         sequence_parallel=args.sequence_parallel,
         calculate_per_token_loss=True,
         bf16=args.bf16,
@@ -304,6 +305,8 @@ def _rotary_description(args: argparse.Namespace) -> str:
         part += f", Llama 3.1 frequency scaling x{args.rope_scaling_factor:g}"
     if args.rotary_seq_len_interpolation_factor is not None:
         part += f", positions / {args.rotary_seq_len_interpolation_factor:g}"
+    if args.rotary_interleaved:
+        part += ", interleaved pairs"
     return f", rope base {args.rotary_base}{part}"
 
 

@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the factor of --use-rope-scaling (default 8.0, Llama 3.1's)")
     g.add_argument("--rotary-seq-len-interpolation-factor", type=float, metavar="F",
                    help="divide the rotary positions by F (linear position interpolation; default: none)")
+    g.add_argument("--rotary-interleaved", action="store_true",
+                   help="rotate interleaved pairs of dimensions (2i, 2i+1), GPT-J's, instead of the halves (i, i+d/2)")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None,
                    help="separate output layer")
     g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false", default=None,
@@ -580,7 +582,8 @@ RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 # Megatron-LM's and GPTModel's: --rotary-base, --rotary-percent, --use-rope-scaling (Llama 3.1's
 # frequency scaling), --rope-scaling-factor, --rotary-seq-len-interpolation-factor (positions / factor)
 ROTARY_DEFAULTS: dict[str, Any] = {"rotary_base": 10000, "rotary_percent": 1.0, "use_rope_scaling": False,
-                                   "rope_scaling_factor": 8.0, "rotary_seq_len_interpolation_factor": None}
+                                   "rope_scaling_factor": 8.0, "rotary_seq_len_interpolation_factor": None,
+                                   "rotary_interleaved": False}
 # The flags that choose the data: a user's replace the quick start's (see parse_args).
 _DATA_FLAGS = ("--data-path", "--train-data-path", "--valid-data-path", "--mock-data", "--data-args-path",
                "--per-split-data-args-path")

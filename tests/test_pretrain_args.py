@@ -134,6 +134,9 @@ def test_rope_scaling_and_position_interpolation_flags():
     assert error(learned + " --use-rope-scaling --rotary-seq-len-interpolation-factor 2") == (
         "--use-rope-scaling and --rotary-seq-len-interpolation-factor apply to rotary positions; give "
         "--position-embedding-type rope or leave them out")
+    assert parse(TINY + " --lr 1e-3 --rotary-interleaved").rotary_interleaved
+    assert error(learned + " --rotary-interleaved") == (
+        "--rotary-interleaved applies to rotary positions; give --position-embedding-type rope or leave it out")
     assert error(TINY + " --lr 1e-3 --rotary-scaling-factor 8").endswith("is --rope-scaling-factor)")
 
 

@@ -169,7 +169,8 @@ def test_rotary_positions_are_recorded_and_a_change_is_refused_except_for_finetu
     plain = f"{TINY} --lr 1e-3 --train-iters 20"
     saved = record(f"{plain} --rotary-base 500000")
     assert saved["positions"] == {"rotary_base": 500000, "rotary_percent": 1.0, "use_rope_scaling": False,
-                                  "rope_scaling_factor": 8.0, "rotary_seq_len_interpolation_factor": None}
+                                  "rope_scaling_factor": 8.0, "rotary_seq_len_interpolation_factor": None,
+                                  "rotary_interleaved": False}
     assert resume_mismatch(saved, record(f"{plain} --rotary-base 500000")) is None
     message = ("the checkpoint was trained with other rotary positions (--rotary-base 500000 there, 10000 here; "
                "--rotary-percent 1 there, 0.5 here); resume with the flags it was saved with, or start from its "
@@ -185,13 +186,17 @@ def test_rotary_positions_are_recorded_and_a_change_is_refused_except_for_finetu
         "with the flags it was saved with, or start from its weights with --finetune")
     # records saved before the rope scaling and interpolation fields: without either
     older = json.loads(json.dumps(saved))
-    for name in ("use_rope_scaling", "rope_scaling_factor", "rotary_seq_len_interpolation_factor"):
+    for name in ("use_rope_scaling", "rope_scaling_factor", "rotary_seq_len_interpolation_factor",
+                 "rotary_interleaved"):
         del older["positions"][name]
     assert resume_mismatch(older, record(f"{plain} --rotary-base 500000")) is None
     assert resume_mismatch(older, record(f"{plain} --rotary-base 500000 --use-rope-scaling --rope-scaling-factor 32 "
                                          "--rotary-seq-len-interpolation-factor 4")) == (
         "the checkpoint was trained with other rotary positions (--use-rope-scaling False there, True here; "
         "--rope-scaling-factor 8 there, 32 here; --rotary-seq-len-interpolation-factor None there, 4 here); resume "
+        "with the flags it was saved with, or start from its weights with --finetune")
+    assert resume_mismatch(older, record(f"{plain} --rotary-base 500000 --rotary-interleaved")) == (
+        "the checkpoint was trained with other rotary positions (--rotary-interleaved False there, True here); resume "
         "with the flags it was saved with, or start from its weights with --finetune")
 
 

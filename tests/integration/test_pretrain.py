@@ -550,9 +550,12 @@ def test_rotary_options_reach_the_model_and_a_resume_with_another_base_is_refuse
     assert next(line for line in out.splitlines() if line.startswith("  model:")).endswith(
         ", rope base 10000, Llama 3.1 frequency scaling x32")
     ok(run(plain + " --rotary-seq-len-interpolation-factor 4 --metrics-file d.jsonl", tmp_path))
+    out = ok(run(plain + " --rotary-interleaved --metrics-file e.jsonl", tmp_path))
+    assert next(line for line in out.splitlines() if line.startswith("  model:")).endswith(
+        ", rope base 10000, interleaved pairs")
     # the same initial weights (--seed), other positions: another loss from the first step
-    first = {name: train_losses(tmp_path / f"{name}.jsonl")[1] for name in "abcd"}
-    assert len(set(first.values())) == 4, first
+    first = {name: train_losses(tmp_path / f"{name}.jsonl")[1] for name in "abcde"}
+    assert len(set(first.values())) == 5, first
     refused = run(plain.replace("--train-iters 2", "--train-iters 4") + " --load ck", tmp_path)
     assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == (
         "cdp-pretrain: error: --load ck/iter_0000002: the checkpoint was trained with other rotary positions "
