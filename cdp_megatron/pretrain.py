@@ -230,6 +230,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.recompute_modules is not None:
         overrides["recompute_modules"] = list(args.recompute_modules)
+    if args.embedding_init_method_std is not None:
+        overrides["embedding_init_method_std"] = args.embedding_init_method_std
     if args.squared_relu:
         overrides["activation_func"] = "squared_relu"  # gpt_config takes the name (else GeLU, or SiLU with SwiGLU)
     if args.fp8_format:
@@ -977,6 +979,8 @@ class _Run:
                 f"warmup {_number(args.lr_warmup_iters)}, {_decoupled_description(args)}weight decay "
                 f"{args.weight_decay:g}, betas "
                 f"({args.adam_beta1:g}, {args.adam_beta2:g}), eps {args.adam_eps:g}, init std {args.init_method_std:g}"
+                + ("" if args.embedding_init_method_std is None
+                   else f" (embeddings {args.embedding_init_method_std:g})")
             )
         print("\n".join(lines), flush=True)
 

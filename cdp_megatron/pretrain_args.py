@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--add-qkv-bias", action="store_true",
                    help="biases on the query, key and value projections only (with --disable-bias-linear, as in Qwen2)")
     g.add_argument("--init-method-std", type=float, help="std of the normal init (default 0.02)")
+    g.add_argument("--embedding-init-method-std", type=float, metavar="STD",
+                   help="std of the embeddings' normal init (default --init-method-std)")
     g.add_argument("--hidden-dropout", type=float, default=0.1, help="default 0.1 (as Megatron-LM)")
     g.add_argument("--attention-dropout", type=float, default=0.1, help="default 0.1 (as Megatron-LM)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
@@ -713,6 +715,7 @@ _FLOAT_RANGES: tuple[tuple[str, Any, str], ...] = (
     ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("adam_eps", lambda v: v > 0, "a finite number > 0"),
     ("init_method_std", lambda v: v > 0, "a finite number > 0"),
+    ("embedding_init_method_std", lambda v: v > 0, "a finite number > 0"),
     ("norm_epsilon", lambda v: v > 0, "a finite number > 0"),
     ("exit_duration_in_mins", lambda v: v > 0, "a finite number > 0"),
 )
@@ -1415,6 +1418,9 @@ def _apply_target(args: argparse.Namespace) -> None:
     source = "--cdp-config" if args.cdp_config else "--cdp-base"
     if args.lr_warmup_fraction is not None:
         raise ArgsError(f"--lr-warmup-fraction: {source} sets the warmup ({owned['lr_warmup_iters']} iterations); drop the flag")
+    if args.embedding_init_method_std is not None:
+        raise ArgsError(f"--embedding-init-method-std: {source} sets every group's init std, the embedding's too "
+                        "(multipliers.type.embedding init_std in the spec); drop the flag")
     if args.decoupled_lr is not None or args.decoupled_min_lr is not None:
         flag = "--decoupled-lr" if args.decoupled_lr is not None else "--decoupled-min-lr"
         raise ArgsError(f"{flag}: {source} sets every group's lr, the embedding's and the output layer's too "

@@ -413,6 +413,16 @@ def test_fully_parallel_checkpoint_flags():
     assert parse(TINY + " --lr 1e-3 --load ck --ckpt-fully-parallel-load").ckpt_fully_parallel_load
 
 
+def test_embedding_init_method_std():
+    assert parse(TINY + " --lr 1e-3 --embedding-init-method-std 0.5").embedding_init_method_std == 0.5
+    assert parse(TINY + " --lr 1e-3").embedding_init_method_std is None
+    assert error(TINY + " --lr 1e-3 --embedding-init-method-std 0") == (
+        "--embedding-init-method-std must be a finite number > 0, got 0.0")
+    assert error(TINY + f" --embedding-init-method-std 0.5 --cdp-base {BASE}") == (
+        "--embedding-init-method-std: --cdp-base sets every group's init std, the embedding's too "
+        "(multipliers.type.embedding init_std in the spec); drop the flag")
+
+
 def test_log_memory_to_tensorboard_needs_the_folder():
     assert error(TINY + " --lr 1e-3 --log-memory-to-tensorboard") == (
         "--log-memory-to-tensorboard needs --tensorboard-dir")

@@ -637,3 +637,24 @@ def test_aligned_param_gather_gives_the_schedule_its_sync_function(megatron_1pro
         assert chunk.ddp_config.align_param_gather is align
         assert config.grad_sync_func == chunk.start_grad_sync
         assert config.param_sync_func == (chunk.start_param_sync if align else None)
+
+
+def test_embedding_init_method_std_of_a_plain_run(megatron_1proc):
+    # --embedding-init-method-std (plain runs): megatron's own init of the word and position
+    # embeddings with that std; every other weight keeps --init-method-std
+    import shlex
+
+    from cdp_megatron.integration import build_gpt_model, gpt_config
+    from cdp_megatron.pretrain import config_overrides
+    from cdp_megatron.pretrain_args import parse_args
+
+    flags = ("--mock-data --num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 1 "
+             "--train-iters 4 --lr 1e-3 --init-method-std 0.02 --embedding-init-method-std 0.5")
+    args = parse_args(shlex.split(flags), world_size=1)
+    shape = SimpleNamespace(**{**TINY_SHAPE, "position_embedding_type": "learned_absolute", "vocab_size": 512})
+    config = gpt_config(shape, init_method_std=args.init_method_std, **config_overrides(args))
+    (model,) = build_gpt_model(shape, config=config)
+    stds = {name: float(p.std()) for name, p in model.named_parameters() if p.dim() == 2}
+    assert stds["embedding.word_embeddings.weight"] == pytest.approx(0.5, rel=0.05)
+    assert stds["embedding.position_embeddings.weight"] == pytest.approx(0.5, rel=0.05)
+    assert stds["decoder.layers.0.self_attention.linear_qkv.weight"] == pytest.approx(0.02, rel=0.05)
