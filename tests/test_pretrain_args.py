@@ -42,6 +42,15 @@ def parse(cmd: str, world_size: int = 1):
     return parse_args(shlex.split(cmd), world_size=world_size)
 
 
+def pretend_transformer_engine(monkeypatch) -> None:
+    """Transformer Engine "installed" for the argument checks (which only look it up)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a))
+
+
 def error(cmd: str, world_size: int = 1) -> str:
     with pytest.raises(ArgsError) as info:
         parse(cmd, world_size)
@@ -310,12 +319,10 @@ def test_every_flag_not_taken_is_named_in_one_line():
         "unexpected argument 'stray' (flags take the form --name value)")
 
 
-def test_document_flags(tmp_path, monkeypatch):
+def test_document_flags(tmp_path, no_nvte):
     """--reset-attention-mask / --reset-position-ids / --eod-mask-loss: taken with data on disk;
     refused where they would do nothing (mock data, reset positions with rope) or where the
     mask would be ignored (Transformer Engine's causal attention)."""
-    import importlib.util
-
     prefix = _prefix(tmp_path, "docs")
     data = TINY.replace("--mock-data", f"--lr 1e-3 --tokenizer-type ByteTokenizer --data-path {prefix}")
     learned = data.replace("--position-embedding-type rope", "")
@@ -332,11 +339,7 @@ def test_document_flags(tmp_path, monkeypatch):
         "--reset-position-ids changes nothing with rotary positions (megatron-core's rotary embedding takes no "
         "position ids); rotary attention is relative, so --reset-attention-mask alone makes each document compute "
         "as if it began the sample: drop --reset-position-ids")
-    for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):  # set by megatron in earlier tests
-        monkeypatch.delenv(name, raising=False)
-    find_spec = importlib.util.find_spec  # Transformer Engine "installed"
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a))
+    pretend_transformer_engine(no_nvte)
     for te in ("--transformer-impl transformer_engine", "--attention-backend flash",
                "--transformer-impl transformer_engine --fp8-format hybrid"):
         message = error(f"{data} {te} --reset-attention-mask")
@@ -876,8 +879,6 @@ def test_activation_recomputation_flags():
 
 
 def test_distribute_saved_activations(monkeypatch):
-    import importlib.util
-
     full = TINY + " --lr 1e-3 --recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
     args = parse(full + " --tensor-model-parallel-size 2 --distribute-saved-activations", world_size=2)
     assert args.distribute_saved_activations and not parse(full).distribute_saved_activations
@@ -888,9 +889,7 @@ def test_distribute_saved_activations(monkeypatch):
     assert error(full + " --distribute-saved-activations") == (
         "--distribute-saved-activations splits the saved inputs across tensor-parallel ranks; give "
         "--tensor-model-parallel-size 2 or more, or drop the flag")
-    find_spec = importlib.util.find_spec  # Transformer Engine "installed", as --sequence-parallel needs it here
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a))
+    pretend_transformer_engine(monkeypatch)
     assert error(full + " --tensor-model-parallel-size 2 --distribute-saved-activations --sequence-parallel "
                  "--transformer-impl transformer_engine", world_size=2) == (
         "--distribute-saved-activations with --sequence-parallel: the saved inputs are split across the "
@@ -898,11 +897,7 @@ def test_distribute_saved_activations(monkeypatch):
 
 
 def test_layernorm_recomputation_is_refused_with_fp8(monkeypatch):
-    import importlib.util
-
-    find_spec = importlib.util.find_spec  # Transformer Engine "installed", as FP8 needs it
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a))
+    pretend_transformer_engine(monkeypatch)
     fp8 = TINY + " --lr 1e-3 --transformer-impl transformer_engine --fp8-format hybrid --recompute-activations"
     assert parse(fp8 + " --recompute-modules core_attn mlp").recompute_modules == ["core_attn", "mlp"]
     assert error(fp8 + " --recompute-modules mlp layernorm") == (
