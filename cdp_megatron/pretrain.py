@@ -1240,9 +1240,9 @@ class _Run:
         started = time.perf_counter()
         with synced_params(self.model):  # the latest weights under --overlap-param-gather
             optim = not self.args.no_save_optim  # --no-save-optim: neither the optimizer state nor the schedule
+            folder = self.args.non_persistent_save_dir if non_persistent else self.args.save
             final = save_iteration(
-                self.args.non_persistent_save_dir if non_persistent else self.args.save, iteration, self.model, self.optimizer if optim else None,
-                self.scheduler if optim else None,
+                folder, iteration, self.model, self.optimizer if optim else None, self.scheduler if optim else None,
                 layout=self._layout(), extra={"consumed_samples": self.consumed_samples,
                                               "consumed_tokens": self.consumed_tokens,
                                               "seq_length": self.args.seq_length,

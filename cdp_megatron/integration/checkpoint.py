@@ -201,13 +201,19 @@ def save_checkpoint(
     }
     strategy = None
     if fully_parallel and torch.distributed.is_initialized():
-        from megatron.core import parallel_state
         from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
         from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-        strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"),
-                                                    parallel_state.get_data_parallel_group(with_context_parallel=True))
+        strategy = _over_data_parallel(FullyParallelSaveStrategyWrapper, get_default_save_sharded_strategy("torch_dist"))
     dist_checkpointing.save(state, path, sharded_strategy=strategy, content_metadata=content)
+
+
+def _over_data_parallel(wrapper: Any, strategy: Any) -> Any:
+    """``strategy`` shared by the data-parallel replicas (megatron's fully parallel wrappers,
+    over the group Megatron-LM gives them)."""
+    from megatron.core import parallel_state
+
+    return wrapper(strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
 
 
 def load_checkpoint(
@@ -254,12 +260,10 @@ def load_checkpoint(
     _check_padded_shapes(path, [state[key] for key in state if key.startswith("model")])
     strategy = None
     if fully_parallel and torch.distributed.is_initialized():
-        from megatron.core import parallel_state
         from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
         from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
 
-        strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path),
-                                                    parallel_state.get_data_parallel_group(with_context_parallel=True))
+        strategy = _over_data_parallel(FullyParallelLoadStrategyWrapper, get_default_load_sharded_strategy(path))
     loaded = dist_checkpointing.load(state, path, sharded_strategy=strategy)
     for index, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{index}"
