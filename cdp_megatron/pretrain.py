@@ -216,7 +216,6 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         layernorm_epsilon=args.norm_epsilon,
-        layernorm_zero_centered_gamma=args.apply_layernorm_1p,
         rotary_interleaved=args.rotary_interleaved,
         sequence_parallel=args.sequence_parallel,
         calculate_per_token_loss=True,
@@ -232,8 +231,6 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["recompute_modules"] = list(args.recompute_modules)
     if args.embedding_init_method_std is not None:
         overrides["embedding_init_method_std"] = args.embedding_init_method_std
-    if args.squared_relu:
-        overrides["activation_func"] = "squared_relu"  # gpt_config takes the name (else GeLU, or SiLU with SwiGLU)
     if args.fp8_format:
         overrides["fp8"] = args.fp8_format
     if args.attention_backend != "auto":
@@ -1011,6 +1008,8 @@ class _Run:
             add_qkv_bias=args.add_qkv_bias,
             position_embedding_type=args.position_embedding_type,
             untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+            apply_layernorm_1p=args.apply_layernorm_1p,  # gpt_config reads both from the shape, as from a spec's
+            squared_relu=args.squared_relu,
         )
         config = gpt_config(shape, init_method_std=args.init_method_std, **config_overrides(args))
         chunks = build_gpt_model(shape, target=args.target, config=config, use_te=use_te, init_seed=args.seed,
@@ -1176,10 +1175,10 @@ class _Run:
         checkpoint (of --non-persistent-global-ckpt-dir, else --load/non_persistent) where it is
         at least as new as ``path``, the latest persistent one."""
         from cdp_megatron.integration.checkpoint import CheckpointError, checkpoint_iteration, latest_checkpoint
-        from cdp_megatron.pretrain_args import NON_PERSISTENT_DIR
+        from cdp_megatron.pretrain_args import non_persistent_dir
 
         args = self.args
-        folder = args.non_persistent_global_ckpt_dir or os.path.join(args.load, NON_PERSISTENT_DIR)
+        folder = non_persistent_dir(args, args.load)
         try:
             latest = latest_checkpoint(folder)
             newer = latest is not None and (path is None or checkpoint_iteration(latest) >= checkpoint_iteration(path))

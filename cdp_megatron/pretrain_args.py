@@ -1227,6 +1227,12 @@ def _validate_profile(args: argparse.Namespace) -> None:
         raise ArgsError("--use-pytorch-profiler writes its trace to --tensorboard-dir; give --tensorboard-dir")
 
 
+def non_persistent_dir(args: argparse.Namespace, checkpoints: str) -> str:
+    """Where the non-persistent checkpoints of the ``checkpoints`` folder (--save or --load) are:
+    --non-persistent-global-ckpt-dir, else its ``non_persistent`` subfolder (Megatron-LM's)."""
+    return args.non_persistent_global_ckpt_dir or os.path.join(checkpoints, NON_PERSISTENT_DIR)
+
+
 def _validate_non_persistent(args: argparse.Namespace) -> None:
     """Megatron-LM's non-persistent checkpoints (the global kind): checked before anything runs,
     where Megatron-LM asserts at the first such save or skips them without --save."""
@@ -1250,7 +1256,7 @@ def _validate_non_persistent(args: argparse.Namespace) -> None:
                         "(loading); give one of them, or drop the flag")
     if interval is None:
         return
-    args.non_persistent_save_dir = folder or os.path.join(args.save, NON_PERSISTENT_DIR)
+    args.non_persistent_save_dir = non_persistent_dir(args, args.save)
     if os.path.realpath(args.non_persistent_save_dir) == os.path.realpath(args.save):
         raise ArgsError(f"--non-persistent-global-ckpt-dir {folder} is the --save folder: keeping only the latest "
                         "non-persistent checkpoint would remove the persistent ones; give another folder")
