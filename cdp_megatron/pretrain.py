@@ -226,6 +226,11 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
         distribute_saved_activations=args.distribute_saved_activations,
+        # the split of the layers over the pipeline stages (None, False: even)
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+        account_for_embedding_in_pipeline_split=args.account_for_embedding_in_pipeline_split,
+        account_for_loss_in_pipeline_split=args.account_for_loss_in_pipeline_split,
     )
     if args.recompute_modules is not None:
         overrides["recompute_modules"] = list(args.recompute_modules)
@@ -293,6 +298,20 @@ def _decay_description(args: argparse.Namespace) -> str:
     start = args.lr_decay_iters - args.lr_wsd_decay_iters
     return (f"WSD decay (the peak lr up to iteration {start}, then {args.lr_wsd_decay_style} to the min lr at "
             f"{args.lr_decay_iters})")
+
+
+def _stage_description(args: argparse.Namespace) -> str:
+    """The start-up line's note on a pipeline whose stages hold different numbers of layers:
+    each stage's, its model chunks' joined by commas (the embedding and the loss named where
+    --account-for-*-in-pipeline-split count them)."""
+    stages = args.pipeline_layers
+    if len({sum(stage) for stage in stages}) == 1 and not (args.account_for_embedding_in_pipeline_split
+                                                           or args.account_for_loss_in_pipeline_split):
+        return ""
+    text = " | ".join(",".join(map(str, stage)) for stage in stages)
+    counted = [name for name, on in (("embedding", args.account_for_embedding_in_pipeline_split),
+                                     ("loss", args.account_for_loss_in_pipeline_split)) if on]
+    return f" (layers a stage: {text}" + (f"; the {' and '.join(counted)} counted as a layer" if counted else "") + ")"
 
 
 def _rotary_description(args: argparse.Namespace) -> str:
@@ -920,6 +939,7 @@ class _Run:
         layout = (
             f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size}"
             + (f" VPP={args.virtual_pipeline_model_parallel_size}" if args.virtual_pipeline_model_parallel_size else "")
+            + _stage_description(args)
             + f" DP={args.data_parallel_size}"
         )
         overlapped = [name for name, on in (("grad reduce", args.overlap_grad_reduce),

@@ -69,13 +69,12 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     **dict.fromkeys(("--override-opt_param-scheduler", "--override-opt-param-scheduler",
                      "--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler"),
                     "--load resumes on the checkpoint's schedule and refuses flags that change it"),
+    "--pipeline-model-parallel-layout": "give the split with --decoder-first-pipeline-num-layers / "
+                                        "--decoder-last-pipeline-num-layers or --account-for-embedding-in-pipeline-split"
+                                        " / --account-for-loss-in-pipeline-split (and --num-virtual-stages-per-pipeline"
+                                        "-rank)",
     "--no-align-grad-reduce": "not supported (grad reductions are aligned across pipeline stages)",
     "--overlap-param-gather-with-optimizer-step": "not supported",
-    "--num-virtual-stages-per-pipeline-rank": "give --num-layers-per-virtual-pipeline-stage",
-    "--decoder-first-pipeline-num-layers": "uneven pipeline stages are not supported",
-    "--decoder-last-pipeline-num-layers": "uneven pipeline stages are not supported",
-    "--account-for-embedding-in-pipeline-split": "uneven pipeline stages are not supported",
-    "--account-for-loss-in-pipeline-split": "uneven pipeline stages are not supported",
     "--rotary-scaling-factor": "Megatron-LM's factor of YaRN and MLA positions; the factor of --use-rope-scaling "
                                "(Llama 3.1's) is --rope-scaling-factor",
     "--openai-gelu": "only Megatron-LM's legacy models use it; megatron.core models ignore it",
@@ -312,6 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-parallel-size", type=int, default=1,
                    help="only 1 (the default): context parallelism is not supported")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, help="interleaved pipeline (VPP)")
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, metavar="V",
+                   help="interleaved pipeline: V model chunks a pipeline rank (the way to give it with uneven stages)")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, metavar="N",
+                   help="uneven pipeline: the first stage holds N layers, the other stages share the rest evenly")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, metavar="N",
+                   help="uneven pipeline: the last stage holds N layers, the other stages share the rest evenly")
+    g.add_argument("--account-for-embedding-in-pipeline-split", action="store_true",
+                   help="count the embedding as a layer of the first stage when splitting the layers")
+    g.add_argument("--account-for-loss-in-pipeline-split", action="store_true",
+                   help="count the output layer and loss as a layer of the last stage when splitting the layers")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--recompute-activations", action="store_true",
                    help="recompute the core attention in the backward (= --recompute-granularity selective)")
@@ -746,7 +755,8 @@ def _validate(args: argparse.Namespace) -> None:
     _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
               "global_batch_size", "train_iters", "train_samples", "num_query_groups", "ffn_hidden_size",
               "max_position_embeddings", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-              "num_layers_per_virtual_pipeline_stage", "log_interval", "eval_interval", "save_interval",
+              "num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank",
+              "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers", "log_interval", "eval_interval", "save_interval",
               "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size", "ckpt_step",
               "tensorboard_log_interval", "num_dataset_builder_threads", "non_persistent_save_interval",
               "save_retain_interval")
@@ -819,12 +829,20 @@ def _validate_recompute(args: argparse.Namespace) -> None:
         raise ArgsError("--recompute-granularity full needs --recompute-method uniform|block and "
                         "--recompute-num-layers N (uniform: layers per recomputed chunk; block: recomputed layers "
                         "of each pipeline stage)")
-    per_chunk = args.num_layers // args.pipeline_model_parallel_size
-    if args.num_layers_per_virtual_pipeline_stage:
-        per_chunk = args.num_layers_per_virtual_pipeline_stage
-    if not 1 <= args.recompute_num_layers <= per_chunk:
-        raise ArgsError(f"--recompute-num-layers {args.recompute_num_layers}: give 1..{per_chunk} (the layers of each "
-                        "model chunk)")
+    sizes = sorted({n for stage in args.pipeline_layers for n in stage if n})  # layers of a model chunk
+    n = args.recompute_num_layers
+    if not 1 <= n <= sizes[-1]:
+        raise ArgsError(f"--recompute-num-layers {n}: give 1..{sizes[-1]} (the layers of "
+                        f"{'each' if len(sizes) == 1 else 'the largest'} model chunk)")
+    if args.recompute_method == "uniform" and any(size % n for size in sizes):
+        # megatron-core recomputes layers [i, i + N) of a chunk, past its last layer where N does not divide it
+        divisors = [d for d in range(1, sizes[0] + 1) if all(size % d == 0 for size in sizes)]
+        held = (f"the {sizes[0]} layers of each model chunk" if len(sizes) == 1
+                else f"model chunks of {', '.join(map(str, sizes[:-1]))} and {sizes[-1]} layers")
+        raise ArgsError(f"--recompute-method uniform --recompute-num-layers {n}: chunks of {n} layers do not tile "
+                        f"{held} (megatron-core would index past the last layer); give "
+                        f"{' or '.join(filter(None, (', '.join(map(str, divisors[:-1])), str(divisors[-1]))))}, or --recompute-method "
+                        "block")
 
 
 def _validate_gc(args: argparse.Namespace) -> None:
@@ -966,6 +984,89 @@ def _validate_attention_backend(args: argparse.Namespace) -> None:
     args.transformer_impl = impl
 
 
+def _validate_pipeline(args: argparse.Namespace) -> None:
+    """The split of the layers over pipeline stages and model chunks, as megatron-core's
+    TransformerConfig and ``get_num_layers_to_build`` make it (checked here in one line where
+    they would stop with a traceback). Sets ``virtual_pipeline_model_parallel_size`` and
+    ``pipeline_layers``: the transformer layers of each model chunk, [pipeline rank][virtual
+    stage] (a chunk of the first or last stage may hold none, only the embedding or the loss)."""
+    pp, layers = args.pipeline_model_parallel_size, args.num_layers
+    first, last = args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
+    embedding, loss = args.account_for_embedding_in_pipeline_split, args.account_for_loss_in_pipeline_split
+    per_chunk, chunks = args.num_layers_per_virtual_pipeline_stage, args.num_virtual_stages_per_pipeline_rank
+    uneven = [flag for flag, value in (("--decoder-first-pipeline-num-layers", first),
+                                       ("--decoder-last-pipeline-num-layers", last)) if value is not None]
+    accounted = [flag for flag, on in (("--account-for-embedding-in-pipeline-split", embedding),
+                                       ("--account-for-loss-in-pipeline-split", loss)) if on]
+    if per_chunk is not None and chunks is not None:
+        raise ArgsError("--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank both give "
+                        "the interleaved pipeline; give one of them")
+    if pp == 1:
+        vpp = [flag for flag, value in (("--num-layers-per-virtual-pipeline-stage", per_chunk),
+                                        ("--num-virtual-stages-per-pipeline-rank", chunks)) if value is not None]
+        if vpp:
+            raise ArgsError(f"{vpp[0]} needs --pipeline-model-parallel-size > 1")
+        if uneven or accounted:
+            given = " and ".join(uneven + accounted)
+            raise ArgsError(f"{given} split{'' if len(uneven + accounted) > 1 else 's'} the layers over pipeline "
+                            "stages; give --pipeline-model-parallel-size > 1, or drop "
+                            f"{'them' if len(uneven + accounted) > 1 else 'it'}")
+    if uneven and accounted:
+        raise ArgsError(f"{uneven[0]} and {accounted[0]} are two ways of splitting the layers unevenly (megatron-core "
+                        "refuses both); give one of them")
+    if uneven and per_chunk is not None:
+        raise ArgsError(f"{uneven[0]} with an interleaved pipeline: give the model chunks a rank as "
+                        "--num-virtual-stages-per-pipeline-rank, not --num-layers-per-virtual-pipeline-stage "
+                        "(Megatron-LM's rule: the stages differ in size)")
+    if uneven:
+        middle_stages = pp - len(uneven)
+        middle = layers - (first or 0) - (last or 0)
+        given = " + ".join(f"{flag} {value}" for flag, value in (("--decoder-first-pipeline-num-layers", first),
+                                                                 ("--decoder-last-pipeline-num-layers", last))
+                           if value is not None)
+        if middle < 0:
+            raise ArgsError(f"{given} is more than --num-layers {layers}")
+        if middle_stages == 0 and middle:
+            raise ArgsError(f"{given} leaves {middle} of the {layers} layers (--num-layers) to no stage: on "
+                            f"--pipeline-model-parallel-size {pp} the first and last stages hold them all")
+        if middle_stages and not middle:
+            raise ArgsError(f"{given} leaves no layer for the {middle_stages} other pipeline "
+                            f"stage{'s' if middle_stages > 1 else ''} (--num-layers {layers}, "
+                            f"--pipeline-model-parallel-size {pp})")
+        if middle_stages and middle % middle_stages:
+            raise ArgsError(f"{given} leaves {middle} of the {layers} layers for {middle_stages} pipeline stages, "
+                            "which cannot share them evenly; change the flags")
+        even = middle // middle_stages if middle_stages else 0
+        stages = [even] * pp
+        if first is not None:
+            stages[0] = first
+        if last is not None:
+            stages[-1] = last
+    else:
+        units = layers + embedding + loss
+        if units % pp:
+            counted = "".join(f" + 1 ({flag})" for flag in accounted)
+            raise ArgsError(f"--pipeline-model-parallel-size {pp} does not divide --num-layers {layers}{counted}")
+        stages = [units // pp] * pp
+    vpp = chunks
+    if per_chunk is not None:
+        if stages[0] % per_chunk:
+            raise ArgsError(f"--num-layers-per-virtual-pipeline-stage {per_chunk} does not divide the {stages[0]} "
+                            "layers of each pipeline stage")
+        vpp = stages[0] // per_chunk
+    vpp = vpp or 1
+    for rank, units in enumerate(stages):
+        if units % vpp:
+            which = ("the first" if rank == 0 else "the last" if rank == pp - 1 else "a middle") if uneven else "each"
+            raise ArgsError(f"--num-virtual-stages-per-pipeline-rank {vpp} does not divide the {units} layers of "
+                            f"{which} pipeline stage")
+    args.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
+    args.pipeline_layers = [[units // vpp] * vpp for units in stages]
+    # the embedding and the loss count as layers of the first and last chunk, which build one fewer
+    args.pipeline_layers[0][0] -= embedding
+    args.pipeline_layers[-1][-1] -= loss
+
+
 def _validate_parallel_and_batch(args: argparse.Namespace) -> None:
     if args.context_parallel_size != 1:
         raise ArgsError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not supported "
@@ -983,20 +1084,7 @@ def _validate_parallel_and_batch(args: argparse.Namespace) -> None:
         raise ArgsError(f"--tensor-model-parallel-size {tp} does not divide --num-query-groups {args.num_query_groups}")
     if args.ffn_hidden_size % tp:
         raise ArgsError(f"--tensor-model-parallel-size {tp} does not divide --ffn-hidden-size {args.ffn_hidden_size}")
-    if args.num_layers % pp:
-        raise ArgsError(f"--pipeline-model-parallel-size {pp} does not divide --num-layers {args.num_layers}")
-    args.virtual_pipeline_model_parallel_size = None
-    if args.num_layers_per_virtual_pipeline_stage is not None:
-        per_stage = args.num_layers // pp
-        if pp < 2:
-            raise ArgsError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-        if per_stage % args.num_layers_per_virtual_pipeline_stage:
-            raise ArgsError(
-                f"--num-layers-per-virtual-pipeline-stage {args.num_layers_per_virtual_pipeline_stage} does not "
-                f"divide the {per_stage} layers of each pipeline stage"
-            )
-        vpp = per_stage // args.num_layers_per_virtual_pipeline_stage
-        args.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
+    _validate_pipeline(args)
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise ArgsError("--overlap-param-gather needs --use-distributed-optimizer (only its parameters are gathered)")
     if args.overlap_param_gather and not args.overlap_grad_reduce:

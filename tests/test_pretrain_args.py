@@ -876,6 +876,99 @@ def test_activation_recomputation_flags():
     assert "give 1..2 (the layers of each model chunk)" in error(
         deep + " --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 2 --recompute-granularity "
         "full --recompute-method uniform --recompute-num-layers 3", world_size=2)
+    # uniform recomputes layers [i, i + N) of a chunk: megatron-core indexed past the last layer
+    # (an IndexError traceback) where N did not divide the chunk's layers
+    four = lr.replace("--num-layers 2", "--num-layers 4")
+    assert error(four + " --recompute-granularity full --recompute-method uniform --recompute-num-layers 3") == (
+        "--recompute-method uniform --recompute-num-layers 3: chunks of 3 layers do not tile the 4 layers of each "
+        "model chunk (megatron-core would index past the last layer); give 1, 2 or 4, or --recompute-method block")
+    assert parse(four + " --recompute-granularity full --recompute-method block --recompute-num-layers 3")
+    # uneven stages: every model chunk's layers (3 and 4), and the largest bounds N
+    uneven = lr.replace("--num-layers 2", "--num-layers 7") + " --pipeline-model-parallel-size 2 " \
+        "--decoder-first-pipeline-num-layers 3 --recompute-granularity full "
+    assert error(uneven + "--recompute-method uniform --recompute-num-layers 2", world_size=2) == (
+        "--recompute-method uniform --recompute-num-layers 2: chunks of 2 layers do not tile model chunks of 3 and 4 "
+        "layers (megatron-core would index past the last layer); give 1, or --recompute-method block")
+    assert parse(uneven + "--recompute-method block --recompute-num-layers 4", world_size=2).recompute_num_layers == 4
+    assert error(uneven + "--recompute-method block --recompute-num-layers 5", world_size=2) == (
+        "--recompute-num-layers 5: give 1..4 (the layers of the largest model chunk)")
+
+
+def _stages(layers: int, flags: str, world_size: int) -> tuple[list[list[int]], int | None]:
+    args = parse(TINY.replace("--num-layers 2", f"--num-layers {layers}") + " --lr 1e-3 --global-batch-size 16 "
+                 + flags, world_size=world_size)
+    return args.pipeline_layers, args.virtual_pipeline_model_parallel_size
+
+
+def test_pipeline_stage_split():
+    """Megatron-LM's uneven pipeline flags: the transformer layers of each model chunk,
+    [pipeline rank][virtual stage], as megatron-core builds them (the integration test
+    compares them with megatron-core's own function over a grid of flags)."""
+    pp2, pp4 = "--pipeline-model-parallel-size 2 ", "--pipeline-model-parallel-size 4 "
+    assert _stages(4, pp2, 2) == ([[2], [2]], None)
+    assert _stages(4, pp2 + "--decoder-first-pipeline-num-layers 3", 2) == ([[3], [1]], None)
+    assert _stages(4, pp2 + "--decoder-last-pipeline-num-layers 3", 2) == ([[1], [3]], None)
+    assert _stages(4, pp2 + "--decoder-first-pipeline-num-layers 3 --decoder-last-pipeline-num-layers 1",
+                   2) == ([[3], [1]], None)
+    assert _stages(7, pp4 + "--decoder-first-pipeline-num-layers 1", 4) == ([[1], [2], [2], [2]], None)
+    assert _stages(8, pp4 + "--decoder-first-pipeline-num-layers 1 --decoder-last-pipeline-num-layers 3",
+                   4) == ([[1], [2], [2], [3]], None)
+    # uneven and interleaved: the model chunks a rank given as such (Megatron-LM's rule)
+    assert _stages(6, pp2 + "--decoder-first-pipeline-num-layers 4 --num-virtual-stages-per-pipeline-rank 2",
+                   2) == ([[2, 2], [1, 1]], 2)
+    assert _stages(4, pp2 + "--num-virtual-stages-per-pipeline-rank 2", 2) == ([[1, 1], [1, 1]], 2)
+    assert _stages(4, pp2 + "--num-virtual-stages-per-pipeline-rank 1", 2) == ([[2], [2]], None)
+    # the embedding and the loss counted as layers: the first and last chunks build one fewer
+    assert _stages(3, pp2 + "--account-for-embedding-in-pipeline-split", 2) == ([[1], [2]], None)
+    assert _stages(3, pp2 + "--account-for-loss-in-pipeline-split", 2) == ([[2], [1]], None)
+    assert _stages(1, pp2 + "--account-for-embedding-in-pipeline-split", 2) == ([[0], [1]], None)  # embedding alone
+    both = "--account-for-embedding-in-pipeline-split --account-for-loss-in-pipeline-split "
+    assert _stages(4, pp2 + both + "--num-virtual-stages-per-pipeline-rank 3", 2) == ([[0, 1, 1], [1, 1, 0]], 3)
+    assert _stages(6, pp2 + both + "--num-layers-per-virtual-pipeline-stage 2", 2) == ([[1, 2], [2, 1]], 2)
+    assert _stages(2, "", 1) == ([[2]], None)
+
+
+def test_pipeline_stage_split_refusals():
+    pp2 = "--pipeline-model-parallel-size 2 "
+    first, last = "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers"
+    cases = (
+        (4, 1, "--account-for-embedding-in-pipeline-split",
+         "--account-for-embedding-in-pipeline-split splits the layers over pipeline stages; give "
+         "--pipeline-model-parallel-size > 1, or drop it"),
+        (4, 1, f"{first} 2 {last} 2", f"{first} and {last} split the layers over pipeline stages; give "
+         "--pipeline-model-parallel-size > 1, or drop them"),
+        (4, 1, "--num-virtual-stages-per-pipeline-rank 2",
+         "--num-virtual-stages-per-pipeline-rank needs --pipeline-model-parallel-size > 1"),
+        (4, 2, pp2 + "--num-virtual-stages-per-pipeline-rank 2 --num-layers-per-virtual-pipeline-stage 1",
+         "--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank both give the "
+         "interleaved pipeline; give one of them"),
+        (4, 2, pp2 + f"{first} 3 --account-for-loss-in-pipeline-split",
+         f"{first} and --account-for-loss-in-pipeline-split are two ways of splitting the layers unevenly "
+         "(megatron-core refuses both); give one of them"),
+        (6, 2, pp2 + f"{first} 4 --num-layers-per-virtual-pipeline-stage 2",
+         f"{first} with an interleaved pipeline: give the model chunks a rank as "
+         "--num-virtual-stages-per-pipeline-rank, not --num-layers-per-virtual-pipeline-stage (Megatron-LM's rule: "
+         "the stages differ in size)"),
+        (4, 2, pp2 + f"{first} 3 {last} 2", f"{first} 3 + {last} 2 is more than --num-layers 4"),
+        (4, 2, pp2 + f"{first} 2 {last} 1", f"{first} 2 + {last} 1 leaves 1 of the 4 layers (--num-layers) to no "
+         "stage: on --pipeline-model-parallel-size 2 the first and last stages hold them all"),
+        (4, 2, pp2 + f"{first} 4", f"{first} 4 leaves no layer for the 1 other pipeline stage (--num-layers 4, "
+         "--pipeline-model-parallel-size 2)"),
+        (8, 4, "--pipeline-model-parallel-size 4 " + f"{first} 1", f"{first} 1 leaves 7 of the 8 layers for 3 "
+         "pipeline stages, which cannot share them evenly; change the flags"),
+        (4, 2, pp2 + f"{first} 0", f"{first} must be > 0"),
+        (6, 2, pp2 + f"{first} 3 --num-virtual-stages-per-pipeline-rank 2",
+         "--num-virtual-stages-per-pipeline-rank 2 does not divide the 3 layers of the first pipeline stage"),
+        (4, 2, pp2 + "--account-for-embedding-in-pipeline-split",
+         "--pipeline-model-parallel-size 2 does not divide --num-layers 4 + 1 "
+         "(--account-for-embedding-in-pipeline-split)"),
+        (3, 2, pp2, "--pipeline-model-parallel-size 2 does not divide --num-layers 3"),
+        (4, 2, pp2 + "--num-virtual-stages-per-pipeline-rank 3",
+         "--num-virtual-stages-per-pipeline-rank 3 does not divide the 2 layers of each pipeline stage"),
+    )
+    for layers, world, flags, message in cases:
+        got = error(TINY.replace("--num-layers 2", f"--num-layers {layers}") + " --lr 1e-3 " + flags, world)
+        assert got.startswith(message), (flags, got)
 
 
 def test_distribute_saved_activations(monkeypatch):

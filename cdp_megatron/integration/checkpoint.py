@@ -111,19 +111,32 @@ def _params_dtype(model_chunks: list) -> str | None:
     return None
 
 
-def model_parallel_layout() -> dict:
-    """This run's TP/PP/VPP sizes (what a ``dp_reshardable`` optimizer checkpoint is bound to)."""
+def model_parallel_layout(model_chunks: Sequence[Any] | Any = None) -> dict:
+    """This run's TP/PP/VPP sizes and, where the pipeline's model chunks hold different numbers
+    of layers (megatron-core's uneven or embedding/loss-counting split), each chunk's layers
+    (``model_chunks``' config), [pipeline rank][virtual stage]: what a ``dp_reshardable``
+    optimizer checkpoint is bound to."""
     from megatron.core import parallel_state as ps
 
-    return {
+    layout = {
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
         "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
     }
+    if model_chunks is not None:
+        from .classify import unwrap_model
+        from .model import pipeline_stage_layers
+
+        stages = pipeline_stage_layers(unwrap_model(_chunks(model_chunks)[0]).config)
+        if len({n for stage in stages for n in stage}) > 1:
+            layout["layers"] = stages
+    return layout
 
 
 def _describe(layout: dict) -> str:
-    return f"TP={layout['tp']}, PP={layout['pp']}" + (f", VPP={layout['vpp']}" if layout.get("vpp", 1) > 1 else "")
+    return (f"TP={layout['tp']}, PP={layout['pp']}" + (f", VPP={layout['vpp']}" if layout.get("vpp", 1) > 1 else "")
+            + (f" (layers a stage: {' | '.join(','.join(map(str, s)) for s in layout['layers'])})"
+               if "layers" in layout else ""))
 
 
 def sharded_state_dict(
@@ -195,7 +208,7 @@ def save_checkpoint(
     )
     content = {
         **metadata,
-        "cdp_model_parallel": model_parallel_layout(),
+        "cdp_model_parallel": model_parallel_layout(model_chunks),
         "cdp_distributed_optimizer": _uses_distributed_optimizer(optimizer),
         "cdp_params_dtype": _params_dtype(_chunks(model_chunks)),
     }
@@ -346,15 +359,15 @@ def _check_compatible(path: str, saved: dict, dist_opt_format: str, optimizer: A
             f"{kinds[not saved_dist]}: resume with the same optimizer "
             f"({'with' if saved_dist else 'without'} --use-distributed-optimizer)"
         )
-    layout = saved.get("cdp_model_parallel")
+    layout, here = saved.get("cdp_model_parallel"), model_parallel_layout(model_chunks)
     if (
         dist_opt_format == "dp_reshardable" and saved_dist and layout is not None
-        and layout != model_parallel_layout()
+        and layout != here
     ):
         raise CheckpointError(
             f"{path} holds the distributed optimizer's state in the dp_reshardable format, saved "
             f"on {_describe(layout)}; it resumes only on that layout (any DP size), not on "
-            f"{_describe(model_parallel_layout())}. Resume on {_describe(layout)}, or save with "
+            f"{_describe(here)}. Resume on {_describe(layout)}, or save with "
             "the fully_reshardable format (cdp-pretrain --dist-ckpt-optim-fully-reshardable) "
             "to change the layout"
         )

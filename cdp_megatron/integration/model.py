@@ -62,6 +62,7 @@ __all__ = [
     "check_config",
     "wrap_ddp",
     "causal_attention_mask",
+    "pipeline_stage_layers",
     "lm_loss",
     "gpt_forward_step",
 ]
@@ -301,6 +302,16 @@ def _zero_centred(node: Any) -> Any:
     if isinstance(node, list):
         return [_zero_centred(item) for item in node]
     return node
+
+
+def pipeline_stage_layers(config: TransformerConfig) -> list[list[int]]:
+    """The transformer layers of every model chunk of ``config``'s pipeline, [pipeline rank]
+    [virtual stage], as megatron-core builds them (``get_num_layers_to_build``)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    vpp = config.virtual_pipeline_model_parallel_size
+    return [[get_num_layers_to_build(config, vp_stage=stage if vpp else None, pp_rank=rank)
+             for stage in range(vpp or 1)] for rank in range(config.pipeline_model_parallel_size)]
 
 
 def _final_norm_spec(layer_spec: ModuleSpec, config: TransformerConfig, vp_stage: int | None) -> Any:

@@ -250,28 +250,36 @@ def _fused_layout_worker(tp: int = 1) -> list[str]:
     return errors
 
 
-def _layers_worker(pp: int, vpp: int | None, tied: bool) -> list[tuple]:
+def _layers_worker(pp: int, vpp: int | None, tied: bool, split: dict) -> list[tuple]:
     from ._tiny import tiny_target
 
-    from cdp_megatron.integration import build_gpt_model, classify_model, initialize_model_parallel
+    from cdp_megatron.integration import build_gpt_model, classify_model, gpt_config, initialize_model_parallel
 
     initialize_model_parallel(1, pp, vpp)
     target = tiny_target(num_layers=4, untie_embeddings_and_output_weights=not tied)
-    chunks = build_gpt_model(target=target)
+    config = gpt_config(target.shape, init_method_std=target.global_hyperparameters["init_method_std"], **split)
+    chunks = build_gpt_model(target=target, config=config)
     infos = classify_model(chunks)
     return [(i.name, i.type, i.layer, i.param, tuple(s.type for s in i.segments)) for i in infos.values()]
 
 
+COUNTED = dict(account_for_embedding_in_pipeline_split=True, account_for_loss_in_pipeline_split=True)
+
+
 @pytest.mark.parametrize(
-    "pp,vpp,tied,stage_layers",
+    "pp,vpp,tied,split,stage_layers",
     [
-        (2, None, True, [{1, 2}, {3, 4}]),
-        (2, 2, False, [{1, 3}, {2, 4}]),  # interleaved: rank 0 holds layers 1 and 3
+        (2, None, True, {}, [{1, 2}, {3, 4}]),
+        (2, 2, False, {}, [{1, 3}, {2, 4}]),  # interleaved: rank 0 holds layers 1 and 3
+        (2, None, False, dict(num_layers_in_first_pipeline_stage=3), [{1, 2, 3}, {4}]),  # uneven
+        # the embedding and the loss as layers, 3 chunks a rank: rank 0's first holds only the
+        # embedding, rank 1's last only the loss (chunks [0, 1, 1] and [1, 1, 0])
+        (2, 3, True, COUNTED, [{2, 4}, {1, 3}]),
     ],
-    ids=["pp2-tied", "pp2-vpp2"],
+    ids=["pp2-tied", "pp2-vpp2", "pp2-uneven", "pp2-vpp3-embedding-and-loss-counted"],
 )
-def test_pipeline_global_layers(pp, vpp, tied, stage_layers):
-    per_rank = run_distributed(_layers_worker, pp, pp, vpp, tied)
+def test_pipeline_global_layers(pp, vpp, tied, split, stage_layers):
+    per_rank = run_distributed(_layers_worker, pp, pp, vpp, tied, split)
     for rank, rows in enumerate(per_rank):
         assert {layer for _, _, layer, _, _ in rows if layer is not None} == stage_layers[rank]
     union = {(t, layer, p) for rows in per_rank for _, _, layer, p, types in rows for t in types}

@@ -658,3 +658,59 @@ def test_embedding_init_method_std_of_a_plain_run(megatron_1proc):
     assert stds["embedding.word_embeddings.weight"] == pytest.approx(0.5, rel=0.05)
     assert stds["embedding.position_embeddings.weight"] == pytest.approx(0.5, rel=0.05)
     assert stds["decoder.layers.0.self_attention.linear_qkv.weight"] == pytest.approx(0.02, rel=0.05)
+
+
+# --- the split of the layers over pipeline stages ----------------------------------------------
+def _megatron_split(layers: int, pp: int, vpp: int | None, first, last, embedding: bool, loss: bool):
+    """megatron-core's own split (``get_num_layers_to_build`` through ``pipeline_stage_layers``),
+    or None where its TransformerConfig or that function refuses the flags."""
+    from megatron.core.transformer import TransformerConfig
+
+    from cdp_megatron.integration.model import pipeline_stage_layers
+
+    try:
+        config = TransformerConfig(
+            num_layers=layers, hidden_size=64, num_attention_heads=4, pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp, pipeline_dtype=torch.float32,
+            num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
+            account_for_embedding_in_pipeline_split=embedding, account_for_loss_in_pipeline_split=loss)
+        return pipeline_stage_layers(config)
+    except (ValueError, AssertionError):
+        return None
+
+
+def test_stage_split_is_megatron_cores():
+    """Every split cdp-pretrain accepts (uneven first/last stages, the embedding and the loss
+    counted as layers, interleaved or not) is megatron-core's, chunk by chunk, on 2-4 stages of
+    1-8 layers. Every split it refuses is one megatron-core refuses or would build wrongly
+    (chunks that do not add up to the layers, or hold fewer than none)."""
+    import itertools
+    import shlex
+
+    from cdp_megatron.pretrain_args import ArgsError, parse_args
+
+    base = ("--hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 1 --global-batch-size 12 "
+            "--train-iters 2 --mock-data --lr 1e-3 ")
+    splits = [(None, None, False, False), (None, None, True, False), (None, None, False, True),
+              (None, None, True, True)]
+    splits += [(f, g, False, False) for f, g in itertools.product((None, 1, 2, 3, 4), repeat=2) if (f, g) != (None, None)]
+    accepted = refused = 0
+    for layers, pp, vpp, (first, last, embedding, loss) in itertools.product(range(1, 9), (2, 3, 4), (None, 2, 3),
+                                                                             splits):
+        flags = (f"--num-layers {layers} --pipeline-model-parallel-size {pp}"
+                 + (f" --num-virtual-stages-per-pipeline-rank {vpp}" if vpp else "")
+                 + (f" --decoder-first-pipeline-num-layers {first}" if first is not None else "")
+                 + (f" --decoder-last-pipeline-num-layers {last}" if last is not None else "")
+                 + (" --account-for-embedding-in-pipeline-split" if embedding else "")
+                 + (" --account-for-loss-in-pipeline-split" if loss else ""))
+        theirs = _megatron_split(layers, pp, vpp, first, last, embedding, loss)
+        try:
+            ours = parse_args(shlex.split(base + flags), world_size=pp).pipeline_layers
+        except ArgsError:
+            refused += 1
+            assert (theirs is None or sum(map(sum, theirs)) != layers
+                    or min(map(min, theirs)) < 0), (flags, theirs)
+            continue
+        accepted += 1
+        assert ours == theirs, (flags, ours, theirs)
+    assert accepted > 200 and refused > 1000, (accepted, refused)  # 246 and 1770

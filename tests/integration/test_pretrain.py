@@ -1219,6 +1219,42 @@ def test_overlapped_communication_on_an_interleaved_pipeline(flags, spec20, refe
     _assert_close(val, val_reference, [10, 20])
 
 
+# Megatron-LM's uneven splits of the 4 layers: 3 + 1, and the embedding and the loss counted as
+# layers in 3 model chunks a rank (chunks of 0, 1, 1 and 1, 1, 0 layers: one holds only the
+# embedding, one only the loss)
+UNEVEN = " --pipeline-model-parallel-size 2 --decoder-first-pipeline-num-layers 3"
+COUNTED = (" --pipeline-model-parallel-size 2 --account-for-embedding-in-pipeline-split "
+           "--account-for-loss-in-pipeline-split --num-virtual-stages-per-pipeline-rank 3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split,note", [
+    (UNEVEN + " --use-distributed-optimizer", "(layers a stage: 3 | 1)"),
+    (COUNTED + " --num-workers 1", "VPP=3 (layers a stage: 0,1,1 | 1,1,0; the embedding and loss counted as a layer)"),
+], ids=["first-stage-3-distopt", "embedding-and-loss-counted-vpp3"])
+def test_uneven_pipeline_stages_match_one_process(split, note, spec20, reference_four_layers_file, tmp_path):
+    out = ok(run(four_layers(spec20) + split, tmp_path, nproc=2))
+    assert f"TP=1 PP=2 {note} DP=1" in out
+    _assert_close(train_losses(tmp_path / "m.jsonl"), train_losses(reference_four_layers_file), range(1, 21))
+
+
+@pytest.mark.slow
+def test_uneven_pipeline_checkpoints(spec20, reference_four_layers_file, tmp_path):
+    """A checkpoint saved on the 3 + 1 split resumes on one process, as the uninterrupted run;
+    the distributed optimizer's dp_reshardable state, bound to the stages' parameters, is
+    refused on the even split of the same TP/PP, naming both splits."""
+    ok(run(four_layers(spec20) + UNEVEN + " --save plain --save-interval 10 --exit-interval 10", tmp_path, nproc=2))
+    assert "starting at iteration 10" in ok(run(four_layers(spec20) + " --load plain", tmp_path))
+    _assert_close(train_losses(tmp_path / "m.jsonl"), train_losses(reference_four_layers_file), range(11, 21))
+    flags = four_layers(spec20) + " --use-distributed-optimizer --save dist"
+    ok(run(flags + UNEVEN + " --save-interval 10 --exit-interval 10", tmp_path, nproc=2))
+    result = run(flags + " --load dist --pipeline-model-parallel-size 2", tmp_path, nproc=2)
+    assert result.returncode != 0
+    line = next(l for l in result.stdout.splitlines() if "dp_reshardable" in l)
+    assert "saved on TP=1, PP=2 (layers a stage: 3 | 1); it resumes only on that layout (any DP size), not on " \
+           "TP=1, PP=2." in line, line
+
+
 # Overlapped communication in buckets of 20000 elements (the tiny model has ~7), with 2 micro
 # batches a rank so that the reduction waits for the last one (no_sync).
 OVERLAP = " --overlap-grad-reduce --ddp-bucket-size 20000 --micro-batch-size 2"
