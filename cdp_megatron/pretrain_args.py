@@ -1048,6 +1048,10 @@ def _validate_pipeline(args: argparse.Namespace) -> None:
             counted = "".join(f" + 1 ({flag})" for flag in accounted)
             raise ArgsError(f"--pipeline-model-parallel-size {pp} does not divide --num-layers {layers}{counted}")
         stages = [units // pp] * pp
+    if first is not None and last is not None and pp == 2 and (chunks or 1) > 1:
+        raise ArgsError("--decoder-first-pipeline-num-layers and --decoder-last-pipeline-num-layers on 2 interleaved "
+                        "pipeline stages: megatron-core divides by the number of middle stages, none, for the last "
+                        "stage's layer numbers (a ZeroDivisionError); give one of them, the other stage holds the rest")
     vpp = chunks
     if per_chunk is not None:
         if stages[0] % per_chunk:

@@ -959,6 +959,10 @@ def test_pipeline_stage_split_refusals():
         (4, 2, pp2 + f"{first} 0", f"{first} must be > 0"),
         (6, 2, pp2 + f"{first} 3 --num-virtual-stages-per-pipeline-rank 2",
          "--num-virtual-stages-per-pipeline-rank 2 does not divide the 3 layers of the first pipeline stage"),
+        (4, 2, pp2 + f"{first} 2 {last} 2 --num-virtual-stages-per-pipeline-rank 2",
+         f"{first} and {last} on 2 interleaved pipeline stages: megatron-core divides by the number of middle "
+         "stages, none, for the last stage's layer numbers (a ZeroDivisionError); give one of them, the other stage "
+         "holds the rest"),
         (4, 2, pp2 + "--account-for-embedding-in-pipeline-split",
          "--pipeline-model-parallel-size 2 does not divide --num-layers 4 + 1 "
          "(--account-for-embedding-in-pipeline-split)"),

@@ -663,8 +663,11 @@ def test_embedding_init_method_std_of_a_plain_run(megatron_1proc):
 # --- the split of the layers over pipeline stages ----------------------------------------------
 def _megatron_split(layers: int, pp: int, vpp: int | None, first, last, embedding: bool, loss: bool):
     """megatron-core's own split (``get_num_layers_to_build`` through ``pipeline_stage_layers``),
-    or None where its TransformerConfig or that function refuses the flags."""
+    or None where its TransformerConfig or that function refuses the flags, or where the first
+    global layer of a chunk (``get_transformer_layer_offset``, in the schedule's order: virtual
+    stage, then pipeline rank) is not the one after the previous chunk's last, or fails."""
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     from cdp_megatron.integration.model import pipeline_stage_layers
 
@@ -674,15 +677,24 @@ def _megatron_split(layers: int, pp: int, vpp: int | None, first, last, embeddin
             virtual_pipeline_model_parallel_size=vpp, pipeline_dtype=torch.float32,
             num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
             account_for_embedding_in_pipeline_split=embedding, account_for_loss_in_pipeline_split=loss)
-        return pipeline_stage_layers(config)
-    except (ValueError, AssertionError):
+        split = pipeline_stage_layers(config)
+        built = 0
+        for stage in range(vpp or 1):
+            for rank in range(pp):
+                if split[rank][stage] and get_transformer_layer_offset(
+                        config, vp_stage=stage if vpp else None, pp_rank=rank) != built:
+                    return None
+                built += split[rank][stage]
+        return split
+    except (ValueError, AssertionError, ZeroDivisionError):  # the last: 2 uneven interleaved stages
         return None
 
 
 def test_stage_split_is_megatron_cores():
     """Every split cdp-pretrain accepts (uneven first/last stages, the embedding and the loss
-    counted as layers, interleaved or not) is megatron-core's, chunk by chunk, on 2-4 stages of
-    1-8 layers. Every split it refuses is one megatron-core refuses or would build wrongly
+    counted as layers, interleaved or not) is megatron-core's, chunk by chunk, with the global
+    layer numbers following on from chunk to chunk, on 2-4 stages of 1-8 layers. Every split it
+    refuses is one megatron-core refuses, numbers wrongly or fails on, or would build wrongly
     (chunks that do not add up to the layers, or hold fewer than none)."""
     import itertools
     import shlex
