@@ -227,6 +227,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         recompute_num_layers=args.recompute_num_layers,
         distribute_saved_activations=args.distribute_saved_activations,
         # the split of the layers over the pipeline stages (None, False: even)
+        pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
         num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
         account_for_embedding_in_pipeline_split=args.account_for_embedding_in_pipeline_split,
@@ -306,7 +307,8 @@ def _stage_description(args: argparse.Namespace) -> str:
     --account-for-*-in-pipeline-split count them)."""
     stages = args.pipeline_layers
     if len({sum(stage) for stage in stages}) == 1 and not (args.account_for_embedding_in_pipeline_split
-                                                           or args.account_for_loss_in_pipeline_split):
+                                                           or args.account_for_loss_in_pipeline_split
+                                                           or args.pipeline_model_parallel_layout):
         return ""
     text = " | ".join(",".join(map(str, stage)) for stage in stages)
     counted = [name for name, on in (("embedding", args.account_for_embedding_in_pipeline_split),

@@ -69,10 +69,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     **dict.fromkeys(("--override-opt_param-scheduler", "--override-opt-param-scheduler",
                      "--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler"),
                     "--load resumes on the checkpoint's schedule and refuses flags that change it"),
-    "--pipeline-model-parallel-layout": "give the split with --decoder-first-pipeline-num-layers / "
-                                        "--decoder-last-pipeline-num-layers or --account-for-embedding-in-pipeline-split"
-                                        " / --account-for-loss-in-pipeline-split (and --num-virtual-stages-per-pipeline"
-                                        "-rank)",
     "--no-align-grad-reduce": "not supported (grad reductions are aligned across pipeline stages)",
     "--overlap-param-gather-with-optimizer-step": "not supported",
     "--rotary-scaling-factor": "Megatron-LM's factor of YaRN and MLA positions; the factor of --use-rope-scaling "
@@ -313,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, help="interleaved pipeline (VPP)")
     g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, metavar="V",
                    help="interleaved pipeline: V model chunks a pipeline rank (the way to give it with uneven stages)")
+    g.add_argument("--pipeline-model-parallel-layout", metavar="LAYOUT",
+                   help="the layers of every model chunk, e.g. 'Ettt|tttL' or 'E|(tt|)*3,L': the chunks in the "
+                   "schedule's order separated by |, E the embedding, t a transformer layer, L the loss, (x)*n "
+                   "repeats x (Megatron-LM's); more chunks than pipeline stages make an interleaved pipeline")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, metavar="N",
                    help="uneven pipeline: the first stage holds N layers, the other stages share the rest evenly")
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, metavar="N",
@@ -984,6 +984,46 @@ def _validate_attention_backend(args: argparse.Namespace) -> None:
     args.transformer_impl = impl
 
 
+_LAYOUT_LAYERS = {"E": "the embedding", "t": "a transformer layer", "L": "the loss"}
+
+
+def _apply_layout(args: argparse.Namespace) -> None:
+    """--pipeline-model-parallel-layout, parsed as megatron-core's PipelineParallelLayerLayout
+    parses it (commas dropped, ``(x)*n`` and ``x*n`` unrolled, chunks split at ``|``, in the
+    schedule's order: virtual stage 0 of every pipeline rank, then 1, ...) and checked as it
+    checks it, here in one line."""
+    import re
+
+    text, pp = args.pipeline_model_parallel_layout, args.pipeline_model_parallel_size
+    where = f"--pipeline-model-parallel-layout {text!r}"
+    unrolled = text.replace(",", "")
+    for pattern in (r"\(([^)]+)\)\*(\d+)", r"(.)\*(\d+)"):
+        unrolled = re.sub(pattern, lambda m: m.group(1) * int(m.group(2)), unrolled)
+    unknown = sorted(set(unrolled) - set(_LAYOUT_LAYERS) - {"|"})
+    if "m" in unknown:
+        raise ArgsError(f"{where}: m (a multi-token prediction layer) is not supported")
+    if unknown:
+        raise ArgsError(f"{where}: {unknown[0]!r} is not a layer; give E (the embedding), t (a transformer layer), "
+                        "L (the loss), | between model chunks, (x)*n to repeat x")
+    stages = unrolled.split("|")
+    if pp == 1:
+        raise ArgsError(f"{where} splits the layers over pipeline stages; give --pipeline-model-parallel-size > 1, "
+                        "or drop it")
+    if len(stages) % pp:
+        raise ArgsError(f"{where} has {len(stages)} model chunks, not a multiple of --pipeline-model-parallel-size "
+                        f"{pp}")
+    flat = "".join(stages)
+    for char, place, at in (("E", "first", 0), ("L", "last", -1)):
+        if flat.count(char) != 1 or not flat or flat[at] != char:
+            raise ArgsError(f"{where}: {_LAYOUT_LAYERS[char]} ({char}) must come once, {place} of all")
+    if flat.count("t") != args.num_layers:
+        raise ArgsError(f"{where} holds {flat.count('t')} transformer layers (t), --num-layers {args.num_layers}; "
+                        "give as many")
+    vpp = len(stages) // pp
+    args.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
+    args.pipeline_layers = [[stages[stage * pp + rank].count("t") for stage in range(vpp)] for rank in range(pp)]
+
+
 def _validate_pipeline(args: argparse.Namespace) -> None:
     """The split of the layers over pipeline stages and model chunks, as megatron-core's
     TransformerConfig and ``get_num_layers_to_build`` make it (checked here in one line where
@@ -998,6 +1038,15 @@ def _validate_pipeline(args: argparse.Namespace) -> None:
                                        ("--decoder-last-pipeline-num-layers", last)) if value is not None]
     accounted = [flag for flag, on in (("--account-for-embedding-in-pipeline-split", embedding),
                                        ("--account-for-loss-in-pipeline-split", loss)) if on]
+    if args.pipeline_model_parallel_layout is not None:
+        others = uneven + accounted + [flag for flag, value in (
+            ("--num-layers-per-virtual-pipeline-stage", per_chunk),
+            ("--num-virtual-stages-per-pipeline-rank", chunks)) if value is not None]
+        if others:
+            raise ArgsError(f"--pipeline-model-parallel-layout and {others[0]}: the layout gives every model chunk's "
+                            "layers (as Megatron-LM, no other split or virtual-stage flag with it); give one of them")
+        _apply_layout(args)
+        return
     if per_chunk is not None and chunks is not None:
         raise ArgsError("--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank both give "
                         "the interleaved pipeline; give one of them")

@@ -926,6 +926,10 @@ def test_pipeline_stage_split():
     assert _stages(4, pp2 + both + "--num-virtual-stages-per-pipeline-rank 3", 2) == ([[0, 1, 1], [1, 1, 0]], 3)
     assert _stages(6, pp2 + both + "--num-layers-per-virtual-pipeline-stage 2", 2) == ([[1, 2], [2, 1]], 2)
     assert _stages(2, "", 1) == ([[2]], None)
+    # Megatron-LM's layout: the chunks in the schedule's order (virtual stage 0 of each rank, then 1)
+    assert _stages(4, pp2 + "--pipeline-model-parallel-layout Ettt|tL", 2) == ([[3], [1]], None)
+    assert _stages(4, pp2 + "--pipeline-model-parallel-layout E|(tt|)*2,L", 2) == ([[0, 2], [2, 0]], 2)
+    assert _stages(6, pp2 + "--pipeline-model-parallel-layout Et|t*2|tt|tL", 2) == ([[1, 2], [2, 1]], 2)
 
 
 def test_pipeline_stage_split_refusals():
@@ -969,6 +973,27 @@ def test_pipeline_stage_split_refusals():
         (3, 2, pp2, "--pipeline-model-parallel-size 2 does not divide --num-layers 3"),
         (4, 2, pp2 + "--num-virtual-stages-per-pipeline-rank 3",
          "--num-virtual-stages-per-pipeline-rank 3 does not divide the 2 layers of each pipeline stage"),
+    )
+    layout = "--pipeline-model-parallel-layout "
+    cases += (
+        (4, 2, pp2 + layout + "Ettt|tL --num-virtual-stages-per-pipeline-rank 2",
+         "--pipeline-model-parallel-layout and --num-virtual-stages-per-pipeline-rank: the layout gives every model "
+         "chunk's layers (as Megatron-LM, no other split or virtual-stage flag with it); give one of them"),
+        (4, 2, pp2 + layout + f"Ettt|tL {first} 3", f"--pipeline-model-parallel-layout and {first}: the layout"),
+        (4, 1, layout + "EttttL", "--pipeline-model-parallel-layout 'EttttL' splits the layers over pipeline stages; "
+         "give --pipeline-model-parallel-size > 1, or drop it"),
+        (4, 2, pp2 + layout + "Ettt|tL|", "--pipeline-model-parallel-layout 'Ettt|tL|' has 3 model chunks, not a "
+         "multiple of --pipeline-model-parallel-size 2"),
+        (4, 2, pp2 + layout + "tEtt|tL", "--pipeline-model-parallel-layout 'tEtt|tL': the embedding (E) must come "
+         "once, first of all"),
+        (4, 2, pp2 + layout + "Ettt|LtL", "--pipeline-model-parallel-layout 'Ettt|LtL': the loss (L) must come once, "
+         "last of all"),
+        (4, 2, pp2 + layout + "Ett|tL", "--pipeline-model-parallel-layout 'Ett|tL' holds 3 transformer layers (t), "
+         "--num-layers 4; give as many"),
+        (4, 2, pp2 + layout + "Ettm|tL", "--pipeline-model-parallel-layout 'Ettm|tL': m (a multi-token prediction "
+         "layer) is not supported"),
+        (4, 2, pp2 + layout + "Ettx|tL", "--pipeline-model-parallel-layout 'Ettx|tL': 'x' is not a layer; give E (the "
+         "embedding), t (a transformer layer), L (the loss), | between model chunks, (x)*n to repeat x"),
     )
     for layers, world, flags, message in cases:
         got = error(TINY.replace("--num-layers 2", f"--num-layers {layers}") + " --lr 1e-3 " + flags, world)

@@ -307,8 +307,11 @@ def _zero_centred(node: Any) -> Any:
 def pipeline_stage_layers(config: TransformerConfig) -> list[list[int]]:
     """The transformer layers of every model chunk of ``config``'s pipeline, [pipeline rank]
     [virtual stage], as megatron-core builds them (``get_num_layers_to_build``)."""
+    from megatron.core.transformer.enums import LayerType
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
+    if config.pipeline_model_parallel_layout is not None:  # its counts need no parallel state
+        return [[chunk.count(LayerType.decoder) for chunk in row] for row in config.pipeline_model_parallel_layout.layout]
     vpp = config.virtual_pipeline_model_parallel_size
     return [[get_num_layers_to_build(config, vp_stage=stage if vpp else None, pp_rank=rank)
              for stage in range(vpp or 1)] for rank in range(config.pipeline_model_parallel_size)]

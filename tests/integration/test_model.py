@@ -726,3 +726,59 @@ def test_stage_split_is_megatron_cores():
         accepted += 1
         assert ours == theirs, (flags, ours, theirs)
     assert accepted > 200 and refused > 1000, (accepted, refused)  # 246 and 1770
+
+
+def test_pipeline_layout_is_megatron_cores():
+    """--pipeline-model-parallel-layout: cdp-pretrain's parse of Megatron-LM's syntax ((..)*n,
+    x*n, commas) and of 400 random layouts (2-4 stages, 1-3 chunks a stage, 1-8 layers; a
+    quarter broken: E or L moved, a layer missing, a chunk too many) gives megatron-core's
+    layers chunk by chunk, and it refuses exactly the layouts megatron-core refuses."""
+    import random
+    import shlex
+
+    from megatron.core.transformer import TransformerConfig
+
+    from cdp_megatron.integration.model import pipeline_stage_layers
+    from cdp_megatron.pretrain_args import ArgsError, parse_args
+
+    rng = random.Random(0)
+    accepted = refused = 0
+    # (pipeline stages, layers, layout): Megatron-LM's syntax, then random ones
+    cases = [(2, 4, "E|(tt|)*2,L"), (2, 7, "E(tt|)*3,tL"), (3, 6, "Ett|(t|)*2tt|L"), (2, 4, "Ett,t|t,L"),
+             (2, 4, "E|(tt|)*2L"), (2, 4, "E(t)*2|t*2L"), (2, 4, "Ettt|tL|"), (2, 4, "Et t|ttL")]
+    for _ in range(400):
+        pp, vpp, layers = rng.randint(2, 4), rng.randint(1, 3), rng.randint(1, 8)
+        cuts = sorted(rng.randint(0, layers) for _ in range(pp * vpp - 1))
+        counts = [b - a for a, b in zip([0] + cuts, cuts + [layers])]
+        chunks = [rng.choice((f"t*{n}", "t" * n)) if n else "" for n in counts]
+        chunks[0], chunks[-1] = "E" + chunks[0], chunks[-1] + "L"
+        broken = rng.random() < 0.25
+        if broken:
+            kind = rng.randrange(4)
+            if kind == 0:
+                chunks[0] = chunks[0][1:] + "E"
+            elif kind == 1:
+                chunks[-1] = "L" + chunks[-1][:-1]
+            elif kind == 2:
+                chunks[-1] = chunks[-1].replace("t", "", 1) if "t" in chunks[-1] else chunks[-1]
+            else:
+                chunks.append("t")
+        cases.append((pp, layers, "|".join(chunks)))
+    for pp, layers, layout in cases:
+        try:
+            config = TransformerConfig(num_layers=layers, hidden_size=64, num_attention_heads=4,
+                                       pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
+                                       pipeline_model_parallel_layout=layout)
+            theirs = pipeline_stage_layers(config)
+        except (ValueError, AssertionError):
+            theirs = None
+        try:
+            ours = parse_args(shlex.split(
+                f"--num-layers {layers} --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 1 "
+                f"--global-batch-size 12 --train-iters 2 --mock-data --lr 1e-3 --pipeline-model-parallel-size {pp}")
+                + ["--pipeline-model-parallel-layout", layout], world_size=pp).pipeline_layers
+        except ArgsError:
+            ours = None
+        assert ours == theirs, (layout, pp, layers, ours, theirs)
+        accepted, refused = accepted + (ours is not None), refused + (ours is None)
+    assert accepted > 200 and refused > 50, (accepted, refused)

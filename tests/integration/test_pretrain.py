@@ -1231,7 +1231,10 @@ COUNTED = (" --pipeline-model-parallel-size 2 --account-for-embedding-in-pipelin
 @pytest.mark.parametrize("split,note", [
     (UNEVEN + " --use-distributed-optimizer", "(layers a stage: 3 | 1)"),
     (COUNTED + " --num-workers 1", "VPP=3 (layers a stage: 0,1,1 | 1,1,0; the embedding and loss counted as a layer)"),
-], ids=["first-stage-3-distopt", "embedding-and-loss-counted-vpp3"])
+    # Megatron-LM's layout: the embedding alone, two chunks of two layers, the loss alone
+    (" --pipeline-model-parallel-size 2 --pipeline-model-parallel-layout E|(tt|)*2,L --num-workers 1",
+     "VPP=2 (layers a stage: 0,2 | 2,0)"),
+], ids=["first-stage-3-distopt", "embedding-and-loss-counted-vpp3", "layout-vpp2"])
 def test_uneven_pipeline_stages_match_one_process(split, note, spec20, reference_four_layers_file, tmp_path):
     out = ok(run(four_layers(spec20) + split, tmp_path, nproc=2))
     assert f"TP=1 PP=2 {note} DP=1" in out
