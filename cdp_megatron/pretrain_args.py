@@ -756,8 +756,8 @@ def _validate(args: argparse.Namespace) -> None:
               "global_batch_size", "train_iters", "train_samples", "num_query_groups", "ffn_hidden_size",
               "max_position_embeddings", "tensor_model_parallel_size", "pipeline_model_parallel_size",
               "num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank",
-              "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers", "log_interval", "eval_interval", "save_interval",
-              "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size", "ckpt_step",
+              "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers", "log_interval",
+              "eval_interval", "save_interval", "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size", "ckpt_step",
               "tensorboard_log_interval", "num_dataset_builder_threads", "non_persistent_save_interval",
               "save_retain_interval")
     _positive(args, "eval_iters", "lr_warmup_iters", "cdp_z_loss", "num_workers", allow_zero=True)
@@ -836,12 +836,12 @@ def _validate_recompute(args: argparse.Namespace) -> None:
                         f"{'each' if len(sizes) == 1 else 'the largest'} model chunk)")
     if args.recompute_method == "uniform" and any(size % n for size in sizes):
         # megatron-core recomputes layers [i, i + N) of a chunk, past its last layer where N does not divide it
-        divisors = [d for d in range(1, sizes[0] + 1) if all(size % d == 0 for size in sizes)]
+        divisors = [str(d) for d in range(1, sizes[0] + 1) if all(size % d == 0 for size in sizes)]
         held = (f"the {sizes[0]} layers of each model chunk" if len(sizes) == 1
                 else f"model chunks of {', '.join(map(str, sizes[:-1]))} and {sizes[-1]} layers")
+        give = divisors[0] if len(divisors) == 1 else f"{', '.join(divisors[:-1])} or {divisors[-1]}"
         raise ArgsError(f"--recompute-method uniform --recompute-num-layers {n}: chunks of {n} layers do not tile "
-                        f"{held} (megatron-core would index past the last layer); give "
-                        f"{' or '.join(filter(None, (', '.join(map(str, divisors[:-1])), str(divisors[-1]))))}, or --recompute-method "
+                        f"{held} (megatron-core would index past the last layer); give {give}, or --recompute-method "
                         "block")
 
 
@@ -1006,9 +1006,6 @@ def _apply_layout(args: argparse.Namespace) -> None:
         raise ArgsError(f"{where}: {unknown[0]!r} is not a layer; give E (the embedding), t (a transformer layer), "
                         "L (the loss), | between model chunks, (x)*n to repeat x")
     stages = unrolled.split("|")
-    if pp == 1:
-        raise ArgsError(f"{where} splits the layers over pipeline stages; give --pipeline-model-parallel-size > 1, "
-                        "or drop it")
     if len(stages) % pp:
         raise ArgsError(f"{where} has {len(stages)} model chunks, not a multiple of --pipeline-model-parallel-size "
                         f"{pp}")
@@ -1038,28 +1035,25 @@ def _validate_pipeline(args: argparse.Namespace) -> None:
                                        ("--decoder-last-pipeline-num-layers", last)) if value is not None]
     accounted = [flag for flag, on in (("--account-for-embedding-in-pipeline-split", embedding),
                                        ("--account-for-loss-in-pipeline-split", loss)) if on]
-    if args.pipeline_model_parallel_layout is not None:
-        others = uneven + accounted + [flag for flag, value in (
-            ("--num-layers-per-virtual-pipeline-stage", per_chunk),
-            ("--num-virtual-stages-per-pipeline-rank", chunks)) if value is not None]
-        if others:
-            raise ArgsError(f"--pipeline-model-parallel-layout and {others[0]}: the layout gives every model chunk's "
-                            "layers (as Megatron-LM, no other split or virtual-stage flag with it); give one of them")
+    interleaved = [flag for flag, value in (("--num-layers-per-virtual-pipeline-stage", per_chunk),
+                                            ("--num-virtual-stages-per-pipeline-rank", chunks)) if value is not None]
+    layout = args.pipeline_model_parallel_layout is not None
+    if layout and uneven + accounted + interleaved:
+        raise ArgsError(f"--pipeline-model-parallel-layout and {(uneven + accounted + interleaved)[0]}: the layout "
+                        "gives every model chunk's layers (as Megatron-LM, no other split or virtual-stage flag with "
+                        "it); give one of them")
+    if len(interleaved) > 1:
+        raise ArgsError(f"{' and '.join(interleaved)} both give the interleaved pipeline; give one of them")
+    if pp == 1:
+        if interleaved:
+            raise ArgsError(f"{interleaved[0]} needs --pipeline-model-parallel-size > 1")
+        split = uneven + accounted + ["--pipeline-model-parallel-layout"] * layout
+        if split:
+            raise ArgsError(f"{' and '.join(split)} split{'' if len(split) > 1 else 's'} the layers over pipeline "
+                            f"stages; give --pipeline-model-parallel-size > 1, or drop {'them' if len(split) > 1 else 'it'}")
+    if layout:
         _apply_layout(args)
         return
-    if per_chunk is not None and chunks is not None:
-        raise ArgsError("--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank both give "
-                        "the interleaved pipeline; give one of them")
-    if pp == 1:
-        vpp = [flag for flag, value in (("--num-layers-per-virtual-pipeline-stage", per_chunk),
-                                        ("--num-virtual-stages-per-pipeline-rank", chunks)) if value is not None]
-        if vpp:
-            raise ArgsError(f"{vpp[0]} needs --pipeline-model-parallel-size > 1")
-        if uneven or accounted:
-            given = " and ".join(uneven + accounted)
-            raise ArgsError(f"{given} split{'' if len(uneven + accounted) > 1 else 's'} the layers over pipeline "
-                            "stages; give --pipeline-model-parallel-size > 1, or drop "
-                            f"{'them' if len(uneven + accounted) > 1 else 'it'}")
     if uneven and accounted:
         raise ArgsError(f"{uneven[0]} and {accounted[0]} are two ways of splitting the layers unevenly (megatron-core "
                         "refuses both); give one of them")

@@ -980,7 +980,7 @@ def test_pipeline_stage_split_refusals():
          "--pipeline-model-parallel-layout and --num-virtual-stages-per-pipeline-rank: the layout gives every model "
          "chunk's layers (as Megatron-LM, no other split or virtual-stage flag with it); give one of them"),
         (4, 2, pp2 + layout + f"Ettt|tL {first} 3", f"--pipeline-model-parallel-layout and {first}: the layout"),
-        (4, 1, layout + "EttttL", "--pipeline-model-parallel-layout 'EttttL' splits the layers over pipeline stages; "
+        (4, 1, layout + "EttttL", "--pipeline-model-parallel-layout splits the layers over pipeline stages; "
          "give --pipeline-model-parallel-size > 1, or drop it"),
         (4, 2, pp2 + layout + "Ettt|tL|", "--pipeline-model-parallel-layout 'Ettt|tL|' has 3 model chunks, not a "
          "multiple of --pipeline-model-parallel-size 2"),
