@@ -216,7 +216,6 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         layernorm_epsilon=args.norm_epsilon,
-        rotary_interleaved=args.rotary_interleaved,
         sequence_parallel=args.sequence_parallel,
         calculate_per_token_loss=True,
         bf16=args.bf16,
@@ -1030,14 +1029,13 @@ class _Run:
             add_qkv_bias=args.add_qkv_bias,
             position_embedding_type=args.position_embedding_type,
             untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
-            apply_layernorm_1p=args.apply_layernorm_1p,  # gpt_config reads both from the shape, as from a spec's
+            # gpt_config and build_gpt_model read these from the shape, as from a spec's
+            apply_layernorm_1p=args.apply_layernorm_1p,
             squared_relu=args.squared_relu,
+            **{name: getattr(args, name) for name in ROTARY_DEFAULTS},
         )
         config = gpt_config(shape, init_method_std=args.init_method_std, **config_overrides(args))
-        chunks = build_gpt_model(shape, target=args.target, config=config, use_te=use_te, init_seed=args.seed,
-                                 rotary_base=args.rotary_base, rotary_percent=args.rotary_percent,
-                                 rope_scaling=args.use_rope_scaling, rope_scaling_factor=args.rope_scaling_factor,
-                                 seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor)
+        chunks = build_gpt_model(shape, target=args.target, config=config, use_te=use_te, init_seed=args.seed)
         self.param_infos = classify_model(chunks)
         print_summary(self.param_infos, args.target)
         model = wrap_ddp(chunks, config, use_distributed_optimizer=args.use_distributed_optimizer,

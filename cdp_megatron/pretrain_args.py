@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from .argtypes import is_number, join_negative_values, output_dir_problem, output_file_problem
+# Megatron-LM's and GPTModel's rotary positions (the spec's fields of the same names): --rotary-base,
+# --rotary-percent, --rotary-interleaved, --use-rope-scaling (Llama 3.1's frequency scaling),
+# --rope-scaling-factor, --rotary-seq-len-interpolation-factor (positions / factor)
+from .spec import ROTARY_DEFAULTS
 
 __all__ = [
     "PROG",
@@ -215,6 +219,7 @@ _ARCH_FLAGS = (
      "--untie-embeddings-and-output-weights"),
     ("apply_layernorm_1p", "apply_layernorm_1p", "--apply-layernorm-1p"),
     ("squared_relu", "squared_relu", "--squared-relu"),
+    *((name, name, "--" + name.replace("_", "-")) for name in ROTARY_DEFAULTS),
 )
 
 
@@ -590,11 +595,6 @@ DEFAULT_SPLIT = "969, 30, 1"  # Megatron-LM's
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")  # megatron-core's, Megatron-LM's default first
 # --recompute-modules of a dense GPT model (megatron-core's others are for MoE and MLA layers)
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
-# Megatron-LM's and GPTModel's: --rotary-base, --rotary-percent, --use-rope-scaling (Llama 3.1's
-# frequency scaling), --rope-scaling-factor, --rotary-seq-len-interpolation-factor (positions / factor)
-ROTARY_DEFAULTS: dict[str, Any] = {"rotary_base": 10000, "rotary_percent": 1.0, "use_rope_scaling": False,
-                                   "rope_scaling_factor": 8.0, "rotary_seq_len_interpolation_factor": None,
-                                   "rotary_interleaved": False}
 # The flags that choose the data: a user's replace the quick start's (see parse_args).
 _DATA_FLAGS = ("--data-path", "--train-data-path", "--valid-data-path", "--mock-data", "--data-args-path",
                "--per-split-data-args-path")
@@ -1514,8 +1514,10 @@ def _check_architecture(args: argparse.Namespace, shape: Any, where: str) -> Non
                         fix += " --add-qkv-bias"
                 else:
                     fix = f"add {flag}" if want else f"drop {flag}"
+            elif want is None:
+                fix = f"drop {flag}"
             else:
-                fix = f"give {flag} {want}"
+                fix = f"give {flag} {want!r}" if isinstance(want, float) else f"give {flag} {want}"
             raise ArgsError(f"{where}: {field} is {want!r} there but the flags give {have!r}; {fix}")
 
 

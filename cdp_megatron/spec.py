@@ -63,6 +63,7 @@ LIMITS: dict[str, int | float] = {
     "vocab_size": 2**24,
     "train_iters": 10**9,
     "train_tokens": 1e15,
+    "rotary_base": 2**40,
 }
 
 # One vocabulary everywhere: spec keys, target groups, parameter classification.
@@ -241,12 +242,29 @@ class Shape:
     squared_relu: bool = False
     """The MLP's activation is relu(x)^2 (Megatron's --squared-relu, Nemotron's) instead of
     GeLU; not with swiglu."""
+    # Rotary positions (Megatron's flags of the same names; rope only).
+    rotary_base: int = 10000
+    """Base of the rotary frequencies (--rotary-base)."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's dimensions rotated (--rotary-percent)."""
+    rotary_interleaved: bool = False
+    """Rotate interleaved pairs of dimensions, GPT-J's (--rotary-interleaved)."""
+    use_rope_scaling: bool = False
+    """Llama 3.1's scaling of the rotary frequencies (--use-rope-scaling)."""
+    rope_scaling_factor: float = 8.0
+    """Its factor (--rope-scaling-factor)."""
+    rotary_seq_len_interpolation_factor: float | None = None
+    """Positions divided by this factor, linear position interpolation
+    (--rotary-seq-len-interpolation-factor; null: none)."""
 
     def __post_init__(self) -> None:
         # One spelling per architecture: with biases on every linear layer, q/k/v have theirs
-        # (as in megatron-core, where linear_qkv has a bias if either is set).
+        # (as in megatron-core, where linear_qkv has a bias if either is set); positions / 1
+        # are the positions.
         if self.add_bias_linear and self.add_qkv_bias:
             object.__setattr__(self, "add_qkv_bias", False)
+        if self.rotary_seq_len_interpolation_factor == 1:
+            object.__setattr__(self, "rotary_seq_len_interpolation_factor", None)
 
     @property
     def head_dim(self) -> float:
@@ -295,6 +313,23 @@ class Shape:
                 f"{self.train_tokens:g} tokens make {self.train_iters} iterations, above the limit {LIMITS['train_iters']:g}",
                 "train for fewer tokens or use a larger global batch",
             )
+        self._validate_rotary(path)
+
+    def _validate_rotary(self, path: str) -> None:
+        changed = [name for name, default in ROTARY_DEFAULTS.items() if getattr(self, name) != default]
+        if changed and self.position_embedding_type != "rope":
+            raise _fail(f"{path}.{changed[0]}", "applies to rotary positions",
+                        f"set position_embedding_type to rope or leave out {', '.join(changed)}")
+        if self.rope_scaling_factor != ROTARY_DEFAULTS["rope_scaling_factor"] and not self.use_rope_scaling:
+            raise _fail(f"{path}.rope_scaling_factor", "applies with use_rope_scaling",
+                        "set use_rope_scaling to true or leave the factor out")
+        if not 0 < self.rotary_percent <= 1:
+            raise _fail(f"{path}.rotary_percent", f"{_show(self.rotary_percent)} is outside (0, 1]",
+                        "give the fraction of each head's dimensions to rotate")
+        rotated = int(self.head_dim * self.rotary_percent)  # as megatron's RotaryEmbedding cuts it
+        if rotated < 2 or rotated % 2:
+            raise _fail(f"{path}.rotary_percent", f"{self.rotary_percent:g} rotates {rotated} of the head's "
+                        f"{self.head_dim:g} dimensions", "rotary pairs need an even number >= 2")
 
     def groups(self) -> list[tuple[str, int | None, str]]:
         """Every (type, layer, param) group this architecture has, in a fixed order."""
@@ -324,11 +359,36 @@ class Shape:
 
 
 _SHAPE_FIELDS = tuple(f.name for f in fields(Shape))
+# The rotary positions' fields and their defaults (Megatron-LM's).
+ROTARY_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(Shape)
+    if f.name in ("rotary_base", "rotary_percent", "rotary_interleaved", "use_rope_scaling", "rope_scaling_factor",
+                  "rotary_seq_len_interpolation_factor")
+}
 # The architecture: a transfer keeps it (a target's must equal its base's).
 ARCHITECTURE_FIELDS = ("normalization", "swiglu", "qk_layernorm", "add_bias_linear", "add_qkv_bias",
                        "position_embedding_type", "untie_embeddings_and_output_weights", "apply_layernorm_1p",
-                       "squared_relu")
+                       "squared_relu", *ROTARY_DEFAULTS)
+_FLOAT_FIELDS = ("rotary_percent", "rope_scaling_factor", "rotary_seq_len_interpolation_factor")
 _CHOICES = {"normalization": ("RMSNorm", "LayerNorm"), "position_embedding_type": ("rope", "learned_absolute")}
+
+
+def _rotary_fields(raw: dict, path: str) -> dict[str, Any]:
+    """The rotary fields a section gives, type-checked (absent: their defaults)."""
+    values: dict[str, Any] = {}
+    for name in ROTARY_DEFAULTS:
+        if name not in raw:
+            continue
+        where = f"{path}.{name}"
+        if name == "rotary_seq_len_interpolation_factor" and raw[name] is None:
+            values[name] = None  # none (the default)
+        elif name in _FLOAT_FIELDS:
+            values[name] = _pos_float(raw[name], where)
+        elif name == "rotary_base":
+            values[name] = _pos_int(raw[name], where, LIMITS[name])
+        else:
+            values[name] = _bool(raw[name], where)
+    return values
 
 
 def shape_from_dict(raw: Any, path: str) -> Shape:
@@ -344,6 +404,8 @@ def shape_from_dict(raw: Any, path: str) -> Shape:
                 raise _fail(where, "missing", "regenerate it with cdp-convert")
             continue
         v = raw[f.name]
+        if f.name in ROTARY_DEFAULTS:
+            continue  # _rotary_fields
         if f.name == "train_tokens":
             values[f.name] = _pos_float(v, where)
         elif f.name in _CHOICES:
@@ -352,7 +414,7 @@ def shape_from_dict(raw: Any, path: str) -> Shape:
             values[f.name] = _bool(v, where)
         else:
             values[f.name] = _pos_int(v, where, LIMITS[f.name])
-    shape = Shape(**values)
+    shape = Shape(**values, **_rotary_fields(raw, path))
     shape.validate(path)
     return shape
 
@@ -432,6 +494,7 @@ def _parse_base(raw: Any) -> Base:
         ),
         apply_layernorm_1p=_bool(raw.get("apply_layernorm_1p", False), "base.apply_layernorm_1p"),
         squared_relu=_bool(raw.get("squared_relu", False), "base.squared_relu"),
+        **_rotary_fields(raw, "base"),
     )
     shape.validate("base")
     alpha = raw.get("alpha", rules.DEFAULT_ALPHA)

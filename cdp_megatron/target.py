@@ -25,6 +25,7 @@ from .spec import (
     ARCHITECTURE_FIELDS,
     BLOCKS,
     LIMITS,
+    ROTARY_DEFAULTS,
     SCHEMA_VERSION,
     TARGET_KIND,
     Globals,
@@ -180,6 +181,11 @@ class Target:
             args.append("--apply-layernorm-1p")
         if s.squared_relu:
             args.append("--squared-relu")
+        for name, default in ROTARY_DEFAULTS.items():  # the rotary positions where they are not Megatron's defaults
+            value = getattr(s, name)
+            if value != default:
+                flag = "--" + name.replace("_", "-")
+                args += [flag] if value is True else [flag, repr(value)]  # repr: the float's exact digits
         args += ["--cdp-config", shlex.quote(cdp_config)]
         return args
 

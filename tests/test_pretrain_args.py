@@ -1131,6 +1131,32 @@ def test_spec_architecture_norm_gains_and_activation(tmp_path):
         assert message.endswith("apply_layernorm_1p is False there but the flags give True; drop --apply-layernorm-1p")
 
 
+def test_spec_rotary_positions_must_match_the_flags(tmp_path):
+    """A spec with non-default rotary positions: the flags must give them (cdp-convert's
+    megatron-args do, exact digits), and a spec with Megatron's defaults refuses flags that change
+    them, each naming the fix."""
+    raw = json.loads(Path(BASE).read_text())
+    raw["base"].update(rotary_base=500000, rotary_percent=0.5, use_rope_scaling=True, rope_scaling_factor=32.0,
+                       rotary_seq_len_interpolation_factor=2.5, rotary_interleaved=True)
+    path = tmp_path / "rotary.json"
+    path.write_text(json.dumps(raw))
+    flags = (" --rotary-base 500000 --rotary-percent 0.5 --use-rope-scaling --rope-scaling-factor 32 "
+             "--rotary-seq-len-interpolation-factor 2.5 --rotary-interleaved")
+    shape = parse(f"{TINY}{flags} --cdp-base {path}").target.shape
+    assert (shape.rotary_base, shape.rotary_percent, shape.rope_scaling_factor) == (500000, 0.5, 32.0)
+    assert error(f"{TINY} --cdp-base {path}").endswith(
+        "rotary_base is 500000 there but the flags give 10000; give --rotary-base 500000")
+    assert error(f"{TINY}{flags.replace(' --rotary-interleaved', '')} --cdp-base {path}").endswith(
+        "rotary_interleaved is True there but the flags give False; add --rotary-interleaved")
+    assert error(f"{TINY}{flags.replace('--rope-scaling-factor 32', '')} --cdp-base {path}").endswith(
+        "rope_scaling_factor is 32.0 there but the flags give 8.0; give --rope-scaling-factor 32.0")
+    assert error(f"{TINY} --rotary-percent 0.5 --cdp-base {BASE}").endswith(
+        "rotary_percent is 1.0 there but the flags give 0.5; give --rotary-percent 1.0")
+    assert error(f"{TINY} --rotary-seq-len-interpolation-factor 4 --cdp-base {BASE}").endswith(
+        "rotary_seq_len_interpolation_factor is None there but the flags give 4.0; drop "
+        "--rotary-seq-len-interpolation-factor")
+
+
 def test_pretrained_checkpoint_flags(tmp_path):
     args = parse(TINY + f" --lr 1e-3 --pretrained-checkpoint {tmp_path} --load ck --save ck --no-load-optim")
     assert args.pretrained_checkpoint == str(tmp_path) and args.no_load_optim

@@ -850,3 +850,83 @@ def test_qkv_bias_only_gives_q_k_v_biases_and_its_flag():
     spec = make_spec(base=qkv)
     with pytest.raises(SpecError, match="target.add_qkv_bias: differs from the base"):
         resolve(spec, replace(spec.base.shape, add_qkv_bias=False))
+
+
+ROTARY = {"rotary_base": 500000, "rotary_percent": 0.5, "rotary_interleaved": True, "use_rope_scaling": True,
+          "rope_scaling_factor": 32.0, "rotary_seq_len_interpolation_factor": 2.5}
+
+
+def test_rotary_positions_are_architecture():
+    """The rotary positions (Megatron's --rotary-base, --rotary-percent, --rotary-interleaved,
+    --use-rope-scaling, --rope-scaling-factor, --rotary-seq-len-interpolation-factor): the spec
+    carries them to the target, its file and its Megatron flags (exact digits), the groups and
+    hyperparameters are those without them, a transfer keeps them, and target files written
+    before them load as Megatron's defaults."""
+    rope = {"position_embedding_type": "rope"}
+    spec, plain = make_spec(base={**ROTARY, **rope}), make_spec(base=rope)
+    assert {name: getattr(spec.base.shape, name) for name in ROTARY} == ROTARY
+    assert plain.base.shape.rotary_base == 10000 and plain.base.shape.rotary_seq_len_interpolation_factor is None
+    assert Spec.from_dict(spec.to_dict()) == spec
+    t, p = at(spec, mN=2, mL=2), at(plain, mN=2, mL=2)
+    assert [g.hyperparameters() for g in t.groups] == [g.hyperparameters() for g in p.groups]
+    args = t.megatron_args("t.json")
+    assert args[args.index("--rotary-base"):] == ["--rotary-base", "500000", "--rotary-percent", "0.5", "--rotary-interleaved", "--use-rope-scaling",
+                    "--rope-scaling-factor", "32.0", "--rotary-seq-len-interpolation-factor", "2.5",
+                    "--cdp-config", "t.json"], args
+    assert not any(a.startswith(("--rotary", "--rope", "--use-rope")) for a in p.megatron_args("t.json"))
+    third = at(make_spec(base={**rope, "rotary_percent": 1 / 3, "num_attention_heads": 2, "hidden_size": 192}))
+    assert third.megatron_args("t.json")[-3:-2] == ["0.3333333333333333"]  # the float's exact digits
+    raw = t.to_dict()
+    assert {name: raw["shape"][name] for name in ROTARY} == ROTARY
+    assert target_from_dict(copy.deepcopy(raw)).shape == t.shape
+    older = p.to_dict()
+    for name in ROTARY:
+        del older["shape"][name], older["source_spec"]["base"][name]
+    assert target_from_dict(older).shape == p.shape
+    for name in ROTARY:
+        other = {name: ROTARY_DEFAULTS_OF_SPEC[name]}
+        if name == "use_rope_scaling":  # its factor goes with it
+            other["rope_scaling_factor"] = ROTARY_DEFAULTS_OF_SPEC["rope_scaling_factor"]
+        with pytest.raises(SpecError, match=f"target.{name}: differs from the base"):
+            resolve(spec, replace(spec.base.shape, **other))
+
+
+# Megatron-LM's defaults of the flags (megatron/training/arguments.py)
+ROTARY_DEFAULTS_OF_SPEC = {"rotary_base": 10000, "rotary_percent": 1.0, "rotary_interleaved": False,
+                           "use_rope_scaling": False, "rope_scaling_factor": 8.0,
+                           "rotary_seq_len_interpolation_factor": None}
+
+
+def test_rotary_defaults_are_megatron_lms():
+    from cdp_megatron.spec import ROTARY_DEFAULTS
+
+    assert ROTARY_DEFAULTS == ROTARY_DEFAULTS_OF_SPEC
+
+
+@pytest.mark.parametrize("base, message", [
+    ({"position_embedding_type": "learned_absolute", "rotary_base": 500},
+     "base.rotary_base: applies to rotary positions; set position_embedding_type to rope or leave out rotary_base"),
+    ({"rope_scaling_factor": 16.0}, "base.rope_scaling_factor: applies with use_rope_scaling; set use_rope_scaling "
+                                    "to true or leave the factor out"),
+    ({"rotary_percent": 1.5}, "base.rotary_percent: 1.5 is outside (0, 1]"),
+    ({"rotary_percent": 0}, "base.rotary_percent: expected a positive finite number, got 0"),
+    ({"rotary_percent": 0.05}, "base.rotary_percent: 0.05 rotates 3 of the head's 64 dimensions; rotary pairs need "
+                               "an even number >= 2"),
+    ({"rotary_base": 0}, "base.rotary_base: expected a positive integer, got 0"),
+    ({"rotary_base": 1.5}, "base.rotary_base: expected a positive integer, got 1.5"),
+    ({"rotary_interleaved": "yes"}, "base.rotary_interleaved: expected true or false"),
+    ({"rotary_seq_len_interpolation_factor": -1}, "base.rotary_seq_len_interpolation_factor: expected a positive"),
+    ({"rope_scaling_factor": None, "use_rope_scaling": True}, "base.rope_scaling_factor: expected a positive"),
+], ids=["learned-positions", "factor-without-scaling", "percent-above-1", "percent-0", "odd-rotated",
+        "base-0", "base-float", "interleaved-not-bool", "negative-interpolation", "null-factor"])
+def test_rotary_fields_are_checked(base, message):
+    with pytest.raises(SpecError) as info:
+        make_spec(base={"position_embedding_type": "rope", **base})
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_interpolation_factor_one_is_none():
+    rope = {"position_embedding_type": "rope"}
+    one = make_spec(base={**rope, "rotary_seq_len_interpolation_factor": 1})
+    assert one.base.shape.rotary_seq_len_interpolation_factor is None
+    assert make_spec(base={**rope, "rotary_seq_len_interpolation_factor": None}) == make_spec(base=rope) == one

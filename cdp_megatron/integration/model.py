@@ -93,8 +93,8 @@ def gpt_config(shape: Any, *, init_method_std: float = 0.02, **overrides: Any) -
     """A TransformerConfig for a TargetShape-like ``shape`` and the current parallel state.
 
     shape: hidden_size, num_layers, num_attention_heads, num_query_groups, ffn_hidden_size,
-    normalization, swiglu, qk_layernorm, add_bias_linear; add_qkv_bias, apply_layernorm_1p and
-    squared_relu optional, default false (spec.Shape / target.shape).
+    normalization, swiglu, qk_layernorm, add_bias_linear; add_qkv_bias, apply_layernorm_1p,
+    squared_relu and rotary_interleaved optional, default false (spec.Shape / target.shape).
     Dropout is off; fusions that need CUDA kernels and batched p2p are off on a CPU (gloo);
     ``use_cpu_initialization`` is on (Megatron then draws the full tensor and splits it: TP-invariant init).
     ``overrides`` are TransformerConfig fields and win; ``attention_backend`` may be given by
@@ -114,6 +114,7 @@ def gpt_config(shape: Any, *, init_method_std: float = 0.02, **overrides: Any) -
         activation_func=(torch.nn.functional.silu if shape.swiglu
                          else "squared_relu" if getattr(shape, "squared_relu", False) else torch.nn.functional.gelu),
         layernorm_zero_centered_gamma=getattr(shape, "apply_layernorm_1p", False),
+        rotary_interleaved=getattr(shape, "rotary_interleaved", False),
         qk_layernorm=shape.qk_layernorm,
         add_bias_linear=shape.add_bias_linear,
         add_qkv_bias=getattr(shape, "add_qkv_bias", False),
@@ -387,24 +388,19 @@ def build_gpt_model(
     use_te: bool = False,
     init: str = "auto",
     init_seed: int = 1234,
-    rotary_base: int = 10000,
-    rotary_percent: float = 1.0,
-    rope_scaling: bool = False,
-    rope_scaling_factor: float = 8.0,
-    seq_len_interpolation_factor: float | None = None,
 ) -> list[GPTModel]:
     """Build this rank's GPTModel chunks (one per virtual pipeline stage).
 
     shape: TargetShape-like (default ``target.shape``); also gives vocab_size, seq_length,
-        position_embedding_type and untie_embeddings_and_output_weights.
+        position_embedding_type, untie_embeddings_and_output_weights and the rotary positions
+        (spec.ROTARY_DEFAULTS' fields: rotary_base, rotary_percent, use_rope_scaling,
+        rope_scaling_factor, rotary_seq_len_interpolation_factor; each optional, default
+        Megatron's; rotary_interleaved reaches the model through ``gpt_config``).
     target: a resolved Target (``cdp_megatron.target.resolve``); None builds plain Megatron.
     config: default ``gpt_config(shape, init_method_std=<target's global init std>)``.
     init: "target" (redraw every weight with the target's init std, TP/PP-invariant),
         "megatron" (keep Megatron's init), or "auto": "megatron" for an sp target without
         init multipliers (bit-identical to unpatched Megatron), else "target".
-    rotary_base, rotary_percent, rope_scaling, rope_scaling_factor, seq_len_interpolation_factor:
-        GPTModel's (``--rotary-base``, ``--rotary-percent``, ``--use-rope-scaling``,
-        ``--rope-scaling-factor``, ``--rotary-seq-len-interpolation-factor``), for rope positions.
     Requires torch.distributed and ``initialize_model_parallel``. The chunks are on the
     current CUDA device when there is one, else on the CPU.
     """
@@ -444,11 +440,11 @@ def build_gpt_model(
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
                 share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
                 position_embedding_type=shape.position_embedding_type,
-                rotary_base=rotary_base,
-                rotary_percent=rotary_percent,
-                rope_scaling=rope_scaling,
-                rope_scaling_factor=rope_scaling_factor,
-                seq_len_interpolation_factor=seq_len_interpolation_factor,
+                rotary_base=getattr(shape, "rotary_base", 10000),
+                rotary_percent=getattr(shape, "rotary_percent", 1.0),
+                rope_scaling=getattr(shape, "use_rope_scaling", False),
+                rope_scaling_factor=getattr(shape, "rope_scaling_factor", 8.0),
+                seq_len_interpolation_factor=getattr(shape, "rotary_seq_len_interpolation_factor", None),
                 vp_stage=stage,
             )
         )

@@ -445,15 +445,26 @@ def test_attention_backend_by_name(megatron_1proc, monkeypatch):
     assert torch.equal(losses["local"], losses["auto"])
 
 
-def test_rotary_base_and_percent_reach_the_model(megatron_1proc):
-    from cdp_megatron.integration import build_gpt_model, lm_loss
+def test_rotary_positions_reach_the_model_from_the_spec(megatron_1proc):
+    """The spec's rotary fields (its shape's) reach the model built from a target alone: the
+    base and percent its frequencies, rope scaling and the interpolation factor GPTModel's
+    rotary embedding, interleaving the config."""
+    from cdp_megatron.integration import build_gpt_model, gpt_config, lm_loss
 
     target = tiny_target()  # head dim 16
+    rotated = tiny_target(rotary_base=500, rotary_percent=0.5, rotary_interleaved=True, use_rope_scaling=True,
+                          rope_scaling_factor=16.0, rotary_seq_len_interpolation_factor=2.0)
     (default,) = build_gpt_model(target=target)
-    (model,) = build_gpt_model(target=target, rotary_base=500, rotary_percent=0.5)
+    (model,) = build_gpt_model(target=rotated)
     for chunk, base, dim in ((default, 10000, 16), (model, 500, 8)):
         expected = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        if chunk is model:  # Llama 3.1's scaling of the frequencies (megatron-core's own function)
+            expected = chunk.rotary_pos_emb._apply_scaling(expected, factor=16.0)
         torch.testing.assert_close(chunk.rotary_pos_emb.inv_freq.cpu(), expected)
+    assert (default.rotary_pos_emb.seq_len_interpolation_factor, model.rotary_pos_emb.seq_len_interpolation_factor) \
+        == (None, 2.0)
+    assert (default.rotary_pos_emb.rotary_interleaved, model.rotary_pos_emb.rotary_interleaved) == (False, True)
+    assert gpt_config(rotated.shape).rotary_interleaved and not gpt_config(target.shape).rotary_interleaved
     # the same weights (the init does not depend on the positions), another function
     assert all(torch.equal(a, b) for a, b in zip(default.parameters(), model.parameters()))
     tokens = _tokens()
