@@ -10,7 +10,7 @@ bytes, otherwise random tokens).
 
 One shape (``--width`` x ``--depth``, completedp by default) trained on the base horizon
 T0 = ``--steps`` Adam steps of ``--batch-size`` sequences, and on horizons of kappa x T0 tokens
-(``--kappas``), over a log2 grid of global LRs, along three routes (``--routes``):
+(``--kappas``), over a log2 grid of global LRs, along routes (``--routes``):
 
 - ``iters``: tokens x kappa through iterations (kappa x T0 steps, batch fixed), every
   hyperparameter as at T0. The paper's Figure 5 (left): the optimum should fall by the rule's
@@ -23,6 +23,9 @@ T0 = ``--steps`` Adam steps of ``--batch-size`` sequences, and on horizons of ka
 - ``batch``: tokens x kappa through the batch (kappa x batch, T0 steps), resolved by the
   product, whose rules give x1 for every hyperparameter when m_B = m_D: the paper's Figure 9,
   the optimum should stay put with no rescaling.
+- ``iters_rule_base_betas`` (not run by default): as ``iters_rule``, but beta1 and beta2 stay
+  at T0's, so the rules move lr, eps and weight decay only; set beside ``iters_rule`` it
+  isolates what the rules' betas cost.
 
 The resolved target is trained through coordcheck's path (``fig2_lr_transfer.train_run``):
 ``rebase`` writes it back as a spec whose base is the target shape (at the base width and
@@ -52,7 +55,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from benchmarks.fig2_lr_transfer import (
     check_common_args,
@@ -78,15 +81,22 @@ from cdp_megatron.target import resolve, scaled_shape
 
 PROG = "fig5_duration_transfer"
 
-# route -> (batch ratio m_B as a function of kappa, rules applied, description)
-ROUTES: dict[str, tuple[Callable[[int], int], bool, str]] = {
-    "iters": (lambda k: 1, False, "tokens x kappa through iterations (batch fixed), hyperparameters as at T0; x = peak LR"),
-    "iters_rule": (lambda k: 1, True, "tokens x kappa through iterations (batch fixed), SDE rules applied by "
-                   "cdp_megatron.target.resolve; x = base LR (peak = x * lr factor)"),
-    "batch": (lambda k: k, True, "tokens x kappa through the batch (batch x kappa, T0 steps), rules applied "
-              "(x1 when m_B = m_D); x = peak LR"),
-}
 _HPS = ("lr", "adam_eps", "adam_beta1", "adam_beta2", "weight_decay")
+# the per-group hyperparameters each global one sets
+_GROUP_HPS = {"lr": ("lr", "min_lr"), "adam_eps": ("eps",), "adam_beta1": ("beta1",), "adam_beta2": ("beta2",),
+              "weight_decay": ("weight_decay",)}
+# route -> (batch ratio m_B as a function of kappa, the global hyperparameters the rules set, description)
+ROUTES: dict[str, tuple[Callable[[int], int], tuple[str, ...], str]] = {
+    "iters": (lambda k: 1, (), "tokens x kappa through iterations (batch fixed), hyperparameters as at T0; x = peak LR"),
+    "iters_rule": (lambda k: 1, _HPS, "tokens x kappa through iterations (batch fixed), SDE rules applied by "
+                   "cdp_megatron.target.resolve; x = base LR (peak = x * lr factor)"),
+    "batch": (lambda k: k, _HPS, "tokens x kappa through the batch (batch x kappa, T0 steps), rules applied "
+              "(x1 when m_B = m_D); x = peak LR"),
+    "iters_rule_base_betas": (lambda k: 1, ("lr", "adam_eps", "weight_decay"),
+                              "as iters_rule, but beta1 and beta2 as at T0 (the rules on lr, eps and weight decay "
+                              "only); x = base LR (peak = x * lr factor)"),
+}
+DEFAULT_ROUTES = ("iters", "iters_rule", "batch")
 
 
 class Fig5Error(Fig2Error):
@@ -96,32 +106,40 @@ class Fig5Error(Fig2Error):
 # --------------------------------------------------------------------------- the rules
 
 
-def rebase(spec: Spec, shape: Shape, apply_rules: bool) -> tuple[Spec, dict[str, float]]:
+def rebase(spec: Spec, shape: Shape, applied: Collection[str] = ()) -> tuple[Spec, dict[str, float]]:
     """``spec`` moved to ``shape`` (same width and depth, another batch and/or horizon) as a
     spec whose base IS ``shape``, so that coordcheck's builder trains it as it stands.
 
-    apply_rules: the global hyperparameters are those ``cdp_megatron.target.resolve`` gives at
-    ``shape`` (method.md section 4: lr and wd x sqrt(m_B/m_D), eps x sqrt(m_D/m_B),
-    (1 - beta) x m_B/m_D); otherwise the base's, unchanged. Returns the spec and the factors
-    applied (lr, eps, weight decay, 1 - beta1, 1 - beta2: target / base). Raises when the
-    rebased spec does not resolve to the target's per-group values (it must, at the base
-    width and depth: every group's value is base x SDE factor x 1)."""
+    applied: the global hyperparameters (of lr, adam_eps, adam_beta1, adam_beta2,
+    weight_decay) that take the values ``cdp_megatron.target.resolve`` gives at ``shape``
+    (method.md section 4: lr and wd x sqrt(m_B/m_D), eps x sqrt(m_D/m_B), (1 - beta) x
+    m_B/m_D); the others keep the base's. Returns the spec and the factors applied (lr, eps,
+    weight decay, 1 - beta1, 1 - beta2: target / base). Raises when the rebased spec does not
+    resolve to the target's per-group values for the applied ones and the base's for the
+    others (it must, at the base width and depth: every group's value is base x SDE factor x 1)."""
     if (shape.hidden_size, shape.num_layers) != (spec.base.shape.hidden_size, spec.base.shape.num_layers):
         raise ValueError("rebase moves batch and horizon only; width and depth must be the base's")
-    base_glob = resolve(spec).global_hyperparameters
-    target = resolve(spec, shape) if apply_rules else None
-    glob = target.global_hyperparameters if target is not None else base_glob
+    unknown = set(applied) - set(_HPS)
+    if unknown:
+        raise ValueError(f"rebase: {sorted(unknown)} are not rule-scaled hyperparameters ({', '.join(_HPS)})")
+    base = resolve(spec)
+    base_glob = base.global_hyperparameters
+    target = resolve(spec, shape) if applied else None
+    glob = {k: (target.global_hyperparameters if k in applied else base_glob)[k] for k in _HPS}
     raw = spec.to_dict()
     raw["base"].update(asdict(shape))
-    raw["global"].update({k: glob[k] for k in _HPS})
+    raw["global"].update(glob)
     out = Spec.from_dict(raw)
     if target is not None:
+        ruled = {hp for k in applied for hp in _GROUP_HPS[k]}
+        at_base = {g.key: g.hyperparameters() for g in base.groups}
         check = {g.key: g.hyperparameters() for g in resolve(out).groups}
         for g in target.groups:
             for hp, v in g.hyperparameters().items():
+                v = v if hp in ruled or hp == "init_std" else at_base[g.key][hp]
                 w = check[g.key][hp]
                 if not (v == w or (v is not None and w is not None and math.isclose(v, w, rel_tol=1e-12))):
-                    raise AssertionError(f"rebase: group {g.key} {hp} {w!r} != target's {v!r}")
+                    raise AssertionError(f"rebase: group {g.key} {hp} {w!r} != {v!r}")
     ratio = lambda a, b: a / b if b else 1.0  # noqa: E731 - weight decay 0 stays 0 (factor 1)
     factors = {
         "lr": ratio(glob["lr"], base_glob["lr"]),
@@ -173,13 +191,13 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
     cells: dict[tuple[str, int, float], str] = {}
     route_info: dict[str, dict] = {}
     for route in args.routes:
-        batch_of, apply_rules, _ = ROUTES[route]
+        batch_of, applied, _ = ROUTES[route]
         info = {"batch_mult": [], "tokens_mult": [], "steps": [], "batch_size": [], "factors": []}
         for k in kappas:
             for lr in lrs:
                 spec0 = make_spec(replace(cfg0, lr=lr), args.schedule, args.warmup)
                 shape = scaled_shape(spec0.base.shape, batch=batch_of(k), tokens=k)
-                spec, factors = rebase(spec0, shape, apply_rules)
+                spec, factors = rebase(spec0, shape, applied)
                 tag = json.dumps(spec.to_dict(), sort_keys=True)
                 todo.setdefault(tag, {"spec": spec, "shape": shape, "base_lr": lr, "cells": []})["cells"].append([route, k])
                 cells[(route, k, lr)] = tag
@@ -239,7 +257,7 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
         shift = [None if a is None or s["argmin_log2"][0] is None else a - s["argmin_log2"][0] for a in s["argmin_log2"]]
         fit_shift = [None if a is None or s["fit_log2"][0] is None else a - s["fit_log2"][0] for a in s["fit_log2"]]
         out_routes[route] = {
-            "description": ROUTES[route][2], "rules_applied": ROUTES[route][1], "kappas": list(kappas), **info,
+            "description": ROUTES[route][2], "rules_applied": list(ROUTES[route][1]), "kappas": list(kappas), **info,
             "loss": rows, "loss_per_seed": seed_rows, **s,
             "shift_log2": shift, "fit_shift_log2": fit_shift,
             "predicted_shift_log2": pred, "predicted_drift_log2": pred[-1] - pred[0],
@@ -337,7 +355,8 @@ def plot(result: dict, output_dir: Path) -> list[Path]:
     pad = 0.05 * max(hi - lo, 1e-3)
     top = hi + 2 * pad
     cmap = plt.get_cmap("viridis")
-    xlabel = {"iters": "log2 peak LR", "iters_rule": "log2 base LR (peak = base x lr factor)", "batch": "log2 peak LR"}
+    xlabel = {"iters": "log2 peak LR", "iters_rule": "log2 base LR (peak = base x lr factor)", "batch": "log2 peak LR",
+              "iters_rule_base_betas": "log2 base LR (peak = base x lr factor)"}
     # a panel per route; a route whose optimum the rule predicts to move is drawn a second
     # time with the rule's LR factor divided out of x (the paper's Figure 5, right)
     panels = [(route, v, False) for route, v in routes.items()]
@@ -417,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(default %(default)s; sp applies no batch/duration rule)")
     p.add_argument("--steps", type=int, default=50, help="base horizon T0 in steps (default %(default)s)")
     p.add_argument("--kappas", default="1,2,4", help="horizon multipliers, integers; tokens = kappa x T0 tokens (default %(default)s)")
-    p.add_argument("--routes", default=",".join(ROUTES), help=f"any of {', '.join(ROUTES)} (default %(default)s)")
+    p.add_argument("--routes", default=",".join(DEFAULT_ROUTES), help=f"any of {', '.join(ROUTES)} (default %(default)s)")
     p.add_argument("--lrs", default="-10:-4:0.5", help="global LRs: log2 exponents (-10,-8, 2^-10, -10:-4[:step]) or values; write --lrs=-10:-4 (a leading minus needs the =) (default %(default)s)")
     add_common_args(p, "fig5_*.png, fig5.json, fig5_table.txt", seeds="0,1,2,3", eval_batches=4,
                     batch_size_help="base sequences per step")

@@ -39,7 +39,7 @@ def test_predicted_shift_is_minus_half_log2_kappa_at_fixed_batch_and_zero_otherw
 def test_rebase_with_rules_trains_exactly_the_resolved_target(batch, kappa):
     spec = _spec()
     shape = scaled_shape(spec.base.shape, batch=batch, tokens=kappa)
-    rebased, factors = f5.rebase(spec, shape, apply_rules=True)
+    rebased, factors = f5.rebase(spec, shape, f5.ROUTES["iters_rule"][1])
     target = resolve(spec, shape)
     assert rebased.base.shape == shape and rebased.base.shape.train_iters == 50 * kappa // batch
     mine = {g.key: g.hyperparameters() for g in resolve(rebased).groups}
@@ -57,11 +57,31 @@ def test_rebase_with_rules_trains_exactly_the_resolved_target(batch, kappa):
 def test_rebase_without_rules_keeps_the_base_hyperparameters():
     spec = _spec()
     shape = scaled_shape(spec.base.shape, tokens=4)
-    rebased, factors = f5.rebase(spec, shape, apply_rules=False)
+    rebased, factors = f5.rebase(spec, shape)
     assert rebased.globals == spec.globals and rebased.base.shape.train_iters == 200
     assert set(factors.values()) == {1.0}
     with pytest.raises(ValueError):
-        f5.rebase(spec, scaled_shape(spec.base.shape, width=2), apply_rules=True)
+        f5.rebase(spec, scaled_shape(spec.base.shape, width=2), f5.ROUTES["iters_rule"][1])
+    with pytest.raises(ValueError, match="not rule-scaled"):
+        f5.rebase(spec, shape, ("lr", "init_std"))
+
+
+def test_rebase_with_base_betas_moves_only_lr_eps_and_weight_decay():
+    """iters_rule_base_betas: the rules' lr, eps and weight decay, T0's betas, group by group."""
+    spec = _spec()
+    shape = scaled_shape(spec.base.shape, tokens=4)
+    rebased, factors = f5.rebase(spec, shape, f5.ROUTES["iters_rule_base_betas"][1])
+    ruled, base = resolve(spec, shape), resolve(spec)
+    assert (factors["lr"], factors["eps"]) == (pytest.approx(0.5), pytest.approx(2))
+    assert factors["one_minus_beta1"] == factors["one_minus_beta2"] == 1.0
+    mine = {g.key: g.hyperparameters() for g in resolve(rebased).groups}
+    at_base = {g.key: g.hyperparameters() for g in base.groups}
+    for g in ruled.groups:
+        hps = g.hyperparameters()
+        assert mine[g.key]["lr"] == pytest.approx(hps["lr"], rel=1e-12)
+        assert mine[g.key]["eps"] == pytest.approx(hps["eps"], rel=1e-12)
+        assert (mine[g.key]["beta1"], mine[g.key]["beta2"]) == (at_base[g.key]["beta1"], at_base[g.key]["beta2"])
+        assert hps["beta1"] != at_base[g.key]["beta1"]  # the rules would have moved them
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
