@@ -24,7 +24,10 @@ Variants:
   ``no wd rule``   (WD sweep, the paper's Figure 4 left) the product's resolution except the
                    weight decay, which stays at the base value. Re-plotted against the
                    effective weight decay wd / sqrt(kappa) (Figure 4 middle), its optimum
-                   should line up again.
+                   should line up again;
+  ``base betas``   (LR sweep, with ``--base-betas``) the product's resolution except beta1 and
+                   beta2, which stay at the base values: beside ``sqrt rule`` it isolates what
+                   the rule's betas cost.
 At the base batch every variant is the base spec: it is trained once and shared.
 
 Everything else is fig2's path (``benchmarks.fig2_lr_transfer``): one Megatron-Core GPT of
@@ -81,9 +84,15 @@ from cdp_megatron.spec import Spec, SpecError
 from cdp_megatron.target import resolve, scaled_shape
 
 PROG = "fig3_batch_transfer"
-RULE, NO_RULE, NO_WD_RULE = "sqrt rule", "no rule", "no wd rule"
+RULE, NO_RULE, NO_WD_RULE, BASE_BETAS = "sqrt rule", "no rule", "no wd rule", "base betas"
 SWEEPS = ("lr", "wd")
 SWEEP_VARIANTS = {"lr": (RULE, NO_RULE), "wd": (RULE, NO_WD_RULE)}
+
+
+def sweep_variants(args: argparse.Namespace, sweep: str) -> tuple[str, ...]:
+    """The variants a sweep trains: ``SWEEP_VARIANTS``, and ``base betas`` in the LR sweep
+    with ``--base-betas``."""
+    return SWEEP_VARIANTS[sweep] + ((BASE_BETAS,) if sweep == "lr" and args.base_betas else ())
 # the global hyperparameters that the rule moves: Spec "global" key <- Target.global_hyperparameters key
 _RULED = {"lr": "lr", "weight_decay": "weight_decay", "adam_eps": "adam_eps", "adam_beta1": "adam_beta1",
           "adam_beta2": "adam_beta2"}
@@ -102,8 +111,9 @@ def rebased_spec(base: Spec, batch: int, variant: str) -> tuple[Spec, dict[str, 
 
     The product resolves ``base`` at the batch-scaled shape; the result is written as a spec
     whose base shape is that batch (sde factors 1 there), with the resolved global lr, wd,
-    eps and betas (``sqrt rule``), all but the wd (``no wd rule``) or none (``no rule``)."""
-    if variant not in (RULE, NO_RULE, NO_WD_RULE):
+    eps and betas (``sqrt rule``), all but the wd (``no wd rule``), all but the betas (``base
+    betas``) or none (``no rule``)."""
+    if variant not in (RULE, NO_RULE, NO_WD_RULE, BASE_BETAS):
         raise ValueError(f"unknown variant {variant!r}")
     target = resolve(base, scaled_shape(base.base.shape, global_batch_size=batch))
     resolved, before = target.global_hyperparameters, resolve(base).global_hyperparameters
@@ -114,6 +124,8 @@ def rebased_spec(base: Spec, batch: int, variant: str) -> tuple[Spec, dict[str, 
     moved = {} if variant == NO_RULE else {k: resolved[v] for k, v in _RULED.items()}
     if variant == NO_WD_RULE:
         moved.pop("weight_decay")
+    if variant == BASE_BETAS:
+        del moved["adam_beta1"], moved["adam_beta2"]
     raw["global"].update(moved)
     spec = Spec.from_dict(raw)
     if variant == RULE:
@@ -136,7 +148,7 @@ def run_plan(args: argparse.Namespace, sweep: str, wd_lr: float | None = None) -
     out: list[tuple] = []
     grid = args.lrs if sweep == "lr" else args.wds
     for b in args.batches:
-        for variant in SWEEP_VARIANTS[sweep]:
+        for variant in sweep_variants(args, sweep):
             key = "base" if b == args.base_batch else variant
             for x in grid:
                 item = (key, b, x, args.weight_decay) if sweep == "lr" else (key, b, wd_lr, x)
@@ -233,7 +245,7 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
         pairs = [(x, args.weight_decay) for x in grid] if sweep == "lr" else [(wd_lr, x) for x in grid]
         name = "lr" if sweep == "lr" else "wd"
         vs = {}
-        for variant in SWEEP_VARIANTS[sweep]:
+        for variant in sweep_variants(args, sweep):
             seed_rows = [losses(lambda b, v=variant: "base" if b == args.base_batch else v, b, pairs) for b in args.batches]
             rows = [[mean_over_seeds(v) for v in per_x] for per_x in seed_rows]
             s = summarise(grid, rows)
@@ -263,7 +275,7 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
         "steps": [round(args.base_steps / k) for k in kappas],
         "sde_factors": {str(b): factors[b] for b in args.batches},
         "predicted_drift_log2": {RULE: 0.0, NO_RULE: 0.5 * math.log2(kappas[-1] / kappas[0]),
-                                 NO_WD_RULE: 0.5 * math.log2(kappas[-1] / kappas[0])},
+                                 NO_WD_RULE: 0.5 * math.log2(kappas[-1] / kappas[0]), BASE_BETAS: 0.0},
         "sweeps": out_sweeps,
         "runs": runs_out,
         "trainings": len(runs_out),
@@ -436,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default shape's best LR, where the loss depends on the weight decay; at the best LR it is flat "
                    "below wd 1 at this scale)")
     p.add_argument("--sweeps", default="lr,wd", help="lr, wd or lr,wd (default %(default)s)")
+    p.add_argument("--base-betas", action="store_true",
+                   help="the LR sweep also trains the variant 'base betas': the rule without its betas")
     add_common_args(p, "fig3_lr.png, fig4_wd.png, fig3.json, fig3_table.txt", seeds="0,1", eval_batches=8,
                     batch_size_help=None)
     return p

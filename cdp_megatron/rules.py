@@ -211,27 +211,33 @@ class SdeFactors:
 
 
 WEIGHT_DECAY_RULES = ("adamw", "adamlh")
+BETA_RULES = ("sde", "fixed")
+"""How the batch/duration rule treats the Adam betas: "sde" scales (1 - beta) by m_B / m_D
+(method.md section 4), "fixed" keeps the base's betas at every batch and horizon."""
 
 
-def sde_factors(batch_mult: float, tokens_mult: float, weight_decay_rule: str = "adamw") -> SdeFactors:
+def sde_factors(batch_mult: float, tokens_mult: float, weight_decay_rule: str = "adamw",
+                beta_rule: str = "sde") -> SdeFactors:
     """Batch-size and duration rules (SDE view, Malladi et al. 2022, extended to AdamW).
 
     lr x sqrt(m_B/m_D); weight decay x sqrt(m_B/m_D) for PyTorch-style AdamW (decay step
     lr * wd * theta), or x m_B/m_D for AdamLH (decay not multiplied by the lr, so it takes
-    the square of the lr factor); eps x sqrt(m_D/m_B); (1 - beta) x m_B/m_D; iterations
-    x m_D/m_B.
+    the square of the lr factor); eps x sqrt(m_D/m_B); (1 - beta) x m_B/m_D (``beta_rule``
+    "sde"; "fixed": x 1); iterations x m_D/m_B.
     """
     if not (batch_mult > 0 and tokens_mult > 0 and math.isfinite(batch_mult) and math.isfinite(tokens_mult)):
         raise ValueError(f"batch and token ratios must be positive and finite, got {batch_mult}, {tokens_mult}")
     if weight_decay_rule not in WEIGHT_DECAY_RULES:
         raise ValueError(f"unknown weight_decay_rule {weight_decay_rule!r}: use one of {', '.join(WEIGHT_DECAY_RULES)}")
+    if beta_rule not in BETA_RULES:
+        raise ValueError(f"unknown beta_rule {beta_rule!r}: use one of {', '.join(BETA_RULES)}")
     ratio = batch_mult / tokens_mult
     lr = math.sqrt(ratio)
     return SdeFactors(
         lr=lr,
         weight_decay=lr if weight_decay_rule == "adamw" else ratio,
         eps=math.sqrt(tokens_mult / batch_mult),
-        one_minus_beta=ratio,
+        one_minus_beta=ratio if beta_rule == "sde" else 1.0,
         iterations=tokens_mult / batch_mult,
     )
 

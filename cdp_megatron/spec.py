@@ -431,6 +431,9 @@ class Base:
     weight_decay_rule: str = "adamw"
     """"adamw" (decay step lr*wd*theta, Megatron's Adam) or "adamlh" (decoupled decay,
     weight-decay SDE factor m_B/m_D instead of sqrt(m_B/m_D))."""
+    beta_rule: str = "sde"
+    """"sde" ((1 - beta) x m_B/m_D, method.md section 4) or "fixed" (the base's betas at every
+    batch and horizon)."""
 
 
 _BASE_KEYS = (
@@ -441,6 +444,7 @@ _BASE_KEYS = (
     "parameterisation",
     "alpha",
     "weight_decay_rule",
+    "beta_rule",
 )
 
 
@@ -507,6 +511,7 @@ def _parse_base(raw: Any) -> Base:
         ),
         alpha=float(alpha),
         weight_decay_rule=_choice(raw.get("weight_decay_rule", "adamw"), rules.WEIGHT_DECAY_RULES, "base.weight_decay_rule"),
+        beta_rule=_choice(raw.get("beta_rule", "sde"), rules.BETA_RULES, "base.beta_rule"),
     )
 
 
@@ -743,7 +748,8 @@ class Spec:
     def to_dict(self) -> dict:
         """The canonical JSON form (defaults written out, train_tokens and min_lr_ratio)."""
         base = {k: v for k, v in asdict(self.base.shape).items()}
-        base.update(parameterisation=self.base.parameterisation, alpha=self.base.alpha, weight_decay_rule=self.base.weight_decay_rule)
+        base.update(parameterisation=self.base.parameterisation, alpha=self.base.alpha,
+                    weight_decay_rule=self.base.weight_decay_rule, beta_rule=self.base.beta_rule)
         out: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
         if self.description:
             out["description"] = self.description

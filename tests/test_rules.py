@@ -400,6 +400,17 @@ def test_sde_rejects_unknown_weight_decay_rule():
         rules.sde_factors(1.0, 1.0, "lion")
 
 
+def test_fixed_beta_rule_keeps_one_minus_beta_and_nothing_else():
+    # beta_rule "fixed": (1 - beta) x 1 at any m_B / m_D; the other factors are the "sde" rule's
+    for mB, mD in ((1, 4), (8, 1), (2, 3)):
+        sde, fixed = rules.sde_factors(mB, mD), rules.sde_factors(mB, mD, beta_rule="fixed")
+        assert close(sde.one_minus_beta, mB / mD) and fixed.one_minus_beta == 1.0
+        assert (fixed.lr, fixed.weight_decay, fixed.eps, fixed.iterations) == (
+            sde.lr, sde.weight_decay, sde.eps, sde.iterations)
+    with pytest.raises(ValueError, match="beta_rule"):
+        rules.sde_factors(1.0, 1.0, beta_rule="adam")
+
+
 # --------------------------------------------------------------------------- depth interpolation
 
 

@@ -379,6 +379,31 @@ def test_beta_multipliers_act_on_one_minus_beta():
     assert close(t.group("k", 1).beta1, 1 - 0.1 * 8)
 
 
+def test_fixed_beta_rule_keeps_the_base_betas():
+    """base.beta_rule "fixed": every group's betas are the base's (with their multipliers) at
+    any batch and horizon; every other hyperparameter is the "sde" rule's; the field is kept in
+    the canonical form and the target file."""
+    mult = {"type": {"q": {"beta1": 0.5, "beta2": 2.0}}}
+    fixed, sde = make_spec(multipliers=mult, base={"beta_rule": "fixed"}), make_spec(multipliers=mult)
+    assert fixed.base.beta_rule == "fixed" and sde.base.beta_rule == "sde"
+    assert fixed.to_dict()["base"]["beta_rule"] == "fixed" and Spec.from_dict(fixed.to_dict()) == fixed
+    at_base = {g.key: g.hyperparameters() for g in resolve(fixed).groups}
+    for mB, mD in ((1, 4), (8, 1), (16, 1)):  # 16: the sde rule would push beta1 below 0
+        t = at(fixed, mB=mB, mD=mD)
+        for g in t.groups:
+            assert (g.beta1, g.beta2) == (at_base[g.key]["beta1"], at_base[g.key]["beta2"]), (mB, mD, g.key)
+        assert close(t.group("q", 1).beta1, 1 - 0.1 * 0.5) and close(t.group("q", 1).beta2, 1 - 0.05 * 2.0)
+        if mB < 16:
+            ruled = {g.key: g.hyperparameters() for g in at(sde, mB=mB, mD=mD).groups}
+            for g in t.groups:
+                for hp in ("lr", "min_lr", "weight_decay", "eps", "init_std"):
+                    assert getattr(g, hp) == ruled[g.key][hp], (mB, mD, g.key, hp)
+                assert g.beta1 != ruled[g.key]["beta1"]
+        assert target_from_dict(t.to_dict()).spec.base.beta_rule == "fixed"
+    with pytest.raises(SpecError, match="base.beta_rule"):
+        make_spec(base={"beta_rule": "none"})
+
+
 def test_beta_pushed_outside_range_is_an_error():
     with pytest.raises(SpecError, match="beta1"):
         at(make_spec(), mB=16)  # 1 - 0.1 x 16 < 0
@@ -429,12 +454,15 @@ def test_head_dim_change_warns():
 
 
 @pytest.mark.parametrize(
-    "mB, mD, factor",
-    [(4, 1, 4.0), (8, 1, 8.0), (1, 0.25, 4.0), (3.5, 1, None), (1, 4, None), (1, 64, None), (8, 8, None)],
+    "mB, mD, factor, why",
+    [(4, 1, 4.0, "coarse"), (8, 1, 8.0, "coarse"), (1, 0.25, 4.0, "coarse"), (3.5, 1, None, None),
+     (1, 4, 0.25, "longer"), (1, 64, 1 / 64, "longer"), (1, 2, 0.5, "longer"), (2, 3, None, None),
+     (8, 8, None, None)],
 )
-def test_far_moved_betas_warn(mB, mD, factor):
-    # (1 - beta) x m_B / m_D: a warning when it grows 4x or more (beta1 0.9 -> 0.6), none below
-    # that, and none the other way (betas towards 1: a longer horizon)
+def test_far_moved_betas_warn(mB, mD, factor, why):
+    # (1 - beta) x m_B / m_D: a warning when it grows 4x or more (beta1 0.9 -> 0.6, coarse steps),
+    # and when it shrinks 2x or more (betas towards 1, where the base's betas trained better at
+    # small scale: README, Figures 3 and 5), naming "beta_rule": "fixed"; none in between
     t = at(make_spec(), mB=mB, mD=mD)
     beta = [w for w in t.warnings if "beta" in w]
     if factor is None:
@@ -443,10 +471,16 @@ def test_far_moved_betas_warn(mB, mD, factor):
     b1, b2 = 1 - (1 - BETA1) * factor, 1 - (1 - BETA2) * factor
     assert len(beta) == 1, t.warnings
     assert f"m_B / m_D = {factor:g} (beta1 {BETA1:g} -> {b1:.6g}, beta2 {BETA2:g} -> {b2:.6g}," in beta[0], beta[0]
-    assert "equal --batch and --tokens" in beta[0]
+    if why == "coarse":
+        assert "equal --batch and --tokens" in beta[0]
+    else:
+        assert beta[0].endswith("the base's betas trained better where the rule moved them towards 1 (README, "
+                                "Figures 3 and 5); \"beta_rule\": \"fixed\" in the spec's base keeps them"), beta[0]
     assert close(t.global_hyperparameters["adam_beta1"], b1) and close(t.global_hyperparameters["adam_beta2"], b2)
-    # sp has no batch/duration rule: the betas stay, and so no warning
+    # sp has no batch/duration rule, and "fixed" keeps the betas: so no warning
     assert not [w for w in at(make_spec("sp"), mB=mB, mD=mD).warnings if "beta" in w]
+    if why == "longer":
+        assert not [w for w in at(make_spec(base={"beta_rule": "fixed"}), mB=mB, mD=mD).warnings if "beta" in w]
 
 
 def test_betas_pushed_below_zero_name_the_ratio():
@@ -456,8 +490,9 @@ def test_betas_pushed_below_zero_name_the_ratio():
         at(make_spec(), mB=8, mD=0.5)
     assert str(e.value) == (
         "embedding: beta1 = 1 - 1.6 = -0.6 is outside [0, 1) after scaling 1 - beta1 = 0.1 by m_B / m_D = 16 and the "
-        "multipliers; train for at least 10 iterations at this batch (now 6), use a smaller batch, or lower the beta1 "
-        "multiplier (m_B: tokens per step, m_D: training tokens, each over the base)"
+        "multipliers; train for at least 10 iterations at this batch (now 6), use a smaller batch, keep the base's "
+        "betas (\"beta_rule\": \"fixed\" in the spec's base), or lower the beta1 multiplier (m_B: tokens per step, m_D: "
+        "training tokens, each over the base)"
     )
 
 
