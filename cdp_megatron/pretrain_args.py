@@ -18,6 +18,7 @@ an error, giving the same value (as ``cdp-convert`` prints them) is accepted.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shlex
@@ -1518,7 +1519,11 @@ def _check_architecture(args: argparse.Namespace, shape: Any, where: str) -> Non
                 fix = f"drop {flag}"
             else:
                 fix = f"give {flag} {want!r}" if isinstance(want, float) else f"give {flag} {want}"
-            raise ArgsError(f"{where}: {field} is {want!r} there but the flags give {have!r}; {fix}")
+            # or the other way round: the flags are right and the spec lacks the field
+            setting = f'"{field}": {json.dumps(have)}'
+            other = (f"set {setting} in the spec's base" if where.startswith("--cdp-base")
+                     else f"regenerate the target from a spec whose base sets {setting}")
+            raise ArgsError(f"{where}: {field} is {want!r} there but the flags give {have!r}; {fix}, or {other}")
 
 
 def _apply_target(args: argparse.Namespace) -> None:

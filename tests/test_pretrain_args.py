@@ -1108,11 +1108,14 @@ def test_add_qkv_bias(tmp_path):
     qkv_base.write_text(json.dumps(raw))
     assert parse(TINY + f" --add-qkv-bias --cdp-base {qkv_base}").target.shape.add_qkv_bias
     message = error(TINY + f" --cdp-base {qkv_base}")
-    assert message.endswith("add_qkv_bias is True there but the flags give False; add --add-qkv-bias"), message
+    assert message.endswith("add_qkv_bias is True there but the flags give False; add --add-qkv-bias, or set "
+                            '"add_qkv_bias": false in the spec\'s base'), message
     message = error(TINY.replace("--disable-bias-linear", "") + f" --cdp-base {qkv_base}")
-    assert message.endswith("add --disable-bias-linear --add-qkv-bias"), message
+    assert message.endswith("add --disable-bias-linear --add-qkv-bias, or set \"add_bias_linear\": true in the spec's "
+                            "base"), message
     message = error(TINY + f" --add-qkv-bias --cdp-base {BASE}")
-    assert message.endswith("add_qkv_bias is False there but the flags give True; drop --add-qkv-bias"), message
+    assert message.endswith("add_qkv_bias is False there but the flags give True; drop --add-qkv-bias, or set "
+                            "\"add_qkv_bias\": true in the spec's base"), message
 
 
 def test_spec_architecture_norm_gains_and_activation(tmp_path):
@@ -1126,9 +1129,11 @@ def test_spec_architecture_norm_gains_and_activation(tmp_path):
         flags = TINY.replace("--swiglu", "") if extra else TINY
         assert getattr(parse(f"{flags} {flag} --cdp-base {path}").target.shape, field) is True
         message = error(f"{flags} --cdp-base {path}")
-        assert message.endswith(f"{field} is True there but the flags give False; add {flag}"), message
+        assert message.endswith(f"{field} is True there but the flags give False; add {flag}, or set \"{field}\": false "
+                                "in the spec's base"), message
         message = error(f"{TINY} {flag if not extra else ''} --apply-layernorm-1p --cdp-base {BASE}")
-        assert message.endswith("apply_layernorm_1p is False there but the flags give True; drop --apply-layernorm-1p")
+        assert message.endswith("apply_layernorm_1p is False there but the flags give True; drop --apply-layernorm-1p, "
+                                "or set \"apply_layernorm_1p\": true in the spec's base")
 
 
 def test_spec_rotary_positions_must_match_the_flags(tmp_path):
@@ -1145,16 +1150,20 @@ def test_spec_rotary_positions_must_match_the_flags(tmp_path):
     shape = parse(f"{TINY}{flags} --cdp-base {path}").target.shape
     assert (shape.rotary_base, shape.rotary_percent, shape.rope_scaling_factor) == (500000, 0.5, 32.0)
     assert error(f"{TINY} --cdp-base {path}").endswith(
-        "rotary_base is 500000 there but the flags give 10000; give --rotary-base 500000")
+        "rotary_base is 500000 there but the flags give 10000; give --rotary-base 500000, or set \"rotary_base\": 10000 "
+        "in the spec's base")
     assert error(f"{TINY}{flags.replace(' --rotary-interleaved', '')} --cdp-base {path}").endswith(
-        "rotary_interleaved is True there but the flags give False; add --rotary-interleaved")
+        "rotary_interleaved is True there but the flags give False; add --rotary-interleaved, or set "
+        "\"rotary_interleaved\": false in the spec's base")
     assert error(f"{TINY}{flags.replace('--rope-scaling-factor 32', '')} --cdp-base {path}").endswith(
-        "rope_scaling_factor is 32.0 there but the flags give 8.0; give --rope-scaling-factor 32.0")
+        "rope_scaling_factor is 32.0 there but the flags give 8.0; give --rope-scaling-factor 32.0, or set "
+        "\"rope_scaling_factor\": 8.0 in the spec's base")
     assert error(f"{TINY} --rotary-percent 0.5 --cdp-base {BASE}").endswith(
-        "rotary_percent is 1.0 there but the flags give 0.5; give --rotary-percent 1.0")
+        "rotary_percent is 1.0 there but the flags give 0.5; give --rotary-percent 1.0, or set \"rotary_percent\": 0.5 "
+        "in the spec's base")
     assert error(f"{TINY} --rotary-seq-len-interpolation-factor 4 --cdp-base {BASE}").endswith(
         "rotary_seq_len_interpolation_factor is None there but the flags give 4.0; drop "
-        "--rotary-seq-len-interpolation-factor")
+        "--rotary-seq-len-interpolation-factor, or set \"rotary_seq_len_interpolation_factor\": 4.0 in the spec's base")
 
 
 def test_pretrained_checkpoint_flags(tmp_path):
@@ -1226,6 +1235,13 @@ def test_cdp_config_mismatch_names_the_field(tmp_path, old, new, field):
     path = _write_target(tmp_path, TINY)
     message = error(TINY.replace(old, new) + " --cdp-config " + path)
     assert message.startswith(f"--cdp-config {path}: {field} is ")
+
+
+def test_cdp_config_architecture_fix_names_the_spec_too(tmp_path):
+    path = _write_target(tmp_path, TINY)
+    assert error(TINY + " --rotary-base 500000 --cdp-config " + path) == (
+        f"--cdp-config {path}: rotary_base is 10000 there but the flags give 500000; give --rotary-base 10000, or "
+        "regenerate the target from a spec whose base sets \"rotary_base\": 500000")
 
 
 # ------------------------------------------------------------------------- quickstart
