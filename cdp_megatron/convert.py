@@ -283,7 +283,7 @@ def format_table(t: Target, explain: bool = False, per_layer: bool = False) -> s
     r = t.ratios
     tokens, token_warnings = _tokens(t)
     lines = [
-        f"cdp-convert: {t.parameterisation}, alpha = {t.alpha:g}",
+        f"cdp-convert: {t.parameterisation}, alpha = {t.alpha:g}{t.rule_notes}",
         f"target: hidden {s.hidden_size}, layers {s.num_layers}, heads {s.num_attention_heads} "
         f"(groups {s.num_query_groups}), ffn {s.ffn_hidden_size}, seq {s.seq_length}, "
         f"global batch {s.global_batch_size}, {tokens}",

@@ -986,7 +986,8 @@ class _Run:
             source = f"--cdp-config {args.cdp_config}" if args.cdp_config else f"--cdp-base {args.cdp_base}"
             ratios = ", ".join(f"{k} {v:.4g}" for k, v in t.ratios.items())
             lines += [
-                f"Complete(d)P: {source}, parameterisation {t.parameterisation}, alpha {t.alpha:g}; ratios {ratios}",
+                f"Complete(d)P: {source}, parameterisation {t.parameterisation}, alpha {t.alpha:g}{t.rule_notes}; "
+                f"ratios {ratios}",
                 "  flags owned by Complete(d)P (global values; per-group values below):",
                 owned_flags_table(args),
             ]

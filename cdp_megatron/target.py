@@ -92,6 +92,15 @@ class Target:
         return self.spec.base.alpha
 
     @property
+    def rule_notes(self) -> str:
+        """The spec's batch/duration rule choices that are not the defaults, for the header
+        lines (e.g. ", beta_rule fixed"); "" for the method's own."""
+        base = self.spec.base
+        return "".join(f", {name} {value}" for name, value, default in (
+            ("weight_decay_rule", base.weight_decay_rule, "adamw"), ("beta_rule", base.beta_rule, "sde"))
+            if value != default)
+
+    @property
     def train_iters(self) -> int:
         return self.shape.train_iters
 

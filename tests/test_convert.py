@@ -674,3 +674,19 @@ def test_table_lines_have_no_trailing_spaces(capsys, flags):
     rc, out, _ = run_main(capsys, str(EXAMPLE), "--width", "2x", "--depth", "2x", *flags)
     assert rc == 0
     assert [line for line in out.splitlines() if line != line.rstrip()] == []
+
+
+def test_header_names_rule_choices_that_are_not_the_methods(tmp_path, capsys):
+    """base.beta_rule "fixed" and weight_decay_rule "adamlh" are named on the first line (the
+    method's own rules are not); the table then shows the base's betas at 4x the tokens."""
+    raw = json.loads(EXAMPLE.read_text())
+    rc, out, _ = run_main(capsys, EXAMPLE, "--tokens", "4x")
+    assert rc == 0 and out.splitlines()[0] == "cdp-convert: completedp, alpha = 0.5"
+    raw["base"].update(beta_rule="fixed", weight_decay_rule="adamlh")
+    path = tmp_path / "rules.json"
+    path.write_text(json.dumps(raw))
+    rc, out, err = run_main(capsys, path, "--tokens", "4x")
+    assert rc == 0 and out.splitlines()[0] == "cdp-convert: completedp, alpha = 0.5, weight_decay_rule adamlh, beta_rule fixed"
+    row = next(line for line in out.splitlines() if line.startswith("embedding"))
+    assert row.split()[-3:-1] == ["0.9", "0.95"]  # examples/base.json's
+    assert "beta" not in err  # no beta warning: the rule keeps them
