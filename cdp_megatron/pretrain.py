@@ -183,7 +183,9 @@ def _build_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
             args.tokenizer,
             seq_length=args.seq_length,
             seed=args.seed,
-            num_samples=(args.train_iters * gbs, args.eval_iters * gbs if want_valid else 0, 0),
+            # --full-validation: one epoch of the validation split (None)
+            num_samples=(args.train_iters * gbs,
+                         None if args.full_validation else args.eval_iters * gbs if want_valid else 0, 0),
             **paths,
             data_cache_path=args.data_cache_path,
             mmap_bin_files=args.mmap_bin_files,
@@ -887,6 +889,8 @@ class _Run:
             self.optimizer, self.scheduler = self._build_optimizer()
         with self._phase("data"):
             self.train_data, self.valid_data = _build_datasets(args)
+        if args.full_validation:
+            self._full_validation()
         self.forward_backward = training.forward_backward_func()
         mask = None
         if self.use_te is False:
@@ -1343,6 +1347,19 @@ class _Run:
 
         if self.device == "cuda":
             torch.cuda.synchronize()
+
+    def _full_validation(self) -> None:
+        """--full-validation: --eval-iters becomes the whole global batches of the validation
+        split (one epoch), said in one line."""
+        args = self.args
+        samples, gbs = len(self.valid_data), args.global_batch_size
+        if samples < gbs:
+            raise RunError(f"--full-validation: the validation split holds {samples} samples, fewer than one global "
+                           f"batch ({gbs}); give more validation data or a smaller --global-batch-size")
+        args.eval_iters = samples // gbs
+        left = samples - args.eval_iters * gbs
+        self._print(f"validation: the whole split, {args.eval_iters} batches of {gbs} samples"
+                    + (f" ({left} samples, under one batch, left out)" if left else "") + " (--full-validation)")
 
     def _evaluate(self) -> tuple[float, float]:
         import torch

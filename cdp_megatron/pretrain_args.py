@@ -512,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "gloo, less GPU memory, no parallel write)")
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100, help="validation batches per evaluation (0: none)")
+    g.add_argument("--full-validation", action="store_true",
+                   help="each evaluation reads the whole validation split once, in whole global batches (the "
+                   "remainder, under one batch, is left out); --eval-iters is set from the split's size")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--tensorboard-dir", help="write TensorBoard scalars here")
     g.add_argument("--tensorboard-log-interval", type=int, metavar="N",
@@ -1279,6 +1282,16 @@ def _validate_data(args: argparse.Namespace) -> None:
         raise ArgsError("--train-data-path without --valid-data-path: give the validation data, or --eval-iters 0")
     if args.valid_data_path is not None and args.eval_iters == 0:
         raise ArgsError("--valid-data-path is not read with --eval-iters 0; give --eval-iters N or leave it out")
+    if args.full_validation:
+        valid = args.valid_data_path if per_split else args.data_path
+        if args.mock_data:
+            raise ArgsError("--full-validation reads the whole validation split; --mock-data has none (random tokens)")
+        if args.eval_iters == 0:
+            raise ArgsError("--full-validation with --eval-iters 0: give one of them (0 evaluates nothing)")
+        if valid and len(data_prefixes(valid)) != len([t for item in valid for t in item.split()]):
+            flag = "--valid-data-path" if per_split else "--data-path"
+            raise ArgsError(f"--full-validation with a weighted {flag} blend: a blend's weights take a number of "
+                            "samples, not the whole split; give the prefixes without weights")
     if args.mock_data and not args.mmap_bin_files:
         raise ArgsError("--no-mmap-bin-files applies to datasets on disk, not --mock-data; drop the flag")
     if not args.mock_data and not args.data_path and not per_split:

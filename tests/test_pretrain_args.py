@@ -1179,6 +1179,25 @@ def test_pretrained_checkpoint_flags(tmp_path):
         f"--pretrained-checkpoint {tmp_path / 'file'}: exists and is not a directory")
 
 
+def test_full_validation_refusals(tmp_path):
+    a, b = _prefix(tmp_path, "a"), _prefix(tmp_path, "b")
+    data = TINY.replace("--mock-data", "--tokenizer-type ByteTokenizer") + " --lr 1e-3 --full-validation"
+    assert parse(f"{data} --data-path {a}").full_validation
+    assert parse(f"{data} --data-path {a} {b}").full_validation  # unweighted: one epoch of each
+    assert parse(f"{data} --train-data-path 1 {a} 2 {b} --valid-data-path {b}").full_validation
+    for extra, message in (
+        ("", "--full-validation reads the whole validation split; --mock-data has none (random tokens)"),
+        (f" --data-path {a} --eval-iters 0", "--full-validation with --eval-iters 0: give one of them (0 evaluates "
+                                             "nothing)"),
+        (f" --data-path 1 {a} 3 {b}", "--full-validation with a weighted --data-path blend: a blend's weights take a "
+                                      "number of samples, not the whole split; give the prefixes without weights"),
+        (f" --train-data-path {a} --valid-data-path 1 {a} 1 {b}", "--full-validation with a weighted "
+                                                                    "--valid-data-path blend"),
+    ):
+        flags = (TINY + " --lr 1e-3 --full-validation") if not extra else data + extra
+        assert error(flags).startswith(message), extra
+
+
 def test_skip_train_needs_batches_to_evaluate():
     assert parse(TINY + " --lr 1e-3 --skip-train").skip_train
     assert error(TINY + " --lr 1e-3 --skip-train --eval-iters 0") == (

@@ -1382,3 +1382,27 @@ def test_virtual_pipeline_checkpoint_resumes_on_one_process(spec20, tmp_path):
     out = ok(run(four + " --load ckpt", tmp_path))
     assert "starting at iteration 10" in out
     _assert_close(train_losses(tmp_path / "m.jsonl"), reference, range(11, 21))
+
+
+def test_full_validation_reads_the_whole_split(byte_corpus, tmp_path):
+    """--full-validation (Megatron-LM's): each evaluation reads one epoch of the validation
+    split in whole global batches, said in one line; its loss equals a run that evaluates that
+    many batches with --eval-iters (the same samples, first to last)."""
+    from cdp_megatron.pretrain import _build_datasets
+    from cdp_megatron.pretrain_args import parse_args
+
+    data = (TINY.replace("--mock-data --vocab-size 255", "--tokenizer-type ByteTokenizer")
+            + f" --train-iters 4 --lr 1e-3 --eval-interval 4 --train-data-path {byte_corpus['tr']} "
+            f"--valid-data-path {byte_corpus['va']}")
+    _, valid = _build_datasets(parse_args(shlex.split(data + " --full-validation"), world_size=1))
+    gbs = 8
+    batches, left = divmod(len(valid), gbs)
+    assert batches > 10
+    out = ok(run(data + " --full-validation --metrics-file full.jsonl", tmp_path))
+    assert (f"validation: the whole split, {batches} batches of {gbs} samples"
+            + (f" ({left} samples, under one batch, left out)" if left else "") + " (--full-validation)") in out
+    ok(run(data + f" --eval-iters {batches} --metrics-file iters.jsonl", tmp_path))
+    ok(run(data + " --eval-iters 1 --metrics-file one.jsonl", tmp_path))
+    full, iters, one = (val_losses(tmp_path / f"{name}.jsonl") for name in ("full", "iters", "one"))
+    assert full == iters and list(full) == [4]
+    assert abs(full[4] - one[4]) > 1e-4  # one batch is not the split
