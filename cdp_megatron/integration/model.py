@@ -47,6 +47,7 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from ..spec import ROTARY_DEFAULTS
 from .classify import ParamInfo, classify_model, classify_name, unwrap_model
 
 __all__ = [
@@ -114,7 +115,7 @@ def gpt_config(shape: Any, *, init_method_std: float = 0.02, **overrides: Any) -
         activation_func=(torch.nn.functional.silu if shape.swiglu
                          else "squared_relu" if getattr(shape, "squared_relu", False) else torch.nn.functional.gelu),
         layernorm_zero_centered_gamma=getattr(shape, "apply_layernorm_1p", False),
-        rotary_interleaved=getattr(shape, "rotary_interleaved", False),
+        rotary_interleaved=getattr(shape, "rotary_interleaved", ROTARY_DEFAULTS["rotary_interleaved"]),
         qk_layernorm=shape.qk_layernorm,
         add_bias_linear=shape.add_bias_linear,
         add_qkv_bias=getattr(shape, "add_qkv_bias", False),
@@ -426,6 +427,8 @@ def build_gpt_model(
         shape, use_te=use_te, residual_mult=None if target is None else target.residual_mult,
         zero_centred_gamma=config.layernorm_zero_centered_gamma, bias_copy_mlp=_recomputes_mlp_with_bias(config),
     )
+    # the shape's rotary positions; a shape without them (not a spec.Shape): Megatron's defaults
+    rotary = {name: getattr(shape, name, default) for name, default in ROTARY_DEFAULTS.items()}
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -440,11 +443,11 @@ def build_gpt_model(
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
                 share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
                 position_embedding_type=shape.position_embedding_type,
-                rotary_base=getattr(shape, "rotary_base", 10000),
-                rotary_percent=getattr(shape, "rotary_percent", 1.0),
-                rope_scaling=getattr(shape, "use_rope_scaling", False),
-                rope_scaling_factor=getattr(shape, "rope_scaling_factor", 8.0),
-                seq_len_interpolation_factor=getattr(shape, "rotary_seq_len_interpolation_factor", None),
+                rotary_base=rotary["rotary_base"],
+                rotary_percent=rotary["rotary_percent"],
+                rope_scaling=rotary["use_rope_scaling"],
+                rope_scaling_factor=rotary["rope_scaling_factor"],
+                seq_len_interpolation_factor=rotary["rotary_seq_len_interpolation_factor"],
                 vp_stage=stage,
             )
         )
