@@ -40,6 +40,9 @@ logged iteration             ``iteration``, ``consumed_samples``, ``consumed_tok
 evaluation                   ``eval: true``, ``iteration``, ``val_loss`` (cross-entropy, the
                              token mean over ``--eval-iters`` batches), ``val_z_loss``,
                              ``elapsed_s``
+skipped iteration            ``skipped: true``, ``iteration``, ``consumed_samples``,
+                             ``consumed_tokens`` (``--iterations-to-skip``: its batch was
+                             passed over, nothing trained)
 divergence (last line)       ``diverged: true``, ``iteration`` (the first non-finite one),
                              ``last_finite_loss`` (lm_loss of the last finite iteration, null
                              if none), ``last_finite_iteration``
@@ -364,6 +367,22 @@ class Metrics:
             if self.log_validation_ppl and math.isfinite(ppl):
                 self._tb.add_scalar("valid/lm_loss_ppl", ppl, iteration)
             self._tb.flush()
+        return record
+
+    def skipped(self, iteration: int, *, consumed_samples: int, consumed_tokens: int, samples: int) -> dict | None:
+        """Record an iteration passed over (--iterations-to-skip): its ``samples`` samples, up to
+        ``consumed_samples``, were not trained on. It advances the progress bar and is always
+        logged (a log line and a record), whatever the log interval."""
+        if not self.enabled:
+            return None
+        if self._bar is not None:
+            self._bar.update(1)
+        record = {"skipped": True, "iteration": iteration, "consumed_samples": consumed_samples,
+                  "consumed_tokens": consumed_tokens, "elapsed_s": self.elapsed()}
+        width = len(str(self.train_iters))
+        self.print(f" iteration {iteration:>{width}}/{self.train_iters} | skipped (--iterations-to-skip): samples "
+                   f"{consumed_samples - samples}-{consumed_samples - 1} not trained on, the lr schedule not advanced")
+        self._write(record)
         return record
 
     def diverged(self, iteration: int, lm_loss: float) -> dict | None:

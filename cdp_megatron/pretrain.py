@@ -17,7 +17,9 @@ computed on the vocabulary-parallel logits (exact on every TP size).
 Runs on CPU (gloo and the CUDA-on-CPU shim) when no GPU is present and on GPUs (NCCL)
 otherwise; under ``torchrun`` (``launch/pretrain.sh``) or as one process without any
 launcher. Exit codes: 0 done, 2 bad command line or input (one line on stderr, nothing
-written), 3 the loss became NaN/inf (the last metrics line says so).
+written), 3 the loss became NaN/inf (the last metrics line says so), 4 the weights of the
+data-parallel replicas differ (``--check-weight-hash-across-dp-replicas-interval``; one line
+on stderr naming them).
 
 Samples are read in Megatron's order: iteration i takes samples ``[i*G, (i+1)*G)`` of the
 split (G = global batch); micro batch k of data-parallel rank r holds samples
@@ -49,13 +51,22 @@ from cdp_megatron.pretrain_args import (
     PROG, QUICKSTART_DATA_PREFIX, ROTARY_DEFAULTS, ArgsError, data_prefixes, owned_flags_table, parse_args,
 )
 
-__all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_DIVERGED"]
+__all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_DIVERGED", "EXIT_REPLICAS_DIFFER"]
 
-EXIT_OK, EXIT_USAGE, EXIT_DIVERGED = 0, 2, 3
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_REPLICAS_DIFFER = 0, 2, 3, 4
 
 
 class RunError(ArgsError):
     """Bad input found after start-up (data, checkpoint): one line, exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class _ReplicasDiffer(RunError):
+    """--check-weight-hash-across-dp-replicas-interval found data-parallel replicas whose
+    weights differ (every rank raises it: every rank has the list)."""
+
+    exit_code = EXIT_REPLICAS_DIFFER
 
 
 class _DataError(RunError):
@@ -91,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunError as e:
         if _is_rank0() or (isinstance(e, _DataError) and e.report):
             print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+        return e.exit_code
 
 
 # ============================================================================= distributed
@@ -430,21 +441,25 @@ class _IndexedSamples:
 
 class _RankBatches:
     """The DataLoader's batch sampler: this rank's micro batches (lists of sample indices) of
-    every global batch from sample ``start`` to the end of training, in training order."""
+    every global batch from sample ``start`` to the end of training, in training order, but
+    those that start at a sample of ``skip`` (--iterations-to-skip)."""
 
-    def __init__(self, start: int, args: argparse.Namespace, dp_rank: int) -> None:
-        self.start, self.args, self.dp_rank = start, args, dp_rank
+    def __init__(self, start: int, args: argparse.Namespace, dp_rank: int, skip: frozenset[int] = frozenset()) -> None:
+        self.start, self.args, self.dp_rank, self.skip = start, args, dp_rank, skip
         self.end = args.train_iters * args.global_batch_size  # samples of the whole run
+
+    def _starts(self) -> list[int]:
+        return [s for s in range(self.start, self.end, self.args.global_batch_size) if s not in self.skip]
 
     def __iter__(self) -> Iterator[list[int]]:
         args = self.args
-        for start in range(self.start, self.end, args.global_batch_size):
+        for start in self._starts():
             for k in range(args.num_microbatches):
                 first = _first_sample(start, k, args, self.dp_rank)
                 yield list(range(first, first + args.micro_batch_size))
 
     def __len__(self) -> int:
-        return (self.end - self.start) // self.args.global_batch_size * self.args.num_microbatches
+        return len(self._starts()) * self.args.num_microbatches
 
 
 def _collate_indexed(items: Sequence[tuple[int, dict]]) -> tuple[int, dict]:
@@ -467,12 +482,13 @@ class _TrainLoader:
     reads them (each micro batch's first index is checked against it), so the losses do not
     change; validation samples are still read in the training process."""
 
-    def __init__(self, dataset: Any, start: int, args: argparse.Namespace, dp_rank: int, device: str) -> None:
+    def __init__(self, dataset: Any, start: int, args: argparse.Namespace, dp_rank: int, device: str,
+                 skip: frozenset[int] = frozenset()) -> None:
         import torch.utils.data
 
         self.args, self.dp_rank, self.device = args, dp_rank, device
         self._loader = torch.utils.data.DataLoader(
-            _IndexedSamples(dataset), batch_sampler=_RankBatches(start, args, dp_rank),
+            _IndexedSamples(dataset), batch_sampler=_RankBatches(start, args, dp_rank, skip),
             num_workers=args.num_workers, collate_fn=_collate_indexed, pin_memory=device == "cuda",
             worker_init_fn=_init_worker,
             # the workers' base seed from a generator of its own: drawn from torch's default one it
@@ -533,6 +549,7 @@ def _global_loss(losses: list, device: str) -> tuple[float, float]:
 # The directory layout (iter_NNNNNNN/, the tracker file, per-rank RNG files) and the atomic
 # save are integration.checkpoint's (latest_checkpoint, save_iteration, load_rng_state).
 _CRASH_DURING_SAVE_ENV = "CDP_PRETRAIN_TEST_CRASH_DURING_SAVE"
+_CORRUPT_REPLICA_ENV = "CDP_PRETRAIN_TEST_CORRUPT_REPLICA"  # at this iteration, on DP rank 1 (tests)
 
 
 # ------------------------------------------------------------------- what a resume must match
@@ -840,6 +857,8 @@ class _Run:
         self.args = args
         self.phases: dict[str, float] = {}
         self._train_loader: _TrainLoader | None = None  # --num-workers: made at the first step
+        self._skipped_batches: frozenset[int] = frozenset()  # --iterations-to-skip ahead: their first samples
+        self.skipped_iterations: list[int] = []  # those skipped so far (checkpoints carry them)
 
     # ------------------------------------------------------------------------- start-up
     def run(self) -> int:
@@ -1182,6 +1201,7 @@ class _Run:
                            f"hyperparameters; {_RESUME_HP_HINT}") from None
         iteration = int(common["iteration"])
         self.consumed_samples = int(common.get("consumed_samples", iteration * args.global_batch_size))
+        self.skipped_iterations = [int(n) for n in common.get("skipped_iterations", [])]
         self.consumed_tokens = int(common.get("consumed_tokens", self.consumed_samples * args.seq_length))
         saved_seq = common.get("seq_length")
         if saved_seq is not None and saved_seq != args.seq_length:
@@ -1270,6 +1290,7 @@ class _Run:
                 layout=self._layout(), extra={"consumed_samples": self.consumed_samples,
                                               "consumed_tokens": self.consumed_tokens,
                                               "seq_length": self.args.seq_length,
+                                              "skipped_iterations": self.skipped_iterations,
                                               "resume": resume_record(self.args),
                                               "saved_optimizer": optim,
                                               "saved_rng": not self.args.no_save_rng},
@@ -1295,7 +1316,8 @@ class _Run:
         """One iterator over this rank's micro batches per model chunk (the same batches)."""
         if dataset is self.train_data and self.args.num_workers:
             if self._train_loader is None:
-                self._train_loader = _TrainLoader(dataset, start, self.args, self.dp_rank, self.device)
+                self._train_loader = _TrainLoader(dataset, start, self.args, self.dp_rank, self.device,
+                                                  self._skipped_batches)
             batches = self._train_loader.global_batch(start)
             iterators = [iter(batches) for _ in self.model]
         else:
@@ -1444,6 +1466,55 @@ class _Run:
             enabled=self.rank == 0,
         )
 
+    def _check_replicas(self, iteration: int, metrics: Metrics) -> None:
+        """--check-weight-hash-across-dp-replicas-interval: say that the data-parallel replicas
+        hold the same weights, or stop every rank (exit code 4) naming those that differ."""
+        from cdp_megatron.integration.training import replicas_that_differ, synced_params
+
+        args = self.args
+        with synced_params(self.model):  # the latest weights under --overlap-param-gather
+            if os.environ.get(_CORRUPT_REPLICA_ENV) == str(iteration) and self.dp_rank == 1:
+                import torch
+
+                with torch.no_grad():  # fault injection (tests): DP rank 1's first weight changed
+                    next(self.model[0].parameters()).view(-1)[0] += 1.0
+            differ = replicas_that_differ(self.model)
+        if not differ:
+            metrics.print(f" weights of the {args.data_parallel_size} data-parallel replicas match after iteration "
+                          f"{iteration} (--check-weight-hash-across-dp-replicas-interval)")
+            return
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise _ReplicasDiffer(
+            f"the weights of the data-parallel replicas differ after iteration {iteration} "
+            f"(--check-weight-hash-across-dp-replicas-interval): {'; '.join(differ[:3])}{more}. Replicas train on the "
+            "same reduced gradients, so a faulty GPU, host or link is the likely cause (or a non-deterministic kernel "
+            "in the optimizer step); resume from the last checkpoint after checking those ranks' hardware")
+
+    def _skips_ahead(self, start_iteration: int, metrics: Metrics) -> frozenset[int]:
+        """--iterations-to-skip after ``start_iteration`` (said in one line; those at or before it
+        in a note, with what the checkpoint says happened to them). Sets the first samples of
+        their batches, which the data loader's workers then do not read."""
+        args = self.args
+        ahead = [n for n in args.iterations_to_skip if n > start_iteration]
+        past = [n for n in args.iterations_to_skip if n <= start_iteration]
+        gbs = args.global_batch_size
+        self._skipped_batches = frozenset(self.consumed_samples + (n - start_iteration - 1) * gbs for n in ahead)
+        if ahead:
+            many = len(ahead) > 1
+            metrics.print(f"skipping iteration{'s' if many else ''} {', '.join(map(str, ahead))} "
+                          f"(--iterations-to-skip): {'their batches are' if many else 'its batch is'} passed over, "
+                          "nothing is trained and the lr schedule does not advance")
+        if self.skipped_iterations:
+            metrics.print(f" note: the checkpoint's run skipped iteration{'s' if len(self.skipped_iterations) > 1 else ''}"
+                          f" {', '.join(map(str, self.skipped_iterations))} (--iterations-to-skip)")
+        trained = [n for n in past if n not in set(self.skipped_iterations)]
+        if trained:
+            them = "them" if len(trained) > 1 else "it"
+            metrics.print(f" note: --iterations-to-skip {', '.join(map(str, trained))}: trained before the checkpoint "
+                          f"(iteration {start_iteration}), so not skipped; to skip {them}, resume from a checkpoint "
+                          f"before {them} (--ckpt-step)")
+        return frozenset(ahead)
+
     def _train(self, start_iteration: int) -> int:
         args = self.args
         metrics = self._metrics(start_iteration)
@@ -1463,45 +1534,64 @@ class _Run:
                 model_chunk.train()
             phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
             metrics.print(f"starting at iteration {start_iteration} after {Metrics.elapsed():.1f} s of start-up ({phases})")
+            skips = self._skips_ahead(start_iteration, metrics)
+            replica_check = args.check_weight_hash_across_dp_replicas_interval
+            if replica_check and args.data_parallel_size == 1:
+                metrics.print(" note: --check-weight-hash-across-dp-replicas-interval has nothing to compare with one "
+                              "data-parallel replica")
+                replica_check = None
+            if replica_check:
+                self._check_replicas(iteration, metrics)
             while iteration < args.train_iters:
-                started = time.perf_counter()
-                lr = self._current_lr()
                 profiler.before_step(iteration)
-                lm_loss, z_loss, grad_norm = self._step(iteration)
-                self._synchronize()
-                seconds = time.perf_counter() - started
-                iteration += 1
-                self.consumed_samples += args.global_batch_size
-                self.consumed_tokens += args.global_batch_size * args.seq_length
-                if iteration == start_iteration + 1:
-                    metrics.print(
-                        f"first iteration done {Metrics.elapsed():.1f} s after start-up began "
-                        f"(the iteration itself: {seconds:.2f} s)"
+                if iteration + 1 in skips:  # Megatron-LM's: the batch passed over, nothing stepped
+                    iteration += 1
+                    self.consumed_samples += args.global_batch_size
+                    self.consumed_tokens += args.global_batch_size * args.seq_length
+                    self.skipped_iterations.append(iteration)
+                    metrics.skipped(iteration, consumed_samples=self.consumed_samples,
+                                    consumed_tokens=self.consumed_tokens, samples=args.global_batch_size)
+                else:
+                    started = time.perf_counter()
+                    lr = self._current_lr()
+                    lm_loss, z_loss, grad_norm = self._step(iteration)
+                    self._synchronize()
+                    seconds = time.perf_counter() - started
+                    iteration += 1
+                    self.consumed_samples += args.global_batch_size
+                    self.consumed_tokens += args.global_batch_size * args.seq_length
+                    if first_loss is None:
+                        metrics.print(
+                            f"first iteration done {Metrics.elapsed():.1f} s after start-up began "
+                            f"(the iteration itself: {seconds:.2f} s)"
+                        )
+                    if not (math.isfinite(lm_loss) and math.isfinite(z_loss)):
+                        metrics.diverged(iteration, lm_loss if not math.isfinite(lm_loss) else z_loss)
+                        exit_code = EXIT_DIVERGED
+                        break
+                    first_loss = lm_loss if first_loss is None else first_loss
+                    last_loss = lm_loss
+                    metrics.iteration(
+                        iteration,
+                        lm_loss=lm_loss,
+                        z_loss=z_loss,
+                        lr=lr,
+                        grad_norm=grad_norm,
+                        iteration_time_s=seconds,
+                        optimizer_step_s=self.optimizer_step_s,
+                        consumed_samples=self.consumed_samples,
+                        consumed_tokens=self.consumed_tokens,
+                        tokens=tokens_per_iteration,
+                        params_norm=(self._params_norm() if args.log_params_norm and metrics.wants_values_at(iteration)
+                                     else None),
+                        num_zeros_in_grad=self.num_zeros_in_grad,
+                        memory=_gpu_memory() if (args.log_memory_to_tensorboard and self.rank == 0
+                                                  and metrics.wants_values_at(iteration)) else None,
                     )
-                if not (math.isfinite(lm_loss) and math.isfinite(z_loss)):
-                    metrics.diverged(iteration, lm_loss if not math.isfinite(lm_loss) else z_loss)
-                    exit_code = EXIT_DIVERGED
-                    break
-                first_loss = lm_loss if first_loss is None else first_loss
-                last_loss = lm_loss
-                metrics.iteration(
-                    iteration,
-                    lm_loss=lm_loss,
-                    z_loss=z_loss,
-                    lr=lr,
-                    grad_norm=grad_norm,
-                    iteration_time_s=seconds,
-                    optimizer_step_s=self.optimizer_step_s,
-                    consumed_samples=self.consumed_samples,
-                    consumed_tokens=self.consumed_tokens,
-                    tokens=tokens_per_iteration,
-                    params_norm=self._params_norm() if args.log_params_norm and metrics.wants_values_at(iteration) else None,
-                    num_zeros_in_grad=self.num_zeros_in_grad,
-                    memory=_gpu_memory() if (args.log_memory_to_tensorboard and self.rank == 0
-                                              and metrics.wants_values_at(iteration)) else None,
-                )
                 profiler.after_step(iteration)  # (after the iteration's log line)
                 manual_gc.after_iteration(iteration)
+                if replica_check and iteration % replica_check == 0:
+                    self._check_replicas(iteration, metrics)  # before any evaluation or save of them
                 done = iteration == args.train_iters
                 stop, urgent = self._stop_reason(iteration, done)
                 if self.valid_data is not None and (iteration % args.eval_interval == 0 or done) and not urgent:

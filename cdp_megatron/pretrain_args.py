@@ -372,6 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "iteration that ends this many minutes after the start (e.g. before a job's time limit)")
     g.add_argument("--exit-signal-handler", action="store_true", help="on SIGTERM (a job's time limit or "
                    "preemption), stop at the end of the iteration and save with --save, instead of dying")
+    g.add_argument("--iterations-to-skip", type=int, nargs="+", default=[], metavar="N",
+                   help="as Megatron-LM: iterations (numbered as the log numbers them, from 1) whose global batch "
+                   "is read and not trained on: no forward, backward or optimizer step, and the lr schedule does not "
+                   "advance (e.g. the batches behind a loss spike, given on a resume from a checkpoint before it)")
+    g.add_argument("--check-weight-hash-across-dp-replicas-interval", type=int, metavar="N",
+                   help="as Megatron-LM: at the start and every N iterations, compare the weights of the "
+                   "data-parallel replicas (a hash of every tensor, computed on the host) and stop with exit code 4 "
+                   "naming those that differ")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--empty-unused-memory-level", type=int, choices=(0, 1, 2), default=0,
                    help="as Megatron-LM: 1 empties the CUDA caching allocator's unused memory after each "
@@ -763,7 +771,7 @@ def _validate(args: argparse.Namespace) -> None:
               "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers", "log_interval",
               "eval_interval", "save_interval", "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size", "ckpt_step",
               "tensorboard_log_interval", "num_dataset_builder_threads", "non_persistent_save_interval",
-              "save_retain_interval")
+              "save_retain_interval", "check_weight_hash_across_dp_replicas_interval")
     _positive(args, "eval_iters", "lr_warmup_iters", "cdp_z_loss", "num_workers", allow_zero=True)
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0 <= getattr(args, name) < 1:
@@ -779,6 +787,7 @@ def _validate(args: argparse.Namespace) -> None:
     _validate_model(args)
     _validate_documents(args)  # may choose the local spec, which --sequence-parallel's check reads
     _validate_parallel_and_batch(args)
+    _validate_skips(args)
     _validate_recompute(args)
     _validate_gc(args)
     _validate_data(args)
@@ -793,6 +802,18 @@ def _validate(args: argparse.Namespace) -> None:
             if getattr(args, name, None) is None and name in CDP_OWNED_FLAGS:
                 setattr(args, name, value)
     _finish_schedule(args)
+
+
+def _validate_skips(args: argparse.Namespace) -> None:
+    """--iterations-to-skip: iterations of this run's numbering (1 to --train-iters), sorted."""
+    outside = [n for n in args.iterations_to_skip if not 1 <= n <= args.train_iters]
+    if outside:
+        raise ArgsError(f"--iterations-to-skip {outside[0]}: iterations are numbered as the log numbers them, 1 to "
+                        f"--train-iters {args.train_iters}; give iterations in that range")
+    if args.iterations_to_skip and args.skip_train:
+        raise ArgsError("--iterations-to-skip with --skip-train: nothing is trained, so nothing is skipped; drop one "
+                        "of them")
+    args.iterations_to_skip = sorted(set(args.iterations_to_skip))
 
 
 def _validate_recompute(args: argparse.Namespace) -> None:

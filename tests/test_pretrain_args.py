@@ -1337,3 +1337,27 @@ def test_help_lists_the_cdp_flags():
     text = build_parser().format_help()
     for flag in ("--cdp-config", "--cdp-base", "--cdp-z-loss", "--metrics-file", "--mock-data", "--quickstart"):
         assert flag in text
+
+
+def test_iterations_to_skip():
+    assert parse(TINY + " --lr 1e-3").iterations_to_skip == []
+    assert parse(TINY + " --lr 1e-3 --iterations-to-skip 7 3 7 20").iterations_to_skip == [3, 7, 20]
+    assert error(TINY + " --lr 1e-3 --iterations-to-skip 0") == (
+        "--iterations-to-skip 0: iterations are numbered as the log numbers them, 1 to --train-iters 20; give "
+        "iterations in that range")
+    assert error(TINY + " --lr 1e-3 --iterations-to-skip 5 21").startswith("--iterations-to-skip 21: ")
+    assert error(TINY + " --lr 1e-3 --iterations-to-skip -1").startswith("--iterations-to-skip -1: ")
+    # --train-samples gives the iterations first (8 per global batch: 12 iterations)
+    assert error(TINY.replace("--train-iters 20", "--train-samples 100") + " --lr 1e-3 --iterations-to-skip 13") == (
+        "--iterations-to-skip 13: iterations are numbered as the log numbers them, 1 to --train-iters 12; give "
+        "iterations in that range")
+    assert error(TINY + " --lr 1e-3 --skip-train --iterations-to-skip 3") == (
+        "--iterations-to-skip with --skip-train: nothing is trained, so nothing is skipped; drop one of them")
+
+
+def test_weight_hash_check_interval():
+    assert parse(TINY + " --lr 1e-3").check_weight_hash_across_dp_replicas_interval is None
+    assert parse(TINY + " --lr 1e-3 --check-weight-hash-across-dp-replicas-interval 5"
+                 ).check_weight_hash_across_dp_replicas_interval == 5
+    assert error(TINY + " --lr 1e-3 --check-weight-hash-across-dp-replicas-interval 0").startswith(
+        "--check-weight-hash-across-dp-replicas-interval must be")

@@ -39,6 +39,7 @@ __all__ = [
     "use_megatron_grad_finalization",
     "synced_params",
     "params_norm",
+    "replicas_that_differ",
     "optimizer_config",
     "plain_optimizer",
 ]
@@ -326,6 +327,49 @@ def params_norm(model_chunks: Sequence[Any]) -> float:
     if torch.distributed.get_world_size(group) > 1:
         torch.distributed.all_reduce(total, group=group)
     return float(total.sqrt())
+
+
+def replicas_that_differ(model_chunks: Sequence[Any]) -> list[str]:
+    """The weights that are not the same on every data-parallel replica
+    (``--check-weight-hash-across-dp-replicas-interval``), the same list on every rank of the
+    world: one entry per tensor that differs from DP rank 0's copy somewhere, as
+    ``"decoder.layers.0.mlp.linear_fc1.weight on DP rank 1"`` (with the pipeline stage, model
+    chunk and TP rank where there are several). Compared, as megatron-core's
+    ``check_param_hashes_across_dp_replicas`` does (which only says whether all match), by a
+    SHA-1 of each tensor's bytes computed on the host, all-gathered over the data-parallel
+    group. Call it inside :func:`synced_params`."""
+    import hashlib
+
+    import torch
+    from megatron.core import parallel_state
+
+    named = [(c, name.replace("module.", ""), param) for c, chunk in enumerate(model_chunks)
+             for name, param in chunk.named_parameters()]
+    if not named:
+        return []
+    digests = [torch.frombuffer(bytearray(hashlib.sha1(param.detach().cpu().contiguous().view(-1).view(torch.uint8)
+                                                       .numpy().tobytes()).digest()), dtype=torch.uint8)
+               for _, _, param in named]
+    local = torch.stack(digests).to(named[0][2].device)
+    group = parallel_state.get_data_parallel_group()
+    gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(gathered, local, group=group)
+    pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+    where = ", ".join(part for part, shown in (
+        (f"pipeline stage {pp}", parallel_state.get_pipeline_model_parallel_world_size() > 1),
+        (f"TP rank {tp}", parallel_state.get_tensor_model_parallel_world_size() > 1)) if shown)
+    mine = []
+    if parallel_state.get_data_parallel_rank() == 0:  # one report per model-parallel rank
+        for i, (c, name, _) in enumerate(named):
+            ranks = [r for r in range(1, len(gathered)) if not torch.equal(gathered[r][i], gathered[0][i])]
+            if ranks:
+                chunk = f"model chunk {c}" if len(model_chunks) > 1 else ""
+                context = ", ".join(part for part in (where, chunk) if part)
+                mine.append(f"{name}{f' ({context})' if context else ''} on DP rank{'s' if len(ranks) > 1 else ''} "
+                            f"{', '.join(map(str, ranks))}")
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    return [entry for entries in everyone for entry in entries]
 
 
 # ================================================================================ optimizer

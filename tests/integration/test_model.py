@@ -332,6 +332,33 @@ def test_params_norm_counts_every_weight_once_on_any_layout(megatron_1proc, tied
         assert norms == pytest.approx([by_hand] * len(norms), rel=1e-6), (tp, pp)
 
 
+def _replicas_worker(tp: int, pp: int, corrupt: str | None) -> list[str]:
+    import torch
+
+    from cdp_megatron.integration import build_gpt_model, initialize_model_parallel
+    from cdp_megatron.integration.training import data_parallel_rank, replicas_that_differ
+
+    initialize_model_parallel(tp, pp)
+    chunks = build_gpt_model(target=tiny_target(num_layers=4))
+    if corrupt and data_parallel_rank() == 1:
+        with torch.no_grad():
+            dict(chunks[0].named_parameters())[corrupt].view(-1)[-1] += 1e-6  # one element, one ulp or so
+    return replicas_that_differ(chunks)
+
+
+def test_replicas_that_differ_names_each_tensor_and_rank_everywhere():
+    """--check-weight-hash-across-dp-replicas-interval: data-parallel replicas built alike match;
+    one element changed on DP rank 1 is named, with the stage and TP rank where there are several,
+    on every rank of the world; with one replica there is nothing to differ."""
+    assert run_distributed(_replicas_worker, 2, 1, 1, None) == [[], []]
+    name = "decoder.layers.1.mlp.linear_fc2.weight"
+    assert run_distributed(_replicas_worker, 2, 1, 1, name) == [[f"{name} on DP rank 1"]] * 2
+    assert run_distributed(_replicas_worker, 2, 2, 1, name) == [[], []]  # TP 2, DP 1
+    # PP 2 x DP 2: the tensor of that name on each stage (layer numbers are a stage's own)
+    assert run_distributed(_replicas_worker, 4, 1, 2, name) == [
+        [f"{name} (pipeline stage 0) on DP rank 1", f"{name} (pipeline stage 1) on DP rank 1"]] * 4
+
+
 # --- (c) logit multiplier -------------------------------------------------------------------
 def test_completep_output_multiplier(megatron_1proc):
     from cdp_megatron.integration import apply_output_mult, build_gpt_model, causal_attention_mask

@@ -890,6 +890,53 @@ def test_finetune_starts_from_the_weights_only(spec20, tmp_path):
         refused.stdout[-4000:]
 
 
+def test_iterations_to_skip_pass_over_their_batches(tmp_path):
+    """Megatron-LM's --iterations-to-skip: a skipped iteration's batch is passed over (the data
+    goes on after it), nothing is trained and the lr schedule does not advance; a checkpoint
+    carries the skips, and a resume goes on as the uninterrupted run."""
+    flags = (TINY + " --lr 1e-3 --lr-warmup-iters 2 --lr-decay-iters 6 --train-iters 6 --hidden-dropout 0 "
+             "--attention-dropout 0 --eval-iters 1")
+    out = ok(run(flags + " --eval-interval 2 --metrics-file ref.jsonl --check-weight-hash-across-dp-replicas-interval 1",
+                 tmp_path))
+    # (one process, so one replica: the check is said to have nothing to compare)
+    assert (" note: --check-weight-hash-across-dp-replicas-interval has nothing to compare with one data-parallel "
+            "replica") in out and "replicas match" not in out
+    # with a data loader worker, which must not read the skipped batch (it checks every sample index)
+    out = ok(run(flags + " --eval-interval 3 --iterations-to-skip 6 3 --num-workers 1 --save ckpt --save-interval 3 "
+                 "--metrics-file skip.jsonl", tmp_path))
+    assert ("skipping iterations 3, 6 (--iterations-to-skip): their batches are passed over, nothing is trained and "
+            "the lr schedule does not advance") in out
+    assert " iteration 3/6 | skipped (--iterations-to-skip): samples 16-23 not trained on" in out
+    reference, skipping = records(tmp_path / "ref.jsonl"), records(tmp_path / "skip.jsonl")
+    assert [(r["iteration"], r["consumed_samples"]) for r in skipping if r.get("skipped")] == [(3, 24), (6, 48)]
+    assert [r["consumed_samples"] for r in skipping if "lm_loss" in r] == [8, 16, 32, 40]
+    losses, reference_losses = train_losses(tmp_path / "skip.jsonl"), train_losses(tmp_path / "ref.jsonl")
+    assert sorted(losses) == [1, 2, 4, 5]
+    assert [losses[1], losses[2]] == [reference_losses[1], reference_losses[2]]
+    assert losses[4] != reference_losses[4]  # the batch of iteration 4, from the weights of iteration 2
+    # nothing was trained at iteration 3: the weights evaluated there are those of iteration 2
+    assert val_losses(tmp_path / "skip.jsonl")[3] == val_losses(tmp_path / "ref.jsonl")[2]
+    # nor was the schedule stepped: iteration 4 has the lr of the reference's iteration 3, 5 that of 4
+    lrs = {r["iteration"]: r["lr"] for r in skipping if "lr" in r}
+    reference_lrs = {r["iteration"]: r["lr"] for r in reference if "lr" in r}
+    assert [lrs[4], lrs[5]] == [reference_lrs[3], reference_lrs[4]] and lrs[4] != reference_lrs[4]
+    # resumed after the first skip (read in the training process this time), it goes on alike; an
+    # iteration listed before the checkpoint and trained there is named
+    out = ok(run(flags + " --eval-interval 3 --iterations-to-skip 2 3 6 --load ckpt --ckpt-step 3 "
+                 "--metrics-file resumed.jsonl", tmp_path))
+    assert " note: the checkpoint's run skipped iteration 3 (--iterations-to-skip)" in out
+    assert (" note: --iterations-to-skip 2: trained before the checkpoint (iteration 3), so not skipped; to skip it, "
+            "resume from a checkpoint before it (--ckpt-step)") in out
+    assert "skipping iteration 6 (--iterations-to-skip): its batch is passed over" in out
+    def after_3(path):
+        keys = ("iteration", "skipped", "consumed_samples", "lm_loss", "lr", "grad_norm")
+        return [{k: r.get(k) for k in keys} for r in records(path) if r["iteration"] > 3 and not r.get("eval")]
+
+    assert after_3(tmp_path / "resumed.jsonl") == after_3(tmp_path / "skip.jsonl")
+    assert len(after_3(tmp_path / "resumed.jsonl")) == 3
+    assert val_losses(tmp_path / "resumed.jsonl")[6] == val_losses(tmp_path / "skip.jsonl")[6]
+
+
 def test_exit_duration_saves_and_stops_without_the_evaluation(tmp_path):
     """--exit-duration-in-mins (Megatron-LM's): the first iteration that ends past the limit
     (here every one: the start-up alone takes longer) saves and stops, skipping the evaluation
@@ -961,6 +1008,28 @@ def test_exit_signal_handler_stops_every_rank_at_one_iteration(tmp_path):
     assert len(stops) == 1 and stops[0].endswith("(SIGTERM received, --exit-signal-handler)"), out[-4000:]
     stopped = int(stops[0].split()[3])
     assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
+
+
+@pytest.mark.slow
+def test_weight_hash_check_across_data_parallel_replicas(tmp_path):
+    """--check-weight-hash-across-dp-replicas-interval on two data-parallel ranks (distributed
+    optimizer, overlapped param gather: the check sees the gathered weights): they match at the
+    start and every 2 iterations; a weight changed on DP rank 1 stops both ranks with exit
+    code 4 before that iteration's checkpoint, naming the tensor."""
+    flags = (TINY + " --lr 1e-3 --train-iters 4 --eval-iters 0 --check-weight-hash-across-dp-replicas-interval 2 "
+             "--micro-batch-size 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather")
+    out = ok(run(flags, tmp_path, nproc=2))
+    checks = [line for line in out.splitlines() if "data-parallel replicas match" in line]
+    assert checks == [f" weights of the 2 data-parallel replicas match after iteration {i} "
+                      "(--check-weight-hash-across-dp-replicas-interval)" for i in (0, 2, 4)], out[-4000:]
+    failed = run(flags + " --save ck --save-interval 1", tmp_path, nproc=2,
+                 env={"CDP_PRETRAIN_TEST_CORRUPT_REPLICA": "2"})
+    assert failed.returncode != 0
+    assert ("cdp-pretrain: error: the weights of the data-parallel replicas differ after iteration 2 "
+            "(--check-weight-hash-across-dp-replicas-interval): embedding.word_embeddings.weight on DP rank 1. "
+            ) in failed.stdout, failed.stdout[-4000:]
+    assert "exitcode  : 4" in failed.stdout  # torchrun's report of the ranks' exit code
+    assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
 
 
 def test_divergence_stops_with_exit_3(tmp_path):
