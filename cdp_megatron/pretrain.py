@@ -48,7 +48,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from cdp_megatron.convert import layer_ranges
 from cdp_megatron.pretrain_args import (
-    PROG, QUICKSTART_DATA_PREFIX, ROTARY_DEFAULTS, ArgsError, data_prefixes, owned_flags_table, parse_args,
+    FP8_DEFAULTS, PROG, QUICKSTART_DATA_PREFIX, ROTARY_DEFAULTS, ArgsError, data_prefixes, owned_flags_table,
+    parse_args,
 )
 
 __all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_DIVERGED", "EXIT_REPLICAS_DIFFER"]
@@ -251,6 +252,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["embedding_init_method_std"] = args.embedding_init_method_std
     if args.fp8_format:
         overrides["fp8"] = args.fp8_format
+        overrides.update({name: getattr(args, name) for name in (*FP8_DEFAULTS, "first_last_layers_bf16")})
     if args.attention_backend != "auto":
         overrides["attention_backend"] = args.attention_backend  # gpt_config takes the name
     return overrides
@@ -326,6 +328,23 @@ def _stage_description(args: argparse.Namespace) -> str:
     counted = [name for name, on in (("embedding", args.account_for_embedding_in_pipeline_split),
                                      ("loss", args.account_for_loss_in_pipeline_split)) if on]
     return f" (layers a stage: {text}" + (f"; the {' and '.join(counted)} counted as a layer" if counted else "") + ")"
+
+
+def _fp8_description(args: argparse.Namespace) -> str:
+    """", FP8 hybrid (delayed scaling, amax history 1024 (max))" for the start-up line."""
+    if not args.fp8_format:
+        return ""
+    parts = [f"{args.fp8_recipe} scaling"]
+    if args.fp8_recipe == "delayed":
+        parts.append(f"amax history {args.fp8_amax_history_len} ({args.fp8_amax_compute_algo})")
+    if args.fp8_margin:
+        parts.append(f"margin {args.fp8_margin}")
+    if not args.fp8_wgrad:
+        parts.append("weight gradients in higher precision")
+    if args.first_last_layers_bf16:
+        parts.append(f"first {args.num_layers_at_start_in_bf16} and last {args.num_layers_at_end_in_bf16} layers "
+                     "in BF16")
+    return f", FP8 {args.fp8_format} ({', '.join(parts)})"
 
 
 def _rotary_description(args: argparse.Namespace) -> str:
@@ -990,7 +1009,8 @@ class _Run:
             f"(padded from {args.unpadded_vocab_size}), seq {args.seq_length}{_rotary_description(args)}"
             + (", squared-ReLU MLP" if args.squared_relu else "")
             + (", zero-centred norm gains (1 + weight)" if args.apply_layernorm_1p else "")
-            + ("" if args.attention_backend == "auto" else f", attention backend {args.attention_backend}"),
+            + ("" if args.attention_backend == "auto" else f", attention backend {args.attention_backend}")
+            + _fp8_description(args),
             f"  batch: {args.global_batch_size} samples = {args.num_microbatches} micro batches x "
             f"{args.micro_batch_size} x DP {args.data_parallel_size}; {args.train_iters} iterations "
             f"({args.train_iters * args.global_batch_size * args.seq_length} tokens)",

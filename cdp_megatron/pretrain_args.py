@@ -110,11 +110,7 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--decoder-seq-length": "give --seq-length",
     "--encoder-seq-length": "give --seq-length",
     "--sft": "not supported",
-    "--fp8-recipe": "only --fp8-format is supported",
-    "--fp8-margin": "only --fp8-format is supported",
-    "--fp8-amax-history-len": "only --fp8-format is supported",
-    "--fp8-amax-compute-algo": "only --fp8-format is supported",
-    "--fp8-param-gather": "only --fp8-format is supported",
+    "--fp8-param-gather": "FP8 parameters are not supported (the optimizer's main copies are fp32 or bf16)",
     "--fp4-format": "not supported",
     "--checkpoint-activations": "give --recompute-activations",
     "--model-parallel-size": "give --tensor-model-parallel-size",
@@ -303,6 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "--transformer-impl transformer_engine); local: megatron's DotProductAttention (implies "
                    "--transformer-impl local)")
     g.add_argument("--fp8-format", choices=("e4m3", "hybrid"), help="FP8 (needs transformer_engine)")
+    # Megatron-LM's FP8 options (TransformerConfig's fields of the same names); None: not given
+    g.add_argument("--fp8-recipe", choices=FP8_RECIPES, help="with --fp8-format: Transformer Engine's scaling "
+                   "recipe (default delayed, as Megatron-LM; mxfp8 needs a Blackwell GPU)")
+    g.add_argument("--fp8-margin", type=int, help="with --fp8-format: the scaling factor's margin (default 0)")
+    g.add_argument("--fp8-amax-history-len", type=int, metavar="N",
+                   help="with --fp8-format: the amax history window of delayed scaling (default 1)")
+    g.add_argument("--fp8-amax-compute-algo", choices=("most_recent", "max"),
+                   help="with --fp8-format: the amax taken from the history (default most_recent)")
+    g.add_argument("--no-fp8-wgrad", dest="fp8_wgrad", action="store_false", default=None,
+                   help="with --fp8-format: compute the weight gradients in higher precision")
+    g.add_argument("--first-last-layers-bf16", action="store_true",
+                   help="with --fp8-format (not the delayed recipe): keep the first and last layers in BF16")
+    g.add_argument("--num-layers-at-start-in-bf16", type=int, metavar="N",
+                   help="with --first-last-layers-bf16: the first layers kept in BF16 (default 1)")
+    g.add_argument("--num-layers-at-end-in-bf16", type=int, metavar="N",
+                   help="with --first-last-layers-bf16: the last layers kept in BF16 (default 1)")
     g.add_argument("--bf16", action="store_true", help="bf16 model with fp32 main parameters")
     g.add_argument("--grad-reduce-in-bf16", action="store_true",
                    help="with --bf16: accumulate and reduce the gradients in bf16 (default fp32, as Megatron-LM)")
@@ -841,9 +853,10 @@ def _validate_recompute(args: argparse.Namespace) -> None:
                             "--recompute-activations); full recomputation recomputes whole layers")
         if not args.recompute_modules:
             raise ArgsError(f"--recompute-modules is empty; give one or more of {', '.join(RECOMPUTE_MODULES)}")
-        if "layernorm" in args.recompute_modules and args.fp8_format:
-            raise ArgsError("--recompute-modules layernorm does not work with --fp8-format (megatron-core refuses it "
-                            "with FP8's delayed scaling); recompute core_attn or mlp")
+        if "layernorm" in args.recompute_modules and args.fp8_format and args.fp8_recipe == "delayed":
+            raise ArgsError("--recompute-modules layernorm does not work with --fp8-format's delayed scaling "
+                            "(megatron-core refuses it); recompute core_attn or mlp, or give --fp8-recipe tensorwise "
+                            "(or blockwise, mxfp8)")
         args.recompute_modules = list(dict.fromkeys(args.recompute_modules))
     if args.recompute_granularity != "full":
         if given:
@@ -957,6 +970,7 @@ def _validate_model(args: argparse.Namespace) -> None:
                         "or drop the flag")
     if args.fp8_format and args.transformer_impl != "transformer_engine":
         raise ArgsError("--fp8-format needs --transformer-impl transformer_engine")
+    _validate_fp8(args)
     if args.transformer_impl == "transformer_engine":
         import importlib.util
 
@@ -985,6 +999,44 @@ def _check_attention_env(backend: str) -> None:
         hint = f"give --attention-backend {fits[0]}, or unset {name}" if fits else f"unset {name}"
         raise ArgsError(f"the environment sets {name}={value}, which --attention-backend {backend} needs to be "
                         f"{expected} (megatron-core stops on the clash): {hint}")
+
+
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+# Megatron-LM's defaults of its FP8 options (those of TransformerConfig)
+FP8_DEFAULTS = {"fp8_recipe": "delayed", "fp8_margin": 0, "fp8_amax_history_len": 1,
+                "fp8_amax_compute_algo": "most_recent", "fp8_wgrad": True,
+                "num_layers_at_start_in_bf16": 1, "num_layers_at_end_in_bf16": 1}
+
+
+def _validate_fp8(args: argparse.Namespace) -> None:
+    """Megatron-LM's FP8 options: refused without --fp8-format (they would do nothing) and
+    where megatron-core's TransformerConfig refuses them; then given Megatron-LM's defaults."""
+    given = [name for name in FP8_DEFAULTS if getattr(args, name) is not None]
+    given += ["first_last_layers_bf16"] * args.first_last_layers_bf16
+    if given and not args.fp8_format:
+        flag = "--no-fp8-wgrad" if given[0] == "fp8_wgrad" else "--" + given[0].replace("_", "-")
+        raise ArgsError(f"{flag} applies with --fp8-format; add --fp8-format or drop the flag")
+    for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+        if getattr(args, name) is not None and not args.first_last_layers_bf16:
+            raise ArgsError(f"--{name.replace('_', '-')} applies with --first-last-layers-bf16; add it or drop the flag")
+    if args.fp8_margin is not None and args.fp8_margin < 0:
+        raise ArgsError(f"--fp8-margin must be >= 0, got {args.fp8_margin}")
+    if args.fp8_amax_history_len is not None and args.fp8_amax_history_len < 1:
+        raise ArgsError(f"--fp8-amax-history-len must be >= 1, got {args.fp8_amax_history_len}")
+    for name, value in FP8_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.first_last_layers_bf16:
+        if args.fp8_recipe == "delayed":
+            raise ArgsError("--first-last-layers-bf16 does not work with the delayed FP8 recipe (megatron-core "
+                            "refuses it); give --fp8-recipe tensorwise (or blockwise, mxfp8) or drop the flag")
+        # megatron-core's bound: the layers of a stage as if the split were even
+        most = args.num_layers // args.pipeline_model_parallel_size
+        for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+            if not 0 <= getattr(args, name) <= most:
+                raise ArgsError(f"--{name.replace('_', '-')} {getattr(args, name)}: give 0 to {most} (the layers of "
+                                "a pipeline stage, as megatron-core counts them: --num-layers / "
+                                "--pipeline-model-parallel-size)")
 
 
 def _validate_attention_backend(args: argparse.Namespace) -> None:

@@ -1023,8 +1023,42 @@ def test_layernorm_recomputation_is_refused_with_fp8(monkeypatch):
     fp8 = TINY + " --lr 1e-3 --transformer-impl transformer_engine --fp8-format hybrid --recompute-activations"
     assert parse(fp8 + " --recompute-modules core_attn mlp").recompute_modules == ["core_attn", "mlp"]
     assert error(fp8 + " --recompute-modules mlp layernorm") == (
-        "--recompute-modules layernorm does not work with --fp8-format (megatron-core refuses it with FP8's delayed "
-        "scaling); recompute core_attn or mlp")
+        "--recompute-modules layernorm does not work with --fp8-format's delayed scaling (megatron-core refuses it); "
+        "recompute core_attn or mlp, or give --fp8-recipe tensorwise (or blockwise, mxfp8)")
+    assert parse(fp8 + " --recompute-modules layernorm --fp8-recipe tensorwise").recompute_modules == ["layernorm"]
+
+
+def test_fp8_options_are_megatron_lms(monkeypatch):
+    pretend_transformer_engine(monkeypatch)
+    te = TINY + " --lr 1e-3 --transformer-impl transformer_engine"
+    fp8 = te + " --fp8-format hybrid"
+    args = parse(fp8)  # Megatron-LM's defaults (TransformerConfig's)
+    assert (args.fp8_recipe, args.fp8_margin, args.fp8_amax_history_len, args.fp8_amax_compute_algo, args.fp8_wgrad,
+            args.first_last_layers_bf16, args.num_layers_at_start_in_bf16, args.num_layers_at_end_in_bf16) == (
+        "delayed", 0, 1, "most_recent", True, False, 1, 1)
+    args = parse(fp8 + " --fp8-amax-history-len 1024 --fp8-amax-compute-algo max --fp8-margin 1 --no-fp8-wgrad")
+    assert (args.fp8_amax_history_len, args.fp8_amax_compute_algo, args.fp8_margin, args.fp8_wgrad) == (
+        1024, "max", 1, False)
+    args = parse(fp8 + " --fp8-recipe tensorwise --first-last-layers-bf16 --num-layers-at-end-in-bf16 2")
+    assert (args.fp8_recipe, args.first_last_layers_bf16, args.num_layers_at_start_in_bf16,
+            args.num_layers_at_end_in_bf16) == ("tensorwise", True, 1, 2)
+    # without --fp8-format they would do nothing
+    for flag in ("--fp8-recipe tensorwise", "--fp8-margin 1", "--fp8-amax-history-len 16",
+                 "--fp8-amax-compute-algo max", "--no-fp8-wgrad", "--first-last-layers-bf16"):
+        assert error(te + " " + flag) == f"{flag.split()[0]} applies with --fp8-format; add --fp8-format or drop the flag"
+    assert error(fp8 + " --num-layers-at-start-in-bf16 1") == (
+        "--num-layers-at-start-in-bf16 applies with --first-last-layers-bf16; add it or drop the flag")
+    # megatron-core's refusals, in one line each
+    assert error(fp8 + " --first-last-layers-bf16") == (
+        "--first-last-layers-bf16 does not work with the delayed FP8 recipe (megatron-core refuses it); give "
+        "--fp8-recipe tensorwise (or blockwise, mxfp8) or drop the flag")
+    assert error(fp8 + " --fp8-recipe tensorwise --first-last-layers-bf16 --num-layers-at-start-in-bf16 3") == (
+        "--num-layers-at-start-in-bf16 3: give 0 to 2 (the layers of a pipeline stage, as megatron-core counts them: "
+        "--num-layers / --pipeline-model-parallel-size)")
+    assert error(fp8 + " --fp8-amax-history-len 0") == "--fp8-amax-history-len must be >= 1, got 0"
+    assert error(fp8 + " --fp8-margin -1") == "--fp8-margin must be >= 0, got -1"
+    assert error(fp8 + " --fp8-param-gather").startswith("--fp8-param-gather is a Megatron-LM flag cdp-pretrain does "
+                                                         "not support (FP8 parameters are not supported")
 
 
 def test_tensorboard_log_interval_needs_tensorboard():

@@ -820,3 +820,41 @@ def test_pipeline_layout_is_megatron_cores():
         assert ours == theirs, (layout, pp, layers, ours, theirs)
         accepted, refused = accepted + (ours is not None), refused + (ours is None)
     assert accepted > 200 and refused > 50, (accepted, refused)
+
+
+def test_fp8_options_reach_the_transformer_config(megatron_1proc, monkeypatch):
+    """Megatron-LM's FP8 options arrive in megatron-core's TransformerConfig (the fields of the
+    same names), which accepts them as given; refused combinations are refused by it too. (The
+    FP8 layers themselves need Transformer Engine and a GPU: not built here.)"""
+    import importlib.util
+    import shlex
+
+    from cdp_megatron.integration import gpt_config
+    from cdp_megatron.pretrain import config_overrides
+    from cdp_megatron.pretrain_args import parse_args
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a))
+    flags = ("--mock-data --num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 1 "
+             "--train-iters 4 --lr 1e-3 --bf16 --transformer-impl transformer_engine --fp8-format hybrid ")
+    shape = SimpleNamespace(**{**TINY_SHAPE, "num_layers": 4})
+    cases = {"": dict(fp8_recipe="delayed", fp8_amax_history_len=1, fp8_amax_compute_algo="most_recent",
+                      fp8_margin=0, fp8_wgrad=True, first_last_layers_bf16=False),
+             "--fp8-amax-history-len 1024 --fp8-amax-compute-algo max --fp8-margin 2 --no-fp8-wgrad":
+                 dict(fp8_amax_history_len=1024, fp8_amax_compute_algo="max", fp8_margin=2, fp8_wgrad=False),
+             "--fp8-recipe tensorwise --first-last-layers-bf16 --num-layers-at-start-in-bf16 2":
+                 dict(fp8_recipe="tensorwise", first_last_layers_bf16=True, num_layers_at_start_in_bf16=2,
+                      num_layers_at_end_in_bf16=1)}
+    for extra, want in cases.items():
+        config = gpt_config(shape, init_method_std=0.02, **config_overrides(parse_args(shlex.split(flags + extra),
+                                                                                       world_size=1)))
+        assert config.fp8 == "hybrid"
+        assert {name: str(getattr(config, name)).removeprefix("Fp8Recipe.") if name == "fp8_recipe"
+                else getattr(config, name) for name in want} == want, extra
+    # what parse_args refuses, megatron-core's TransformerConfig refuses
+    overrides = config_overrides(parse_args(shlex.split(flags + "--fp8-recipe tensorwise"), world_size=1))
+    for bad, said in ((dict(first_last_layers_bf16=True, fp8_recipe="delayed"), "Delayed scaling does not support"),
+                      (dict(first_last_layers_bf16=True, num_layers_at_start_in_bf16=5), "num_layers_at_start_in_bf16")):
+        with pytest.raises(ValueError, match=said):
+            gpt_config(shape, init_method_std=0.02, **{**overrides, **bad})
