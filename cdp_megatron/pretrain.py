@@ -992,6 +992,8 @@ class _Run:
             layout += f", overlapped {' and '.join(overlapped)}"
             if args.ddp_bucket_size:
                 layout += f" (buckets of {args.ddp_bucket_size} elements)"
+        if args.ddp_pad_buckets_for_high_nccl_busbw:
+            layout += ", buckets padded to multiples of 2^16 elements"
         if args.recompute_granularity == "selective":
             names = {"core_attn": "the core attention", "mlp": "the MLP", "layernorm": "the norms"}
             modules = [names[m] for m in args.recompute_modules or ["core_attn"]]
@@ -1086,7 +1088,8 @@ class _Run:
                          grad_reduce_in_fp32=not args.grad_reduce_in_bf16, overlap_grad_reduce=args.overlap_grad_reduce,
                          overlap_param_gather=args.overlap_param_gather,
                          align_param_gather=_aligned_param_gather(args),
-                         bucket_size=args.ddp_bucket_size)
+                         bucket_size=args.ddp_bucket_size,
+                         pad_buckets_for_high_nccl_busbw=args.ddp_pad_buckets_for_high_nccl_busbw)
         from cdp_megatron.integration.training import use_megatron_grad_finalization
 
         use_megatron_grad_finalization(config)

@@ -369,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddp-bucket-size", type=int,
                    help="elements per gradient bucket (default Megatron's: max(40M, 1M x DP) with "
                    "--overlap-grad-reduce, one bucket without)")
+    g.add_argument("--ddp-pad-buckets-for-high-nccl-busbw", action="store_true",
+                   help="pad each gradient bucket to a multiple of 2^16 elements x DP (NCCL's bus bandwidth at large "
+                   "DP); the gradients and the update do not change")
     g.add_argument("--distributed-backend", choices=("nccl", "gloo"),
                    help="default: nccl on a GPU, gloo on a CPU (the only pairs supported: another is refused)")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
@@ -1213,6 +1216,9 @@ def _validate_parallel_and_batch(args: argparse.Namespace) -> None:
         raise ArgsError("--overlap-param-gather needs --use-distributed-optimizer (only its parameters are gathered)")
     if args.overlap_param_gather and not args.overlap_grad_reduce:
         raise ArgsError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
+    if args.ddp_pad_buckets_for_high_nccl_busbw and not args.use_distributed_optimizer:
+        raise ArgsError("--ddp-pad-buckets-for-high-nccl-busbw pads the distributed optimizer's buckets (megatron-core "
+                        "pads no others); add --use-distributed-optimizer or drop the flag")
     if args.align_param_gather is not None and not args.overlap_param_gather:
         flag = "--align-param-gather" if args.align_param_gather else "--no-align-param-gather"
         raise ArgsError(f"{flag} applies to --overlap-param-gather (it changes when the overlapped all-gathers "

@@ -1395,3 +1395,11 @@ def test_weight_hash_check_interval():
                  ).check_weight_hash_across_dp_replicas_interval == 5
     assert error(TINY + " --lr 1e-3 --check-weight-hash-across-dp-replicas-interval 0").startswith(
         "--check-weight-hash-across-dp-replicas-interval must be")
+
+
+def test_padded_buckets_need_the_distributed_optimizer():
+    assert parse(TINY + " --lr 1e-3 --use-distributed-optimizer --ddp-pad-buckets-for-high-nccl-busbw"
+                 ).ddp_pad_buckets_for_high_nccl_busbw
+    assert error(TINY + " --lr 1e-3 --ddp-pad-buckets-for-high-nccl-busbw") == (
+        "--ddp-pad-buckets-for-high-nccl-busbw pads the distributed optimizer's buckets (megatron-core pads no others); "
+        "add --use-distributed-optimizer or drop the flag")

@@ -1164,6 +1164,9 @@ def test_load_without_checkpoint_starts_fresh(tmp_path):
 LAYOUTS = {
     "DP2": "",
     "DP2-distopt": "--use-distributed-optimizer --num-workers 1",  # each DP rank's slice, read by a worker
+    # buckets padded to 2^16 elements: other shard boundaries through the fused tensors' segments
+    "DP2-distopt-padded-buckets": "--use-distributed-optimizer --overlap-grad-reduce --ddp-bucket-size 20000 "
+                                  "--ddp-pad-buckets-for-high-nccl-busbw",
     "TP2": "--tensor-model-parallel-size 2",
     "PP2": "--pipeline-model-parallel-size 2",
     "TP2-distopt": "--tensor-model-parallel-size 2 --use-distributed-optimizer",
