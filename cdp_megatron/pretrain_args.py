@@ -119,6 +119,33 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--embedding-init-method-std": "per-type init stds come from --cdp-config/--cdp-base",
     "--head-lr-mult": "per-type learning rates come from --cdp-config/--cdp-base",
     "--no-check-for-nan-in-loss-and-grad": "a NaN or inf loss always stops the run (exit code 3)",
+    # seen in ported scripts: what they would change, and what to give instead
+    "--ddp-average-in-collective": "the gradients are divided by the data-parallel size before a summing reduction "
+                                   "(megatron-core's default), the same mean; gloo has no averaging reduction to "
+                                   "test the other way on",
+    "--ddp-num-buckets": "give --ddp-bucket-size (megatron-core 0.16 has no bucket count)",
+    **dict.fromkeys(("--window-size", "--window-attn-skip-freq"), "the attention is full causal attention, "
+                    "without sliding windows"),
+    "--softmax-type": "only the vanilla softmax (gpt-oss's offsets are parameters the spec has no type for)",
+    "--apply-residual-connection-post-layernorm": "Complete(d)P's depth rules are for pre-norm residual streams",
+    **dict.fromkeys(("--glu-linear-offset", "--activation-func-clamp-value", "--use-te-activation-func"),
+                    "give --swiglu or --squared-relu (or neither: GeLU)"),
+    **dict.fromkeys(("--rope-type", "--no-rope-freq", "--mrope-section"),
+                    "the rotary embedding is megatron-core's GPT rope (--position-embedding-type rope); YaRN and "
+                    "multimodal rope are not supported"),
+    **dict.fromkeys(("--exp-avg-dtype", "--exp-avg-sq-dtype", "--main-grads-dtype", "--main-params-dtype"),
+                    "the optimizer's state and main copies are fp32 (megatron's precision-aware optimizer is not "
+                    "supported)"),
+    **dict.fromkeys(("--optimizer-offload-fraction", "--overlap-cpu-optimizer-d2h-h2d",
+                     "--use-torch-optimizer-for-cpu-offload", "--cpu-offloading-num-layers"),
+                    "the optimizer, its state and the activations stay on the GPU"),
+    "--sgd-momentum": "the optimizer is AdamW (Complete(d)P's rules are for Adam)",
+    "--init-model-with-meta-device": "FSDP is not supported; use --use-distributed-optimizer",
+    "--data-parallel-random-init": "every data-parallel replica starts from the same weights (the init is "
+                                   "TP/PP/DP-invariant)",
+    "--multiple-validation-sets": "a --valid-data-path blend is evaluated as one set; run --skip-train with "
+                                  "each set to evaluate them apart",
+    "--log-progress": "give --metrics-file (consumed tokens, throughput and losses per logged iteration)",
 }
 UNSUPPORTED_MEGATRON_PREFIXES: tuple[str, ...] = (
     "--moe-", "--mtp-", "--mamba-", "--hybrid-", "--cuda-graph-", "--recompute-", "--tp-comm-",

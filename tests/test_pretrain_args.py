@@ -1403,3 +1403,17 @@ def test_padded_buckets_need_the_distributed_optimizer():
     assert error(TINY + " --lr 1e-3 --ddp-pad-buckets-for-high-nccl-busbw") == (
         "--ddp-pad-buckets-for-high-nccl-busbw pads the distributed optimizer's buckets (megatron-core pads no others); "
         "add --use-distributed-optimizer or drop the flag")
+
+
+def test_flags_of_ported_scripts_get_a_reason():
+    assert error(TINY + " --lr 1e-3 --ddp-average-in-collective") == (
+        "--ddp-average-in-collective is a Megatron-LM flag cdp-pretrain does not support (the gradients are divided "
+        "by the data-parallel size before a summing reduction (megatron-core's default), the same mean; gloo has no "
+        "averaging reduction to test the other way on)")
+    for flag, reason in (("--window-size 4096", "without sliding windows"), ("--rope-type yarn", "YaRN"),
+                         ("--exp-avg-dtype bf16", "precision-aware"), ("--sgd-momentum 0.9", "AdamW"),
+                         ("--apply-residual-connection-post-layernorm", "pre-norm"),
+                         ("--log-progress", "--metrics-file")):
+        message = error(TINY + " --lr 1e-3 " + flag)
+        assert message.startswith(f"{flag.split()[0]} is a Megatron-LM flag cdp-pretrain does not support (")
+        assert reason in message, message
