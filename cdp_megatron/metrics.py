@@ -12,7 +12,8 @@ one) TensorBoard scalars under ``--tensorboard-dir`` of that iteration itself (n
 over a window): ``train/lm_loss``, ``train/z_loss``, ``train/lr``, ``train/grad_norm``,
 ``train/tokens_per_s``, and ``train/tflops_per_gpu``, ``train/params_norm`` /
 ``train/num_zeros_in_grad`` when they are logged; at evaluations ``valid/lm_loss``, and
-``valid/lm_loss_ppl`` with ``log_validation_ppl`` (x axis: iteration);
+``valid/lm_loss_ppl`` with ``log_validation_ppl`` (x axis: iteration), and the same under
+``valid/<set>/`` for each of several validation sets;
 
 and a tqdm progress bar advances every iteration when stdout is a terminal (log lines are
 then written above it).
@@ -39,7 +40,9 @@ logged iteration             ``iteration``, ``consumed_samples``, ``consumed_tok
                              elements that are exactly 0 this iteration)
 evaluation                   ``eval: true``, ``iteration``, ``val_loss`` (cross-entropy, the
                              token mean over ``--eval-iters`` batches), ``val_z_loss``,
-                             ``elapsed_s``
+                             ``elapsed_s``; with several validation sets ``sets`` ({name:
+                             {``val_loss``, ``val_z_loss``}}, and ``val_loss``/``val_z_loss``
+                             are the sets' unweighted means)
 skipped iteration            ``skipped: true``, ``iteration``, ``consumed_samples``,
                              ``consumed_tokens`` (``--iterations-to-skip``: its batch was
                              passed over, nothing trained)
@@ -121,6 +124,11 @@ def _tflops_text(value: float) -> str:
     """Megatron-LM's one decimal, or three significant digits below 1 TFLOP/s (a small model, a
     CPU), where one decimal would print a running model as 0.0."""
     return f"{value:.1f}" if value >= 1 or value == 0 else f"{value:.3g}"
+
+
+def _ppl(loss: float) -> float:
+    """The perplexity of a loss (capped at e^700; NaN for a non-finite loss)."""
+    return math.exp(min(loss, 700.0)) if math.isfinite(loss) else float("nan")
 
 
 def format_log_line(record: dict, train_iters: int) -> str:
@@ -353,19 +361,30 @@ class Metrics:
             return None
         return self.flops_per_iteration * iterations / seconds / self.world_size / 1e12
 
-    def evaluation(self, iteration: int, val_loss: float, val_z_loss: float) -> dict | None:
-        """Record a validation result."""
+    def evaluation(self, iteration: int, val_loss: float, val_z_loss: float,
+                   sets: dict[str, tuple[float, float]] | None = None) -> dict | None:
+        """Record a validation result; ``sets``: each validation set's (loss, z-loss) where there
+        are several (``val_loss`` and ``val_z_loss`` are then their unweighted means)."""
         if not self.enabled:
             return None
         record = {"eval": True, "iteration": iteration, "val_loss": val_loss, "val_z_loss": val_z_loss,
                   "elapsed_s": self.elapsed()}
-        ppl = math.exp(min(val_loss, 700.0)) if math.isfinite(val_loss) else float("nan")
-        self.print(f" validation at iteration {iteration} | lm loss: {val_loss:.6E} | lm loss PPL: {ppl:.4E}")
+        if sets:
+            record["sets"] = {name: {"val_loss": _json_float(loss), "val_z_loss": _json_float(z)}
+                              for name, (loss, z) in sets.items()}
+        mean = f" (the mean of {len(sets)} sets)" if sets else ""
+        self.print(f" validation at iteration {iteration} | lm loss: {val_loss:.6E} | lm loss PPL: "
+                   f"{_ppl(val_loss):.4E}{mean}")
+        for name, (loss, _) in (sets or {}).items():
+            self.print(f" validation set {name} at iteration {iteration} | lm loss: {loss:.6E} | lm loss PPL: "
+                       f"{_ppl(loss):.4E}")
         self._write({k: _json_float(v) if isinstance(v, float) else v for k, v in record.items()})
-        if self._tb is not None and math.isfinite(val_loss):
-            self._tb.add_scalar("valid/lm_loss", val_loss, iteration)
-            if self.log_validation_ppl and math.isfinite(ppl):
-                self._tb.add_scalar("valid/lm_loss_ppl", ppl, iteration)
+        if self._tb is not None:
+            for tag, loss in (("valid", val_loss), *((f"valid/{name}", loss) for name, (loss, _) in (sets or {}).items())):
+                if math.isfinite(loss):
+                    self._tb.add_scalar(f"{tag}/lm_loss", loss, iteration)
+                    if self.log_validation_ppl and math.isfinite(_ppl(loss)):
+                        self._tb.add_scalar(f"{tag}/lm_loss_ppl", _ppl(loss), iteration)
             self._tb.flush()
         return record
 

@@ -174,7 +174,8 @@ class MockDataset:
 
 
 def _build_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(train, valid) datasets; valid is None when --eval-iters is 0."""
+    """(train, valid) datasets; valid is None when --eval-iters is 0, and a list of one
+    dataset per --valid-data-path prefix with --multiple-validation-sets."""
     want_valid = args.eval_iters > 0
     if args.mock_data:
         return (
@@ -202,6 +203,7 @@ def _build_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
             data_cache_path=args.data_cache_path,
             mmap_bin_files=args.mmap_bin_files,
             num_dataset_builder_threads=args.num_dataset_builder_threads,
+            multiple_validation_sets=args.multiple_validation_sets,
             eod_mask_loss=args.eod_mask_loss,
             reset_position_ids=args.reset_position_ids,
             reset_attention_mask=args.reset_attention_mask,
@@ -214,7 +216,11 @@ def _build_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
         if per_split:
             raise RunError(f"--train-data-path {' '.join(args.train_data_path)}: no documents")
         raise RunError(f"--data-path / --split {args.split!r}: the training split has no documents")
-    if want_valid and valid is None:
+    if args.multiple_validation_sets:
+        for name, dataset in zip(args.validation_set_names, valid):
+            if dataset is None or len(dataset) == 0:
+                raise RunError(f"--valid-data-path: the validation set {name} has no documents")
+    elif want_valid and valid is None:
         if per_split:
             raise RunError(f"--valid-data-path {' '.join(args.valid_data_path)}: no documents")
         raise RunError(f"--split {args.split!r}: the validation split has no documents; change --split or give --eval-iters 0")
@@ -375,6 +381,8 @@ def _data_description(args: argparse.Namespace) -> str:
         return f"{paths(args.data_path, args.data_args_path)} (split {args.split})"
     source = args.per_split_data_args_path
     valid = f", valid {paths(args.valid_data_path, source)}" if args.valid_data_path else ""
+    if args.multiple_validation_sets:
+        valid += f" ({len(args.validation_set_names)} validation sets, evaluated apart)"
     return f"train {paths(args.train_data_path, source)}{valid}"
 
 
@@ -926,7 +934,11 @@ class _Run:
         with self._phase("optimizer"):
             self.optimizer, self.scheduler = self._build_optimizer()
         with self._phase("data"):
-            self.train_data, self.valid_data = _build_datasets(args)
+            self.train_data, valid = _build_datasets(args)
+        # (name, dataset) of each validation set: one without a name, or --multiple-validation-sets'
+        self.valid_sets = ([] if valid is None else list(zip(args.validation_set_names, valid))
+                           if args.multiple_validation_sets else [(None, valid)])
+        self.eval_iters = [args.eval_iters] * len(self.valid_sets)  # batches per evaluation of each set
         if args.full_validation:
             self._full_validation()
         self.forward_backward = training.forward_backward_func()
@@ -1394,19 +1406,27 @@ class _Run:
             torch.cuda.synchronize()
 
     def _full_validation(self) -> None:
-        """--full-validation: --eval-iters becomes the whole global batches of the validation
-        split (one epoch), said in one line."""
+        """--full-validation: each evaluation reads every validation set's whole global batches
+        (one epoch), said in one line a set."""
         args = self.args
-        samples, gbs = len(self.valid_data), args.global_batch_size
-        if samples < gbs:
-            raise RunError(f"--full-validation: the validation split holds {samples} samples, fewer than one global "
-                           f"batch ({gbs}); give more validation data or a smaller --global-batch-size")
-        args.eval_iters = samples // gbs
-        left = samples - args.eval_iters * gbs
-        self._print(f"validation: the whole split, {args.eval_iters} batches of {gbs} samples"
-                    + (f" ({left} samples, under one batch, left out)" if left else "") + " (--full-validation)")
+        gbs = args.global_batch_size
+        for k, (name, dataset) in enumerate(self.valid_sets):
+            samples = len(dataset)
+            what = "the validation split" if name is None else f"the validation set {name}"
+            if samples < gbs:
+                raise RunError(f"--full-validation: {what} holds {samples} samples, fewer than one global batch "
+                               f"({gbs}); give more validation data or a smaller --global-batch-size")
+            self.eval_iters[k] = samples // gbs
+            left = samples - self.eval_iters[k] * gbs
+            self._print(f"validation: {'the whole split' if name is None else f'set {name} whole'}, "
+                        f"{self.eval_iters[k]} batches of {gbs} samples"
+                        + (f" ({left} samples, under one batch, left out)" if left else "") + " (--full-validation)")
+        if len(self.valid_sets) == 1:
+            args.eval_iters = self.eval_iters[0]
 
-    def _evaluate(self) -> tuple[float, float]:
+    def _evaluate(self) -> tuple[float, float, dict | None]:
+        """(validation loss, z-loss, per set {name: (loss, z-loss)} or None): with several
+        sets the loss and z-loss are the unweighted means of the sets'."""
         import torch
 
         from cdp_megatron.integration.training import synced_params
@@ -1414,14 +1434,21 @@ class _Run:
         args = self.args
         for chunk in self.model:
             chunk.eval()
-        losses: list = []
+        results = []
         with torch.no_grad(), synced_params(self.model):  # the latest weights under --overlap-param-gather
-            for i in range(args.eval_iters):
-                losses += self._schedule(self.valid_data, i * args.global_batch_size, forward_only=True)
-                _empty_unused_memory(self.device, args.empty_unused_memory_level, 1)
+            for (name, dataset), iterations in zip(self.valid_sets, self.eval_iters):
+                losses: list = []
+                for i in range(iterations):
+                    losses += self._schedule(dataset, i * args.global_batch_size, forward_only=True)
+                    _empty_unused_memory(self.device, args.empty_unused_memory_level, 1)
+                results.append((name, _global_loss(losses, self.device)))
         for chunk in self.model:
             chunk.train()
-        return _global_loss(losses, self.device)
+        if len(results) == 1:
+            return (*results[0][1], None)
+        sets = {name: loss for name, loss in results}
+        return (sum(loss for loss, _ in sets.values()) / len(sets), sum(z for _, z in sets.values()) / len(sets),
+                sets)
 
     def _current_lr(self) -> float:
         """The lr a group with the global (multiplier 1) peak lr gets at this step."""
@@ -1463,8 +1490,7 @@ class _Run:
             phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
             metrics.print(f"evaluating at iteration {iteration} (--skip-train) after {Metrics.elapsed():.1f} s of "
                           f"start-up ({phases})")
-            val_loss, val_z = self._evaluate()
-            metrics.evaluation(iteration, val_loss, val_z)
+            metrics.evaluation(iteration, *self._evaluate())
             if self.args.save:
                 metrics.print(f" note: nothing is saved to --save {self.args.save} (--skip-train)")
         finally:
@@ -1617,11 +1643,11 @@ class _Run:
                     self._check_replicas(iteration, metrics)  # before any evaluation or save of them
                 done = iteration == args.train_iters
                 stop, urgent = self._stop_reason(iteration, done)
-                if self.valid_data is not None and (iteration % args.eval_interval == 0 or done) and not urgent:
+                if self.valid_sets and (iteration % args.eval_interval == 0 or done) and not urgent:
                     manual_gc.evaluation()
-                    val_loss, val_z = self._evaluate()
+                    val_loss, val_z, sets = self._evaluate()
                     manual_gc.evaluation()
-                    metrics.evaluation(iteration, val_loss, val_z)
+                    metrics.evaluation(iteration, val_loss, val_z, sets)
                 if args.save and ((args.save_interval and iteration % args.save_interval == 0) or done or stop):
                     self._save_checkpoint(iteration)
                 elif args.non_persistent_save_interval and iteration % args.non_persistent_save_interval == 0:

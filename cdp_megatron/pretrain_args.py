@@ -143,8 +143,6 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--init-model-with-meta-device": "FSDP is not supported; use --use-distributed-optimizer",
     "--data-parallel-random-init": "every data-parallel replica starts from the same weights (the init is "
                                    "TP/PP/DP-invariant)",
-    "--multiple-validation-sets": "a --valid-data-path blend is evaluated as one set; run --skip-train with "
-                                  "each set to evaluate them apart",
     "--log-progress": "give --metrics-file (consumed tokens, throughput and losses per logged iteration)",
 }
 UNSUPPORTED_MEGATRON_PREFIXES: tuple[str, ...] = (
@@ -565,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--full-validation", action="store_true",
                    help="each evaluation reads the whole validation split once, in whole global batches (the "
                    "remainder, under one batch, is left out); --eval-iters is set from the split's size")
+    g.add_argument("--multiple-validation-sets", action="store_true",
+                   help="each prefix of --valid-data-path is its own validation set: its own loss over --eval-iters "
+                   "batches (with --full-validation, its whole split), logged by name; the validation loss is their "
+                   "unweighted mean")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--tensorboard-dir", help="write TensorBoard scalars here")
     g.add_argument("--tensorboard-log-interval", type=int, metavar="N",
@@ -1388,6 +1390,22 @@ def _validate_data(args: argparse.Namespace) -> None:
         raise ArgsError("--train-data-path without --valid-data-path: give the validation data, or --eval-iters 0")
     if args.valid_data_path is not None and args.eval_iters == 0:
         raise ArgsError("--valid-data-path is not read with --eval-iters 0; give --eval-iters N or leave it out")
+    if args.multiple_validation_sets:
+        if not per_split or args.valid_data_path is None:
+            raise ArgsError("--multiple-validation-sets evaluates each prefix of --valid-data-path apart; give "
+                            "--train-data-path and --valid-data-path (a --data-path blend's validation split is one "
+                            "set, as in Megatron-LM)")
+        words = [t for item in args.valid_data_path for t in item.split()]
+        prefixes = data_prefixes(args.valid_data_path)
+        if len(prefixes) != len(words):
+            raise ArgsError("--multiple-validation-sets with a weighted --valid-data-path: each set is evaluated on "
+                            "its own, so weights mean nothing; give the prefixes without weights")
+        if len(prefixes) < 2:
+            raise ArgsError("--multiple-validation-sets with one --valid-data-path prefix: one set, as without the "
+                            "flag; give several prefixes or drop the flag")
+        # the sets' names in the log, the metrics file and TensorBoard: the prefixes' file names
+        names = [os.path.basename(prefix.rstrip("/")) or prefix for prefix in prefixes]
+        args.validation_set_names = names if len(set(names)) == len(names) else prefixes
     if args.full_validation:
         valid = args.valid_data_path if per_split else args.data_path
         if args.mock_data:

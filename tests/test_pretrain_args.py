@@ -1417,3 +1417,28 @@ def test_flags_of_ported_scripts_get_a_reason():
         message = error(TINY + " --lr 1e-3 " + flag)
         assert message.startswith(f"{flag.split()[0]} is a Megatron-LM flag cdp-pretrain does not support (")
         assert reason in message, message
+
+
+def test_multiple_validation_sets_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for prefix in ("d/tr", "d/va", "e/web", "e/va"):
+        (tmp_path / prefix).parent.mkdir(exist_ok=True)
+        for suffix in (".bin", ".idx"):
+            (tmp_path / (prefix + suffix)).write_bytes(b"")
+    data = TINY.replace("--mock-data", "--tokenizer-type ByteTokenizer") + " --lr 1e-3 --train-data-path d/tr"
+    args = parse(data + " --valid-data-path d/va e/web --multiple-validation-sets")
+    assert args.validation_set_names == ["va", "web"]
+    assert parse(data + " --valid-data-path d/va e/va --multiple-validation-sets").validation_set_names == [
+        "d/va", "e/va"]  # the same file names: the prefixes
+    assert error(data + " --valid-data-path 1 d/va 2 e/web --multiple-validation-sets") == (
+        "--multiple-validation-sets with a weighted --valid-data-path: each set is evaluated on its own, so weights "
+        "mean nothing; give the prefixes without weights")
+    assert error(data + " --valid-data-path d/va --multiple-validation-sets") == (
+        "--multiple-validation-sets with one --valid-data-path prefix: one set, as without the flag; give several "
+        "prefixes or drop the flag")
+    assert error(data + " --valid-data-path d/va e/web --multiple-validation-sets --eval-iters 0") == (
+        "--valid-data-path is not read with --eval-iters 0; give --eval-iters N or leave it out")
+    assert error(TINY.replace("--mock-data", "--tokenizer-type ByteTokenizer") + " --lr 1e-3 --data-path d/a d/b "
+                 "--multiple-validation-sets").startswith(
+        "--multiple-validation-sets evaluates each prefix of --valid-data-path apart; give --train-data-path and "
+        "--valid-data-path")

@@ -250,6 +250,7 @@ def build_gpt_datasets(
     create_attention_mask: bool = True,
     mmap_bin_files: bool = True,
     num_dataset_builder_threads: int = 1,
+    multiple_validation_sets: bool = False,
     is_built_on_rank: Callable[[], bool] | None = None,
 ) -> TrainValidTestDatasets:
     """The train/valid/test datasets for a training loop, as Megatron-LM's pretrain_gpt builds them.
@@ -276,6 +277,9 @@ def build_gpt_datasets(
             (``--create-attention-mask-in-dataloader``, Megatron's default).
         num_dataset_builder_threads: ``--num-dataset-builder-threads``: threads that build the
             datasets of a blend's prefixes (the same datasets, sooner).
+        multiple_validation_sets: ``--multiple-validation-sets``: with a ``valid_data_path`` of
+            several unweighted prefixes, ``valid`` is a list of one dataset per prefix (each of
+            the valid sample count), megatron-core's own.
         is_built_on_rank: called on each rank; ranks where it returns False get ``None``
             splits (Megatron-LM builds on TP rank 0 of the first and last pipeline stages).
             Default: every rank builds (rank 0 first when torch.distributed is initialised).
@@ -329,6 +333,8 @@ def build_gpt_datasets(
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=create_attention_mask,
         num_dataset_builder_threads=num_dataset_builder_threads,
+        multiple_validation_sets=multiple_validation_sets,
+        full_validation=multiple_validation_sets and num_samples[1] is None,
     )
     sizes = [None if n is None else int(n) for n in num_samples]
     if blend is not None and len(blend[0]) == 1 and blend[1] is None:

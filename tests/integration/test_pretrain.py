@@ -241,6 +241,40 @@ def test_validation_data_of_its_own(byte_corpus, tmp_path):
     assert val_losses(tmp_path / "file.jsonl") == val_losses(tmp_path / "va.jsonl")
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["eval-iters", "full-validation"])
+def test_multiple_validation_sets(byte_corpus, tmp_path, full):
+    """--multiple-validation-sets (Megatron-LM's): each --valid-data-path prefix is evaluated on its
+    own, with exactly the loss a run with that prefix alone gets (with --full-validation, each over
+    its own whole split); the validation loss is their unweighted mean; the log, the metrics file
+    and TensorBoard have each set by name. Training does not change."""
+    prefixes = byte_corpus
+    data = TINY.replace("--mock-data --vocab-size 255", "--tokenizer-type ByteTokenizer")
+    flags = (f"{data} --train-iters 4 --lr 1e-3 --eval-interval 2 --eval-iters 1 --train-data-path {prefixes['tr']}"
+             + (" --full-validation" if full else ""))
+    alone = {}
+    for name in ("va", "tr"):
+        ok(run(f"{flags} --valid-data-path {prefixes[name]} --metrics-file {name}.jsonl", tmp_path))
+        alone[name] = val_losses(tmp_path / f"{name}.jsonl")
+    out = ok(run(f"{flags} --valid-data-path {prefixes['va']} {prefixes['tr']} --multiple-validation-sets "
+                 "--metrics-file m.jsonl --tensorboard-dir tb --log-validation-ppl-to-tensorboard", tmp_path))
+    assert f"valid {prefixes['va']} {prefixes['tr']} (2 validation sets, evaluated apart)" in out
+    names = {"va": Path(prefixes["va"]).name, "tr": Path(prefixes["tr"]).name}
+    evals = [r for r in records(tmp_path / "m.jsonl") if r.get("eval")]
+    assert [r["iteration"] for r in evals] == [2, 4]
+    for r in evals:
+        sets = {key: r["sets"][names[key]]["val_loss"] for key in names}
+        assert sets == {key: alone[key][r["iteration"]] for key in names}
+        assert r["val_loss"] == pytest.approx((sets["va"] + sets["tr"]) / 2, rel=1e-12)
+        line = f" validation set {names['va']} at iteration {r['iteration']} | lm loss: {sets['va']:.6E} |"
+        assert line in out
+    assert train_losses(tmp_path / "m.jsonl") == train_losses(tmp_path / "va.jsonl")
+    scalars = tensorboard_scalars(tmp_path / "tb")
+    assert scalars[f"valid/{names['tr']}/lm_loss"] == pytest.approx(alone["tr"])
+    assert f"valid/{names['va']}/lm_loss_ppl" in scalars and "valid/lm_loss" in scalars
+    if full:
+        assert out.count(f"validation: set {names['va']} whole, ") == 1
+
+
 def test_no_mmap_bin_files_reads_the_same_samples(byte_corpus):
     """--no-mmap-bin-files (Megatron-LM's): megatron's file reader instead of the memory map,
     the same samples."""
