@@ -245,6 +245,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
         distribute_saved_activations=args.distribute_saved_activations,
+        perform_initialization=args.perform_initialization,  # --no-initialization
         # the split of the layers over the pipeline stages (None, False: even)
         pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
         num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
@@ -1034,6 +1035,8 @@ class _Run:
             + _documents_description(args)
             + f"; z-loss {args.cdp_z_loss:g}" + (", fused cross-entropy" if args.cross_entropy_loss_fusion else ""),
         ]
+        if not args.perform_initialization:
+            lines.append("  note: the weights are not initialised (--no-initialization): the checkpoint's replace them")
         if args.ddp_bucket_size and not args.overlap_grad_reduce:
             lines.append("  note: --ddp-bucket-size has no effect without --overlap-grad-reduce (one bucket)")
         if getattr(args, "sequence_parallel_dropped", False):
@@ -1093,7 +1096,8 @@ class _Run:
             **{name: getattr(args, name) for name in ROTARY_DEFAULTS},
         )
         config = gpt_config(shape, init_method_std=args.init_method_std, **config_overrides(args))
-        chunks = build_gpt_model(shape, target=args.target, config=config, use_te=use_te, init_seed=args.seed)
+        chunks = build_gpt_model(shape, target=args.target, config=config, use_te=use_te, init_seed=args.seed,
+                                 **({} if args.perform_initialization else {"init": "none"}))
         self.param_infos = classify_model(chunks)
         print_summary(self.param_infos, args.target)
         model = wrap_ddp(chunks, config, use_distributed_optimizer=args.use_distributed_optimizer,
@@ -1198,6 +1202,9 @@ class _Run:
                             "--pretrained-checkpoint")
             return self._load_weights(pretrained, saved_extras(pretrained), "--pretrained-checkpoint")
         if path is None:
+            if not args.perform_initialization:
+                raise RunError(f"--no-initialization: no checkpoint in --load {args.load} to take the weights from; "
+                               "drop --no-initialization to start from scratch")
             if args.finetune or args.skip_train:  # random weights are never what these mean with --load
                 flag, what = ("--finetune", "fine-tune from") if args.finetune else ("--skip-train", "evaluate")
                 raise RunError(f"{flag} --load {args.load}: no checkpoint there; give the folder of the run to {what}")

@@ -521,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-train", action="store_true",
                    help="evaluate only: take the weights of --load (without it, the initial ones), compute the "
                    "validation loss over --eval-iters batches, log it and exit; nothing is trained or saved")
+    g.add_argument("--no-initialization", dest="perform_initialization", action="store_false",
+                   help="as Megatron-LM: do not initialise the weights (neither Megatron's draw nor Complete(d)P's "
+                   "TP-invariant redraw), as the checkpoint of --load replaces them: a faster start-up; refused where "
+                   "no checkpoint will be loaded")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="with --load: stop (exit 2) when there is no checkpoint, instead of starting from scratch")
     g.add_argument("--no-load-optim", action="store_true",
@@ -1594,6 +1598,9 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
                             "write into the checkpoints it starts from; save to another folder")
     if args.skip_train and args.eval_iters == 0:
         raise ArgsError("--skip-train only evaluates, and --eval-iters 0 evaluates nothing; give --eval-iters N")
+    if not args.perform_initialization and not (args.load or args.pretrained_checkpoint):
+        raise ArgsError("--no-initialization leaves the weights uninitialised for a checkpoint to replace; give --load "
+                        "(or --pretrained-checkpoint), or drop the flag")
     if args.exit_on_missing_checkpoint and not args.load:
         raise ArgsError("--exit-on-missing-checkpoint needs --load")
     for flag, given in (("--no-load-optim", args.no_load_optim), ("--no-load-rng", args.no_load_rng)):

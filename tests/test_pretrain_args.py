@@ -1442,3 +1442,12 @@ def test_multiple_validation_sets_flags(tmp_path, monkeypatch):
                  "--multiple-validation-sets").startswith(
         "--multiple-validation-sets evaluates each prefix of --valid-data-path apart; give --train-data-path and "
         "--valid-data-path")
+
+
+def test_no_initialization_needs_a_checkpoint_to_load():
+    assert parse(TINY + " --lr 1e-3").perform_initialization
+    assert not parse(TINY + " --lr 1e-3 --load ck --no-initialization").perform_initialization
+    assert not parse(TINY + " --lr 1e-3 --pretrained-checkpoint base --no-initialization").perform_initialization
+    assert error(TINY + " --lr 1e-3 --no-initialization") == (
+        "--no-initialization leaves the weights uninitialised for a checkpoint to replace; give --load (or "
+        "--pretrained-checkpoint), or drop the flag")

@@ -400,8 +400,10 @@ def build_gpt_model(
     target: a resolved Target (``cdp_megatron.target.resolve``); None builds plain Megatron.
     config: default ``gpt_config(shape, init_method_std=<target's global init std>)``.
     init: "target" (redraw every weight with the target's init std, TP/PP-invariant),
-        "megatron" (keep Megatron's init), or "auto": "megatron" for an sp target without
-        init multipliers (bit-identical to unpatched Megatron), else "target".
+        "megatron" (keep Megatron's init), "none" (no redraw: weights a checkpoint will
+        replace; with ``config.perform_initialization`` False Megatron draws none either), or
+        "auto": "megatron" for an sp target without init multipliers (bit-identical to
+        unpatched Megatron), else "target".
     Requires torch.distributed and ``initialize_model_parallel``. The chunks are on the
     current CUDA device when there is one, else on the CPU.
     """
@@ -416,8 +418,8 @@ def build_gpt_model(
         std = target.global_hyperparameters["init_method_std"] if target is not None else 0.02
         config = gpt_config(shape, init_method_std=std)
     check_config(config, target, shape.vocab_size)
-    if init not in ("auto", "target", "megatron"):
-        raise ValueError(f"init={init!r}: use 'auto', 'target' or 'megatron'")
+    if init not in ("auto", "target", "megatron", "none"):
+        raise ValueError(f"init={init!r}: use 'auto', 'target', 'megatron' or 'none'")
     if init == "auto":
         init = "megatron" if target is None or _keeps_megatron_init(target, config.init_method_std) else "target"
     if init == "target" and target is None:

@@ -858,3 +858,26 @@ def test_fp8_options_reach_the_transformer_config(megatron_1proc, monkeypatch):
                       (dict(first_last_layers_bf16=True, num_layers_at_start_in_bf16=5), "num_layers_at_start_in_bf16")):
         with pytest.raises(ValueError, match=said):
             gpt_config(shape, init_method_std=0.02, **{**overrides, **bad})
+
+
+def test_no_initialization_draws_no_weight(megatron_1proc, monkeypatch):
+    """--no-initialization: with ``perform_initialization`` off and ``init="none"`` neither
+    Megatron's init (torch.nn.init.normal_ through its init methods) nor Complete(d)P's redraw
+    runs; a normal build runs both."""
+    from cdp_megatron.integration import build_gpt_model, gpt_config
+    from cdp_megatron.integration import model as model_module
+
+    target = tiny_target(multipliers=INIT_MULTIPLIERS)
+    drawn = []
+    normal = torch.nn.init.normal_
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda tensor, *a, **k: drawn.append("megatron") or normal(tensor, *a, **k))
+    redraw = model_module.apply_target_init
+    monkeypatch.setattr(model_module, "apply_target_init", lambda *a, **k: drawn.append("target") or redraw(*a, **k))
+    shape = SimpleNamespace(**TINY_SHAPE)
+    build_gpt_model(shape, target=target, config=gpt_config(shape, init_method_std=0.02))
+    assert "megatron" in drawn and "target" in drawn
+    drawn.clear()
+    (model,) = build_gpt_model(shape, target=target, init="none",
+                               config=gpt_config(shape, init_method_std=0.02, perform_initialization=False))
+    assert drawn == []
+    assert sum(p.numel() for p in model.parameters()) > 0

@@ -1101,11 +1101,20 @@ def test_save_resume_equals_uninterrupted(spec20, reference, tmp_path):
         "cdp-pretrain: error: --load ckpt/iter_0000010: the checkpoint is of another model (the padded vocabulary "
         "(the tokenizer's or --vocab-size, rounded up to a multiple of --make-vocab-size-divisible-by x TP) 256 there, "
         "512 here); give --make-vocab-size-divisible-by 256: on TP 1 it pads the vocabulary to the checkpoint's 256")
+    # --no-initialization (Megatron-LM's): no init at all, the checkpoint's weights replace the
+    # uninitialised ones; the same resume, to the bit
+    out = ok(run(cdp20(spec20) + " --load ckpt --no-initialization --metrics-file noinit.jsonl", tmp_path))
+    assert "note: the weights are not initialised (--no-initialization)" in out
+    assert [train_losses(tmp_path / "noinit.jsonl")[i] for i in range(11, 21)] == [reference[i] for i in range(11, 21)]
     out = ok(run(cdp20(spec20) + " --load ckpt --save ckpt --metrics-file m.jsonl", tmp_path))
     assert "loading checkpoint" in out and "starting at iteration 10" in out
     resumed = train_losses(tmp_path / "m.jsonl")
     assert sorted(resumed) == list(range(1, 21))
     assert [resumed[i] for i in range(11, 21)] == [reference[i] for i in range(11, 21)]  # exact
+    refused = run(cdp20(spec20) + " --load empty --no-initialization", tmp_path)
+    assert refused.returncode == 2 and refused.stdout.strip().splitlines()[-1] == (
+        "cdp-pretrain: error: --no-initialization: no checkpoint in --load empty to take the weights from; drop "
+        "--no-initialization to start from scratch")
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "20"
 
 
