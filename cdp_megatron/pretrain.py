@@ -94,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     import warnings
 
+    if args.logging_level is not None:  # Megatron-LM's --logging-level: megatron-core's own messages
+        logging.basicConfig(level=args.logging_level, format="%(levelname)s %(name)s: %(message)s", force=True)
     # Known start-up noise of megatron-core 0.16/0.19 that says nothing about this run.
     warnings.filterwarnings("ignore", message="Apex is not installed")
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

@@ -571,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each prefix of --valid-data-path is its own validation set: its own loss over --eval-iters "
                    "batches (with --full-validation, its whole split), logged by name; the validation loss is their "
                    "unweighted mean")
+    g.add_argument("--logging-level", type=int, metavar="LEVEL",
+                   help="as Megatron-LM: the level of Python's logging, where megatron-core writes (10 debug, 20 "
+                   "info; default: warnings and errors only)")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--tensorboard-dir", help="write TensorBoard scalars here")
     g.add_argument("--tensorboard-log-interval", type=int, metavar="N",
@@ -1601,6 +1604,9 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
     if not args.perform_initialization and not (args.load or args.pretrained_checkpoint):
         raise ArgsError("--no-initialization leaves the weights uninitialised for a checkpoint to replace; give --load "
                         "(or --pretrained-checkpoint), or drop the flag")
+    if args.logging_level is not None and args.logging_level not in (0, 10, 20, 30, 40, 50):
+        raise ArgsError(f"--logging-level {args.logging_level}: give 10 (debug), 20 (info), 30 (warning), 40 (error) "
+                        "or 50 (critical)")
     if args.exit_on_missing_checkpoint and not args.load:
         raise ArgsError("--exit-on-missing-checkpoint needs --load")
     for flag, given in (("--no-load-optim", args.no_load_optim), ("--no-load-rng", args.no_load_rng)):

@@ -1451,3 +1451,10 @@ def test_no_initialization_needs_a_checkpoint_to_load():
     assert error(TINY + " --lr 1e-3 --no-initialization") == (
         "--no-initialization leaves the weights uninitialised for a checkpoint to replace; give --load (or "
         "--pretrained-checkpoint), or drop the flag")
+
+
+def test_logging_level():
+    assert parse(TINY + " --lr 1e-3").logging_level is None
+    assert parse(TINY + " --lr 1e-3 --logging-level 10").logging_level == 10
+    assert error(TINY + " --lr 1e-3 --logging-level 15") == (
+        "--logging-level 15: give 10 (debug), 20 (info), 30 (warning), 40 (error) or 50 (critical)")

@@ -971,6 +971,12 @@ def test_iterations_to_skip_pass_over_their_batches(tmp_path):
     assert val_losses(tmp_path / "resumed.jsonl")[6] == val_losses(tmp_path / "skip.jsonl")[6]
 
 
+def test_logging_level_shows_megatrons_messages(tmp_path):
+    said = "INFO megatron.core.optimizer: Setting up optimizer with config OptimizerConfig("
+    assert said in ok(run(TINY + " --lr 1e-3 --train-iters 1 --eval-iters 0 --logging-level 20", tmp_path))
+    assert said not in ok(run(TINY + " --lr 1e-3 --train-iters 1 --eval-iters 0", tmp_path))
+
+
 def test_exit_duration_saves_and_stops_without_the_evaluation(tmp_path):
     """--exit-duration-in-mins (Megatron-LM's): the first iteration that ends past the limit
     (here every one: the start-up alone takes longer) saves and stops, skipping the evaluation
