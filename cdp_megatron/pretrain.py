@@ -48,13 +48,16 @@ from typing import Any, Callable, Iterator, Sequence
 
 from cdp_megatron.convert import layer_ranges
 from cdp_megatron.pretrain_args import (
-    FP8_DEFAULTS, PROG, QUICKSTART_DATA_PREFIX, ROTARY_DEFAULTS, ArgsError, data_prefixes, owned_flags_table,
-    parse_args,
+    FP8_DEFAULTS, PROG, QUICKSTART_DATA_PREFIX, ROTARY_DEFAULTS, ArgsError, data_prefixes, deterministic_te_problem,
+    owned_flags_table, parse_args,
 )
 
 __all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_DIVERGED", "EXIT_REPLICAS_DIFFER"]
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_REPLICAS_DIFFER = 0, 2, 3, 4
+
+# --deterministic-mode on GPUs: the NCCL_ALGO values Megatron-LM accepts (reductions in a fixed order)
+DETERMINISTIC_NCCL_ALGOS = ("Tree", "Ring", "CollnetDirect", "CollnetChain", "^NVLS")
 
 
 class RunError(ArgsError):
@@ -125,6 +128,14 @@ def _init_distributed(args: argparse.Namespace) -> str:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = "nccl" if device == "cuda" else "gloo"
+    if args.deterministic_mode:
+        if device == "cuda" and os.environ.get("NCCL_ALGO") not in DETERMINISTIC_NCCL_ALGOS:
+            raise RunError(f"--deterministic-mode on GPUs needs NCCL_ALGO set to one of "
+                           f"{', '.join(DETERMINISTIC_NCCL_ALGOS)} (as Megatron-LM checks; NCCL's other algorithms "
+                           f"do not reduce in a fixed order), not {os.environ.get('NCCL_ALGO', 'unset')}")
+        # cuBLAS is deterministic only with a fixed workspace, set before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     if args.distributed_backend not in (None, backend):
         raise RunError(f"--distributed-backend {args.distributed_backend}: this run is on a "
                        f"{'GPU' if device == 'cuda' else 'CPU'}, where cdp-pretrain uses {backend}; give "
@@ -248,6 +259,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         recompute_num_layers=args.recompute_num_layers,
         distribute_saved_activations=args.distribute_saved_activations,
         perform_initialization=args.perform_initialization,  # --no-initialization
+        deterministic_mode=args.deterministic_mode,
         # the split of the layers over the pipeline stages (None, False: even)
         pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
         num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
@@ -1009,6 +1021,8 @@ class _Run:
                 layout += f" (buckets of {args.ddp_bucket_size} elements)"
         if args.ddp_pad_buckets_for_high_nccl_busbw:
             layout += ", buckets padded to multiples of 2^16 elements"
+        if args.deterministic_mode:
+            layout += ", deterministic kernels"
         if args.recompute_granularity == "selective":
             names = {"core_attn": "the core attention", "mlp": "the MLP", "layernorm": "the norms"}
             modules = [names[m] for m in args.recompute_modules or ["core_attn"]]
@@ -1076,6 +1090,9 @@ class _Run:
             import importlib.util
 
             use_te = self.device == "cuda" and importlib.util.find_spec("transformer_engine") is not None
+        problem = use_te and args.deterministic_mode and deterministic_te_problem()
+        if problem:  # Transformer Engine chosen here, as the default on a GPU
+            raise RunError(problem)
         self.use_te = use_te
         shape = SimpleNamespace(
             hidden_size=args.hidden_size,

@@ -416,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as Megatron-LM: iterations (numbered as the log numbers them, from 1) whose global batch "
                    "is read and not trained on: no forward, backward or optimizer step, and the lr schedule does not "
                    "advance (e.g. the batches behind a loss spike, given on a resume from a checkpoint before it)")
+    g.add_argument("--deterministic-mode", action="store_true",
+                   help="as Megatron-LM: deterministic kernels only (torch.use_deterministic_algorithms, megatron-core's "
+                   "deterministic embedding backward; on GPUs NCCL_ALGO must name a deterministic algorithm), for "
+                   "bit-identical reruns; slower")
     g.add_argument("--check-weight-hash-across-dp-replicas-interval", type=int, metavar="N",
                    help="as Megatron-LM: at the start and every N iterations, compare the weights of the "
                    "data-parallel replicas (a hash of every tensor, computed on the host) and stop with exit code 4 "
@@ -1010,6 +1014,13 @@ def _validate_model(args: argparse.Namespace) -> None:
     if args.fp8_format and args.transformer_impl != "transformer_engine":
         raise ArgsError("--fp8-format needs --transformer-impl transformer_engine")
     _validate_fp8(args)
+    if args.deterministic_mode:
+        if args.attention_backend == "flash":
+            raise ArgsError("--deterministic-mode with --attention-backend flash: flash attention's backward is not "
+                            "deterministic (Megatron-LM refuses it); give --attention-backend fused, unfused or local")
+        problem = args.transformer_impl == "transformer_engine" and deterministic_te_problem()
+        if problem:
+            raise ArgsError(problem)
     if args.transformer_impl == "transformer_engine":
         import importlib.util
 
@@ -1038,6 +1049,14 @@ def _check_attention_env(backend: str) -> None:
         hint = f"give --attention-backend {fits[0]}, or unset {name}" if fits else f"unset {name}"
         raise ArgsError(f"the environment sets {name}={value}, which --attention-backend {backend} needs to be "
                         f"{expected} (megatron-core stops on the clash): {hint}")
+
+
+def deterministic_te_problem() -> str | None:
+    """Why --deterministic-mode cannot run with Transformer Engine's attention here, or None."""
+    if os.environ.get("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "1") == "0":
+        return None
+    return ("--deterministic-mode with Transformer Engine's attention needs NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 in the "
+            "environment (megatron-core refuses it otherwise); set it, or give --transformer-impl local")
 
 
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")

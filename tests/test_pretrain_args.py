@@ -1458,3 +1458,16 @@ def test_logging_level():
     assert parse(TINY + " --lr 1e-3 --logging-level 10").logging_level == 10
     assert error(TINY + " --lr 1e-3 --logging-level 15") == (
         "--logging-level 15: give 10 (debug), 20 (info), 30 (warning), 40 (error) or 50 (critical)")
+
+
+def test_deterministic_mode_refusals(monkeypatch):
+    assert parse(TINY + " --lr 1e-3 --deterministic-mode").deterministic_mode
+    pretend_transformer_engine(monkeypatch)
+    monkeypatch.delenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", raising=False)
+    assert error(TINY + " --lr 1e-3 --deterministic-mode --attention-backend flash").startswith(
+        "--deterministic-mode with --attention-backend flash: flash attention's backward is not deterministic")
+    assert error(TINY + " --lr 1e-3 --deterministic-mode --transformer-impl transformer_engine") == (
+        "--deterministic-mode with Transformer Engine's attention needs NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 in the "
+        "environment (megatron-core refuses it otherwise); set it, or give --transformer-impl local")
+    monkeypatch.setenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
+    assert parse(TINY + " --lr 1e-3 --deterministic-mode --transformer-impl transformer_engine").deterministic_mode

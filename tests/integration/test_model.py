@@ -881,3 +881,19 @@ def test_no_initialization_draws_no_weight(megatron_1proc, monkeypatch):
                                config=gpt_config(shape, init_method_std=0.02, perform_initialization=False))
     assert drawn == []
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_deterministic_mode_reaches_the_model(megatron_1proc):
+    import shlex
+
+    from cdp_megatron.integration import build_gpt_model, gpt_config
+    from cdp_megatron.pretrain import config_overrides
+    from cdp_megatron.pretrain_args import parse_args
+
+    flags = ("--mock-data --num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 1 "
+             "--train-iters 4 --lr 1e-3 --transformer-impl local")
+    shape = SimpleNamespace(**TINY_SHAPE)
+    for extra, want in (("", False), (" --deterministic-mode", True)):
+        config = gpt_config(shape, **config_overrides(parse_args(shlex.split(flags + extra), world_size=1)))
+        (model,) = build_gpt_model(shape, config=config)
+        assert model.embedding.word_embeddings.deterministic_mode is want

@@ -971,6 +971,18 @@ def test_iterations_to_skip_pass_over_their_batches(tmp_path):
     assert val_losses(tmp_path / "resumed.jsonl")[6] == val_losses(tmp_path / "skip.jsonl")[6]
 
 
+def test_deterministic_mode(tmp_path):
+    """--deterministic-mode (Megatron-LM's): torch's deterministic algorithms and megatron-core's
+    deterministic embedding (an index in place of F.embedding, whose backward is not on GPUs),
+    here on TP 1; on a CPU the same losses as without (the gradient sums may add in another
+    order: within 1e-6)."""
+    flags = TINY + " --lr 1e-3 --train-iters 3 --eval-iters 0 --metrics-file {}.jsonl"
+    out = ok(run(flags.format("det") + " --deterministic-mode", tmp_path))
+    assert ", deterministic kernels" in out.splitlines()[0]
+    ok(run(flags.format("plain"), tmp_path))
+    _assert_close(train_losses(tmp_path / "det.jsonl"), train_losses(tmp_path / "plain.jsonl"), [1, 2, 3])
+
+
 def test_logging_level_shows_megatrons_messages(tmp_path):
     said = "INFO megatron.core.optimizer: Setting up optimizer with config OptimizerConfig("
     assert said in ok(run(TINY + " --lr 1e-3 --train-iters 1 --eval-iters 0 --logging-level 20", tmp_path))
