@@ -86,7 +86,7 @@ check() {  # check NAME COMMAND...: run with the time limit, log to NAME.log, gr
     FAILED=$((FAILED + 1))
     say "== $name: FAILED, exit $rc$([ "$rc" -eq 124 ] && echo " (over ${limit} s)") ($(($(date +%s) - start)) s)"
   fi
-  grep -E "passed|failed|error|^device=|param groups|ratio|from its parts" "$OUT_DIR/$name.log" \
+  grep -E "passed|failed|error|^device=|param groups|ratio|from its parts|deterministic reruns" "$OUT_DIR/$name.log" \
     | grep -v -i "warn" | sed 's/^/  /' | tee -a "$SUMMARY"
 }
 
@@ -121,5 +121,9 @@ for tag in sorted(t for t in acc.Tags()["scalars"] if t.startswith("memory/")):
     print(f"{tag} at iteration {last.step}: {last.value:.6g}")
 PYEOF
 fi
+# --deterministic-mode on a GPU: two runs of one command, bit-identical (NCCL_ALGO=Ring, cuBLAS workspace)
+check deterministic_reruns "$PY" benchmarks/deterministic_reruns.py --out "$OUT_DIR/deterministic" -- \
+  --mock-data --vocab-size 1000 "${PRETRAIN_SHAPE[@]}" --micro-batch-size 4 --train-iters 10 --lr 1e-3 \
+  --eval-iters 0 --log-interval 1 --bf16 --disable-bias-linear --swiglu --normalization RMSNorm --transformer-impl local
 say "gpu_check: $FAILED check(s) failed or not run; logs in $OUT_DIR"
 exit "$FAILED"

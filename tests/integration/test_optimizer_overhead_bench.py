@@ -55,7 +55,7 @@ def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
 
 
 def test_gpu_check_runs_each_check_within_its_limit_and_the_whole_within_its_budget(tmp_path):
-    # seven checks of up to 8 s each (the benchmarks take longer) cannot all fit in 30 s with the set-up
+    # eight checks of up to 8 s each (the benchmarks take longer) cannot all fit in 30 s with the set-up
     start = time.monotonic()
     proc = _gpu_check(tmp_path, GPU_CHECK_ON_CPU="1", GPU_CHECK_BUDGET="30", CHECK_TIMEOUT="8")
     wall = time.monotonic() - start
@@ -64,7 +64,7 @@ def test_gpu_check_runs_each_check_within_its_limit_and_the_whole_within_its_bud
                        summary, re.M)
     assert [name for name, *_ in lines] == ["grouped_adam_tests", "bench_bf16_distopt_8x512", "bench_fp32_4x64",
                                             "bench_fp32_8x512", "bench_lr_only_8x512", "loss_memory_bf16_128k",
-                                            "pretrain_bf16_logging_recompute"], summary
+                                            "pretrain_bf16_logging_recompute", "deterministic_reruns"], summary
     assert lines[-1][1].startswith("NOT RUN"), summary
     assert all(int(limit) <= 8 for *_, limit in lines if limit), summary
     assert wall < 30 + 8, summary  # the budget, and the last check's few seconds of grace
@@ -80,7 +80,9 @@ def test_gpu_check_runs_every_check_on_a_tiny_model(tmp_path):
                       PRETRAIN_SHAPE="--num-layers 2 --hidden-size 64 --num-attention-heads 2 --seq-length 32")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     summary = (tmp_path / "out" / "summary.txt").read_text()
-    assert len(re.findall(r"^== \w+: ok \(\d+ s\)$", summary, re.M)) == 7, summary
+    assert len(re.findall(r"^== \w+: ok \(\d+ s\)$", summary, re.M)) == 8, summary
+    assert re.search(r"^  deterministic reruns: 10 iterations, lm loss, z loss, grad norm bit-identical$", summary,
+                     re.M), summary
     assert re.search(r"^  peak memory ratio \(fused / autograd\): \d", summary, re.M), summary
     # the cdp-pretrain check: its last log line, with the logging the GPU run is there to try
     assert re.search(r"^  +iteration 20/20 .*throughput per GPU: .* params norm: .* num zeros: ", summary, re.M), summary
@@ -88,3 +90,15 @@ def test_gpu_check_runs_every_check_on_a_tiny_model(tmp_path):
     assert len(re.findall(r"train step from its parts \(distinct / plain\): \d", summary)) == 4, summary
     for name in ("grouped_adam_tests", "bench_fp32_4x64", "bench_bf16_distopt_8x512"):
         assert (tmp_path / "out" / f"{name}.log").stat().st_size > 0
+
+
+def test_deterministic_reruns_finds_the_first_difference():
+    from benchmarks.deterministic_reruns import first_difference
+
+    run = {1: {"lm_loss": 5.5, "z_loss": 1e-3, "grad_norm": 2.0}, 2: {"lm_loss": 5.25, "z_loss": 1e-3, "grad_norm": 1.5}}
+    assert first_difference(run, {k: dict(v) for k, v in run.items()}) is None
+    other = {k: dict(v) for k, v in run.items()}
+    other[2]["grad_norm"] = 1.5000000000000002  # one ulp
+    assert first_difference(run, other) == "grad_norm differs at iteration 2: 1.5 and 1.5000000000000002"
+    assert first_difference(run, {1: run[1]}) == "the runs logged different iterations ([1, 2] and [1])"
+    assert first_difference({}, {}) == "the runs logged different iterations ([] and [])"
