@@ -267,6 +267,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         account_for_embedding_in_pipeline_split=args.account_for_embedding_in_pipeline_split,
         account_for_loss_in_pipeline_split=args.account_for_loss_in_pipeline_split,
     )
+    if args.microbatch_group_size_per_virtual_pipeline_stage is not None:  # (megatron-core's default: PP)
+        overrides["microbatch_group_size_per_vp_stage"] = args.microbatch_group_size_per_virtual_pipeline_stage
     if args.recompute_modules is not None:
         overrides["recompute_modules"] = list(args.recompute_modules)
     if args.embedding_init_method_std is not None:
@@ -1009,6 +1011,8 @@ class _Run:
         layout = (
             f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size}"
             + (f" VPP={args.virtual_pipeline_model_parallel_size}" if args.virtual_pipeline_model_parallel_size else "")
+            + (f" (micro batches in groups of {args.microbatch_group_size_per_virtual_pipeline_stage})"
+               if args.microbatch_group_size_per_virtual_pipeline_stage else "")
             + _stage_description(args)
             + f" DP={args.data_parallel_size}"
         )

@@ -352,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, help="interleaved pipeline (VPP)")
     g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, metavar="V",
                    help="interleaved pipeline: V model chunks a pipeline rank (the way to give it with uneven stages)")
+    g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", type=int, metavar="N",
+                   help="interleaved pipeline: micro batches run together on a model chunk (default "
+                   "--pipeline-model-parallel-size, the depth-first schedule); the same losses in another order")
     g.add_argument("--pipeline-model-parallel-layout", metavar="LAYOUT",
                    help="the layers of every model chunk, e.g. 'Ettt|tttL' or 'E|(tt|)*3,L': the chunks in the "
                    "schedule's order separated by |, E the embedding, t a transformer layer, L the loss, (x)*n "
@@ -824,6 +827,7 @@ def _validate(args: argparse.Namespace) -> None:
               "max_position_embeddings", "tensor_model_parallel_size", "pipeline_model_parallel_size",
               "num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank",
               "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers", "log_interval",
+              "microbatch_group_size_per_virtual_pipeline_stage",
               "eval_interval", "save_interval", "exit_interval", "make_vocab_size_divisible_by", "lr_decay_iters", "vocab_size", "ckpt_step",
               "tensorboard_log_interval", "num_dataset_builder_threads", "non_persistent_save_interval",
               "save_retain_interval", "check_weight_hash_across_dp_replicas_interval")
@@ -1317,6 +1321,19 @@ def _validate_parallel_and_batch(args: argparse.Namespace) -> None:
             f"the interleaved pipeline needs the {args.num_microbatches} micro batches per step to be a "
             f"multiple of --pipeline-model-parallel-size {pp}"
         )
+    group = args.microbatch_group_size_per_virtual_pipeline_stage
+    if group is not None:
+        flag, m = "--microbatch-group-size-per-virtual-pipeline-stage", args.num_microbatches
+        if not args.virtual_pipeline_model_parallel_size:
+            raise ArgsError(f"{flag} applies to the interleaved pipeline (several model chunks a pipeline rank); "
+                            "add virtual stages or drop the flag")
+        if not pp <= group <= m:
+            raise ArgsError(f"{flag} {group}: give {pp} to {m} (from --pipeline-model-parallel-size to the micro "
+                            "batches per step, as megatron-core requires)")
+        if 0 < m % group < pp:
+            raise ArgsError(f"{flag} {group}: the last group would hold {m % group} of the {m} micro batches, fewer "
+                            f"than --pipeline-model-parallel-size {pp} (megatron-core refuses it); give a divisor of "
+                            f"{m}")
     if (args.train_iters is None) == (args.train_samples is None):
         raise ArgsError("give exactly one of --train-iters and --train-samples")
     if args.train_iters is None:

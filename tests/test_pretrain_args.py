@@ -1460,7 +1460,7 @@ def test_logging_level():
         "--logging-level 15: give 10 (debug), 20 (info), 30 (warning), 40 (error) or 50 (critical)")
 
 
-def test_deterministic_mode_refusals(monkeypatch):
+def test_deterministic_mode_refusals(monkeypatch, no_nvte):
     assert parse(TINY + " --lr 1e-3 --deterministic-mode").deterministic_mode
     pretend_transformer_engine(monkeypatch)
     monkeypatch.delenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", raising=False)
@@ -1471,3 +1471,23 @@ def test_deterministic_mode_refusals(monkeypatch):
         "environment (megatron-core refuses it otherwise); set it, or give --transformer-impl local")
     monkeypatch.setenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
     assert parse(TINY + " --lr 1e-3 --deterministic-mode --transformer-impl transformer_engine").deterministic_mode
+
+
+def test_microbatch_groups_of_the_interleaved_pipeline():
+    vpp = (TINY.replace("--num-layers 2", "--num-layers 4").replace("--micro-batch-size 4", "--micro-batch-size 1")
+           + " --lr 1e-3 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1")
+    flag = "--microbatch-group-size-per-virtual-pipeline-stage"
+    assert parse(vpp + f" {flag} 4", world_size=2).microbatch_group_size_per_virtual_pipeline_stage == 4
+    assert parse(vpp + f" {flag} 3", world_size=2).num_microbatches == 8  # 8 = 3 + 3 + 2: the last group of 2 >= PP
+    assert error(vpp + f" {flag} 1", world_size=2) == (
+        f"{flag} 1: give 2 to 8 (from --pipeline-model-parallel-size to the micro batches per step, as megatron-core "
+        "requires)")
+    assert error(vpp + f" {flag} 9", world_size=2).startswith(f"{flag} 9: give 2 to 8")
+    assert error(vpp.replace("--num-layers 4", "--num-layers 6").replace("--pipeline-model-parallel-size 2",
+                 "--pipeline-model-parallel-size 3").replace("--global-batch-size 8", "--global-batch-size 9")
+                 + f" {flag} 4", world_size=3) == (
+        f"{flag} 4: the last group would hold 1 of the 9 micro batches, fewer than --pipeline-model-parallel-size 3 "
+        "(megatron-core refuses it); give a divisor of 9")
+    assert error(TINY + f" --lr 1e-3 {flag} 2") == (
+        f"{flag} applies to the interleaved pipeline (several model chunks a pipeline rank); add virtual stages or "
+        "drop the flag")

@@ -1331,6 +1331,16 @@ def test_virtual_pipeline_matches_one_process(optimizer, spec20, reference_four_
 
 
 @pytest.mark.slow
+def test_microbatch_groups_on_an_interleaved_pipeline(spec20, reference_four_layers_file, tmp_path):
+    """--microbatch-group-size-per-virtual-pipeline-stage 4 on PP 2 with two chunks a rank and 8
+    micro batches (of 1 sample): another schedule (groups of 4, not 2), the same 20 losses."""
+    flags = " --micro-batch-size 1 --microbatch-group-size-per-virtual-pipeline-stage 4"
+    out = ok(run(four_layers(spec20).replace("--micro-batch-size 2", "") + VPP + flags, tmp_path, nproc=2))
+    assert "VPP=2 (micro batches in groups of 4)" in out
+    _assert_close(train_losses(tmp_path / "m.jsonl"), train_losses(reference_four_layers_file), range(1, 21))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [
     "--overlap-grad-reduce --ddp-bucket-size 20000",
     "--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather --ddp-bucket-size 20000",
