@@ -212,6 +212,7 @@ class Metrics:
         self.log_interval = log_interval
         self.stream = stream if stream is not None else sys.stdout
         self._window: list[dict] = []
+        self._pending: dict | None = None  # the last iteration of the window not yet logged
         self.last_finite_loss: float | None = None
         self.last_finite_iteration: int | None = None
         self._file = None
@@ -325,8 +326,18 @@ class Metrics:
                 self._tb.add_scalar(f"memory/{key}", value, iteration)
             if self.logs_at(iteration):  # on disk by the time the log line shows
                 self._tb.flush()
+        last = dict(iteration=iteration, consumed_samples=consumed_samples, consumed_tokens=consumed_tokens, lr=lr,
+                    grad_norm=grad_norm, params_norm=params_norm, num_zeros_in_grad=num_zeros_in_grad)
         if not self.logs_at(iteration):
+            self._pending = last  # logged with the window where a skipped iteration ends it
             return None
+        return self._emit_window(**last)
+
+    def _emit_window(self, *, iteration: int, consumed_samples: int, consumed_tokens: int, lr: float,
+                     grad_norm: float | None, params_norm: float | None, num_zeros_in_grad: int | None) -> dict:
+        """The log line and metrics record of the iterations since the last one (means over
+        them; the other values are ``iteration``'s, the last of them)."""
+        self._pending = None
         window, self._window = self._window, []
         seconds = sum(w["time"] for w in window)
         record = {
@@ -391,11 +402,15 @@ class Metrics:
     def skipped(self, iteration: int, *, consumed_samples: int, consumed_tokens: int, samples: int) -> dict | None:
         """Record an iteration passed over (--iterations-to-skip): its ``samples`` samples, up to
         ``consumed_samples``, were not trained on. It advances the progress bar and is always
-        logged (a log line and a record), whatever the log interval."""
+        logged (a log line and a record), whatever the log interval; where it falls on a log
+        point, the trained iterations of the window before it are logged first (at the last of
+        them), so none is lost."""
         if not self.enabled:
             return None
         if self._bar is not None:
             self._bar.update(1)
+        if self.logs_at(iteration) and self._pending is not None:
+            self._emit_window(**self._pending)  # the trained iterations of this log window, not lost
         record = {"skipped": True, "iteration": iteration, "consumed_samples": consumed_samples,
                   "consumed_tokens": consumed_tokens, "elapsed_s": self.elapsed()}
         width = len(str(self.train_iters))

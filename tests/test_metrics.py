@@ -249,3 +249,23 @@ def test_throughput_per_gpu_in_the_record_and_the_log_line(tmp_path):
     _step(m, 1)
     m.close()
     assert "tflops_per_gpu" not in json.loads((tmp_path / "plain.jsonl").read_text())
+
+
+def test_a_skipped_iteration_at_a_log_point_logs_the_window_before_it(tmp_path):
+    """--iterations-to-skip: a skipped iteration is always logged; where it falls on a log point
+    (here 4, with log interval 2, and the last one, 6), the trained iterations of its window are
+    logged first, at the last of them, so that none is lost."""
+    out = io.StringIO()
+    m = Metrics(train_iters=6, log_interval=2, metrics_file=tmp_path / "m.jsonl", stream=out)
+    _step(m, 1, loss=1.0)
+    _step(m, 2, loss=2.0)
+    m.skipped(3, consumed_samples=24, consumed_tokens=768, samples=8)
+    m.skipped(4, consumed_samples=32, consumed_tokens=1024, samples=8)  # an empty window: nothing before it
+    _step(m, 5, loss=5.0)
+    m.skipped(6, consumed_samples=48, consumed_tokens=1536, samples=8)
+    m.close()
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r.get("skipped", False), r.get("lm_loss")) for r in rows] == [
+        (2, False, 1.5), (3, True, None), (4, True, None), (5, False, 5.0), (6, True, None)]
+    assert rows[3]["consumed_samples"] == 40
+    assert " iteration 6/6 | skipped (--iterations-to-skip): samples 40-47 not trained on" in out.getvalue()
