@@ -420,9 +420,12 @@ class Metrics:
         return record
 
     def diverged(self, iteration: int, lm_loss: float) -> dict | None:
-        """The final record of a run whose loss became NaN/inf at ``iteration``."""
+        """The final record of a run whose loss became NaN/inf at ``iteration`` (after that of
+        the trained iterations not yet logged)."""
         if not self.enabled:
             return None
+        if self._pending is not None:
+            self._emit_window(**self._pending)
         record = {
             "diverged": True,
             "iteration": iteration,
@@ -439,6 +442,10 @@ class Metrics:
         return record
 
     def close(self) -> None:
+        """Log the iterations since the last log point (a run stopped between two: an exit
+        interval, a signal, a time limit, an error), then close the sinks."""
+        if self.enabled and self._pending is not None:
+            self._emit_window(**self._pending)
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -269,3 +269,23 @@ def test_a_skipped_iteration_at_a_log_point_logs_the_window_before_it(tmp_path):
         (2, False, 1.5), (3, True, None), (4, True, None), (5, False, 5.0), (6, True, None)]
     assert rows[3]["consumed_samples"] == 40
     assert " iteration 6/6 | skipped (--iterations-to-skip): samples 40-47 not trained on" in out.getvalue()
+
+
+def test_a_run_stopped_between_log_points_logs_its_last_iterations(tmp_path):
+    """Stopped after iteration 3 of 10 with log interval 5 (an exit interval, a signal, an error):
+    closing logs iterations 1-3; a divergence at 8 logs 6-7 before its final record."""
+    m = Metrics(train_iters=10, log_interval=5, metrics_file=tmp_path / "m.jsonl", stream=io.StringIO())
+    for i in (1, 2, 3):
+        _step(m, i, loss=float(i))
+    m.close()
+    m.close()  # (twice: nothing more)
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["lm_loss"], r["consumed_samples"]) for r in rows] == [(3, 2.0, 24)]
+    m = Metrics(train_iters=10, log_interval=5, metrics_file=tmp_path / "d.jsonl", stream=io.StringIO())
+    for i in range(1, 8):
+        _step(m, i, loss=float(i))
+    m.diverged(8, float("nan"))
+    m.close()
+    rows = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r.get("lm_loss")) for r in rows[:2]] == [(5, 3.0), (7, 6.5)]
+    assert rows[-1]["diverged"] and rows[-1]["last_finite_iteration"] == 7 and len(rows) == 3
