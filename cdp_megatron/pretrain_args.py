@@ -872,6 +872,9 @@ def _validate_skips(args: argparse.Namespace) -> None:
     if args.iterations_to_skip and args.skip_train:
         raise ArgsError("--iterations-to-skip with --skip-train: nothing is trained, so nothing is skipped; drop one "
                         "of them")
+    if args.check_weight_hash_across_dp_replicas_interval and args.skip_train:
+        raise ArgsError("--check-weight-hash-across-dp-replicas-interval with --skip-train: nothing is trained, so "
+                        "the replicas cannot drift apart; drop one of them")
     args.iterations_to_skip = sorted(set(args.iterations_to_skip))
 
 

@@ -1395,6 +1395,9 @@ def test_weight_hash_check_interval():
                  ).check_weight_hash_across_dp_replicas_interval == 5
     assert error(TINY + " --lr 1e-3 --check-weight-hash-across-dp-replicas-interval 0").startswith(
         "--check-weight-hash-across-dp-replicas-interval must be")
+    assert error(TINY + " --lr 1e-3 --check-weight-hash-across-dp-replicas-interval 5 --skip-train") == (
+        "--check-weight-hash-across-dp-replicas-interval with --skip-train: nothing is trained, so the replicas "
+        "cannot drift apart; drop one of them")
 
 
 def test_padded_buckets_need_the_distributed_optimizer():
