@@ -144,6 +144,9 @@ UNSUPPORTED_MEGATRON_FLAGS: dict[str, str] = {
     "--data-parallel-random-init": "every data-parallel replica starts from the same weights (the init is "
                                    "TP/PP/DP-invariant)",
     "--log-progress": "give --metrics-file (consumed tokens, throughput and losses per logged iteration)",
+    **dict.fromkeys(("--tiktoken-pattern", "--tiktoken-num-special-tokens", "--tiktoken-special-tokens"),
+                    "there is no TikTokenizer here (give --tokenizer-type HuggingFaceTokenizer with its "
+                    "tokenizer.json); with another tokenizer the flag does nothing: drop it"),
 }
 UNSUPPORTED_MEGATRON_PREFIXES: tuple[str, ...] = (
     "--moe-", "--mtp-", "--mamba-", "--hybrid-", "--cuda-graph-", "--recompute-", "--tp-comm-",

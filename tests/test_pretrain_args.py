@@ -1416,7 +1416,7 @@ def test_flags_of_ported_scripts_get_a_reason():
     for flag, reason in (("--window-size 4096", "without sliding windows"), ("--rope-type yarn", "YaRN"),
                          ("--exp-avg-dtype bf16", "precision-aware"), ("--sgd-momentum 0.9", "AdamW"),
                          ("--apply-residual-connection-post-layernorm", "pre-norm"),
-                         ("--log-progress", "--metrics-file")):
+                         ("--log-progress", "--metrics-file"), ("--tiktoken-pattern v2", "TikTokenizer")):
         message = error(TINY + " --lr 1e-3 " + flag)
         assert message.startswith(f"{flag.split()[0]} is a Megatron-LM flag cdp-pretrain does not support (")
         assert reason in message, message
