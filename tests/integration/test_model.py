@@ -357,6 +357,9 @@ def test_replicas_that_differ_names_each_tensor_and_rank_everywhere():
     # PP 2 x DP 2: the tensor of that name on each stage (layer numbers are a stage's own)
     assert run_distributed(_replicas_worker, 4, 1, 2, name) == [
         [f"{name} (pipeline stage 0) on DP rank 1", f"{name} (pipeline stage 1) on DP rank 1"]] * 4
+    # TP 2 x DP 2: each TP rank's shard
+    assert run_distributed(_replicas_worker, 4, 2, 1, name) == [
+        [f"{name} (TP rank 0) on DP rank 1", f"{name} (TP rank 1) on DP rank 1"]] * 4
 
 
 # --- (c) logit multiplier -------------------------------------------------------------------
