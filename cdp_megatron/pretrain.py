@@ -148,11 +148,14 @@ def _init_distributed(args: argparse.Namespace) -> str:
             lambda record: "CPU RNG state changed" not in record.getMessage()
         )
     cpu_runner.init_distributed(timeout_s=60.0 * args.distributed_timeout_minutes)
+    from cdp_megatron.integration.model import RANK_ORDER, TP_PP_DP_RANK_ORDER
+
     initialize_model_parallel(
         args.tensor_model_parallel_size,
         args.pipeline_model_parallel_size,
         args.virtual_pipeline_model_parallel_size,
         seed=args.seed,
+        order=TP_PP_DP_RANK_ORDER if args.use_tp_pp_dp_mapping else RANK_ORDER,
     )
     return device
 
@@ -1015,6 +1018,7 @@ class _Run:
                if args.microbatch_group_size_per_virtual_pipeline_stage else "")
             + _stage_description(args)
             + f" DP={args.data_parallel_size}"
+            + (" (ranks in TP-PP-DP order)" if args.use_tp_pp_dp_mapping else "")
         )
         overlapped = [name for name, on in (("grad reduce", args.overlap_grad_reduce),
                                             ("aligned param gather" if _aligned_param_gather(args) else "param gather",
@@ -1330,8 +1334,11 @@ class _Run:
 
     def _layout(self) -> dict:
         a = self.args
-        return {"tp": a.tensor_model_parallel_size, "pp": a.pipeline_model_parallel_size,
-                "vpp": a.virtual_pipeline_model_parallel_size, "world": a.world_size}
+        layout = {"tp": a.tensor_model_parallel_size, "pp": a.pipeline_model_parallel_size,
+                  "vpp": a.virtual_pipeline_model_parallel_size, "world": a.world_size}
+        if a.use_tp_pp_dp_mapping:  # other ranks hold each (TP, PP) place: the RNG files do not carry over
+            layout["order"] = "tp-pp-dp"
+        return layout
 
     def _save_checkpoint(self, iteration: int, non_persistent: bool = False) -> None:
         """Save atomically (integration.checkpoint.save_iteration): write ``iter_N.tmp``, rename

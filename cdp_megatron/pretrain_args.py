@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, help="interleaved pipeline (VPP)")
     g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, metavar="V",
                    help="interleaved pipeline: V model chunks a pipeline rank (the way to give it with uneven stages)")
+    g.add_argument("--use-tp-pp-dp-mapping", action="store_true",
+                   help="as Megatron-LM: number the ranks TP first, then PP, then DP (megatron-core's default puts DP "
+                   "before PP), e.g. to keep a pipeline inside a node; the same training")
     g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", type=int, metavar="N",
                    help="interleaved pipeline: micro batches run together on a model chunk (default "
                    "--pipeline-model-parallel-size, the depth-first schedule); the same losses in another order")

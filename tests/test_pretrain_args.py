@@ -1494,3 +1494,9 @@ def test_microbatch_groups_of_the_interleaved_pipeline():
     assert error(TINY + f" --lr 1e-3 {flag} 2") == (
         f"{flag} applies to the interleaved pipeline (several model chunks a pipeline rank); add virtual stages or "
         "drop the flag")
+
+
+def test_tp_pp_dp_mapping_flag():
+    assert not parse(TINY + " --lr 1e-3").use_tp_pp_dp_mapping
+    assert parse(TINY + " --lr 1e-3 --use-tp-pp-dp-mapping --pipeline-model-parallel-size 2",
+                 world_size=4).use_tp_pp_dp_mapping

@@ -70,13 +70,18 @@ __all__ = [
 
 
 # --- parallel state -------------------------------------------------------------------------
+RANK_ORDER = "tp-cp-ep-dp-pp"  # megatron-core's default: consecutive ranks share TP, then DP, then PP groups
+TP_PP_DP_RANK_ORDER = "tp-cp-ep-pp-dp"  # Megatron-LM's --use-tp-pp-dp-mapping: PP groups before DP groups
+
+
 def initialize_model_parallel(
-    tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234
+    tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234, order: str = RANK_ORDER
 ) -> None:
     """Megatron's model-parallel groups and RNG (torch.distributed must be initialised).
 
     Seeds the model-parallel RNG tracker and the CPU generator, which
-    ``use_cpu_initialization`` draws Megatron's own init from.
+    ``use_cpu_initialization`` draws Megatron's own init from. ``order``: how global ranks map
+    to the groups (:data:`RANK_ORDER` or :data:`TP_PP_DP_RANK_ORDER`).
     """
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -84,6 +89,7 @@ def initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        order=order,
     )
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)

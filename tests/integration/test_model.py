@@ -900,3 +900,22 @@ def test_deterministic_mode_reaches_the_model(megatron_1proc):
         config = gpt_config(shape, **config_overrides(parse_args(shlex.split(flags + extra), world_size=1)))
         (model,) = build_gpt_model(shape, config=config)
         assert model.embedding.word_embeddings.deterministic_mode is want
+
+
+def _rank_places_worker(order: str) -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    from cdp_megatron.integration import initialize_model_parallel
+
+    initialize_model_parallel(1, 2, order=order)
+    return parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_data_parallel_rank()
+
+
+def test_rank_order_of_the_tp_pp_dp_mapping():
+    """--use-tp-pp-dp-mapping: on 4 ranks with PP 2, megatron-core's default numbers DP before PP
+    (ranks 0, 1 are stage 0), Megatron-LM's tp-pp-dp mapping PP before DP (ranks 0, 1 are the
+    two stages of DP rank 0). (pipeline rank, data-parallel rank) of each global rank:"""
+    from cdp_megatron.integration.model import RANK_ORDER, TP_PP_DP_RANK_ORDER
+
+    assert run_distributed(_rank_places_worker, 4, RANK_ORDER) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert run_distributed(_rank_places_worker, 4, TP_PP_DP_RANK_ORDER) == [(0, 0), (1, 0), (0, 1), (1, 1)]

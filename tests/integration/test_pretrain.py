@@ -1242,6 +1242,8 @@ FOUR_PROCESS_LAYOUTS = {
     "TP2PP2": "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2",
     "TP2PP2-distopt": "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --use-distributed-optimizer",
     "TP2DP2-distopt": "--tensor-model-parallel-size 2 --use-distributed-optimizer",
+    # Megatron-LM's --use-tp-pp-dp-mapping: ranks 0, 1 are the two stages of DP rank 0
+    "PP2DP2-tp-pp-dp": "--pipeline-model-parallel-size 2 --use-tp-pp-dp-mapping --use-distributed-optimizer",
 }
 
 
