@@ -354,6 +354,7 @@ def replicas_that_differ(model_chunks: Sequence[Any]) -> list[str]:
     group = parallel_state.get_data_parallel_group()
     gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
     torch.distributed.all_gather(gathered, local, group=group)
+    gathered = [g.cpu() for g in gathered]  # one copy each, not a device sync per comparison
     pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
     where = ", ".join(part for part, shown in (
         (f"pipeline stage {pp}", parallel_state.get_pipeline_model_parallel_world_size() > 1),
