@@ -975,7 +975,7 @@ def test_deterministic_mode(tmp_path):
     """--deterministic-mode (Megatron-LM's): torch's deterministic algorithms and megatron-core's
     deterministic embedding (an index in place of F.embedding, whose backward is not on GPUs),
     here on TP 1; on a CPU the same losses as without (the gradient sums may add in another
-    order: within 1e-6)."""
+    order: within 1e-5)."""
     flags = TINY + " --lr 1e-3 --train-iters 3 --eval-iters 0 --metrics-file {}.jsonl"
     out = ok(run(flags.format("det") + " --deterministic-mode", tmp_path))
     assert ", deterministic kernels" in out.splitlines()[0]
