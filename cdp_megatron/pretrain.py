@@ -356,6 +356,11 @@ def _stage_description(args: argparse.Namespace) -> str:
     return f" (layers a stage: {text}" + (f"; the {' and '.join(counted)} counted as a layer" if counted else "") + ")"
 
 
+def _iterations(numbers: Sequence[int]) -> str:
+    """"3, 7-9, 12": iterations in ranges (a long --iterations-to-skip list stays short)."""
+    return layer_ranges(sorted(numbers)).replace(",", ", ")
+
+
 def _fp8_description(args: argparse.Namespace) -> str:
     """", FP8 hybrid (delayed scaling, amax history 1024 (max))" for the start-up line."""
     if not args.fp8_format:
@@ -1587,16 +1592,16 @@ class _Run:
         self._skipped_batches = frozenset(self.consumed_samples + (n - start_iteration - 1) * gbs for n in ahead)
         if ahead:
             many = len(ahead) > 1
-            metrics.print(f"skipping iteration{'s' if many else ''} {', '.join(map(str, ahead))} "
+            metrics.print(f"skipping iteration{'s' if many else ''} {_iterations(ahead)} "
                           f"(--iterations-to-skip): {'their batches are' if many else 'its batch is'} passed over, "
                           "nothing is trained and the lr schedule does not advance")
         if self.skipped_iterations:
             metrics.print(f" note: the checkpoint's run skipped iteration{'s' if len(self.skipped_iterations) > 1 else ''}"
-                          f" {', '.join(map(str, self.skipped_iterations))} (--iterations-to-skip)")
+                          f" {_iterations(self.skipped_iterations)} (--iterations-to-skip)")
         trained = [n for n in past if n not in set(self.skipped_iterations)]
         if trained:
             them = "them" if len(trained) > 1 else "it"
-            metrics.print(f" note: --iterations-to-skip {', '.join(map(str, trained))}: trained before the checkpoint "
+            metrics.print(f" note: --iterations-to-skip {_iterations(trained)}: trained before the checkpoint "
                           f"(iteration {start_iteration}), so not skipped; to skip {them}, resume from a checkpoint "
                           f"before {them} (--ckpt-step)")
         return frozenset(ahead)

@@ -1500,3 +1500,10 @@ def test_tp_pp_dp_mapping_flag():
     assert not parse(TINY + " --lr 1e-3").use_tp_pp_dp_mapping
     assert parse(TINY + " --lr 1e-3 --use-tp-pp-dp-mapping --pipeline-model-parallel-size 2",
                  world_size=4).use_tp_pp_dp_mapping
+
+
+def test_skipped_iterations_are_said_in_ranges():
+    from cdp_megatron.pretrain import _iterations
+
+    assert _iterations([12, 3, 7, 8, 9]) == "3, 7-9, 12"
+    assert _iterations([6]) == "6"
