@@ -423,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "preemption), stop at the end of the iteration and save with --save, instead of dying")
     g.add_argument("--iterations-to-skip", type=int, nargs="+", default=[], metavar="N",
                    help="as Megatron-LM: iterations (numbered as the log numbers them, from 1) whose global batch "
-                   "is read and not trained on: no forward, backward or optimizer step, and the lr schedule does not "
-                   "advance (e.g. the batches behind a loss spike, given on a resume from a checkpoint before it)")
+                   "is passed over, not trained on: no forward, backward or optimizer step, and the lr schedule "
+                   "does not advance (e.g. the batches behind a loss spike, given on a resume from a checkpoint before it)")
     g.add_argument("--deterministic-mode", action="store_true",
                    help="as Megatron-LM: deterministic kernels only (torch.use_deterministic_algorithms, megatron-core's "
                    "deterministic embedding backward; on GPUs NCCL_ALGO must name a deterministic algorithm), for "
@@ -842,6 +842,9 @@ def _validate(args: argparse.Namespace) -> None:
         if not 0 <= getattr(args, name) < 1:
             raise ArgsError(f"--{name.replace('_', '-')} must be in [0, 1)")
     _check_ranges(args)
+    if args.logging_level is not None and args.logging_level not in (0, 10, 20, 30, 40, 50):
+        raise ArgsError(f"--logging-level {args.logging_level}: give 10 (debug), 20 (info), 30 (warning), 40 (error) "
+                        "or 50 (critical)")
     if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction <= 1:
         raise ArgsError(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
     if not math.isfinite(args.cdp_z_loss):
@@ -870,7 +873,8 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _validate_skips(args: argparse.Namespace) -> None:
-    """--iterations-to-skip: iterations of this run's numbering (1 to --train-iters), sorted."""
+    """--iterations-to-skip: iterations of this run's numbering (1 to --train-iters), sorted; it
+    and --check-weight-hash-across-dp-replicas-interval refused with --skip-train (no training)."""
     outside = [n for n in args.iterations_to_skip if not 1 <= n <= args.train_iters]
     if outside:
         raise ArgsError(f"--iterations-to-skip {outside[0]}: iterations are numbered as the log numbers them, 1 to "
@@ -1447,11 +1451,10 @@ def _validate_data(args: argparse.Namespace) -> None:
             raise ArgsError("--multiple-validation-sets evaluates each prefix of --valid-data-path apart; give "
                             "--train-data-path and --valid-data-path (a --data-path blend's validation split is one "
                             "set, as in Megatron-LM)")
-        words = [t for item in args.valid_data_path for t in item.split()]
-        prefixes = data_prefixes(args.valid_data_path)
-        if len(prefixes) != len(words):
+        if is_weighted(args.valid_data_path):
             raise ArgsError("--multiple-validation-sets with a weighted --valid-data-path: each set is evaluated on "
                             "its own, so weights mean nothing; give the prefixes without weights")
+        prefixes = data_prefixes(args.valid_data_path)
         if len(prefixes) < 2:
             raise ArgsError("--multiple-validation-sets with one --valid-data-path prefix: one set, as without the "
                             "flag; give several prefixes or drop the flag")
@@ -1464,7 +1467,7 @@ def _validate_data(args: argparse.Namespace) -> None:
             raise ArgsError("--full-validation reads the whole validation split; --mock-data has none (random tokens)")
         if args.eval_iters == 0:
             raise ArgsError("--full-validation with --eval-iters 0: give one of them (0 evaluates nothing)")
-        if valid and len(data_prefixes(valid)) != len([t for item in valid for t in item.split()]):
+        if valid and is_weighted(valid):
             flag = "--valid-data-path" if per_split else "--data-path"
             raise ArgsError(f"--full-validation with a weighted {flag} blend: a blend's weights take a number of "
                             "samples, not the whole split; give the prefixes without weights")
@@ -1516,8 +1519,17 @@ def _validate_data(args: argparse.Namespace) -> None:
 def data_prefixes(data_path: Sequence[str]) -> list[str]:
     """The prefixes of a --data-path value: 'p1 p2' or a blend 'w1 p1 w2 p2' (items may hold
     several words, as a quoted blend does)."""
-    tokens = [t for item in data_path for t in item.split()]
+    tokens = _words(data_path)
     return tokens[1::2] if len(tokens) % 2 == 0 and all(map(is_number, tokens[0::2])) else tokens
+
+
+def is_weighted(data_path: Sequence[str]) -> bool:
+    """Whether a --data-path value is a weighted blend ('w1 p1 w2 p2'), not bare prefixes."""
+    return len(data_prefixes(data_path)) != len(_words(data_path))
+
+
+def _words(data_path: Sequence[str]) -> list[str]:
+    return [t for item in data_path for t in item.split()]
 
 
 def _check_data_path(data_path: Sequence[str], flag: str = "--data-path") -> None:
@@ -1649,9 +1661,6 @@ def _validate_checkpoints(args: argparse.Namespace) -> None:
     if not args.perform_initialization and not (args.load or args.pretrained_checkpoint):
         raise ArgsError("--no-initialization leaves the weights uninitialised for a checkpoint to replace; give --load "
                         "(or --pretrained-checkpoint), or drop the flag")
-    if args.logging_level is not None and args.logging_level not in (0, 10, 20, 30, 40, 50):
-        raise ArgsError(f"--logging-level {args.logging_level}: give 10 (debug), 20 (info), 30 (warning), 40 (error) "
-                        "or 50 (critical)")
     if args.exit_on_missing_checkpoint and not args.load:
         raise ArgsError("--exit-on-missing-checkpoint needs --load")
     for flag, given in (("--no-load-optim", args.no_load_optim), ("--no-load-rng", args.no_load_rng)):
