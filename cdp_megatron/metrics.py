@@ -212,7 +212,7 @@ class Metrics:
         self.log_interval = log_interval
         self.stream = stream if stream is not None else sys.stdout
         self._window: list[dict] = []
-        self._pending: dict | None = None  # the last iteration of the window not yet logged
+        self._pending: dict | None = None  # the last iteration of a window not yet logged (see _flush)
         self.last_finite_loss: float | None = None
         self.last_finite_iteration: int | None = None
         self._file = None
@@ -329,9 +329,15 @@ class Metrics:
         last = dict(iteration=iteration, consumed_samples=consumed_samples, consumed_tokens=consumed_tokens, lr=lr,
                     grad_norm=grad_norm, params_norm=params_norm, num_zeros_in_grad=num_zeros_in_grad)
         if not self.logs_at(iteration):
-            self._pending = last  # logged with the window where a skipped iteration ends it
+            self._pending = last
             return None
         return self._emit_window(**last)
+
+    def _flush(self) -> None:
+        """Log the trained iterations of the window so far, at the last of them (a window that a
+        skipped iteration, a divergence or the end of the run cuts short), so none is lost."""
+        if self._pending is not None:
+            self._emit_window(**self._pending)
 
     def _emit_window(self, *, iteration: int, consumed_samples: int, consumed_tokens: int, lr: float,
                      grad_norm: float | None, params_norm: float | None, num_zeros_in_grad: int | None) -> dict:
@@ -409,8 +415,8 @@ class Metrics:
             return None
         if self._bar is not None:
             self._bar.update(1)
-        if self.logs_at(iteration) and self._pending is not None:
-            self._emit_window(**self._pending)  # the trained iterations of this log window, not lost
+        if self.logs_at(iteration):
+            self._flush()
         record = {"skipped": True, "iteration": iteration, "consumed_samples": consumed_samples,
                   "consumed_tokens": consumed_tokens, "elapsed_s": self.elapsed()}
         width = len(str(self.train_iters))
@@ -424,8 +430,7 @@ class Metrics:
         the trained iterations not yet logged)."""
         if not self.enabled:
             return None
-        if self._pending is not None:
-            self._emit_window(**self._pending)
+        self._flush()
         record = {
             "diverged": True,
             "iteration": iteration,
@@ -444,8 +449,8 @@ class Metrics:
     def close(self) -> None:
         """Log the iterations since the last log point (a run stopped between two: an exit
         interval, a signal, a time limit, an error), then close the sinks."""
-        if self.enabled and self._pending is not None:
-            self._emit_window(**self._pending)
+        if self.enabled:
+            self._flush()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
