@@ -1463,8 +1463,6 @@ class _Run:
             self._print(f"validation: {'the whole split' if name is None else f'set {name} whole'}, "
                         f"{self.eval_iters[k]} batches of {gbs} samples"
                         + (f" ({left} samples, under one batch, left out)" if left else "") + " (--full-validation)")
-        if len(self.valid_sets) == 1:
-            args.eval_iters = self.eval_iters[0]
 
     def _evaluate(self) -> tuple[float, float, dict | None]:
         """(validation loss, z-loss, per set {name: (loss, z-loss)} or None): with several
@@ -1598,7 +1596,8 @@ class _Run:
         if self.skipped_iterations:
             metrics.print(f" note: the checkpoint's run skipped iteration{'s' if len(self.skipped_iterations) > 1 else ''}"
                           f" {_iterations(self.skipped_iterations)} (--iterations-to-skip)")
-        trained = [n for n in past if n not in set(self.skipped_iterations)]
+        done = set(self.skipped_iterations)
+        trained = [n for n in past if n not in done]
         if trained:
             them = "them" if len(trained) > 1 else "it"
             metrics.print(f" note: --iterations-to-skip {_iterations(trained)}: trained before the checkpoint "
@@ -1635,22 +1634,21 @@ class _Run:
                 self._check_replicas(iteration, metrics)
             while iteration < args.train_iters:
                 profiler.before_step(iteration)
-                if iteration + 1 in skips:  # Megatron-LM's: the batch passed over, nothing stepped
-                    iteration += 1
-                    self.consumed_samples += args.global_batch_size
-                    self.consumed_tokens += args.global_batch_size * args.seq_length
-                    self.skipped_iterations.append(iteration)
-                    metrics.skipped(iteration, consumed_samples=self.consumed_samples,
-                                    consumed_tokens=self.consumed_tokens, samples=args.global_batch_size)
-                else:
+                skipped = iteration + 1 in skips  # Megatron-LM's: the batch passed over, nothing stepped
+                if not skipped:
                     started = time.perf_counter()
                     lr = self._current_lr()
                     lm_loss, z_loss, grad_norm = self._step(iteration)
                     self._synchronize()
                     seconds = time.perf_counter() - started
-                    iteration += 1
-                    self.consumed_samples += args.global_batch_size
-                    self.consumed_tokens += args.global_batch_size * args.seq_length
+                iteration += 1  # the data goes on after the batch, trained or passed over
+                self.consumed_samples += args.global_batch_size
+                self.consumed_tokens += args.global_batch_size * args.seq_length
+                if skipped:
+                    self.skipped_iterations.append(iteration)
+                    metrics.skipped(iteration, consumed_samples=self.consumed_samples,
+                                    consumed_tokens=self.consumed_tokens, samples=args.global_batch_size)
+                else:
                     if first_loss is None:
                         metrics.print(
                             f"first iteration done {Metrics.elapsed():.1f} s after start-up began "
