@@ -75,6 +75,7 @@ from typing import Any, Callable, Sequence
 
 from . import rules
 from .argtypes import output_dir_problem, output_file_problem
+from .requirements import megatron_problem, missing_problem
 from .spec import Spec, SpecError
 
 __all__ = [
@@ -723,6 +724,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             problem = output_file_problem("--json", args.json, "coordcheck.json")
             if problem:
                 raise CoordCheckError(problem)
+        problem = megatron_problem() or (missing_problem("matplotlib") if args.output else None)
+        if problem:
+            raise CoordCheckError(problem)
         result = run_coordcheck(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except CoordCheckError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -51,6 +51,7 @@ from cdp_megatron.pretrain_args import (
     FP8_DEFAULTS, PROG, QUICKSTART_DATA_PREFIX, ROTARY_DEFAULTS, ArgsError, data_prefixes, deterministic_te_problem,
     owned_flags_table, parse_args,
 )
+from cdp_megatron.requirements import megatron_problem, missing_problem
 
 __all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_DIVERGED", "EXIT_REPLICAS_DIFFER"]
 
@@ -91,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
     try:
         args = parse_args(argv)
+        problem = megatron_problem() or (missing_problem("tensorboard") if args.tensorboard_dir else None)
+        if problem:
+            raise ArgsError(problem)
     except ArgsError as e:
         if _is_rank0():
             print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)

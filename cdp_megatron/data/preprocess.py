@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdp_megatron.argtypes import output_file_problem
+from cdp_megatron.requirements import missing_problem
 from cdp_megatron.data.tokenizers import SUPPORTED_TOKENIZER_TYPES, TokenizerError, build_tokenizer
 
 __all__ = ["PreprocessError", "PreprocessResult", "build_parser", "main", "preprocess"]
@@ -477,6 +478,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
     args = build_parser().parse_args(argv)
+    problem = missing_problem("torch", "megatron.core")  # megatron-core's writer
+    if problem:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return 2
     try:
         result = preprocess(
             args.input,

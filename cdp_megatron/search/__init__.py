@@ -11,30 +11,33 @@ holds a cliffed test objective for comparing samplers. Needs the ``search`` extr
 matplotlib).
 """
 
-from cdp_megatron.search.objective import (
-    ProxyConfigError,
-    ProxyObjective,
-    RunResult,
-    TrialFailed,
-    run_proxy,
-)
-from cdp_megatron.search.sampler import (
-    DIVERGED_ATTR,
-    TrustRegionSampler,
-    TrustRegionState,
-    best_trial,
-    is_stable,
-    trust_region_state,
-)
-from cdp_megatron.search.spaces import (
-    SPACES,
-    Projection,
-    SearchSpace,
-    SpaceError,
-    multipliers,
-    project,
-    to_spec,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Re-exported lazily (PEP 562): the command lines (``cli``, which imports only ``spaces``) start,
+# and name a missing optuna in one line, without importing optuna and numpy at package import.
+_EXPORTS = {
+    "ProxyConfigError": "objective",
+    "ProxyObjective": "objective",
+    "RunResult": "objective",
+    "TrialFailed": "objective",
+    "run_proxy": "objective",
+    "DIVERGED_ATTR": "sampler",
+    "TrustRegionSampler": "sampler",
+    "TrustRegionState": "sampler",
+    "best_trial": "sampler",
+    "is_stable": "sampler",
+    "trust_region_state": "sampler",
+    "SPACES": "spaces",
+    "Projection": "spaces",
+    "SearchSpace": "spaces",
+    "SpaceError": "spaces",
+    "multipliers": "spaces",
+    "project": "spaces",
+    "to_spec": "spaces",
+}
 
 __all__ = [
     "DIVERGED_ATTR",
@@ -56,3 +59,15 @@ __all__ = [
     "to_spec",
     "trust_region_state",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

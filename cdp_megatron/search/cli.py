@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp_megatron.argtypes import nonneg_int, output_dir_problem, output_file_problem, positive_float, positive_int
+from cdp_megatron.requirements import megatron_problem, missing_problem
 from cdp_megatron.spec import HYPERPARAMETERS, Spec, SpecError, load_spec
 from cdp_megatron.search.spaces import (
     DEFAULT_BOUNDS,
@@ -432,6 +433,9 @@ def _check_proxy_flags(trainer_args: list[str], base_spec: dict, base_name: str)
         except ArgsError as e:
             message = str(e).replace(f"--cdp-base {path}", base_name).replace(path, base_name)
             raise CliError(f"the proxy flags after --: {message}") from None
+    problem = megatron_problem()  # the default trainer runs in this interpreter's environment
+    if problem:
+        raise CliError(f"the proxy (cdp-pretrain) cannot start: {problem}")
 
 
 def _new_sqlite_file(url: str) -> Path | None:
@@ -862,6 +866,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, trainer_args: list[str] | None) -> int:
+    problem = missing_problem("optuna", *(["cmaes"] if args.sampler == "cmaes" else []))
+    if problem:
+        raise CliError(problem)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)

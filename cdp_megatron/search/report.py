@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp_megatron.argtypes import output_dir_problem
+from cdp_megatron.requirements import missing_problem
 from cdp_megatron.search.cli import (
     CONFIG_ATTR, CliError, _new_sqlite_file, _Parser, _redact, open_storage, study_folder, trial_counts,
 )
@@ -245,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    problem = missing_problem("optuna", "matplotlib")  # optuna brings numpy
+    if problem:
+        raise CliError(problem)
     import matplotlib
 
     matplotlib.use("Agg")
