@@ -53,9 +53,10 @@ from cdp_megatron.pretrain_args import (
 )
 from cdp_megatron.requirements import megatron_problem, missing_problem
 
-__all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_DIVERGED", "EXIT_REPLICAS_DIFFER"]
+__all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_DIVERGED", "EXIT_REPLICAS_DIFFER", "EXIT_INTERRUPTED"]
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_REPLICAS_DIFFER = 0, 2, 3, 4
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
 
 # --deterministic-mode on GPUs: the NCCL_ALGO values Megatron-LM accepts (reductions in a fixed order)
 DETERMINISTIC_NCCL_ALGOS = ("Tree", "Ring", "CollnetDirect", "CollnetChain", "^NVLS")
@@ -107,12 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Apex is not installed")
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     warnings.filterwarnings("ignore", message="full scope is deprecated")
+    run = _Run(args)
     try:
-        return _Run(args).run()
+        return run.run()
     except RunError as e:
         if _is_rank0() or (isinstance(e, _DataError) and e.report):
             print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C (every rank gets it): one line, not a traceback per rank
+        if _is_rank0():
+            print(f"{PROG}: {run.interrupted()}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
 
 # ============================================================================= distributed
@@ -915,6 +921,20 @@ class _Run:
         self._train_loader: _TrainLoader | None = None  # --num-workers: made at the first step
         self._skipped_batches: frozenset[int] = frozenset()  # --iterations-to-skip ahead: their first samples
         self.skipped_iterations: list[int] = []  # those skipped so far (checkpoints carry them)
+        self.at_iteration: int | None = None  # the last finished iteration, once training started
+        self.started_at: int | None = None  # the iteration training started after (0, or the loaded one)
+        self.last_saved: str | None = None  # the last checkpoint this run published
+
+    def interrupted(self) -> str:
+        """Where a Ctrl-C stopped the run, and what of it is saved (one line)."""
+        if self.at_iteration is None:
+            return "interrupted during start-up; nothing trained"
+        line = f"interrupted after iteration {self.at_iteration} of {self.args.train_iters}"
+        if self.last_saved is not None:
+            return f"{line}; the last checkpoint saved is {self.last_saved}: rerun with --load {self.args.save} to resume"
+        if self.args.save:
+            return f"{line}; no checkpoint saved since iteration {self.started_at} (--save-interval sets how often)"
+        return f"{line}; nothing saved (no --save)"
 
     # ------------------------------------------------------------------------- start-up
     def run(self) -> int:
@@ -1381,6 +1401,7 @@ class _Run:
                 mem_efficient=self.args.distrib_optim_fully_reshardable_mem_efficient,
                 fully_parallel=self.args.ckpt_fully_parallel_save,
             )
+        self.last_saved = str(final)
         self._print(f" saved {'non-persistent ' if non_persistent else ''}checkpoint {final} in "
                     f"{time.perf_counter() - started:.2f} s")
         if non_persistent and self.rank == 0:
@@ -1628,6 +1649,7 @@ class _Run:
                 model_chunk.train()
             phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
             metrics.print(f"starting at iteration {start_iteration} after {Metrics.elapsed():.1f} s of start-up ({phases})")
+            self.at_iteration = self.started_at = start_iteration
             skips = self._skips_ahead(start_iteration, metrics)
             replica_check = args.check_weight_hash_across_dp_replicas_interval
             if replica_check and args.data_parallel_size == 1:
@@ -1646,6 +1668,7 @@ class _Run:
                     self._synchronize()
                     seconds = time.perf_counter() - started
                 iteration += 1  # the data goes on after the batch, trained or passed over
+                self.at_iteration = iteration
                 self.consumed_samples += args.global_batch_size
                 self.consumed_tokens += args.global_batch_size * args.seq_length
                 if skipped:

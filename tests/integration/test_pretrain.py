@@ -1017,6 +1017,46 @@ def _wait_for_iterations(path: Path, proc, n: int, timeout: float = 240) -> None
         time.sleep(0.2)
 
 
+def test_ctrl_c_is_one_line_naming_the_last_checkpoint(tmp_path):
+    """Ctrl-C (SIGINT) mid-run: exit 130 and one line saying where the run stopped and which
+    checkpoint it can resume from (it was a KeyboardInterrupt traceback); the named checkpoint
+    is the latest published one, and a resume from it starts there."""
+    import signal
+
+    plain = TINY + " --lr 1e-3 --train-iters 100000 --eval-iters 0 --metrics-file m.jsonl --save ck --save-interval 2"
+    proc = _popen(plain, tmp_path)
+    _wait_for_iterations(tmp_path / "m.jsonl", proc, 3)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 130, out[-4000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-4000:]
+    last = out.strip().splitlines()[-1]
+    saved = int((tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text())
+    stopped = int(last.split()[4])
+    assert last == (f"cdp-pretrain: interrupted after iteration {stopped} of 100000; the last checkpoint saved is "
+                    f"ck/iter_{saved:07d}: rerun with --load ck to resume"), last
+    assert saved >= 2 and stopped >= saved and max(train_losses(tmp_path / "m.jsonl")) <= stopped
+    proc = _popen(plain.replace("m.jsonl", "n.jsonl") + " --load ck --exit-interval " + str(saved + 1), tmp_path)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0 and f"starting at iteration {saved}" in out, out[-4000:]
+    proc = _popen(TINY + " --lr 1e-3 --train-iters 100000 --eval-iters 0 --metrics-file o.jsonl", tmp_path)
+    _wait_for_iterations(tmp_path / "o.jsonl", proc, 1)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 130 and out.strip().splitlines()[-1].endswith("; nothing saved (no --save)"), out[-4000:]
+
+
+def test_ctrl_c_during_start_up():
+    from cdp_megatron.pretrain import _Run
+    from cdp_megatron.pretrain_args import parse_args
+
+    run = _Run(parse_args(shlex.split(TINY + " --lr 1e-3 --train-iters 20 --save ck")))
+    assert run.interrupted() == "interrupted during start-up; nothing trained"
+    run.at_iteration = run.started_at = 4  # resumed at 4, nothing saved since
+    assert run.interrupted() == ("interrupted after iteration 4 of 20; no checkpoint saved since iteration 4 "
+                                 "(--save-interval sets how often)")
+
+
 def test_exit_signal_handler_saves_on_sigterm(tmp_path):
     """--exit-signal-handler: SIGTERM (a job's time limit) stops the run at the end of the
     iteration with a checkpoint of it and exit 0; without the flag SIGTERM kills the run."""
