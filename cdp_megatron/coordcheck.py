@@ -731,6 +731,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CoordCheckError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the results are written at the end only
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
     print(format_report(result), flush=True)
     if args.output:
         Path(args.output).mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,16 @@ def test_a_failed_json_write_leaves_no_temporary_file(tmp_path, monkeypatch, cap
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"] and target.is_dir()
 
 
+def test_ctrl_c_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    def run(cfg, progress=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(coordcheck, "run_coordcheck", run)
+    assert coordcheck.main(["--json", str(tmp_path / "c.json"), "--output", str(tmp_path / "plots")]) == 130
+    assert capsys.readouterr().err == "cdp-coordcheck: interrupted; nothing written\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- end to end ---------------------------------------------------------------------------------
 TINY = ["--widths", "32,64,128", "--depths", "2", "--steps", "3", "--seq-length", "32", "--batch-size", "4",
         "--data", "shakespeare"]
