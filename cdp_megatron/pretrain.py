@@ -870,6 +870,40 @@ class _ExitSignal:
             self._previous = None
 
 
+class _Interrupt:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt where it lands, as Python's own handler does,
+    and is also recorded: one that Python swallowed (it landed in an at-fork handler while a
+    checkpoint writer forked, or in a ``__del__``: "Exception ignored in ...") is raised by
+    ``check()`` at the end of the iteration, where the run would otherwise have gone on.
+    Installed only over Python's default handler (an ignored SIGINT, as in a background job,
+    stays ignored)."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.received = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 class _ManualGC:
     """Megatron-LM's ``--manual-gc``: Python's automatic garbage collection is off for the
     training loop (a collection pauses one rank at a random point, and every other rank
@@ -1638,6 +1672,7 @@ class _Run:
         iteration = start_iteration
         exit_code = EXIT_OK
         self._exit_signal = _ExitSignal(enabled=args.exit_signal_handler)
+        interrupt = _Interrupt()
         manual_gc = _ManualGC(args.manual_gc, args.manual_gc_interval, args.manual_gc_eval)
         profiler = _Profiler(args, self.rank, self.device, lambda line: print(line, flush=True))
         if profiler.enabled and start_iteration > args.profile_step_start:
@@ -1722,12 +1757,14 @@ class _Run:
                 if stop:
                     metrics.print(f"exiting at iteration {iteration} ({stop})")
                     break
+                interrupt.check()  # a Ctrl-C that Python swallowed (e.g. while the checkpoint writer forked)
         finally:
             profiler.stop()  # a run that ended inside the range (a divergence, a signal)
             if self._train_loader is not None:
                 self._train_loader.close()
             metrics.close()
             self._exit_signal.restore()
+            interrupt.restore()
             manual_gc.stop()
         if exit_code == EXIT_OK and args.quickstart and first_loss is not None:
             went_down = last_loss < first_loss
