@@ -55,7 +55,7 @@ __all__ = [
 
 SUPPORTED_MEGATRON_CORE = ("0.16.1", "0.19.2")
 # version -> (date, environment) of a by-hand run of the whole suite with the override
-PASSED_ONCE = {"0.18.2": ("2026-12-07", "Python 3.12, torch 2.14.1")}
+PASSED_ONCE = {"0.17.1": ("2026-12-07", "Python 3.12, torch 2.14.1"), "0.18.2": ("2026-12-07", "Python 3.12, torch 2.14.1")}
 ALLOW_UNTESTED_ENV = "CDP_ALLOW_UNTESTED_MEGATRON"
 # Order matters only for remove_all (reverse order).
 PATCH_MODULES = ("param_group_identity", "carrier_param_groups", "dist_opt_step_state", "checkpoint_without_output_fp8")
