@@ -57,6 +57,7 @@ __all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_DIVERGED", "EXIT_REPLICAS_DIFF
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_REPLICAS_DIFFER = 0, 2, 3, 4
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
+_CTRL_C = "Ctrl-C"  # the stop reason of a run that Ctrl-C stopped (_Run._stop_reason)
 
 # --deterministic-mode on GPUs: the NCCL_ALGO values Megatron-LM accepts (reductions in a fixed order)
 DETERMINISTIC_NCCL_ALGOS = ("Tree", "Ring", "CollnetDirect", "CollnetChain", "^NVLS")
@@ -530,11 +531,14 @@ def _collate_indexed(items: Sequence[tuple[int, dict]]) -> tuple[int, dict]:
 
 def _init_worker(worker_id: int) -> None:
     """A forked DataLoader worker: SIGTERM kills it again (the training process's
-    --exit-signal-handler is for the training process) and its garbage is collected
-    (--manual-gc disables that in the training process)."""
+    --exit-signal-handler is for the training process), Ctrl-C is left to the training
+    process (which stops it; a worker that quit on the terminal's SIGINT would fail the
+    iteration in progress) and its garbage is collected (--manual-gc disables that in the
+    training process)."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.enable()
 
 
@@ -871,29 +875,54 @@ class _ExitSignal:
 
 
 class _Interrupt:
-    """Ctrl-C (SIGINT) raises KeyboardInterrupt where it lands, as Python's own handler does,
-    and is also recorded: one that Python swallowed (it landed in an at-fork handler while a
-    checkpoint writer forked, or in a ``__del__``: "Exception ignored in ...") is raised by
-    ``check()`` at the end of the iteration, where the run would otherwise have gone on.
-    Installed only over Python's default handler (an ignored SIGINT, as in a background job,
-    stays ignored)."""
+    """Ctrl-C (SIGINT) while training. The first one only sets ``received`` (and rank 0 says
+    what comes next): the run stops at the end of the iteration in progress on every rank
+    (``_Run._stop_reason`` shares the flag), saves a checkpoint to --save as
+    --exit-signal-handler does for SIGTERM, and exits 130. A second one stops at once
+    (KeyboardInterrupt where it lands, nothing saved), unless it comes within
+    ``SAME_WITHIN_S`` of the first: that is the same Ctrl-C, which torchrun passes on to its
+    workers after the terminal reached them. Setting a flag cannot go wrong wherever the
+    signal lands (a KeyboardInterrupt that landed while the checkpoint writer forked was
+    swallowed by Python and could leave a lock taken). Installed only over Python's default
+    handler (an ignored SIGINT, as in a background job, stays ignored); a process forked from
+    this one (the checkpoint writer) ignores it. ``restore()`` puts the previous handler back."""
 
-    def __init__(self) -> None:
+    SAME_WITHIN_S = 1.0
+
+    def __init__(self, save: str | None = None, say: bool = False, clock: Callable[[], float] = time.monotonic,
+                 install: bool = True) -> None:
         import signal
         import threading
 
         self.received = False
+        self.forced = False
+        self._first: float | None = None
+        self._clock, self._pid = clock, os.getpid()
+        then = f"saving a checkpoint to {save}" if save else "nothing is saved (no --save)"
+        self._notice = (f"\n{PROG}: Ctrl-C: stopping at the end of the iteration in progress, {then}; "
+                        "Ctrl-C again to stop at once\n").encode() if say else b""
         self._previous = None
-        if threading.current_thread() is threading.main_thread() and \
+        if install and threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.received = True
+        if os.getpid() != self._pid:
+            return
+        now = self._clock()
+        if not self.received:
+            self.received, self._first = True, now
+            if self._notice:
+                os.write(2, self._notice)  # not print(): the handler may run inside a print
+            return
+        if now - self._first < self.SAME_WITHIN_S:
+            return
+        self.forced = True
         raise KeyboardInterrupt
 
     def check(self) -> None:
-        if self.received:
+        """A second Ctrl-C that Python swallowed (e.g. while the checkpoint writer forked)."""
+        if self.forced:
             raise KeyboardInterrupt
 
     def restore(self) -> None:
@@ -1556,25 +1585,28 @@ class _Run:
 
     def _stop_reason(self, iteration: int, done: bool) -> tuple[str | None, bool]:
         """Why the run stops after ``iteration`` short of --train-iters (None: it goes on), and
-        whether the reason is urgent (a signal or the time limit: the evaluation due at this
-        iteration is skipped, the checkpoint is not). Every rank gets the same answer: a
-        signal that reached some ranks only, or a clock past the limit on some, is shared
-        through one all-reduce, made only when --exit-signal-handler or
-        --exit-duration-in-mins is given."""
+        whether the reason is urgent (Ctrl-C, a signal or the time limit: the evaluation due at
+        this iteration is skipped, the checkpoint is not). Every rank gets the same answer: a
+        Ctrl-C or signal that reached some ranks only (the terminal of one node of several), or
+        a clock past the limit on some, is shared through one all-reduce of three flags, made
+        on every iteration when there is more than one rank."""
         args = self.args
         if done:
             return None, False
         if args.exit_interval is not None and iteration % args.exit_interval == 0:
             return f"--exit-interval {args.exit_interval}", False
-        if not (args.exit_signal_handler or args.exit_duration_in_mins is not None):
-            return None, False
         import torch
 
         minutes = Metrics.elapsed() / 60
         late = args.exit_duration_in_mins is not None and minutes > args.exit_duration_in_mins
-        flags = torch.tensor([float(self._exit_signal.received), float(late)], device=self.device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        received, late = flags.tolist()  # one copy to the host, not one per flag
+        flags = [self._interrupt.received, self._exit_signal.received, late]
+        if torch.distributed.get_world_size() > 1:
+            shared = torch.tensor([float(f) for f in flags], device=self.device)
+            torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
+            flags = [bool(f) for f in shared.tolist()]  # one copy to the host, not one per flag
+        interrupted, received, late = flags
+        if interrupted:
+            return _CTRL_C, True
         if received:
             return f"{self._exit_signal.name} received, --exit-signal-handler", True
         if late:
@@ -1672,7 +1704,7 @@ class _Run:
         iteration = start_iteration
         exit_code = EXIT_OK
         self._exit_signal = _ExitSignal(enabled=args.exit_signal_handler)
-        interrupt = _Interrupt()
+        self._interrupt = interrupt = _Interrupt(save=args.save, say=self.rank == 0)
         manual_gc = _ManualGC(args.manual_gc, args.manual_gc_interval, args.manual_gc_eval)
         profiler = _Profiler(args, self.rank, self.device, lambda line: print(line, flush=True))
         if profiler.enabled and start_iteration > args.profile_step_start:
@@ -1754,10 +1786,13 @@ class _Run:
                     self._save_checkpoint(iteration)
                 elif args.non_persistent_save_interval and iteration % args.non_persistent_save_interval == 0:
                     self._save_checkpoint(iteration, non_persistent=True)
+                if stop == _CTRL_C:
+                    exit_code = EXIT_INTERRUPTED  # said in one line below, once the metrics are closed
+                    break
                 if stop:
                     metrics.print(f"exiting at iteration {iteration} ({stop})")
                     break
-                interrupt.check()  # a Ctrl-C that Python swallowed (e.g. while the checkpoint writer forked)
+                interrupt.check()  # a second Ctrl-C that Python swallowed (e.g. while the checkpoint writer forked)
         finally:
             profiler.stop()  # a run that ended inside the range (a divergence, a signal)
             if self._train_loader is not None:
@@ -1766,6 +1801,13 @@ class _Run:
             self._exit_signal.restore()
             interrupt.restore()
             manual_gc.stop()
+        if exit_code == EXIT_INTERRUPTED:
+            import torch
+
+            if self.rank == 0:
+                print(f"{PROG}: {self.interrupted()}", file=sys.stderr, flush=True)
+            if torch.distributed.get_world_size() > 1:
+                torch.distributed.barrier()  # torchrun stops the other ranks once one exits 130: rank 0 says it first
         if exit_code == EXIT_OK and args.quickstart and first_loss is not None:
             went_down = last_loss < first_loss
             if self.rank == 0:

@@ -1001,10 +1001,12 @@ def test_exit_duration_saves_and_stops_without_the_evaluation(tmp_path):
     assert "starting at iteration 1" in out and "exiting at iteration 2 (--exit-interval 2)" in out
 
 
-def _popen(args: str, tmp_path: Path, nproc: int = 1):
-    """cdp-pretrain started as ``run`` starts it, without waiting for it."""
+def _popen(args: str, tmp_path: Path, nproc: int = 1, session: bool = False):
+    """cdp-pretrain started as ``run`` starts it, without waiting for it; ``session``: in a
+    process group of its own (a terminal's Ctrl-C reaches the whole group: os.killpg)."""
     cmd, env = _command(args, nproc, None)
-    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=session)
 
 
 def _wait_for_iterations(path: Path, proc, n: int, timeout: float = 240) -> None:
@@ -1017,38 +1019,75 @@ def _wait_for_iterations(path: Path, proc, n: int, timeout: float = 240) -> None
         time.sleep(0.2)
 
 
-def test_ctrl_c_is_one_line_naming_the_last_checkpoint(tmp_path):
-    """Ctrl-C (SIGINT) mid-run: exit 130 and one line saying where the run stopped and which
-    checkpoint it can resume from (it was a KeyboardInterrupt traceback); the named checkpoint
-    is the latest published one, and a resume from it starts there."""
+CTRL_C_NOTICE = ("cdp-pretrain: Ctrl-C: stopping at the end of the iteration in progress, {}; Ctrl-C again to stop "
+                 "at once")
+
+
+def test_ctrl_c_saves_at_the_end_of_the_iteration_and_stops(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) mid-run: the run says what
+    comes next, finishes the iteration in progress, saves it and exits 130 with one line naming
+    that checkpoint (it was a KeyboardInterrupt traceback, then a stop short of a save); a
+    resume from it starts there. Saves every iteration: the signal lands in one often (where a
+    KeyboardInterrupt could be swallowed by Python as the checkpoint writer forked)."""
     import signal
 
-    # Slower iterations (batch 64) and a save every 5: the signal lands well before the next
-    # save. (A SIGINT that lands while the checkpoint writer forks is swallowed by Python in
-    # an at-fork handler; the run then stops at the end of that iteration, or, rarely, a lock
-    # the swallowed exception left taken hangs it: not what this test is about.)
-    plain = (TINY.replace("--global-batch-size 8", "--global-batch-size 64") +
-             " --lr 1e-3 --train-iters 100000 --eval-iters 0 --metrics-file m.jsonl --save ck --save-interval 5")
-    proc = _popen(plain, tmp_path)
-    _wait_for_iterations(tmp_path / "m.jsonl", proc, 6)
-    proc.send_signal(signal.SIGINT)
+    plain = TINY + " --lr 1e-3 --train-iters 100000 --eval-iters 0 --metrics-file m.jsonl --save ck --save-interval 1"
+    proc = _popen(plain, tmp_path, session=True)
+    _wait_for_iterations(tmp_path / "m.jsonl", proc, 3)
+    os.killpg(proc.pid, signal.SIGINT)
     out = proc.communicate(timeout=240)[0]
     assert proc.returncode == 130, out[-4000:]
-    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-4000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out and "Exception ignored" not in out, out[-4000:]
+    assert CTRL_C_NOTICE.format("saving a checkpoint to ck") in out.splitlines(), out[-4000:]
     last = out.strip().splitlines()[-1]
-    saved = int((tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text())
-    stopped = int(last.split()[4])
+    stopped = max(train_losses(tmp_path / "m.jsonl"))
     assert last == (f"cdp-pretrain: interrupted after iteration {stopped} of 100000; the last checkpoint saved is "
-                    f"ck/iter_{saved:07d}: rerun with --load ck to resume"), last
-    assert saved >= 5 and stopped >= saved and max(train_losses(tmp_path / "m.jsonl")) <= stopped
-    proc = _popen(plain.replace("m.jsonl", "n.jsonl") + " --load ck --exit-interval " + str(saved + 1), tmp_path)
+                    f"ck/iter_{stopped:07d}: rerun with --load ck to resume"), last
+    assert int((tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text()) == stopped >= 3
+    proc = _popen(plain.replace("m.jsonl", "n.jsonl") + f" --load ck --exit-interval {stopped + 1}", tmp_path)
     out = proc.communicate(timeout=240)[0]
-    assert proc.returncode == 0 and f"starting at iteration {saved}" in out, out[-4000:]
-    proc = _popen(TINY + " --lr 1e-3 --train-iters 100000 --eval-iters 0 --metrics-file o.jsonl", tmp_path)
+    assert proc.returncode == 0 and f"starting at iteration {stopped}" in out, out[-4000:]
+    proc = _popen(TINY + " --lr 1e-3 --train-iters 100000 --eval-iters 0 --metrics-file o.jsonl --num-workers 2",
+                  tmp_path, session=True)  # its DataLoader workers get the signal too, and leave it to the run
     _wait_for_iterations(tmp_path / "o.jsonl", proc, 1)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     out = proc.communicate(timeout=240)[0]
-    assert proc.returncode == 130 and out.strip().splitlines()[-1].endswith("; nothing saved (no --save)"), out[-4000:]
+    assert proc.returncode == 130 and "Traceback" not in out, out[-4000:]
+    assert CTRL_C_NOTICE.format("nothing is saved (no --save)") in out.splitlines(), out[-4000:]
+    stopped = max(train_losses(tmp_path / "o.jsonl"))
+    assert out.strip().splitlines()[-1] == (f"cdp-pretrain: interrupted after iteration {stopped} of 100000; nothing "
+                                            "saved (no --save)"), out[-4000:]
+
+
+def test_a_second_ctrl_c_stops_at_once(capfd):
+    """The handler: the first Ctrl-C only sets the flag and says so (rank 0); one within a
+    second is the same Ctrl-C (torchrun passes the terminal's on to its workers); a later one
+    raises KeyboardInterrupt (and check() raises it again if Python swallowed it); a process
+    forked from the run ignores it; other ranks say nothing."""
+    from cdp_megatron.pretrain import _Interrupt
+
+    now = [100.0]
+    handler = _Interrupt(save="ck", say=True, clock=lambda: now[0], install=False)
+    handler.check()
+    handler._handle(2, None)
+    assert handler.received and not handler.forced
+    assert capfd.readouterr().err == "\n" + CTRL_C_NOTICE.format("saving a checkpoint to ck") + "\n"
+    now[0] += 0.9
+    handler._handle(2, None)  # torchrun's copy
+    handler.check()
+    now[0] += 0.2
+    with pytest.raises(KeyboardInterrupt):
+        handler._handle(2, None)
+    assert handler.forced
+    with pytest.raises(KeyboardInterrupt):
+        handler.check()
+    forked = _Interrupt(say=True, install=False)
+    forked._pid = -1  # as in the checkpoint writer's forked process
+    forked._handle(2, None)
+    assert not forked.received
+    quiet = _Interrupt(say=False, install=False)
+    quiet._handle(2, None)
+    assert quiet.received and capfd.readouterr().err == ""
 
 
 def test_ctrl_c_during_start_up():
@@ -1105,6 +1144,37 @@ def test_exit_signal_handler_stops_every_rank_at_one_iteration(tmp_path):
     assert len(stops) == 1 and stops[0].endswith("(SIGTERM received, --exit-signal-handler)"), out[-4000:]
     stopped = int(stops[0].split()[3])
     assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_and_on_one_rank(tmp_path):
+    """Under torchrun (two data-parallel ranks): a terminal's Ctrl-C, which each worker gets
+    twice (from the terminal, then from torchrun; the two often arrive as one), saves and stops as on one process; a Ctrl-C
+    that reaches one rank only (the terminal of one node of several) stops both after the same
+    iteration, with one checkpoint of it and rank 0's line."""
+    import signal
+
+    import psutil
+
+    for target, ck in (("group", "ck"), ("rank 1", "ck2")):
+        metrics = tmp_path / f"{ck}.jsonl"
+        proc = _popen(TINY + f" --lr 1e-3 --train-iters 100000 --eval-iters 0 --metrics-file {metrics.name} "
+                      f"--save {ck}", tmp_path, nproc=2, session=True)
+        _wait_for_iterations(metrics, proc, 3)
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            workers = psutil.Process(proc.pid).children()
+            assert len(workers) == 2, workers
+            workers[1].send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=300)[0]
+        stopped = max(train_losses(metrics))
+        line = (f"cdp-pretrain: interrupted after iteration {stopped} of 100000; the last checkpoint saved is "
+                f"{ck}/iter_{stopped:07d}: rerun with --load {ck} to resume")
+        assert line in out.splitlines() and "KeyboardInterrupt\n" not in out, (target, out[-6000:])
+        assert int((tmp_path / ck / "latest_checkpointed_iteration.txt").read_text()) == stopped >= 3, target
+        if target == "rank 1":  # (torchrun, stopped by the terminal's signal itself, reports none)
+            assert "exitcode  : 130" in out, out[-6000:]  # torchrun's report of the workers' exit
 
 
 @pytest.mark.slow
