@@ -212,7 +212,7 @@ class Metrics:
         self.log_interval = log_interval
         self.stream = stream if stream is not None else sys.stdout
         self._window: list[dict] = []
-        self._pending: dict | None = None  # the last iteration of a window not yet logged (see _flush)
+        self._pending: dict | None = None  # the last iteration of a window not yet logged (see flush)
         self.last_finite_loss: float | None = None
         self.last_finite_iteration: int | None = None
         self._file = None
@@ -333,9 +333,11 @@ class Metrics:
             return None
         return self._emit_window(**last)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         """Log the trained iterations of the window so far, at the last of them (a window that a
-        skipped iteration, a divergence or the end of the run cuts short), so none is lost."""
+        skipped iteration, a divergence, a stop or the end of the run cuts short), so none is
+        lost; a run about to stop calls it before its last save and evaluation, so that the
+        lines come in order."""
         if self._pending is not None:
             self._emit_window(**self._pending)
 
@@ -416,7 +418,7 @@ class Metrics:
         if self._bar is not None:
             self._bar.update(1)
         if self.logs_at(iteration):
-            self._flush()
+            self.flush()
         record = {"skipped": True, "iteration": iteration, "consumed_samples": consumed_samples,
                   "consumed_tokens": consumed_tokens, "elapsed_s": self.elapsed()}
         width = len(str(self.train_iters))
@@ -430,7 +432,7 @@ class Metrics:
         the trained iterations not yet logged)."""
         if not self.enabled:
             return None
-        self._flush()
+        self.flush()
         record = {
             "diverged": True,
             "iteration": iteration,
@@ -450,7 +452,7 @@ class Metrics:
         """Log the iterations since the last log point (a run stopped between two: an exit
         interval, a signal, a time limit, an error), then close the sinks."""
         if self.enabled:
-            self._flush()
+            self.flush()
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -1777,6 +1777,8 @@ class _Run:
                     self._check_replicas(iteration, metrics)  # before any evaluation or save of them
                 done = iteration == args.train_iters
                 stop, urgent = self._stop_reason(iteration, done)
+                if stop or done:
+                    metrics.flush()  # the last iterations' line before the last evaluation and save
                 if self.valid_sets and (iteration % args.eval_interval == 0 or done) and not urgent:
                     manual_gc.evaluation()
                     val_loss, val_z, sets = self._evaluate()

@@ -38,6 +38,23 @@ def test_records_every_log_interval_and_at_the_end(tmp_path):
     assert "validation at iteration 5" in text
 
 
+def test_flush_logs_a_window_cut_short_once(tmp_path):
+    """A run about to stop (Ctrl-C, --exit-interval) flushes before its last save and
+    evaluation: the iterations since the last log point come first, at the last of them,
+    and close() does not log them again."""
+    out = io.StringIO()
+    m = Metrics(train_iters=100, log_interval=5, metrics_file=tmp_path / "m.jsonl", stream=out)
+    for i in range(1, 8):
+        _step(m, i, loss=float(i))
+    m.flush()
+    m.evaluation(7, 1.5, 0.02)
+    m.close()
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r.get("eval", False)) for r in rows] == [(5, False), (7, False), (7, True)]
+    assert rows[1]["lm_loss"] == 6.5  # iterations 6 and 7
+    assert out.getvalue().count(" iteration   7/100 |") == 1
+
+
 def test_progress_bar_only_on_a_terminal():
     tty, pipe = _Terminal(), io.StringIO()
     for stream in (tty, pipe):
