@@ -560,7 +560,8 @@ class _TrainLoader:
             # the workers' base seed from a generator of its own: drawn from torch's default one it
             # would shift the dropout masks (on a CPU the shim keeps megatron's RNG streams there)
             generator=torch.Generator().manual_seed(args.seed))
-        self._iterator = iter(self._loader)
+        with _sigint_deferred():  # the workers start (_init_worker then ignores SIGINT)
+            self._iterator = iter(self._loader)
 
     def global_batch(self, start: int) -> list[dict]:
         """This rank's micro batches of the global batch at sample ``start`` (the next one)."""
@@ -931,6 +932,42 @@ class _Interrupt:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """A Ctrl-C that arrives while the block runs takes effect after it, and the processes
+    the block starts begin with SIGINT blocked (a signal mask is inherited through fork and
+    exec). A terminal's Ctrl-C reaches the whole process group: a helper process caught
+    starting up (the Manager that megatron's checkpoint writer spawns on the first save,
+    which ignores SIGINT only once running; a DataLoader worker before its init function)
+    would die of it and fail the save or iteration that the Ctrl-C lets finish; and a
+    KeyboardInterrupt raised in this process between starting such a Manager and
+    registering its shutdown would leave it running, and the exit waiting for it forever. Blocking alone does not defer: another
+    thread may take the signal, and Python runs the handler in the main thread anyway; so
+    Python's default handler is replaced by one that records the signal, and the
+    KeyboardInterrupt is raised on leaving the block. Another handler (a run's
+    ``_Interrupt``) is left in place."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.getsignal(signal.SIGINT)
+    deferring = previous is signal.default_int_handler
+    if deferring:
+        signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # (one pending is handled here: recorded)
+        if deferring:
+            signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 class _ManualGC:
@@ -1445,8 +1482,15 @@ class _Run:
 
         from cdp_megatron.integration.training import synced_params
 
+        from multiprocessing import resource_tracker
+
         started = time.perf_counter()
-        with synced_params(self.model):  # the latest weights under --overlap-param-gather
+        # The first save spawns megatron's checkpoint writer's Manager (and multiprocessing's
+        # resource tracker, whose start unblocks SIGINT: started first, on its own).
+        with _sigint_deferred():
+            resource_tracker.ensure_running()
+        # (the latest weights under --overlap-param-gather)
+        with synced_params(self.model), _sigint_deferred():
             optim = not self.args.no_save_optim  # --no-save-optim: neither the optimizer state nor the schedule
             folder = self.args.non_persistent_save_dir if non_persistent else self.args.save
             final = save_iteration(

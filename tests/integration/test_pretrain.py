@@ -1090,6 +1090,55 @@ def test_a_second_ctrl_c_stops_at_once(capfd):
     assert quiet.received and capfd.readouterr().err == ""
 
 
+def test_a_ctrl_c_during_a_helper_start_is_deferred():
+    """_sigint_deferred: a SIGINT inside the block raises KeyboardInterrupt only on leaving
+    it; a process started inside begins with SIGINT blocked (so a terminal's Ctrl-C cannot
+    kill it before it ignores SIGINT); the handler and mask are restored. Another handler
+    (a run's _Interrupt) stays in place and decides."""
+    import signal
+
+    from cdp_megatron.pretrain import _sigint_deferred
+
+    def blocked_in_child() -> bool:
+        status = subprocess.run([sys.executable, "-c", "print(open('/proc/self/status').read())"],
+                                capture_output=True, text=True, check=True).stdout
+        mask = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+        return bool(mask & (1 << (signal.SIGINT - 1)))
+
+    import threading
+    import time
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)  # a thread with SIGINT unblocked takes the signal,
+    other.start()  # and Python runs the handler in the main thread at once: blocking alone would not defer
+    reached_the_end = False
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _sigint_deferred():
+                assert blocked_in_child()
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+                reached_the_end = True
+    finally:
+        stop.set()
+        other.join()
+    assert reached_the_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert not blocked_in_child()
+    with _sigint_deferred():  # nothing received: nothing raised
+        pass
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with _sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert seen == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_during_start_up():
     from cdp_megatron.pretrain import _Run
     from cdp_megatron.pretrain_args import parse_args
