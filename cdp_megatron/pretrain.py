@@ -943,11 +943,11 @@ def _sigint_deferred():
     which ignores SIGINT only once running; a DataLoader worker before its init function)
     would die of it and fail the save or iteration that the Ctrl-C lets finish; and a
     KeyboardInterrupt raised in this process between starting such a Manager and
-    registering its shutdown would leave it running, and the exit waiting for it forever. Blocking alone does not defer: another
-    thread may take the signal, and Python runs the handler in the main thread anyway; so
-    Python's default handler is replaced by one that records the signal, and the
-    KeyboardInterrupt is raised on leaving the block. Another handler (a run's
-    ``_Interrupt``) is left in place."""
+    registering its shutdown would leave it running, and the exit waiting for it forever.
+    Blocking alone does not defer: another thread may take the signal, and Python runs the
+    handler in the main thread anyway; so Python's default handler is replaced by one that
+    records the signal, and the KeyboardInterrupt is raised on leaving the block. Another
+    handler (a run's ``_Interrupt``) is left in place."""
     import signal
     import threading
 
