@@ -1480,16 +1480,16 @@ class _Run:
             if os.environ.get(_CRASH_DURING_SAVE_ENV) == str(iteration):
                 _die_like_a_killed_process()  # fault injection (tests): written, not yet published
 
-        from cdp_megatron.integration.training import synced_params
-
         from multiprocessing import resource_tracker
+
+        from cdp_megatron.integration.training import synced_params
 
         started = time.perf_counter()
         # The first save spawns megatron's checkpoint writer's Manager (and multiprocessing's
         # resource tracker, whose start unblocks SIGINT: started first, on its own).
         with _sigint_deferred():
             resource_tracker.ensure_running()
-        # (the latest weights under --overlap-param-gather)
+        # synced_params: the latest weights under --overlap-param-gather
         with synced_params(self.model), _sigint_deferred():
             optim = not self.args.no_save_optim  # --no-save-optim: neither the optimizer state nor the schedule
             folder = self.args.non_persistent_save_dir if non_persistent else self.args.save
